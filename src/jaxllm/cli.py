@@ -1,0 +1,42 @@
+"""The ``jaxllm`` command line (also ``python -m jaxllm``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args) -> int:
+    from . import LLM, SamplingParams
+
+    with LLM(args.model, dtype=args.dtype, load_format=args.load_format, max_seq_len=args.max_seq_len) as llm:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        for out in llm.generate(args.prompt, params, use_tqdm=False):
+            print(f"{out.prompt!r} -> {out.outputs[0].text!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm", description="LLM inference on JAX/XLA")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    gen = sub.add_parser("generate", help="generate completions for prompts")
+    gen.add_argument("model", help="HF id, local HF folder or .gguf file")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--load-format", default="auto")
+    gen.add_argument("--max-seq-len", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command == "generate":
+        return _generate(args)
+    parser.print_help(sys.stderr)
+    return 2

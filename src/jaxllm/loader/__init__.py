@@ -1,0 +1,90 @@
+"""From ``LLM(model=...)`` to a model on device: resolve, read config and tokenizer, place weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ..models import ModelConfig, get_architecture
+from .resolve import ResolvedModel, resolve_model
+from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass
+class LoadedModel:
+    model: nnx.Module
+    config: ModelConfig
+    hf_config: object
+    tokenizer: object
+    dtype: object
+    source: ResolvedModel
+
+
+def _hf_config(src: ResolvedModel):
+    from transformers import AutoConfig
+
+    if src.is_gguf:
+        return AutoConfig.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+    return AutoConfig.from_pretrained(str(src.path), trust_remote_code=False)
+
+
+def load_tokenizer(src: ResolvedModel, tokenizer=None, revision=None):
+    """The checkpoint's tokenizer, or `tokenizer`: a folder, a .gguf file, an HF id, or a tokenizer object."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    if tokenizer is not None:
+        p = Path(tokenizer).expanduser()
+        if p.is_dir():
+            src = ResolvedModel(p, False)
+        elif p.is_file() and p.suffix == ".gguf":
+            src = ResolvedModel(p, True)
+        else:
+            src = resolve_model(str(tokenizer), revision)
+    if src.is_gguf:
+        return AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+    return AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=False)
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig):
+    if dtype == "auto":
+        name = cfg.dtype if cfg.dtype in DTYPES else "float32"
+        return DTYPES[name]
+    return DTYPES[dtype]
+
+
+def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh) -> LoadedModel:
+    src = resolve_model(model, revision)
+    hf_config = _hf_config(src)
+    cfg = ModelConfig.from_hf(hf_config)
+    arch = get_architecture(cfg.architecture)
+    jdtype = resolve_dtype(dtype, cfg)
+    factory = partial(arch.module, cfg, jdtype)
+
+    if load_format == "dummy":
+        state = random_weights(lambda rngs: factory(rngs=rngs), mesh)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0))))
+    else:
+        abstract = nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        if src.is_gguf:
+            if arch.gguf_arch is None:
+                raise ValueError(f"GGUF files of {cfg.architecture} are not supported (only Llama)")
+            tensors = iter_gguf(src.path, cfg, arch.weight_map, arch.gguf_arch)
+        else:
+            tensors = iter_safetensors(src.path)
+        state = place_weights(abstract_state, tensors, cfg, arch.weight_map, mesh)
+    module = nnx.merge(graphdef, state)
+    tok = load_tokenizer(src, tokenizer, revision)
+    return LoadedModel(module, cfg, hf_config, tok, jdtype, src)

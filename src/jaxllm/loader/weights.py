@@ -1,0 +1,122 @@
+"""Read checkpoint tensors one at a time and place them as the model's parameters.
+
+Sources yield ``(hf_name, numpy array)`` lazily — safetensors (single file or sharded through
+``model.safetensors.index.json``) and GGUF (dequantized by the ``gguf`` package) — so at most one
+tensor sits in host memory besides what is already on device. ``place_weights`` runs a model's
+declarative weight map over any source: it knows no model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ..models.config import ModelConfig
+from ..models.weight_map import WeightMap
+from ..sharding import named_sharding
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"no *.safetensors weights in {folder}; only safetensors and GGUF are loaded "
+            "(pickled .bin/.pt checkpoints are refused for safety)"
+        )
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ValueError(f"checkpoint in {folder} is missing shard files: {missing}")
+    return files
+
+
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    # framework="flax" understands bfloat16 (numpy alone does not); keep the tensor on the host.
+    cpu = jax.devices("cpu")[0]
+    for f in safetensors_files(folder):
+        with jax.default_device(cpu), safe_open(str(f), framework="flax") as st:
+            for name in st.keys():
+                yield name, np.asarray(st.get_tensor(name))
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's interleaved-rope permutation of q/k rows (as transformers' GGUF loader does)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def iter_gguf(path: Path, cfg: ModelConfig, weight_map: WeightMap, gguf_arch: str) -> Iterator[tuple[str, np.ndarray]]:
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == gguf_arch)
+    name_map = gguf.get_tensor_name_map(arch, cfg.num_layers)
+    to_hf = {}
+    for hf_name in weight_map.hf_names(cfg):
+        base, _, suffix = hf_name.rpartition(".")
+        g = name_map.get_name(base)
+        if g is not None:
+            to_hf[f"{g}.{suffix}"] = hf_name
+    reader = gguf.GGUFReader(str(path))
+    for t in reader.tensors:
+        if t.name not in to_hf:
+            raise ValueError(f"GGUF tensor {t.name!r} in {path.name} is not known for this architecture")
+        w = gguf.dequantize(t.data, t.tensor_type)
+        if ".attn_q." in t.name:
+            w = _unpermute_rope(w, cfg.num_heads)
+        elif ".attn_k." in t.name:
+            w = _unpermute_rope(w, cfg.num_kv_heads)
+        yield to_hf[t.name], w
+
+
+def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_map: WeightMap, mesh) -> nnx.State:
+    """Fill an abstract model state from (hf_name, array) pairs, each cast and placed on the mesh."""
+    flat = dict(nnx.to_flat_state(abstract_state))
+    by_dotted = {".".join(map(str, path)): path for path in flat}
+    filled: set[str] = set()
+    for hf_name, array in tensors:
+        try:
+            m = weight_map.match(hf_name)
+        except KeyError:
+            raise ValueError(f"checkpoint tensor {hf_name!r} is not part of {cfg.architecture}") from None
+        if m is None:
+            continue
+        dotted, transform = m
+        if dotted not in by_dotted:
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r} maps to {dotted!r}, which this config does not have"
+            )
+        var = flat[by_dotted[dotted]]
+        target = var.get_value()
+        value = np.asarray(transform(array, cfg))
+        if value.shape != tuple(target.shape):
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r} has shape {array.shape}; expected {tuple(target.shape)} "
+                f"after layout conversion (config mismatch?)"
+            )
+        sharding = named_sharding(var.get_metadata()["axes"], mesh)
+        var.set_value(jax.device_put(value.astype(target.dtype), sharding))
+        filled.add(dotted)
+    missing = sorted(set(by_dotted) - filled)
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return nnx.from_flat_state(flat)
+
+
+def random_weights(module_factory, mesh, seed: int = 0) -> nnx.State:
+    """Random parameters of the right shapes, created on the device (load_format="dummy")."""
+    state = jax.jit(lambda: nnx.state(module_factory(nnx.Rngs(seed))))()
+    flat = nnx.to_flat_state(state)
+    for _, var in flat:
+        var.set_value(jax.device_put(var.get_value(), named_sharding(var.get_metadata()["axes"], mesh)))
+    return nnx.from_flat_state(flat)

@@ -1,0 +1,109 @@
+"""ModelConfig: the few numbers a decoder needs, read once from a transformers config.
+
+Reading transformers' own config classes (rather than raw JSON) gets their defaults and their
+GGUF-metadata conversion for free; this file only picks fields and normalises the rope settings,
+which moved between transformers versions (``rope_scaling`` + ``rope_theta`` -> ``rope_parameters``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2; Llama's attention_bias)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    dtype: str | None = None  # the checkpoint's dtype, if the config names one
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf(cls, hf) -> "ModelConfig":
+        archs = getattr(hf, "architectures", None) or []
+        arch = archs[0] if archs else type(hf).__name__.replace("Config", "ForCausalLM")
+        num_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        act = getattr(hf, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={act!r} is not supported; supported: 'silu'")
+        sliding = None
+        if getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
+            sliding = int(hf.sliding_window)
+        qwen2 = arch.startswith("Qwen2")
+        eos = getattr(hf, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+        if dtype is not None and not isinstance(dtype, str):
+            dtype = str(dtype).removeprefix("torch.")
+        return cls(
+            architecture=arch,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.rms_norm_eps),
+            max_position_embeddings=int(getattr(hf, "max_position_embeddings", 4096)),
+            rope=_rope_from_hf(hf),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            attention_bias=qwen2 or bool(getattr(hf, "attention_bias", False)),
+            o_bias=(not qwen2) and bool(getattr(hf, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=arch.startswith("Qwen3"),
+            sliding_window=sliding,
+            hidden_act="silu",
+            dtype=dtype,
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_from_hf(hf) -> RopeConfig:
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    legacy = getattr(hf, "rope_scaling", None)
+    if isinstance(legacy, dict):
+        params = {**legacy, **params}
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_type={rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return RopeConfig(
+        theta=float(theta),
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0) or 1.0),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )

@@ -1,0 +1,181 @@
+"""The Llama family as Flax NNX modules: Llama 2/3/3.1/3.2, TinyLlama, Mistral, Qwen2, Qwen3.
+
+These architectures differ only in small switches read from the config: q/k/v biases (Qwen2),
+RMSNorm on q and k per head (Qwen3), tied embeddings (Llama 3.2), the rope frequency schedule
+(Llama 3.1's "llama3" scaling) and a sliding attention window (Mistral v0.1). One file holds them.
+
+Weights are stored in the layout the matmuls want, with a logical axis name per dimension
+(``axes`` metadata) that ``jaxllm.sharding`` maps to mesh axes: a projection into heads is
+``[embed, heads, head_dim]``, out of heads ``[heads, head_dim, embed]``.
+
+Attention itself (writing K/V into the cache and reading it back) is not done here: the caller
+passes an ``attend(layer, q, k, v, cache) -> (out, cache)`` function, so the cache layout (contiguous
+now, paged later) and the kernel (jnp reference or Pallas) can change without touching the model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig, RopeConfig
+
+Attend = Callable  # (layer: int, q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,H,D], cache)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, axis_name: str = "norm"):
+        self.eps = eps
+        self.weight = _param(rngs, (dim,), (axis_name,), dtype, init="ones")
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies for rotary embeddings, with the "linear" and "llama3" schedules."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if rope.rope_type == "linear":
+        inv = inv / rope.factor
+    elif rope.rope_type == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate x [B, T, heads, D] by positions [B, T] (the half-split layout HF checkpoints use)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
+        self.k = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
+        if cfg.attention_bias:
+            self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), dtype, init="zeros")
+            self.k_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.v_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), dtype, init="zeros")
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
+        self.has_bias = cfg.attention_bias
+        self.has_o_bias = cfg.o_bias
+        self.qk_norm = cfg.qk_norm
+        self.rope = cfg.rope
+        self.head_dim = d
+
+    def __call__(self, layer: int, x, positions, cache, attend: Attend):
+        q = jnp.einsum("bte,ehd->bthd", x, self.q[...])
+        k = jnp.einsum("bte,ehd->bthd", x, self.k[...])
+        v = jnp.einsum("bte,ehd->bthd", x, self.v[...])
+        if self.has_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(self.rope, self.head_dim)  # a numpy constant, folded at trace time
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        out, cache = attend(layer, q, k, v, cache)
+        y = jnp.einsum("bthd,hde->bte", out.astype(x.dtype), self.o[...])
+        if self.has_o_bias:
+            y = y + self.o_bias[...]
+        return y, cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate = _param(rngs, (e, f), ("embed", "mlp"), dtype)
+        self.up = _param(rngs, (e, f), ("embed", "mlp"), dtype)
+        self.down = _param(rngs, (f, e), ("mlp", "embed"), dtype)
+        self.has_bias = cfg.mlp_bias
+        if cfg.mlp_bias:
+            self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
+            self.up_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
+            self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
+
+    def __call__(self, x):
+        g = x @ self.gate[...]
+        u = x @ self.up[...]
+        if self.has_bias:
+            g, u = g + self.gate_bias[...], u + self.up_bias[...]
+        y = (jax.nn.silu(g) * u) @ self.down[...]
+        if self.has_bias:
+            y = y + self.down_bias[...]
+        return y
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, layer: int, x, positions, cache, attend: Attend):
+        h, cache = self.attn(layer, self.input_norm(x), positions, cache, attend)
+        x = x + h
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Decoder-only transformer; ``__call__`` returns final hidden states, ``logits`` projects them."""
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def __call__(self, tokens, positions, cache, attend: Attend):
+        """tokens, positions: [B, T] int32. Returns (hidden [B, T, E] after the final norm, cache)."""
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(i, x, positions, cache, attend)
+        return self.norm(x), cache
+
+    def logits(self, hidden):
+        """float32 logits [..., vocab] for hidden states [..., E]."""
+        if self.config.tie_word_embeddings:
+            w = self.embed[...]
+            return jnp.einsum("...e,ve->...v", hidden, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)

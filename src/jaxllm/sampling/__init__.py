@@ -1,0 +1,79 @@
+"""On-device sampling: greedy, temperature, top-k, top-p, min-p; per-row settings, per-row seeds.
+
+Every row of a batch carries its own settings as arrays, so one compiled function serves any mix of
+greedy and sampled requests. A row's random key is its seed folded with the position of the token
+being chosen: a seeded request draws the same numbers whatever else shares the batch and however
+many device steps it is split into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SamplingArrays:
+    """Per-row sampling settings, [B] each (keys: [B, 2] uint32 raw PRNG keys)."""
+
+    greedy: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array  # 0 = off
+    top_p: jax.Array  # 1 = off
+    min_p: jax.Array  # 0 = off
+    keys: jax.Array
+
+    @classmethod
+    def build(cls, rows: list[dict], batch: int) -> "SamplingArrays":
+        """rows: dicts with greedy, temperature, top_k, top_p, min_p, seed; padded to `batch` rows."""
+        pad = dict(greedy=True, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
+        rows = rows + [pad] * (batch - len(rows))
+        keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(r["seed"]))) for r in rows])
+        return cls(
+            greedy=jnp.asarray([r["greedy"] for r in rows], jnp.bool_),
+            temperature=jnp.asarray([r["temperature"] for r in rows], jnp.float32),
+            top_k=jnp.asarray([r["top_k"] for r in rows], jnp.int32),
+            top_p=jnp.asarray([r["top_p"] for r in rows], jnp.float32),
+            min_p=jnp.asarray([r["min_p"] for r in rows], jnp.float32),
+            keys=jnp.asarray(keys, jnp.uint32),
+        )
+
+
+def _filtered_sample(logits, s: SamplingArrays, positions):
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    sorted_logits, sorted_idx = jax.lax.top_k(scaled, vocab)  # descending
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]
+    masked = jnp.where(rank < k, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(masked, axis=-1)
+    # top-p: keep the smallest prefix whose mass reaches p (the first token is always kept)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    masked = jnp.where(before < s.top_p[:, None], masked, -jnp.inf)
+    # min-p: drop tokens below min_p times the most likely token's probability
+    masked = jnp.where(probs >= s.min_p[:, None] * probs[:, :1], masked, -jnp.inf)
+    keys = jax.vmap(lambda k, p: jax.random.fold_in(jax.random.wrap_key_data(k), p))(s.keys, positions)
+    choice = jax.vmap(jax.random.categorical)(keys, masked)
+    return jnp.take_along_axis(sorted_idx, choice[:, None], axis=-1)[:, 0]
+
+
+def sample(logits, s: SamplingArrays, positions):
+    """Choose one token per row from float32 logits [B, V].
+
+    positions: [B] int32, the position the chosen token will occupy (folded into the row's key).
+    Returns (tokens [B] int32, logprobs [B] float32 of the chosen tokens under the unmodified logits).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = jax.lax.cond(
+        jnp.all(s.greedy),
+        lambda: greedy_tokens,
+        lambda: jnp.where(s.greedy, greedy_tokens, _filtered_sample(logits, s, positions).astype(jnp.int32)),
+    )
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen

@@ -1,0 +1,122 @@
+"""SamplingParams: what to generate and when to stop, with the LLM API's names and defaults.
+
+Every field is validated when the object is built, so a bad value fails before any work starts and
+the message names the field and the range it must lie in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _check_int(name: str, value, minimum: int | None = None, allow_none: bool = True):
+    if value is None:
+        if allow_none:
+            return
+        raise TypeError(f"{name} must be an int, got None")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping settings for one request.
+
+    Greedy decoding is used when ``temperature == 0`` or when none of temperature, top_p, top_k and
+    min_p is set. ``top_k = 0`` and ``top_p = 1`` and ``min_p = 0`` disable those filters.
+    """
+
+    max_tokens: int = 32
+    min_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    detokenize: bool = True
+    n: int = 1
+    best_of: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # Filled by the LLM from the tokenizer; a user may set them to override the model's EOS.
+    end_id: int | None = None
+    _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self):
+        _check_int("max_tokens", self.max_tokens, 1, allow_none=False)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+        _check_float("temperature", self.temperature)
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_float("top_p", self.top_p)
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_int("top_k", self.top_k, 0)
+        _check_float("min_p", self.min_p)
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        _check_int("seed", self.seed, 0)
+        _check_int("end_id", self.end_id, 0)
+        if isinstance(self.stop, str):
+            self._stop_list = [self.stop]
+        elif self.stop is None:
+            self._stop_list = []
+        elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
+            self._stop_list = list(self.stop)
+        else:
+            raise TypeError(f"stop must be a str or a list of str, got {self.stop!r}")
+        if any(s == "" for s in self._stop_list):
+            raise ValueError("stop must not contain an empty string")
+        if self._stop_list and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (use stop_token_ids instead)")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise TypeError(f"stop_token_ids must be a list of int, got {self.stop_token_ids!r}")
+            for t in self.stop_token_ids:
+                _check_int("stop_token_ids[i]", t, 0, allow_none=False)
+            self.stop_token_ids = list(self.stop_token_ids)
+        _check_int("n", self.n, 1, allow_none=False)
+        if self.n != 1:
+            raise ValueError(f"n must be 1 for now (n > 1 is not supported yet), got {self.n}")
+        if self.best_of not in (None, 1):
+            raise ValueError(f"best_of must be None or 1 for now (not supported yet), got {self.best_of}")
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported yet; leave it None (cumulative_logprob is reported)")
+        if self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet; leave it None")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return self._stop_list
+
+    @property
+    def is_greedy(self) -> bool:
+        if self.temperature == 0:
+            return True
+        return all(v is None for v in (self.temperature, self.top_p, self.top_k, self.min_p))
+
+    def all_stop_token_ids(self, eos_token_ids: list[int]) -> list[int]:
+        """Token ids that end the request: the model's EOS ids (unless ignore_eos) and stop_token_ids."""
+        ids = list(self.stop_token_ids or [])
+        if not self.ignore_eos:
+            eos = [self.end_id] if self.end_id is not None else eos_token_ids
+            ids = [i for i in eos if i not in ids] + ids
+        return ids
