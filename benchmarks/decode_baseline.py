@@ -1,0 +1,125 @@
+"""Decode baseline: jaxllm vs HF transformers (eager), output tokens per second, random weights.
+
+    python benchmarks/decode_baseline.py --model .models/llama-3.1-8b-shapes --batch-sizes 1,64
+
+Each backend runs in its own subprocess (so neither holds GPU memory while the other runs), on
+prompts of random token ids, greedy, ignore_eos, exactly --output-len new tokens per request. A
+warm-up run of the same shapes comes first (compilation for jaxllm, CUDA kernels for PyTorch); the
+timed figure is the whole generate call (prefill included) over all output tokens. Prints one JSON
+line per (backend, batch) and a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def prompts(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, min(vocab, 32000), size=(batch, input_len)).tolist()
+
+
+def run_jaxllm(args, batch: int) -> dict:
+    from jaxllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        args.model,
+        load_format="dummy",
+        dtype="bfloat16",
+        max_seq_len=args.input_len + args.output_len,
+        max_batch_size=batch,
+        decode_steps=args.decode_steps,
+    )
+    load_s = time.perf_counter() - t0
+    sp = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False, temperature=0)
+    ps = [{"prompt_token_ids": p} for p in prompts(batch, args.input_len, llm.model_config.vocab_size)]
+    t0 = time.perf_counter()
+    llm.generate(ps, sp, use_tqdm=False)  # compile + warm-up
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert n_out == batch * args.output_len, n_out
+    el = float(np.median(times))
+    return dict(backend="jaxllm", batch=batch, seconds=el, out_tok_s=n_out / el, load_s=load_s, first_run_s=warm_s)
+
+
+def run_hf(args, batch: int) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(args.model)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    ids = torch.tensor(prompts(batch, args.input_len, cfg.vocab_size), device="cuda")
+    kw = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    n_out = (out.shape[1] - args.input_len) * batch
+    el = float(np.median(times))
+    return dict(backend="hf-eager", batch=batch, seconds=el, out_tok_s=n_out / el)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch-sizes", default="1,64")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backends", default="jaxllm,hf")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "backend:batch" in a subprocess
+    args = ap.parse_args()
+
+    if args.one:
+        backend, batch = args.one.split(":")
+        res = (run_jaxllm if backend == "jaxllm" else run_hf)(args, int(batch))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    results = []
+    for backend in args.backends.split(","):
+        for batch in map(int, args.batch_sizes.split(",")):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--one", f"{backend}:{batch}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            sys.stderr.write(proc.stderr[-3000:])
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                results.append(dict(backend=backend, batch=batch, error=f"exit {proc.returncode}"))
+                continue
+            res = json.loads(lines[-1][7:])
+            print(json.dumps(res), flush=True)
+            results.append(res)
+
+    print(f"\n{'backend':<10} {'batch':>5} {'out tok/s':>10} {'ms/step':>8}  notes")
+    for r in results:
+        if "error" in r:
+            print(f"{r['backend']:<10} {r['batch']:>5}  {r['error']}")
+            continue
+        ms = 1000 * r["seconds"] / args.output_len
+        notes = f"load {r['load_s']:.1f}s, first run {r['first_run_s']:.1f}s" if "load_s" in r else ""
+        print(f"{r['backend']:<10} {r['batch']:>5} {r['out_tok_s']:>10.1f} {ms:>8.2f}  {notes}")
+
+
+if __name__ == "__main__":
+    main()
