@@ -39,11 +39,13 @@ def run_jaxllm(args, batch: int) -> dict:
         decode_steps=args.decode_steps,
     )
     load_s = time.perf_counter() - t0
+    print(f"jaxllm batch {batch}: loaded in {load_s:.1f}s", file=sys.stderr, flush=True)
     sp = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False, temperature=0)
     ps = [{"prompt_token_ids": p} for p in prompts(batch, args.input_len, llm.model_config.vocab_size)]
     t0 = time.perf_counter()
     llm.generate(ps, sp, use_tqdm=False)  # compile + warm-up
     warm_s = time.perf_counter() - t0
+    print(f"jaxllm batch {batch}: first run {warm_s:.1f}s", file=sys.stderr, flush=True)
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -63,6 +65,7 @@ def run_hf(args, batch: int) -> dict:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    print(f"hf batch {batch}: model built", file=sys.stderr, flush=True)
     ids = torch.tensor(prompts(batch, args.input_len, cfg.vocab_size), device="cuda")
     kw = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -88,10 +91,15 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default="jaxllm,hf")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per backend and batch")
+    ap.add_argument("--stack-every", type=float, default=90, help="dump stacks of a slow run every N s")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "backend:batch" in a subprocess
     args = ap.parse_args()
 
     if args.one:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.stack_every, repeat=True)  # shows where a slow run is
         backend, batch = args.one.split(":")
         res = (run_jaxllm if backend == "jaxllm" else run_hf)(args, int(batch))
         print("RESULT " + json.dumps(res), flush=True)
@@ -101,8 +109,11 @@ def main():
     for backend in args.backends.split(","):
         for batch in map(int, args.batch_sizes.split(",")):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--one", f"{backend}:{batch}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            sys.stderr.write(proc.stderr[-3000:])
+            try:  # stderr streams through, so progress and stack dumps show live
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                results.append(dict(backend=backend, batch=batch, error=f"timeout {args.timeout}s"))
+                continue
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 results.append(dict(backend=backend, batch=batch, error=f"exit {proc.returncode}"))

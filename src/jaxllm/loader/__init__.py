@@ -72,12 +72,10 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     jdtype = resolve_dtype(dtype, cfg)
     factory = partial(arch.module, cfg, jdtype)
 
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0))))
     if load_format == "dummy":
-        state = random_weights(lambda rngs: factory(rngs=rngs), mesh)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0))))
+        state = random_weights(abstract_state, mesh)
     else:
-        abstract = nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
-        graphdef, abstract_state = nnx.split(abstract)
         if src.is_gguf:
             if arch.gguf_arch is None:
                 raise ValueError(f"GGUF files of {cfg.architecture} are not supported (only Llama)")

@@ -34,7 +34,7 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
         value = jnp.zeros(shape, dtype)
     else:
         value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, axes=tuple(axes))
+    return nnx.Param(value, axes=tuple(axes), init=init)
 
 
 class RMSNorm(nnx.Module):
