@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import ModelConfig, get_architecture
+from ..models.config import architecture_name
 from .resolve import ResolvedModel, resolve_model
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
@@ -67,8 +68,8 @@ def resolve_dtype(dtype: str, cfg: ModelConfig):
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh) -> LoadedModel:
     src = resolve_model(model, revision)
     hf_config = _hf_config(src)
+    arch = get_architecture(architecture_name(hf_config))  # before reading fields it may not have
     cfg = ModelConfig.from_hf(hf_config)
-    arch = get_architecture(cfg.architecture)
     jdtype = resolve_dtype(dtype, cfg)
     factory = partial(arch.module, cfg, jdtype)
 

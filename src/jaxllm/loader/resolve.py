@@ -50,12 +50,16 @@ def resolve_model(model, revision: str | None = None) -> ResolvedModel:
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
-    except LocalEntryNotFoundError as e:
+        # Offline, only the cache is read: without local_files_only, snapshot_download still asks the
+        # hub for the file list when the revision is a commit hash, and fails even when it is cached.
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=bool(constants.HF_HUB_OFFLINE)
+        )
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise ValueError(
             f"model={repo_id!r} (revision={revision!r}) is not in the local HF cache and cannot be "
             f"downloaded (offline or unreachable): {e}"

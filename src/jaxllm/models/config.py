@@ -48,8 +48,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":
-        archs = getattr(hf, "architectures", None) or []
-        arch = archs[0] if archs else type(hf).__name__.replace("Config", "ForCausalLM")
+        arch = architecture_name(hf)
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         act = getattr(hf, "hidden_act", "silu")
@@ -86,6 +85,12 @@ class ModelConfig:
             dtype=dtype,
             eos_token_ids=eos_ids,
         )
+
+
+def architecture_name(hf) -> str:
+    """The HF architecture a transformers config names (GGUF configs name none: derive it)."""
+    archs = getattr(hf, "architectures", None) or []
+    return archs[0] if archs else type(hf).__name__.replace("Config", "ForCausalLM")
 
 
 def _rope_from_hf(hf) -> RopeConfig:
