@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Sequence
+
+import jax
+import numpy as np
 
 from .engine import Engine, Request
 from .loader import DTYPES, LOAD_FORMATS, load_model
@@ -13,7 +15,6 @@ from .runner import ModelRunner
 from .sampling_params import SamplingParams
 from .sharding import make_mesh
 
-log = logging.getLogger(__name__)
 
 PromptInput = str | list[int] | dict
 
@@ -84,9 +85,7 @@ class LLM:
         runner = ModelRunner(loaded.model, loaded.config, loaded.dtype)
         self._engine: Engine | None = Engine(runner, self.tokenizer, max_batch_size, self.max_seq_len, decode_steps)
         self._next_id = 0
-        import numpy as np
-
-        self._seed_rng = np.random.default_rng()
+        self._seed_rng = np.random.default_rng()  # seeds for requests that set none
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> "LLM":
@@ -100,8 +99,6 @@ class LLM:
         if self._engine is not None:
             runner = self._engine.runner
             self._engine = None
-            import jax
-
             for leaf in jax.tree.leaves(runner.params):
                 if hasattr(leaf, "delete"):
                     leaf.delete()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,7 +14,6 @@ from ..models.config import architecture_name
 from .resolve import ResolvedModel, resolve_model
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
-log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 LOAD_FORMATS = ("auto", "dummy")
