@@ -9,12 +9,12 @@ from jaxllm import LLM, SamplingParams
 
 @pytest.fixture
 def no_run(tiny_llm, monkeypatch):
-    """Make the engine's run fail: a generate call that got as far as generating shows."""
+    """Make submission to the engine fail: a generate call that got as far as submitting shows."""
 
     def run(*a, **k):
         raise AssertionError("the engine ran: validation did not happen before generation")
 
-    monkeypatch.setattr(tiny_llm._engine, "run", run)
+    monkeypatch.setattr(tiny_llm._engine, "add_request", run)
     return tiny_llm
 
 

@@ -1,8 +1,19 @@
 """jaxllm: LLM inference on JAX/XLA with the LLM API of TensorRT-LLM / vLLM."""
 
+from .engine import EngineDeadError, RequestHandle
+from .kv_cache_config import KvCacheConfig
 from .llm import LLM
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineDeadError",
+    "KvCacheConfig",
+    "RequestHandle",
+    "RequestOutput",
+    "SamplingParams",
+    "__version__",
+]

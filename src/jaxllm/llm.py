@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
+import weakref
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
-from .engine import Engine, Request
+from .engine import Engine, Request, RequestHandle
+from .kv_cache_config import KvCacheConfig
 from .loader import DTYPES, LOAD_FORMATS, load_model
 from .outputs import RequestOutput
-from .runner import ModelRunner
+from .runner import ModelRunner, plan_num_blocks
+from .sampling import key_data_for_seed
 from .sampling_params import SamplingParams
 from .sharding import make_mesh
 
 
 PromptInput = str | list[int] | dict
+
+# LLMs not yet shut down: stopped at interpreter exit, so a program that never calls shutdown()
+# still exits promptly (the engine thread is a daemon too).
+_LIVE: "weakref.WeakSet[LLM]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for llm in list(_LIVE):
+        llm.shutdown()
 
 
 def _check_positive_int(name: str, value, allow_none=True):
@@ -38,6 +52,8 @@ class LLM:
         load_format: "auto" (read the weights) or "dummy" (random weights of the right shapes).
         max_seq_len: the longest prompt + output, default the model's max_position_embeddings.
         max_batch_size: how many requests run on device together.
+        max_num_tokens: prompt tokens prefilled per engine step (longer prompts go in chunks).
+        kv_cache_config: the paged KV pool's size and block size (KvCacheConfig).
         decode_steps: decode steps per device call (tokens per host round trip).
         trust_remote_code: must stay False: code from checkpoints is never executed.
     """
@@ -52,6 +68,8 @@ class LLM:
         load_format: str = "auto",
         max_seq_len: int | None = None,
         max_batch_size: int = 256,
+        max_num_tokens: int = 8192,
+        kv_cache_config: KvCacheConfig | None = None,
         decode_steps: int = 16,
         trust_remote_code: bool = False,
     ):
@@ -66,7 +84,11 @@ class LLM:
             raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {load_format!r}")
         _check_positive_int("max_seq_len", max_seq_len)
         _check_positive_int("max_batch_size", max_batch_size, allow_none=False)
+        _check_positive_int("max_num_tokens", max_num_tokens, allow_none=False)
         _check_positive_int("decode_steps", decode_steps, allow_none=False)
+        kv_cache_config = KvCacheConfig() if kv_cache_config is None else kv_cache_config
+        if not isinstance(kv_cache_config, KvCacheConfig):
+            raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
 
         self._mesh = make_mesh()
         loaded = load_model(
@@ -76,16 +98,38 @@ class LLM:
         self.hf_config = loaded.hf_config
         self.tokenizer = loaded.tokenizer
         self.dtype = loaded.dtype
+        self._eos_ids = self._find_eos_ids(loaded)
+
+        kv_dtype = loaded.dtype if kv_cache_config.dtype == "auto" else DTYPES[kv_cache_config.dtype]
+        block = kv_cache_config.tokens_per_block
+        device = self._mesh.devices.flat[0]
+        num_blocks = plan_num_blocks(loaded.config, kv_dtype, block, kv_cache_config, device)
+        self.kv_capacity_tokens = num_blocks * block
         limit = loaded.config.max_position_embeddings
         if max_seq_len is not None and max_seq_len > limit:
             raise ValueError(f"max_seq_len must be <= the model's max_position_embeddings ({limit}), got {max_seq_len}")
-        self.max_seq_len = max_seq_len or limit
+        if max_seq_len is not None and max_seq_len > self.kv_capacity_tokens:
+            raise ValueError(
+                f"max_seq_len must be <= the KV pool's capacity ({self.kv_capacity_tokens} tokens), got "
+                f"{max_seq_len}; enlarge KvCacheConfig(max_tokens=..., free_gpu_memory_fraction=...)"
+            )
+        self.max_seq_len = max_seq_len or min(limit, self.kv_capacity_tokens)
         self.max_batch_size = max_batch_size
-        self._eos_ids = self._find_eos_ids(loaded)
-        runner = ModelRunner(loaded.model, loaded.config, loaded.dtype)
-        self._engine: Engine | None = Engine(runner, self.tokenizer, max_batch_size, self.max_seq_len, decode_steps)
+        self.max_num_tokens = max_num_tokens
+        runner = ModelRunner(loaded.model, loaded.config, loaded.dtype, num_blocks, block, kv_dtype)
+        self._engine: Engine | None = Engine(
+            runner,
+            self.tokenizer,
+            max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            max_seq_len=self.max_seq_len,
+            decode_steps=decode_steps,
+            enable_block_reuse=kv_cache_config.enable_block_reuse,
+        )
         self._next_id = 0
+        self._id_lock = threading.Lock()
         self._seed_rng = np.random.default_rng()  # seeds for requests that set none
+        _LIVE.add(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> "LLM":
@@ -95,13 +139,23 @@ class LLM:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Release the model and its device memory; later calls to generate raise RuntimeError."""
-        if self._engine is not None:
-            runner = self._engine.runner
-            self._engine = None
-            for leaf in jax.tree.leaves(runner.params):
-                if hasattr(leaf, "delete"):
-                    leaf.delete()
+        """Stop the engine thread and free device memory; in-flight requests end "cancelled"."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+            engine.runner.release()
+        _LIVE.discard(self)
+
+    def get_stats(self) -> list[dict]:
+        """Recent per-step engine records: running / waiting requests, KV blocks used / free,
+        preemptions and prefix-cache hit tokens (cumulative), new tokens, tokens per second."""
+        engine = self._require_engine()
+        return list(engine.stats)
+
+    def _require_engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("this LLM has been shut down; create a new one")
+        return self._engine
 
     # -- generation ----------------------------------------------------------------------------
     def generate(
@@ -110,25 +164,43 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> RequestOutput | list[RequestOutput]:
-        """Generate completions; a list of RequestOutput for list input, else one RequestOutput."""
-        if self._engine is None:
-            raise RuntimeError("this LLM has been shut down; create a new one")
+        """Generate completions; a list of RequestOutput for list input, else one RequestOutput.
+
+        Every input is checked before any is submitted; all run together on the engine.
+        """
+        engine = self._require_engine()
         prompts, single = self._normalize_inputs(inputs)
         params = self._normalize_params(sampling_params, len(prompts))
-        requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]
-
+        requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]  # all checked first
+        handles = [engine.add_request(r) for r in requests]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(requests), desc="Generating", unit="req", leave=False)
+            bar = tqdm(total=len(handles), desc="Generating", unit="req", leave=False)
         try:
-            self._engine.run(requests, on_finish=(lambda r: bar.update(1)) if bar else None)
+            outputs = []
+            for h in handles:
+                outputs.append(h.result())
+                if bar is not None:
+                    bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
-        outputs = [r.to_output() for r in requests]
         return outputs[0] if single else outputs
+
+    def generate_async(
+        self, inputs: PromptInput, sampling_params: SamplingParams | None = None, streaming: bool = False
+    ) -> RequestHandle:
+        """Submit one prompt; returns at once with a handle: ``h.result()``, ``await h.aresult()``,
+        ``async for out in h`` (every step's partial output when streaming), ``h.abort()``."""
+        engine = self._require_engine()
+        if isinstance(inputs, (list, tuple)) and not self._is_token_list(inputs):
+            raise TypeError("generate_async takes one prompt (a str, a list of token ids or a dict); call it per prompt")
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        req = self._make_request(inputs, sampling_params or SamplingParams(), streaming=bool(streaming))
+        return engine.add_request(req)
 
     # -- input handling ------------------------------------------------------------------------
     @staticmethod
@@ -188,7 +260,7 @@ class LLM:
                 raise ValueError(f"prompt_token_ids must be ints in [0, {vocab}), got {t!r}")
         return list(ids)
 
-    def _make_request(self, prompt, sp: SamplingParams) -> Request:
+    def _make_request(self, prompt, sp: SamplingParams, streaming: bool = False) -> Request:
         text, ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("prompt must not be empty (it tokenized to no tokens)")
@@ -199,15 +271,18 @@ class LLM:
         if sp.end_id is not None and sp.end_id >= vocab:
             raise ValueError(f"end_id must be in [0, {vocab}), got {sp.end_id}")
         total = len(ids) + sp.max_tokens
-        if total > self.max_seq_len:
+        if total > self.max_seq_len:  # (max_seq_len never exceeds the KV pool, so it always fits)
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) = {total} exceeds "
                 f"max_seq_len ({self.max_seq_len}); shorten the prompt or lower max_tokens"
             )
-        seed = sp.seed if sp.seed is not None else int(self._seed_rng.integers(0, 2**31 - 1))
-        rid = self._next_id
-        self._next_id += 1
-        return Request(rid, text, ids, sp, seed, sp.all_stop_token_ids(self._eos_ids))
+        with self._id_lock:
+            seed = sp.seed if sp.seed is not None else int(self._seed_rng.integers(0, 2**31 - 1))
+            rid = self._next_id
+            self._next_id += 1
+        return Request(
+            rid, text, ids, sp, key_data_for_seed(seed), sp.all_stop_token_ids(self._eos_ids), streaming=streaming
+        )
 
     @staticmethod
     def _find_eos_ids(loaded) -> list[int]:

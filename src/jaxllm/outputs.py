@@ -10,7 +10,8 @@ class CompletionOutput:
     """One generated sequence of a request.
 
     finish_reason is None while the sequence runs, then "stop" (EOS, a stop token id or a stop
-    string; stop_reason holds the id or string, None for EOS) or "length" (max_tokens or max_seq_len).
+    string; stop_reason holds the id or string, None for EOS), "length" (max_tokens) or
+    "cancelled" (aborted).
     """
 
     index: int
@@ -20,6 +21,9 @@ class CompletionOutput:
     logprobs: list | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Streaming: what this snapshot added since the previous one of the same request.
+    text_diff: str = ""
+    token_ids_diff: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:

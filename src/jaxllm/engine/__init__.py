@@ -1,5 +1,7 @@
-"""Requests, the scheduling loop and host-side output handling (detokenization, stop strings)."""
+"""Requests, the scheduler (continuous batching, chunked prefill, preemption), KV block manager,
+and the engine thread that runs them."""
 
-from .engine import Engine, Request
+from .engine import Engine, EngineDeadError
+from .request import Request, RequestHandle
 
-__all__ = ["Engine", "Request"]
+__all__ = ["Engine", "EngineDeadError", "Request", "RequestHandle"]

@@ -1,158 +1,271 @@
-"""The engine: requests in, finished outputs out.
+"""The engine: a background thread that runs scheduler plans on the model runner.
 
-This first engine runs static batches: up to ``max_batch_size`` requests are prefilled together
-(prompts of different lengths, right-padded), then decoded in multi-step device calls until every
-row is done, then the next wave starts. Continuous batching and the paged KV pool replace the
-wave loop later; the request / output bookkeeping here stays.
+Callers submit requests (``add_request`` returns a ``RequestHandle``) from any thread or event loop;
+the engine thread admits them between device calls, so new work joins while other requests
+decode. Each step: the scheduler plans prefill chunks and decode runs, the runner executes them,
+and the host applies the tokens (detokenization, stop strings) and publishes outputs.
+
+If a step raises, every in-flight request fails with that cause and the engine is dead: later
+submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import collections
+import threading
+import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..outputs import CompletionOutput, RequestOutput
-from ..runner import DecodeState, ModelRunner, bucket
+from ..runner import ModelRunner, RowState, bucket
 from ..sampling import SamplingArrays
-from ..sampling_params import SamplingParams
-from .detokenizer import IncrementalDetokenizer, find_stop
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .request import Request, RequestHandle, Status
+from .scheduler import Plan, Scheduler
 
 
-@dataclass
-class Request:
-    request_id: int
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int
-    stop_ids: list[int]  # token ids that end it (EOS unless ignore_eos, and stop_token_ids)
-    output: CompletionOutput = field(default_factory=lambda: CompletionOutput(index=0))
-    detok: IncrementalDetokenizer | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.output.finish_reason is not None
-
-    def to_output(self) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=[self.output],
-            finished=self.finished,
-        )
+class EngineDeadError(RuntimeError):
+    """The engine failed (or was shut down) and takes no more work."""
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer, max_batch_size: int, max_seq_len: int, decode_steps: int):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer,
+        *,
+        max_batch_size: int,
+        max_num_tokens: int,
+        max_seq_len: int,
+        decode_steps: int,
+        enable_block_reuse: bool = True,
+        stats_history: int = 1000,
+    ):
         self.runner = runner
         self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
+        self.block_size = runner.block_size
         self.max_seq_len = max_seq_len
-        self.decode_steps = decode_steps
+        self.max_blocks_per_seq = -(-max_seq_len // self.block_size)
+        self.blocks = BlockManager(runner.num_blocks, self.block_size, enable_block_reuse)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_num_tokens, decode_steps)
+        self.stats: collections.deque[dict] = collections.deque(maxlen=stats_history)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._incoming: list[Request] = []
+        self._aborts: set[int] = set()
+        self._live: dict[int, Request] = {}  # every accepted, unfinished request (engine thread)
+        self._stop = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
+        self._thread.start()
 
-    def run(self, requests: list[Request], on_finish: Callable[[Request], None] | None = None) -> None:
-        for i in range(0, len(requests), self.max_batch_size):
-            self._run_wave(requests[i : i + self.max_batch_size], on_finish)
+    # -- caller side (any thread) ----------------------------------------------------------
+    def add_request(self, req: Request) -> RequestHandle:
+        handle = RequestHandle(req.request_id, req.streaming, self)
+        req.handle = handle
+        if req.params.detokenize:
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+        with self._lock:
+            self._check_alive()
+            self._incoming.append(req)
+            self._wake.notify()
+        return handle
 
-    # ------------------------------------------------------------------------------------
-    def _run_wave(self, reqs: list[Request], on_finish) -> None:
-        vocab = self.runner.cfg.vocab_size
-        n = len(reqs)
-        b = bucket(n, 1, self.max_batch_size)
-        t = bucket(max(len(r.prompt_token_ids) for r in reqs), 16, self.max_seq_len)
-        s = bucket(max(len(r.prompt_token_ids) + r.params.max_tokens for r in reqs), 32, self.max_seq_len)
-        k = bucket(max([len(r.stop_ids) for r in reqs] + [1]), 4)
+    def abort(self, request_id: int) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+            self._wake.notify()
 
-        tokens = np.zeros((b, t), np.int32)
-        prompt_lens = np.ones((b,), np.int32)
-        stop_ids = np.full((b, k), vocab, np.int32)
-        max_tokens = np.ones((b,), np.int32)
-        min_tokens = np.zeros((b,), np.int32)
-        done = np.ones((b,), np.bool_)
-        rows = []
-        for i, r in enumerate(reqs):
-            p = r.params
-            tokens[i, : len(r.prompt_token_ids)] = r.prompt_token_ids
-            prompt_lens[i] = len(r.prompt_token_ids)
-            stop_ids[i, : len(r.stop_ids)] = r.stop_ids
-            max_tokens[i] = p.max_tokens
-            min_tokens[i] = p.min_tokens or 0
-            done[i] = False
-            rows.append(
-                dict(
-                    greedy=p.is_greedy,
-                    temperature=1.0 if p.temperature is None else p.temperature,
-                    top_k=p.top_k or 0,
-                    top_p=1.0 if p.top_p is None else p.top_p,
-                    min_p=p.min_p or 0.0,
-                    seed=r.seed,
-                )
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._stop
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is dead after an error: {self._dead!r}; create a new LLM")
+        if self._stop:
+            raise EngineDeadError("the engine has been shut down; create a new LLM")
+
+    # -- engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stop or self._incoming or self._aborts or self.scheduler.has_work):
+                        self._wake.wait()
+                    if self._stop:
+                        break
+                    incoming, self._incoming = self._incoming, []
+                    aborts, self._aborts = self._aborts, set()
+                for req in incoming:
+                    self._live[req.request_id] = req
+                    self.scheduler.add(req)
+                for rid in aborts:
+                    req = self._live.get(rid)
+                    if req is not None:
+                        req.finish("cancelled")
+                        self._retire(req)
+                if self.scheduler.has_work:
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting callers
+            with self._lock:
+                self._dead = e
+                stranded = list(self._live.values()) + self._incoming
+                self._incoming = []
+            for req in stranded:
+                req.handle._publish(error=e)
+            self._live.clear()
+            return
+        # shutdown: whatever is still in flight ends with a reason, never silently
+        with self._lock:
+            stranded = list(self._live.values()) + self._incoming
+            self._incoming = []
+        for req in stranded:
+            if not req.finished:
+                req.finish("cancelled", "shutdown")
+                req.handle._publish(req.snapshot())
+
+    def _retire(self, req: Request) -> None:
+        self.scheduler.release(req)
+        self._live.pop(req.request_id, None)
+        req.handle._publish(req.snapshot())
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        touched: set[Request] = set()
+        new_tokens = 0
+        if plan.prefill:
+            new_tokens += self._run_prefill(plan, touched)
+        if plan.decode:
+            new_tokens += self._run_decode(plan, touched)
+        for req in touched:
+            if req.finished:
+                self._retire(req)
+            elif req.streaming and len(req.output.token_ids) > req._sent_tokens:
+                req.handle._publish(req.snapshot())
+        elapsed = time.perf_counter() - t0
+        self.stats.append(
+            dict(
+                time=time.time(),
+                running=len(self.scheduler.running),
+                waiting=len(self.scheduler.waiting),
+                prefill_requests=len(plan.prefill),
+                decode_requests=len(plan.decode),
+                kv_blocks_used=self.blocks.num_used,
+                kv_blocks_free=self.blocks.num_free,
+                preemptions=self.scheduler.num_preemptions,
+                prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
+                new_tokens=new_tokens,
+                step_seconds=elapsed,
+                tokens_per_second=new_tokens / elapsed if elapsed > 0 else 0.0,
             )
-            if p.detokenize:
-                r.detok = IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, p.skip_special_tokens)
-            r.output.cumulative_logprob = 0.0
+        )
 
-        state = DecodeState(
-            tokens=jnp.zeros((b,), jnp.int32),
-            positions=jnp.zeros((b,), jnp.int32),
-            num_generated=jnp.zeros((b,), jnp.int32),
-            max_tokens=jnp.asarray(max_tokens),
-            min_tokens=jnp.asarray(min_tokens),
+    # -- device calls ------------------------------------------------------------------------
+    def _tables(self, reqs: list[Request], rows: int) -> jax.Array:
+        width = bucket(max(len(r.blocks) for r in reqs), 1, self.max_blocks_per_seq)
+        tables = np.zeros((rows, width), np.int32)
+        for i, r in enumerate(reqs):
+            tables[i, : len(r.blocks)] = r.blocks
+        return jnp.asarray(tables)
+
+    def _row_state(self, reqs: list[Request], rows: int) -> RowState:
+        vocab = self.runner.cfg.vocab_size
+        k = bucket(max([len(r.stop_ids) for r in reqs] + [1]), 4)
+        stop_ids = np.full((rows, k), vocab, np.int32)
+        last = np.zeros((rows,), np.int32)
+        pos = np.zeros((rows,), np.int32)
+        num = np.zeros((rows,), np.int32)
+        max_t = np.ones((rows,), np.int32)
+        min_t = np.zeros((rows,), np.int32)
+        done = np.ones((rows,), np.bool_)
+        for i, r in enumerate(reqs):
+            stop_ids[i, : len(r.stop_ids)] = r.stop_ids
+            last[i] = r.all_ids[-1]
+            pos[i] = len(r.all_ids) - 1
+            num[i] = len(r.output.token_ids)
+            max_t[i] = r.params.max_tokens
+            min_t[i] = r.params.min_tokens or 0
+            done[i] = False
+        return RowState(
+            tokens=jnp.asarray(last),
+            positions=jnp.asarray(pos),
+            num_generated=jnp.asarray(num),
+            max_tokens=jnp.asarray(max_t),
+            min_tokens=jnp.asarray(min_t),
             stop_ids=jnp.asarray(stop_ids),
             done=jnp.asarray(done),
-            sampling=SamplingArrays.build(rows, b),
+            sampling=SamplingArrays.from_requests([r.params for r in reqs], [r.key_data for r in reqs], rows),
         )
-        cache, state, tok, logprob = self.runner.prefill(jnp.asarray(tokens), jnp.asarray(prompt_lens), state, s)
-        tok, logprob, dev_done = jax.device_get((tok, logprob, state.done))
-        self._consume(reqs, tok[:, None], logprob[:, None], dev_done, on_finish)
 
-        while not all(r.finished for r in reqs):
-            host_done = np.zeros((b,), np.bool_)
-            host_done[:n] = [r.finished for r in reqs]
-            state = dataclasses.replace(state, done=state.done | jnp.asarray(host_done))
-            cache, state, toks, logprobs = self.runner.decode(cache, state, self.decode_steps)
-            toks, logprobs, dev_done = jax.device_get((toks, logprobs, state.done))
-            self._consume(reqs, toks, logprobs, dev_done, on_finish)
+    def _after_compute(self, req: Request, num_computed: int) -> None:
+        req.num_computed = num_computed
+        hashes = req.full_block_hashes(self.block_size)
+        for b, h in zip(req.blocks, hashes):
+            self.blocks.register(b, h)
 
-    def _consume(self, reqs, toks, logprobs, dev_done, on_finish) -> None:
-        """Apply one device call's tokens [B, steps] (-1: none) to the requests' outputs."""
+    def _run_prefill(self, plan: Plan, touched: set) -> int:
+        reqs = [r for r, _, _ in plan.prefill]
+        rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
+        t = bucket(max(end - start for _, start, end in plan.prefill), 16, self.scheduler.max_num_tokens)
+        tokens = np.zeros((rows, t), np.int32)
+        positions = np.zeros((rows, t), np.int32)
+        valid = np.zeros((rows, t), np.bool_)
+        last_idx = np.zeros((rows,), np.int32)
+        for i, (r, start, end) in enumerate(plan.prefill):
+            n = end - start
+            tokens[i, :n] = r.all_ids[start:end]
+            positions[i, :n] = np.arange(start, end)
+            positions[i, n:] = end  # padding: masked out of the KV write, harmless as queries
+            valid[i, :n] = True
+            last_idx[i] = n - 1
+        tok, logprob = self.runner.prefill(
+            jnp.asarray(tokens),
+            jnp.asarray(positions),
+            jnp.asarray(valid),
+            self._tables(reqs, rows),
+            jnp.asarray(last_idx),
+            self._row_state(reqs, rows),
+        )
+        tok, logprob = jax.device_get((tok, logprob))
+        produced = 0
+        for i, (r, start, end) in enumerate(plan.prefill):
+            self._after_compute(r, end)
+            touched.add(r)
+            if end == len(r.all_ids):  # prompt complete: the sample is the next token
+                num = len(r.output.token_ids) + 1
+                last = int(tok[i]) in r.stop_ids or num >= r.params.max_tokens
+                r.append(int(tok[i]), float(logprob[i]), last)
+                produced += 1
+        return produced
+
+    def _run_decode(self, plan: Plan, touched: set) -> int:
+        reqs = plan.decode
+        rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
+        state, toks, lps = self.runner.decode(
+            self._tables(reqs, rows), self._row_state(reqs, rows), self.scheduler.decode_steps
+        )
+        toks, lps, done = jax.device_get((toks, lps, state.done))
+        produced = 0
         for i, r in enumerate(reqs):
-            if r.finished:
-                continue
-            new = [(int(x), float(lp)) for x, lp in zip(toks[i], logprobs[i]) if x >= 0]
+            touched.add(r)
+            new = [(int(x), float(lp)) for x, lp in zip(toks[i], lps[i]) if x >= 0]
             for j, (tid, lp) in enumerate(new):
-                last = dev_done[i] and j == len(new) - 1
-                if self._append(r, tid, lp, last):
+                produced += 1
+                # the KV of every token but the newest is now written
+                self._after_compute(r, len(r.all_ids))
+                if r.append(tid, lp, bool(done[i]) and j == len(new) - 1):
                     break
-            if r.finished and on_finish is not None:
-                on_finish(r)
-
-    def _append(self, r: Request, tid: int, logprob: float, last: bool) -> bool:
-        """Add one token to r's output; True once r is finished."""
-        out, p = r.output, r.params
-        out.token_ids.append(tid)
-        out.cumulative_logprob += logprob
-        ends_by_token = last and tid in r.stop_ids and len(out.token_ids) >= (p.min_tokens or 0)
-        if r.detok is not None and (not ends_by_token or p.include_stop_str_in_output):
-            new_text = r.detok.add(tid)
-            out.text = r.detok.text
-            hit = find_stop(out.text, len(new_text), p.stop_strings) if new_text else None
-            if hit is not None:
-                idx, stop = hit
-                out.text = out.text[: idx + len(stop)] if p.include_stop_str_in_output else out.text[:idx]
-                out.finish_reason, out.stop_reason = "stop", stop
-                return True
-        if last:
-            if ends_by_token:
-                out.finish_reason = "stop"
-                out.stop_reason = tid if tid in (p.stop_token_ids or []) else None
-            else:
-                out.finish_reason = "length"
-            return True
-        return False
+        return produced

@@ -1,5 +1,6 @@
-"""Turns a scheduled batch into padded device arrays; owns the jitted prefill / decode functions."""
+"""Turns a scheduled batch into padded device arrays; owns the jitted prefill / decode and the KV pool."""
 
-from .runner import DecodeState, ModelRunner, bucket
+from .paged import plan_num_blocks, pool_bytes_per_token
+from .runner import ModelRunner, RowState, bucket
 
-__all__ = ["DecodeState", "ModelRunner", "bucket"]
+__all__ = ["ModelRunner", "RowState", "bucket", "plan_num_blocks", "pool_bytes_per_token"]

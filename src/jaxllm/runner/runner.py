@@ -1,14 +1,15 @@
 """The model runner: padded device arrays in, tokens out, through two jitted pure functions.
 
-* ``prefill(params, cache, tokens [B, T], prompt_lens [B], state)`` runs the prompts, writes their K/V
-  and samples each row's first token.
-* ``decode(params, cache, state, steps)`` runs up to ``steps`` decode steps in one device call (a
-  ``while_loop``): sampling, EOS / stop-token and max_tokens checks all stay on device, and the loop
-  ends early once every row is done. The host sees tokens once per call, not once per token.
+* ``prefill``: one chunk of tokens per row (a whole prompt, a piece of a long prompt, or the part
+  of a prompt past a reused prefix) at given positions; writes their K/V into the paged pool and
+  samples each row's next token (the engine keeps it only for rows whose prompt is complete).
+* ``decode``: up to ``steps`` decode steps in one device call (a ``while_loop``): sampling,
+  EOS / stop-token and max_tokens checks all stay on device, and the loop ends early once every
+  row is done. The host sees tokens once per call, not once per token.
 
-Both are pure (parameters, cache and per-row state in; new cache and state out) and donate the
-cache, so XLA updates it in place. Shapes come from a few buckets (powers of two) so a handful of
-compilations serve every batch; the persistent compilation cache makes them cheap across runs.
+Both are pure (parameters, pool and per-row state in; new pool and state out) and donate the pool,
+so XLA updates it in place. The runner holds the pool between calls. Shapes come from a few
+buckets (powers of two) so a handful of compilations serve every batch.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..sampling import SamplingArrays, sample
-from .kv_cache import init_cache, make_attend
+from .paged import init_pool, make_attend, slots_for
 
 
 @jax.tree_util.register_dataclass
 @dataclass
-class DecodeState:
+class RowState:
     """Per-row decoding state, [B] each unless noted."""
 
-    tokens: jax.Array  # last sampled token: the next step's input
+    tokens: jax.Array  # last token: the next step's input
     positions: jax.Array  # position of `tokens`
     num_generated: jax.Array
     max_tokens: jax.Array
@@ -47,21 +48,26 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: nnx.Module, cfg: ModelConfig, dtype):
+    def __init__(self, model: nnx.Module, cfg: ModelConfig, dtype, num_blocks: int, block_size: int, kv_dtype=None):
         self.cfg = cfg
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
         self.graphdef, self.params = nnx.split(model)
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("seq_len",))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("steps",), donate_argnames=("cache", "state"))
+        self.pool = init_pool(cfg, num_blocks, block_size, self.kv_dtype)
+        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("pool",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("steps",), donate_argnames=("pool",))
 
     # -- pure functions (traced) -------------------------------------------------------------
-    def _forward(self, params, tokens, positions, cache):
+    def _forward(self, params, pool, tokens, positions, valid, block_tables):
         model = nnx.merge(self.graphdef, params)
-        attend = make_attend(positions, self.cfg.sliding_window)
-        hidden, cache = model(tokens, positions, cache, attend)
-        return model, hidden, cache
+        slots = slots_for(positions, block_tables, self.block_size, valid)
+        attend = make_attend(positions, slots, block_tables, self.block_size, self.cfg.sliding_window)
+        hidden, pool = model(tokens, positions, pool, attend)
+        return model, hidden, pool
 
-    def _advance(self, state: DecodeState, logits):
+    def _advance(self, state: RowState, logits):
         """Sample the next token of every row from logits [B, V] and update stop bookkeeping."""
         rows = jnp.arange(logits.shape[0])[:, None]
         # Before min_tokens, tokens that would end the row are not allowed.
@@ -74,26 +80,24 @@ class ModelRunner:
         num = state.num_generated + active.astype(jnp.int32)
         hit_stop = jnp.any(tok[:, None] == state.stop_ids, axis=-1)
         done = state.done | (active & (hit_stop | (num >= state.max_tokens)))
-        return dataclasses.replace(
+        new = dataclasses.replace(
             state,
             tokens=jnp.where(active, tok, state.tokens),
             positions=jnp.where(active, next_pos, state.positions),
             num_generated=num,
             done=done,
-        ), jnp.where(active, tok, -1), logprob
+        )
+        return new, jnp.where(active, tok, -1), logprob
 
-    def _prefill_impl(self, params, tokens, prompt_lens, state: DecodeState, seq_len: int):
-        b, t = tokens.shape
-        cache = init_cache(self.cfg, b, seq_len, self.dtype)
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        model, hidden, cache = self._forward(params, tokens, positions, cache)
-        last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
-        # _advance samples the token after each row's last prompt token
-        state = dataclasses.replace(state, positions=prompt_lens - 1)
-        state, tok, logprob = self._advance(state, model.logits(last))
-        return cache, state, tok, logprob
+    def _prefill_impl(self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState):
+        model, hidden, pool = self._forward(params, pool, tokens, positions, valid, block_tables)
+        last = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]
+        last_pos = jnp.take_along_axis(positions, last_idx[:, None], axis=1)[:, 0]
+        state = dataclasses.replace(state, positions=last_pos)
+        _, tok, logprob = self._advance(state, model.logits(last))
+        return pool, tok, logprob
 
-    def _decode_impl(self, params, cache, state: DecodeState, steps: int):
+    def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int):
         b = state.tokens.shape[0]
         out = jnp.full((b, steps), -1, jnp.int32)
         out_lp = jnp.zeros((b, steps), jnp.float32)
@@ -103,29 +107,47 @@ class ModelRunner:
             return (i < steps) & ~jnp.all(st.done)
 
         def body(carry):
-            i, cache, st, out, out_lp = carry
-            model, hidden, cache = self._forward(params, st.tokens[:, None], st.positions[:, None], cache)
+            i, pool, st, out, out_lp = carry
+            pos = st.positions[:, None]
+            model, hidden, pool = self._forward(params, pool, st.tokens[:, None], pos, ~st.done[:, None], block_tables)
             st, tok, lp = self._advance(st, model.logits(hidden[:, 0]))
             out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
             out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, i))
-            return i + 1, cache, st, out, out_lp
+            return i + 1, pool, st, out, out_lp
 
-        init = (jnp.int32(0), cache, state, out, out_lp)
-        _, cache, state, out, out_lp = jax.lax.while_loop(cond, body, init)
-        return cache, state, out, out_lp
+        _, pool, state, out, out_lp = jax.lax.while_loop(cond, body, (jnp.int32(0), pool, state, out, out_lp))
+        return pool, state, out, out_lp
 
     # -- host-facing API ---------------------------------------------------------------------
-    def prefill(self, tokens, prompt_lens, state: DecodeState, seq_len: int):
-        return self._prefill(self.params, tokens, prompt_lens, state, seq_len=seq_len)
+    def prefill(self, tokens, positions, valid, block_tables, last_idx, state: RowState):
+        """Run one chunk per row; returns (next token [B], its logprob [B]) as device arrays."""
+        self.pool, tok, logprob = self._prefill(
+            self.params, self.pool, tokens, positions, valid, block_tables, last_idx, state
+        )
+        return tok, logprob
 
-    def decode(self, cache, state: DecodeState, steps: int):
-        return self._decode(self.params, cache, state, steps=steps)
+    def decode(self, block_tables, state: RowState, steps: int):
+        """Run up to `steps` decode steps; returns (state, tokens [B, steps] (-1: none), logprobs)."""
+        self.pool, state, toks, lps = self._decode(self.params, self.pool, block_tables, state, steps=steps)
+        return state, toks, lps
 
-    def hidden_states(self, tokens, positions=None):
-        """Final hidden states and float32 logits for a full prompt batch [B, T] (tests, scoring)."""
+    def hidden_states(self, tokens):
+        """Final hidden states and float32 logits for prompts [B, T] from position 0 (tests, scoring).
+
+        Uses a scratch pool of its own, so the serving pool is untouched.
+        """
         b, t = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cache = init_cache(self.cfg, b, t, self.dtype)
-        model, hidden, _ = self._forward(self.params, tokens, positions, cache)
+        nb = -(-t // self.block_size)
+        tables = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
+        pool = init_pool(self.cfg, b * nb, self.block_size, self.kv_dtype)
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        model, hidden, _ = self._forward(self.params, pool, tokens, positions, jnp.ones((b, t), bool), tables)
         return hidden, model.logits(hidden)
+
+    def release(self) -> None:
+        """Free the device memory of the parameters and the pool."""
+        for leaf in jax.tree.leaves((self.params, self.pool)):
+            if hasattr(leaf, "delete"):
+                leaf.delete()
+        self.pool = None
+

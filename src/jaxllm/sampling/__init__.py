@@ -28,19 +28,29 @@ class SamplingArrays:
     keys: jax.Array
 
     @classmethod
-    def build(cls, rows: list[dict], batch: int) -> "SamplingArrays":
-        """rows: dicts with greedy, temperature, top_k, top_p, min_p, seed; padded to `batch` rows."""
-        pad = dict(greedy=True, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
-        rows = rows + [pad] * (batch - len(rows))
-        keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(r["seed"]))) for r in rows])
-        return cls(
-            greedy=jnp.asarray([r["greedy"] for r in rows], jnp.bool_),
-            temperature=jnp.asarray([r["temperature"] for r in rows], jnp.float32),
-            top_k=jnp.asarray([r["top_k"] for r in rows], jnp.int32),
-            top_p=jnp.asarray([r["top_p"] for r in rows], jnp.float32),
-            min_p=jnp.asarray([r["min_p"] for r in rows], jnp.float32),
-            keys=jnp.asarray(keys, jnp.uint32),
-        )
+    def from_requests(cls, params: list, key_data: list[np.ndarray], rows: int) -> "SamplingArrays":
+        """Arrays for SamplingParams `params` (with their rows' raw keys), padded to `rows` (greedy)."""
+        n = len(params)
+        greedy = np.ones((rows,), np.bool_)
+        temperature = np.ones((rows,), np.float32)
+        top_k = np.zeros((rows,), np.int32)
+        top_p = np.ones((rows,), np.float32)
+        min_p = np.zeros((rows,), np.float32)
+        keys = np.zeros((rows, 2), np.uint32)
+        for i, p in enumerate(params):
+            greedy[i] = p.is_greedy
+            temperature[i] = 1.0 if p.temperature is None else p.temperature
+            top_k[i] = p.top_k or 0
+            top_p[i] = 1.0 if p.top_p is None else p.top_p
+            min_p[i] = p.min_p or 0.0
+        if n:
+            keys[:n] = np.stack(key_data)
+        return cls(*(jnp.asarray(a) for a in (greedy, temperature, top_k, top_p, min_p, keys)))
+
+
+def key_data_for_seed(seed: int) -> np.ndarray:
+    """The raw PRNG key a request with this seed samples with."""
+    return np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32)
 
 
 def _filtered_sample(logits, s: SamplingArrays, positions):

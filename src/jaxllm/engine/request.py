@@ -1,0 +1,219 @@
+"""A request's host-side state, and the handle its submitter waits on.
+
+The request is owned by the engine thread; the handle is the only object shared with callers.
+The engine publishes immutable ``RequestOutput`` snapshots into the handle; callers read them
+synchronously (``result``), from asyncio (``aresult``, ``async for``), or from other threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from .block_manager import chain_hashes
+from .detokenizer import IncrementalDetokenizer, find_stop
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    key_data: np.ndarray  # the row's raw PRNG key (from its seed)
+    stop_ids: list[int]  # token ids that end it (EOS unless ignore_eos, and stop_token_ids)
+    streaming: bool = False
+    output: CompletionOutput = field(default_factory=lambda: CompletionOutput(index=0))
+    detok: IncrementalDetokenizer | None = None
+    status: Status = Status.WAITING
+    # KV state: all_ids = prompt + generated; KV of all_ids[:num_computed] sits in `blocks`.
+    all_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks registered so far
+    admitted_seq: int = -1  # admission order, for choosing whom to preempt
+    handle: "RequestHandle | None" = None
+    _sent_text: int = 0
+    _sent_tokens: int = 0
+
+    def __post_init__(self):
+        self.all_ids = list(self.prompt_token_ids)
+        self.output.cumulative_logprob = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finish_reason is not None
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """KV slots this request can ever need (its last token is never written)."""
+        return len(self.prompt_token_ids) + self.params.max_tokens - 1
+
+    def reset_kv(self) -> None:
+        """Forget the KV (after preemption): everything generated so far is recomputed as prompt."""
+        self.num_computed = 0
+        self.blocks = []
+        self.block_hashes = []
+
+    def full_block_hashes(self, block_size: int) -> list[int]:
+        """Chain hashes of every full computed block (extending the cached list)."""
+        n_full = self.num_computed // block_size
+        if len(self.block_hashes) < n_full:
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            start = len(self.block_hashes) * block_size
+            self.block_hashes += chain_hashes(self.all_ids[start : n_full * block_size], block_size, parent)
+        return self.block_hashes
+
+    # -- tokens in -------------------------------------------------------------------------
+    def append(self, tid: int, logprob: float, last: bool) -> bool:
+        """Add one generated token; True once the request is finished.
+
+        `last`: the device marked the row done with this token (stop token or max_tokens).
+        """
+        out, p = self.output, self.params
+        out.token_ids.append(tid)
+        self.all_ids.append(tid)
+        out.cumulative_logprob += logprob
+        ends_by_token = last and tid in self.stop_ids
+        if self.detok is not None and (not ends_by_token or p.include_stop_str_in_output):
+            new_text = self.detok.add(tid)
+            out.text = self.detok.text
+            hit = find_stop(out.text, len(new_text), p.stop_strings) if new_text else None
+            if hit is not None:
+                idx, stop = hit
+                out.text = out.text[: idx + len(stop)] if p.include_stop_str_in_output else out.text[:idx]
+                self.finish("stop", stop)
+                return True
+        if last:
+            if ends_by_token:
+                self.finish("stop", tid if tid in (p.stop_token_ids or []) else None)
+            else:
+                self.finish("length")
+            return True
+        return False
+
+    def finish(self, reason: str, stop_reason=None) -> None:
+        self.output.finish_reason = reason
+        self.output.stop_reason = stop_reason
+        self.status = Status.FINISHED
+
+    # -- outputs out -----------------------------------------------------------------------
+    def snapshot(self) -> RequestOutput:
+        """An immutable copy of the output so far, with the text / tokens added since the last one."""
+        out = self.output
+        comp = dataclasses.replace(
+            out,
+            token_ids=list(out.token_ids),
+            text_diff=out.text[self._sent_text :],
+            token_ids_diff=out.token_ids[self._sent_tokens :],
+        )
+        self._sent_text, self._sent_tokens = len(out.text), len(out.token_ids)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[comp],
+            finished=self.finished,
+        )
+
+
+class RequestHandle:
+    """What generate_async returns: wait with result() / await aresult(), stream with `async for`.
+
+    With streaming=True, `async for` yields a RequestOutput after every engine step that added
+    tokens (``outputs[0].text_diff`` / ``token_ids_diff`` hold the new part); without it, only the
+    final output. ``abort()`` cancels the request (finish_reason "cancelled").
+    """
+
+    def __init__(self, request_id: int, streaming: bool, engine):
+        self.request_id = request_id
+        self.streaming = streaming
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._outputs: list[RequestOutput] = []
+        self._error: BaseException | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    # -- engine side ------------------------------------------------------------------------
+    def _publish(self, output: RequestOutput | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if output is not None:
+                self._outputs.append(output)
+            if error is not None:
+                self._error = error
+            if error is not None or (output is not None and output.finished):
+                self._done.set()
+            waiters = list(self._waiters)
+        for loop, ev in waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # that event loop is closed
+                pass
+
+    # -- caller side ------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def _final(self) -> RequestOutput:
+        if self._error is not None:
+            raise RuntimeError(f"request {self.request_id} failed: {self._error!r}") from self._error
+        return self._outputs[-1]
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        return self._final()
+
+    async def aresult(self) -> RequestOutput:
+        async for _ in self._updates(final_only=True):
+            pass
+        return self._final()
+
+    def __aiter__(self):
+        return self._updates(final_only=not self.streaming)
+
+    async def _updates(self, final_only: bool):
+        loop = asyncio.get_running_loop()
+        ev = asyncio.Event()
+        with self._lock:
+            self._waiters.append((loop, ev))
+        i = 0
+        try:
+            while True:
+                with self._lock:
+                    outs, done, err = list(self._outputs), self._done.is_set(), self._error
+                if err is not None:
+                    self._final()
+                if final_only:
+                    if done:
+                        yield outs[-1]
+                        return
+                else:
+                    for o in outs[i:]:
+                        yield o
+                    i = len(outs)
+                    if done:
+                        return
+                await ev.wait()
+                ev.clear()
+        finally:
+            with self._lock:
+                self._waiters.remove((loop, ev))
+
+    def abort(self) -> None:
+        self._engine.abort(self.request_id)

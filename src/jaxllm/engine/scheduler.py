@@ -1,0 +1,129 @@
+"""First-come-first-served continuous batching with chunked prefill and preemption by recompute.
+
+Each engine step the scheduler decides, on the host and without touching the device:
+
+1. For every running request, oldest admission first, its work this step: a **decode** run of up
+   to ``decode_steps`` tokens, or the next **prefill chunk** of its prompt within the step's token
+   budget (``max_num_tokens``). Blocks for that work are allocated now. When the pool is short, the
+   most recently admitted running request is **preempted**: its blocks are freed (they stay in the
+   prefix cache) and it goes back to the head of the waiting queue, to be recomputed from its
+   prompt plus what it has generated so far. The oldest request can therefore always progress,
+   and nothing is lost or generated twice.
+2. Waiting requests are admitted in arrival order while batch slots, budget and blocks last
+   (reusing cached prefix blocks); admission never preempts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .request import Request, Status
+
+
+@dataclass
+class Plan:
+    prefill: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, start, end) of all_ids
+    decode: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, decode_steps: int):
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.decode_steps = decode_steps
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.num_preemptions = 0
+        self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache, cumulative
+        self._admissions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------------------------
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Make req's blocks cover num_tokens KV slots; False if the pool is short."""
+        need = self.blocks.blocks_needed(num_tokens) - len(req.blocks)
+        if need <= 0:
+            return True
+        new = self.blocks.allocate(need)
+        if new is None:
+            return False
+        req.blocks += new
+        return True
+
+    def _preempt(self, req: Request, plan: Plan) -> None:
+        self.running.remove(req)
+        self.blocks.release(req.blocks)
+        req.reset_kv()
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+        plan.preempted.append(req)
+
+    def _reserve(self, req: Request, num_tokens: int, plan: Plan) -> bool:
+        """Allocate for req, preempting the newest running requests as needed; False if req itself went."""
+        while not self._grow(req, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is req:
+                return False
+        return True
+
+    def release(self, req: Request) -> None:
+        """A finished or aborted request gives back its blocks and its slot."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.blocks.release(req.blocks)
+        req.blocks = []
+
+    def schedule(self) -> Plan:
+        plan = Plan()
+        budget = self.max_num_tokens
+        for req in list(self.running):
+            if req not in self.running:  # preempted earlier in this loop
+                continue
+            remaining = len(req.all_ids) - req.num_computed
+            if remaining == 1:  # decode phase: only the last sampled token lacks KV
+                want = min(req.num_computed + self.decode_steps, req.max_kv_tokens)
+                if self._reserve(req, want, plan):
+                    plan.decode.append(req)
+            elif budget > 0:
+                chunk = min(remaining, budget)
+                if self._reserve(req, req.num_computed + chunk, plan):
+                    plan.prefill.append((req, req.num_computed, req.num_computed + chunk))
+                    budget -= chunk
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            cached = self.blocks.match_prefix(req.all_ids)
+            self.blocks.take(cached)
+            req.blocks = list(cached)
+            req.num_computed = len(cached) * self.blocks.block_size
+            chunk = min(len(req.all_ids) - req.num_computed, budget)
+            if not self._grow(req, req.num_computed + chunk):
+                self.blocks.release(req.blocks)
+                req.reset_kv()
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            req.admitted_seq = self._admissions
+            self._admissions += 1
+            self.running.append(req)
+            self.prefix_hit_tokens += req.num_computed
+            plan.prefill.append((req, req.num_computed, req.num_computed + chunk))
+            budget -= chunk
+        return plan

@@ -1,0 +1,98 @@
+"""The paged KV pool and the attention that reads it, behind the ``attend`` interface models call.
+
+KV lives in fixed-size blocks: per layer one K pool and one V pool of shape
+``[num_blocks * block_size, kv_heads, head_dim]`` (blocks flattened into slots). A sequence owns a
+row of block ids (its block table); the token at position p lives in slot
+``table[p // block_size] * block_size + p % block_size``. The host's block manager decides which
+blocks a sequence owns; the device only ever sees tables and slot numbers.
+
+``make_attend(positions, slots, block_tables)`` returns the function a model calls as
+``attend(layer, q, k, v, cache) -> (out, cache)``: it writes the new K/V into their slots (slot
+``-1`` or past the pool: padding, dropped) and attends each query at position p over positions
+0..p of its sequence, gathered through the table. One path serves prefill, chunked prefill,
+prefix-cached prefill and decode. The attention here is the pure-jnp reference (scores in
+float32), the CPU path and the oracle for the Pallas kernels that plug in behind the same interface.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..models import ModelConfig
+
+
+def init_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype):
+    """One (K, V) pool pair per layer, each [num_blocks * block_size, kv_heads, head_dim]."""
+    shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+
+def pool_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def slots_for(positions, block_tables, block_size: int, valid):
+    """Slot of each position [B, T] through block_tables [B, W]; -1 where not valid."""
+    blk = jnp.take_along_axis(block_tables, jnp.clip(positions // block_size, 0, block_tables.shape[1] - 1), axis=1)
+    return jnp.where(valid, blk * block_size + positions % block_size, -1)
+
+
+def reference_paged_attention(q, k_pool, v_pool, q_positions, block_tables, block_size: int, sliding_window):
+    """q [B, T, H, D] at q_positions [B, T]; K/V gathered through block_tables [B, W]; causal by position."""
+    b, t, h, d = q.shape
+    kvh = k_pool.shape[1]
+    w = block_tables.shape[1]
+    slot_idx = (block_tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(b, w * block_size)
+    k = k_pool[slot_idx]  # [B, S, Hkv, D], S = W * block_size; position j sits at index j
+    v = v_pool[slot_idx]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (1.0 / d**0.5)
+    kv_pos = jnp.arange(w * block_size)
+    mask = kv_pos[None, None, :] <= q_positions[:, :, None]
+    if sliding_window is not None:
+        mask &= kv_pos[None, None, :] > q_positions[:, :, None] - sliding_window
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d)
+
+
+def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None):
+    flat_slots = slots.reshape(-1)
+
+    def attend(layer, q, k, v, cache):
+        k_pool, v_pool = cache[layer]
+        n = k_pool.shape[0]
+        idx = jnp.where(flat_slots < 0, n, flat_slots)  # padding -> out of range -> dropped
+        k_pool = k_pool.at[idx].set(k.reshape(-1, *k.shape[2:]).astype(k_pool.dtype), mode="drop")
+        v_pool = v_pool.at[idx].set(v.reshape(-1, *v.shape[2:]).astype(v_pool.dtype), mode="drop")
+        out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window)
+        cache = list(cache)
+        cache[layer] = (k_pool, v_pool)
+        return out, cache
+
+    return attend
+
+
+def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, device) -> int:
+    """How many KV blocks to allocate (see KvCacheConfig).
+
+    On an accelerator: free_gpu_memory_fraction of the memory still free after the weights
+    (capped by max_tokens). On CPU: max_tokens, default CPU_DEFAULT_MAX_TOKENS within
+    CPU_DEFAULT_MAX_BYTES.
+    """
+    from ..kv_cache_config import CPU_DEFAULT_MAX_BYTES, CPU_DEFAULT_MAX_TOKENS
+
+    per_token = pool_bytes_per_token(cfg, dtype)
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        tokens = int(free * kv_config.free_gpu_memory_fraction) // per_token
+        if kv_config.max_tokens is not None:
+            tokens = min(tokens, kv_config.max_tokens)
+    elif kv_config.max_tokens is not None:
+        tokens = kv_config.max_tokens
+    else:
+        tokens = min(CPU_DEFAULT_MAX_TOKENS, CPU_DEFAULT_MAX_BYTES // per_token)
+    return max(1, tokens // block_size)
