@@ -1,0 +1,88 @@
+"""The engine's promises: preemption loses nothing, chunked prefill and prefix reuse change no output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxllm import LLM, KvCacheConfig, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def small_pool_llm(tiny_checkpoints):
+    """A KV pool of 64 blocks x 16 tokens: far too small for 200 requests of up to 400 tokens."""
+    llm = LLM(
+        str(tiny_checkpoints["llama3"]),
+        max_seq_len=512,
+        max_batch_size=32,
+        max_num_tokens=256,
+        decode_steps=16,
+        kv_cache_config=KvCacheConfig(max_tokens=1024, tokens_per_block=16),
+    )
+    yield llm
+    llm.shutdown()
+
+
+def _random_requests(n, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [{"prompt_token_ids": rng.integers(3, vocab, size=int(rng.integers(1, 301))).tolist()} for _ in range(n)]
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 101)), ignore_eos=True, temperature=0) for _ in range(n)]
+    return prompts, params
+
+
+def test_200_requests_through_a_tiny_pool_preempt_and_lose_nothing(small_pool_llm):
+    llm = small_pool_llm
+    prompts, params = _random_requests(200, llm.model_config.vocab_size)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    stats = llm.get_stats()
+    assert stats[-1]["preemptions"] > 0, "the pool was meant to be too small: no preemption happened"
+    assert max(s["kv_blocks_used"] for s in stats) <= 64
+    for prompt, sp, out in zip(prompts, params, outs):
+        assert out.prompt_token_ids == prompt["prompt_token_ids"]
+        assert len(out.outputs[0].token_ids) == sp.max_tokens
+        assert out.outputs[0].finish_reason == "length"
+    # each request alone (no other request to compete with: no preemption) gives the same tokens
+    before = llm.get_stats()[-1]["preemptions"]
+    for prompt, sp, out in zip(prompts, params, outs):
+        alone = llm.generate(prompt, sp, use_tqdm=False)
+        assert alone.outputs[0].token_ids == out.outputs[0].token_ids
+    assert llm.get_stats()[-1]["preemptions"] == before
+
+
+def test_long_prompt_is_prefilled_in_chunks_with_identical_output(tiny_checkpoints, small_pool_llm):
+    vocab = small_pool_llm.model_config.vocab_size
+    prompt = {"prompt_token_ids": np.random.default_rng(1).integers(3, vocab, size=450).tolist()}
+    sp = SamplingParams(max_tokens=40, ignore_eos=True)
+    chunked = small_pool_llm.generate(prompt, sp, use_tqdm=False)  # max_num_tokens=256 < 450
+    steps = [s for s in small_pool_llm.get_stats() if s["prefill_requests"]][-2:]
+    assert len(steps) == 2, "a 450-token prompt with max_num_tokens=256 takes two prefill steps"
+    with LLM(str(tiny_checkpoints["llama3"]), max_seq_len=512, max_num_tokens=512) as whole:
+        unchunked = whole.generate(prompt, sp, use_tqdm=False)
+    assert chunked.outputs[0].token_ids == unchunked.outputs[0].token_ids
+
+
+def _shared_prefix_run(path, reuse):
+    """Two requests sharing a 3-block prefix: (their tokens, prefix-cache hit tokens of the second)."""
+    block = 16
+    rng = np.random.default_rng(2)
+    with LLM(
+        str(path),
+        max_seq_len=256,
+        kv_cache_config=KvCacheConfig(max_tokens=1024, tokens_per_block=block, enable_block_reuse=reuse),
+    ) as llm:
+        prefix = rng.integers(3, llm.model_config.vocab_size, size=3 * block).tolist()
+        a = prefix + rng.integers(3, llm.model_config.vocab_size, size=7).tolist()
+        b = prefix + rng.integers(3, llm.model_config.vocab_size, size=11).tolist()
+        sp = SamplingParams(max_tokens=20, ignore_eos=True)
+        out_a = llm.generate({"prompt_token_ids": a}, sp, use_tqdm=False)
+        hits_before = llm.get_stats()[-1]["prefix_cache_hit_tokens"]
+        out_b = llm.generate({"prompt_token_ids": b}, sp, use_tqdm=False)
+        hits = llm.get_stats()[-1]["prefix_cache_hit_tokens"] - hits_before
+    return (out_a.outputs[0].token_ids, out_b.outputs[0].token_ids), hits
+
+
+def test_shared_prefix_reuses_blocks_and_changes_no_output(tiny_checkpoints):
+    on, hits_on = _shared_prefix_run(tiny_checkpoints["llama3"], True)
+    off, hits_off = _shared_prefix_run(tiny_checkpoints["llama3"], False)
+    assert hits_on == 3 * 16 and hits_off == 0
+    assert on == off
