@@ -1,6 +1,11 @@
-"""Decode baseline: jaxllm vs HF transformers (eager), output tokens per second, random weights.
+"""Decode baseline / offline throughput: jaxllm vs HF transformers (eager), random weights.
 
     python benchmarks/decode_baseline.py --model .models/llama-3.1-8b-shapes --batch-sizes 1,64
+    python benchmarks/decode_baseline.py --model .models/llama-3.1-8b-shapes --batch-sizes 256 --num-requests 1000
+
+--batch-sizes is the concurrency: jaxllm gets all --num-requests (default: the batch size) at once
+with max_batch_size=batch and schedules them itself; HF runs them in consecutive batches of that
+size (static batching, its best case: equal lengths, no padding).
 
 Each backend runs in its own subprocess (so neither holds GPU memory while the other runs), on
 prompts of random token ids, greedy, ignore_eos, exactly --output-len new tokens per request. A
@@ -29,6 +34,7 @@ def prompts(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[
 def run_jaxllm(args, batch: int) -> dict:
     from jaxllm import LLM, SamplingParams
 
+    n_req = args.num_requests or batch
     t0 = time.perf_counter()
     llm = LLM(
         args.model,
@@ -41,7 +47,7 @@ def run_jaxllm(args, batch: int) -> dict:
     load_s = time.perf_counter() - t0
     print(f"jaxllm batch {batch}: loaded in {load_s:.1f}s", file=sys.stderr, flush=True)
     sp = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False, temperature=0)
-    ps = [{"prompt_token_ids": p} for p in prompts(batch, args.input_len, llm.model_config.vocab_size)]
+    ps = [{"prompt_token_ids": p} for p in prompts(n_req, args.input_len, llm.model_config.vocab_size)]
     t0 = time.perf_counter()
     llm.generate(ps, sp, use_tqdm=False)  # compile + warm-up
     warm_s = time.perf_counter() - t0
@@ -52,9 +58,21 @@ def run_jaxllm(args, batch: int) -> dict:
         outs = llm.generate(ps, sp, use_tqdm=False)
         times.append(time.perf_counter() - t0)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert n_out == batch * args.output_len, n_out
+    assert n_out == n_req * args.output_len, n_out
     el = float(np.median(times))
-    return dict(backend="jaxllm", batch=batch, seconds=el, out_tok_s=n_out / el, load_s=load_s, first_run_s=warm_s)
+    stats = llm.get_stats()
+    return dict(
+        backend="jaxllm",
+        batch=batch,
+        requests=n_req,
+        seconds=el,
+        out_tok_s=n_out / el,
+        load_s=load_s,
+        first_run_s=warm_s,
+        kv_capacity_tokens=llm.kv_capacity_tokens,
+        peak_kv_blocks=max(s["kv_blocks_used"] for s in stats),
+        preemptions=stats[-1]["preemptions"],
+    )
 
 
 def run_hf(args, batch: int) -> dict:
@@ -66,20 +84,23 @@ def run_hf(args, batch: int) -> dict:
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager").eval()
     print(f"hf batch {batch}: model built", file=sys.stderr, flush=True)
-    ids = torch.tensor(prompts(batch, args.input_len, cfg.vocab_size), device="cuda")
+    n_req = args.num_requests or batch
+    all_ids = torch.tensor(prompts(n_req, args.input_len, cfg.vocab_size), device="cuda")
     kw = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+        model.generate(all_ids[:batch], **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
         torch.cuda.synchronize()
         times = []
         for _ in range(args.repeats):
+            n_out = 0
             t0 = time.perf_counter()
-            out = model.generate(ids, **kw)
+            for i in range(0, n_req, batch):
+                out = model.generate(all_ids[i : i + batch], **kw)
+                n_out += (out.shape[1] - args.input_len) * out.shape[0]
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    n_out = (out.shape[1] - args.input_len) * batch
     el = float(np.median(times))
-    return dict(backend="hf-eager", batch=batch, seconds=el, out_tok_s=n_out / el)
+    return dict(backend="hf-eager", batch=batch, requests=n_req, seconds=el, out_tok_s=n_out / el)
 
 
 def main():
@@ -88,6 +109,7 @@ def main():
     ap.add_argument("--batch-sizes", default="1,64")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--num-requests", type=int, default=None, help="default: one batch")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default="jaxllm,hf")
@@ -122,14 +144,20 @@ def main():
             print(json.dumps(res), flush=True)
             results.append(res)
 
-    print(f"\n{'backend':<10} {'batch':>5} {'out tok/s':>10} {'ms/step':>8}  notes")
+    print(f"\n{'backend':<10} {'batch':>5} {'reqs':>5} {'out tok/s':>10} {'ms/step':>8}  notes")
     for r in results:
         if "error" in r:
             print(f"{r['backend']:<10} {r['batch']:>5}  {r['error']}")
             continue
-        ms = 1000 * r["seconds"] / args.output_len
-        notes = f"load {r['load_s']:.1f}s, first run {r['first_run_s']:.1f}s" if "load_s" in r else ""
-        print(f"{r['backend']:<10} {r['batch']:>5} {r['out_tok_s']:>10.1f} {ms:>8.2f}  {notes}")
+        steps = args.output_len * -(-r["requests"] // r["batch"])  # decode steps if run in waves
+        ms = 1000 * r["seconds"] / steps
+        notes = ""
+        if "load_s" in r:
+            notes = (
+                f"load {r['load_s']:.1f}s, first run {r['first_run_s']:.1f}s, peak KV blocks "
+                f"{r['peak_kv_blocks']}, preemptions {r['preemptions']}"
+            )
+        print(f"{r['backend']:<10} {r['batch']:>5} {r['requests']:>5} {r['out_tok_s']:>10.1f} {ms:>8.2f}  {notes}")
 
 
 if __name__ == "__main__":
