@@ -47,13 +47,17 @@ def run_jaxllm(args, batch: int) -> dict:
     load_s = time.perf_counter() - t0
     print(f"jaxllm batch {batch}: loaded in {load_s:.1f}s", file=sys.stderr, flush=True)
     sp = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False, temperature=0)
-    ps = [{"prompt_token_ids": p} for p in prompts(n_req, args.input_len, llm.model_config.vocab_size)]
+    vocab = llm.model_config.vocab_size
+    # The warm-up (compilation) uses other prompts than the timed run: with the same prompts the
+    # timed run would hit the prefix cache, prefill less and compile new shapes while timed.
+    warm = [{"prompt_token_ids": p} for p in prompts(n_req, args.input_len, vocab, seed=1)]
     t0 = time.perf_counter()
-    llm.generate(ps, sp, use_tqdm=False)  # compile + warm-up
+    llm.generate(warm, sp, use_tqdm=False)  # compile + warm-up
     warm_s = time.perf_counter() - t0
     print(f"jaxllm batch {batch}: first run {warm_s:.1f}s", file=sys.stderr, flush=True)
     times = []
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
+        ps = [{"prompt_token_ids": p} for p in prompts(n_req, args.input_len, vocab, seed=100 + r)]
         t0 = time.perf_counter()
         outs = llm.generate(ps, sp, use_tqdm=False)
         times.append(time.perf_counter() - t0)

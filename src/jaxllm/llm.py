@@ -116,7 +116,7 @@ class LLM:
         self.max_seq_len = max_seq_len or min(limit, self.kv_capacity_tokens)
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
-        runner = ModelRunner(loaded.model, loaded.config, loaded.dtype, num_blocks, block, kv_dtype)
+        runner = ModelRunner(loaded.model, loaded.config, loaded.dtype, num_blocks, block, self._mesh, kv_dtype)
         self._engine: Engine | None = Engine(
             runner,
             self.tokenizer,

@@ -23,6 +23,7 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..sampling import SamplingArrays, sample
+from ..sharding import replicated
 from .paged import init_pool, make_attend, slots_for
 
 
@@ -48,14 +49,20 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: nnx.Module, cfg: ModelConfig, dtype, num_blocks: int, block_size: int, kv_dtype=None):
+    def __init__(
+        self, model: nnx.Module, cfg: ModelConfig, dtype, num_blocks: int, block_size: int, mesh, kv_dtype=None
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.graphdef, self.params = nnx.split(model)
-        self.pool = init_pool(cfg, num_blocks, block_size, self.kv_dtype)
+        # Placed on the mesh from the start, like every pool the step functions return: a first pool
+        # with another sharding would make each step shape compile twice.
+        self.pool = jax.jit(
+            lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype), out_shardings=replicated(mesh)
+        )()
         self._prefill = jax.jit(self._prefill_impl, donate_argnames=("pool",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("steps",), donate_argnames=("pool",))
 
