@@ -6,6 +6,7 @@ import atexit
 import os
 import threading
 import weakref
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,6 +34,21 @@ def _shutdown_all() -> None:
         llm.shutdown()
 
 
+def _enable_compilation_cache(setting) -> None:
+    import jax
+
+    if setting is False or jax.config.jax_compilation_cache_dir:
+        return
+    if setting is True:
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxllm" / "xla"
+        setting = os.environ.get("JAXLLM_CACHE_DIR", default)
+    elif not isinstance(setting, (str, os.PathLike)):
+        raise TypeError(f"compilation_cache must be True, False or a directory path, got {setting!r}")
+    path = Path(setting).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+
+
 def _check_positive_int(name: str, value, allow_none=True):
     if value is None and allow_none:
         return
@@ -55,6 +71,9 @@ class LLM:
         max_num_tokens: prompt tokens prefilled per engine step (longer prompts go in chunks).
         kv_cache_config: the paged KV pool's size and block size (KvCacheConfig).
         decode_steps: decode steps per device call (tokens per host round trip).
+        compilation_cache: JAX's persistent compilation cache: True (default) keeps compiled
+            programs in $JAXLLM_CACHE_DIR or ~/.cache/jaxllm/xla, a path keeps them there, False
+            leaves JAX's setting alone. A cache directory the process already set is kept.
         trust_remote_code: must stay False: code from checkpoints is never executed.
     """
 
@@ -71,6 +90,7 @@ class LLM:
         max_num_tokens: int = 8192,
         kv_cache_config: KvCacheConfig | None = None,
         decode_steps: int = 16,
+        compilation_cache: bool | str | os.PathLike = True,
         trust_remote_code: bool = False,
     ):
         if trust_remote_code:
@@ -90,6 +110,7 @@ class LLM:
         if not isinstance(kv_cache_config, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
 
+        _enable_compilation_cache(compilation_cache)
         self._mesh = make_mesh()
         loaded = load_model(
             model, dtype=dtype, load_format=load_format, tokenizer=tokenizer, revision=revision, mesh=self._mesh
