@@ -9,8 +9,8 @@ Each engine step the scheduler decides, on the host and without touching the dev
    prefix cache) and it goes back to the head of the waiting queue, to be recomputed from its
    prompt plus what it has generated so far. The oldest request can therefore always progress,
    and nothing is lost or generated twice.
-2. Waiting requests are admitted in arrival order while batch slots, budget and blocks last
-   (reusing cached prefix blocks); admission never preempts.
+2. Unless step 1 preempted, waiting requests are admitted in arrival order while batch slots,
+   budget and blocks last (reusing cached prefix blocks); admission never preempts.
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ class Scheduler:
                 if self._reserve(req, req.num_computed + chunk, plan):
                     plan.prefill.append((req, req.num_computed, req.num_computed + chunk))
                     budget -= chunk
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        # No admission in a step that had to preempt: the pool is short, and the preempted request
+        # would only be re-admitted at once.
+        while not plan.preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             cached = self.blocks.match_prefix(req.all_ids)
             self.blocks.take(cached)
