@@ -86,3 +86,33 @@ def test_shared_prefix_reuses_blocks_and_changes_no_output(tiny_checkpoints):
     off, hits_off = _shared_prefix_run(tiny_checkpoints["llama3"], False)
     assert hits_on == 3 * 16 and hits_off == 0
     assert on == off
+
+
+def test_text_work_overlaps_the_device_call(small_pool_llm, monkeypatch):
+    """Detokenization of one step's tokens runs after the next device call is dispatched and
+    before its results are collected (JAX dispatch is asynchronous, so the two overlap)."""
+    engine = small_pool_llm._engine
+    events = []
+    for name in ("_dispatch_decode", "_collect_decode"):
+        orig = getattr(engine, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            events.append(_name)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(engine, name, wrapped)
+    tok = small_pool_llm.tokenizer
+    orig_decode = tok.decode
+
+    def decode(*a, **k):
+        events.append("detokenize")
+        return orig_decode(*a, **k)
+
+    monkeypatch.setattr(tok, "decode", decode)
+    out = small_pool_llm.generate("Hello there", SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 40
+    overlapped = [
+        i for i in range(len(events) - 1)
+        if events[i] == "_dispatch_decode" and events[i + 1] == "detokenize"
+    ]
+    assert overlapped, f"no detokenization between a dispatch and its collection: {events[:20]}"

@@ -58,6 +58,7 @@ class Engine:
         self._incoming: list[Request] = []
         self._aborts: set[int] = set()
         self._live: dict[int, Request] = {}  # every accepted, unfinished request (engine thread)
+        self._text_pending: set[Request] = set()  # requests with tokens not yet turned into text
         self._stop = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
@@ -102,7 +103,9 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not (self._stop or self._incoming or self._aborts or self.scheduler.has_work):
+                    while not (
+                        self._stop or self._incoming or self._aborts or self.scheduler.has_work or self._text_pending
+                    ):
                         self._wake.wait()
                     if self._stop:
                         break
@@ -116,7 +119,7 @@ class Engine:
                     if req is not None:
                         req.finish("cancelled")
                         self._retire(req)
-                if self.scheduler.has_work:
+                if self.scheduler.has_work or self._text_pending:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting callers
             with self._lock:
@@ -138,23 +141,28 @@ class Engine:
 
     def _retire(self, req: Request) -> None:
         self.scheduler.release(req)
+        self._text_pending.discard(req)
         self._live.pop(req.request_id, None)
         req.handle._publish(req.snapshot())
 
     def _step(self) -> None:
+        """One engine step: dispatch the device calls, do the host's text work while they run, collect.
+
+        Tokens come back from the device in one step and are turned into text (detokenization,
+        stop strings, publishing) in the next, while that step's device calls run: JAX dispatches
+        asynchronously, so that host work overlaps device work. A request ended by a stop string is
+        thus noticed one step late; the tokens it got in that step are dropped.
+        """
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        touched: set[Request] = set()
+        prefill = self._dispatch_prefill(plan) if plan.prefill else None
+        decode = self._dispatch_decode(plan) if plan.decode else None
+        self._apply_text()
         new_tokens = 0
-        if plan.prefill:
-            new_tokens += self._run_prefill(plan, touched)
-        if plan.decode:
-            new_tokens += self._run_decode(plan, touched)
-        for req in touched:
-            if req.finished:
-                self._retire(req)
-            elif req.streaming and len(req.output.token_ids) > req._sent_tokens:
-                req.handle._publish(req.snapshot())
+        if prefill is not None:
+            new_tokens += self._collect_prefill(plan, prefill)
+        if decode is not None:
+            new_tokens += self._collect_decode(plan, decode)
         elapsed = time.perf_counter() - t0
         self.stats.append(
             dict(
@@ -195,7 +203,7 @@ class Engine:
             stop_ids[i, : len(r.stop_ids)] = r.stop_ids
             last[i] = r.all_ids[-1]
             pos[i] = len(r.all_ids) - 1
-            num[i] = len(r.output.token_ids)
+            num[i] = r.num_generated
             max_t[i] = r.params.max_tokens
             min_t[i] = r.params.min_tokens or 0
             done[i] = False
@@ -216,7 +224,22 @@ class Engine:
         for b, h in zip(req.blocks, hashes):
             self.blocks.register(b, h)
 
-    def _run_prefill(self, plan: Plan, touched: set) -> int:
+    def _receive(self, req: Request, tid: int, logprob: float, device_end: bool) -> None:
+        req.receive(tid, logprob, device_end)
+        self._text_pending.add(req)
+        if device_end:  # no more device work: give back the slot and the blocks now
+            self.scheduler.release(req)
+
+    def _apply_text(self) -> None:
+        """Turn received tokens into output text; retire finished requests, stream the others."""
+        for req in list(self._text_pending):
+            if req.apply_pending():
+                self._retire(req)
+            elif req.streaming and len(req.output.token_ids) > req._sent_tokens:
+                req.handle._publish(req.snapshot())
+        self._text_pending.clear()
+
+    def _dispatch_prefill(self, plan: Plan):
         reqs = [r for r, _, _ in plan.prefill]
         rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
         t = bucket(max(end - start for _, start, end in plan.prefill), 16, self.scheduler.max_num_tokens)
@@ -231,7 +254,7 @@ class Engine:
             positions[i, n:] = end  # padding: masked out of the KV write, harmless as queries
             valid[i, :n] = True
             last_idx[i] = n - 1
-        tok, logprob = self.runner.prefill(
+        return self.runner.prefill(
             jnp.asarray(tokens),
             jnp.asarray(positions),
             jnp.asarray(valid),
@@ -239,33 +262,37 @@ class Engine:
             jnp.asarray(last_idx),
             self._row_state(reqs, rows),
         )
-        tok, logprob = jax.device_get((tok, logprob))
+
+    def _collect_prefill(self, plan: Plan, result) -> int:
+        tok, logprob = jax.device_get(result)
         produced = 0
         for i, (r, start, end) in enumerate(plan.prefill):
+            if r.finished:  # ended (stop string, abort) while this call ran
+                continue
             self._after_compute(r, end)
-            touched.add(r)
             if end == len(r.all_ids):  # prompt complete: the sample is the next token
-                num = len(r.output.token_ids) + 1
-                last = int(tok[i]) in r.stop_ids or num >= r.params.max_tokens
-                r.append(int(tok[i]), float(logprob[i]), last)
+                tid = int(tok[i])
+                end_here = tid in r.stop_ids or r.num_generated + 1 >= r.params.max_tokens
+                self._receive(r, tid, float(logprob[i]), end_here)
                 produced += 1
         return produced
 
-    def _run_decode(self, plan: Plan, touched: set) -> int:
+    def _dispatch_decode(self, plan: Plan):
         reqs = plan.decode
         rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
-        state, toks, lps = self.runner.decode(
-            self._tables(reqs, rows), self._row_state(reqs, rows), self.scheduler.decode_steps
-        )
+        return self.runner.decode(self._tables(reqs, rows), self._row_state(reqs, rows), self.scheduler.decode_steps)
+
+    def _collect_decode(self, plan: Plan, result) -> int:
+        state, toks, lps = result
         toks, lps, done = jax.device_get((toks, lps, state.done))
         produced = 0
-        for i, r in enumerate(reqs):
-            touched.add(r)
+        for i, r in enumerate(plan.decode):
+            if r.finished:
+                continue
             new = [(int(x), float(lp)) for x, lp in zip(toks[i], lps[i]) if x >= 0]
             for j, (tid, lp) in enumerate(new):
                 produced += 1
                 # the KV of every token but the newest is now written
                 self._after_compute(r, len(r.all_ids))
-                if r.append(tid, lp, bool(done[i]) and j == len(new) - 1):
-                    break
+                self._receive(r, tid, lp, bool(done[i]) and j == len(new) - 1)
         return produced

@@ -45,6 +45,8 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks registered so far
     admitted_seq: int = -1  # admission order, for choosing whom to preempt
+    # Tokens from the device not yet applied to `output` (id, logprob, device says it is the last).
+    pending: list[tuple[int, float, bool]] = field(default_factory=list)
     handle: "RequestHandle | None" = None
     _sent_text: int = 0
     _sent_tokens: int = 0
@@ -56,6 +58,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.output.finish_reason is not None
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens generated so far (received from the device, applied to the output or not)."""
+        return len(self.all_ids) - len(self.prompt_token_ids)
 
     @property
     def max_kv_tokens(self) -> int:
@@ -78,14 +85,25 @@ class Request:
         return self.block_hashes
 
     # -- tokens in -------------------------------------------------------------------------
-    def append(self, tid: int, logprob: float, last: bool) -> bool:
-        """Add one generated token; True once the request is finished.
+    def receive(self, tid: int, logprob: float, last: bool) -> None:
+        """A token from the device; it becomes output (text, stop strings) in apply_pending.
 
         `last`: the device marked the row done with this token (stop token or max_tokens).
         """
+        self.all_ids.append(tid)
+        self.pending.append((tid, logprob, last))
+
+    def apply_pending(self) -> bool:
+        """Apply the received tokens in order; True once the request is finished."""
+        pending, self.pending = self.pending, []
+        for tid, logprob, last in pending:
+            if self._append(tid, logprob, last):
+                return True
+        return False
+
+    def _append(self, tid: int, logprob: float, last: bool) -> bool:
         out, p = self.output, self.params
         out.token_ids.append(tid)
-        self.all_ids.append(tid)
         out.cumulative_logprob += logprob
         ends_by_token = last and tid in self.stop_ids
         if self.detok is not None and (not ends_by_token or p.include_stop_str_in_output):
