@@ -3,7 +3,8 @@
 Callers submit requests (``add_request`` returns a ``RequestHandle``) from any thread or event loop;
 the engine thread admits them between device calls, so new work joins while other requests
 decode. Each step: the scheduler plans prefill chunks and decode runs, the runner executes them,
-and the host applies the tokens (detokenization, stop strings) and publishes outputs.
+and the host applies the tokens (detokenization, stop strings) and publishes outputs — the text
+work of one step runs while the next step's device calls do.
 
 If a step raises, every in-flight request fails with that cause and the engine is dead: later
 submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from ..runner import ModelRunner, RowState, bucket
 from ..sampling import SamplingArrays
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .request import Request, RequestHandle, Status
+from .request import Request, RequestHandle
 from .scheduler import Plan, Scheduler
 
 
@@ -48,7 +48,6 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.block_size = runner.block_size
-        self.max_seq_len = max_seq_len
         self.max_blocks_per_seq = -(-max_seq_len // self.block_size)
         self.blocks = BlockManager(runner.num_blocks, self.block_size, enable_block_reuse)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_num_tokens, decode_steps)
@@ -87,10 +86,6 @@ class Engine:
             self._wake.notify()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
-
-    @property
-    def alive(self) -> bool:
-        return self._dead is None and not self._stop
 
     def _check_alive(self) -> None:
         if self._dead is not None:
