@@ -181,8 +181,9 @@ def _token(req: Request, i: int) -> int:
 
 
 def _emit(req: Request) -> None:
-    n = len(req.output.token_ids) + 1
-    req.append(_token(req, n - 1), 0.0, n >= req.params.max_tokens)
+    n = req.num_generated + 1
+    req.receive(_token(req, n - 1), 0.0, n >= req.params.max_tokens)
+    req.apply_pending()
 
 
 def _apply(sched: Scheduler, plan) -> list[Request]:
