@@ -72,6 +72,8 @@ def tiny_config(variant: str):
         )
     if variant == "llama_tied":  # Llama 3.2-style tied embeddings
         return tf.LlamaConfig(**c, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    if variant == "llama_kv8":  # 8 KV heads: divides tensor-parallel sizes up to 8
+        return tf.LlamaConfig(**{**c, "num_attention_heads": 8, "num_key_value_heads": 8}, tie_word_embeddings=False)
     if variant == "mistral":
         return tf.MistralConfig(**c, sliding_window=None, tie_word_embeddings=False)
     if variant == "qwen2":

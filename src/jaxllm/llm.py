@@ -71,6 +71,9 @@ class LLM:
         max_num_tokens: prompt tokens prefilled per engine step (longer prompts go in chunks).
         kv_cache_config: the paged KV pool's size and block size (KvCacheConfig).
         decode_steps: decode steps per device call (tokens per host round trip).
+        tensor_parallel_size: devices to split the model over (heads, MLP and vocabulary), on one
+            host; XLA's SPMD partitioner inserts the collectives.
+        pipeline_parallel_size, data_parallel_size: must be 1 (not supported yet).
         compilation_cache: JAX's persistent compilation cache: True (default) keeps compiled
             programs in $JAXLLM_CACHE_DIR or ~/.cache/jaxllm/xla, a path keeps them there, False
             leaves JAX's setting alone. A cache directory the process already set is kept.
@@ -91,6 +94,9 @@ class LLM:
         kv_cache_config: KvCacheConfig | None = None,
         decode_steps: int = 16,
         compilation_cache: bool | str | os.PathLike = True,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_size: int = 1,
         trust_remote_code: bool = False,
     ):
         if trust_remote_code:
@@ -106,12 +112,17 @@ class LLM:
         _check_positive_int("max_batch_size", max_batch_size, allow_none=False)
         _check_positive_int("max_num_tokens", max_num_tokens, allow_none=False)
         _check_positive_int("decode_steps", decode_steps, allow_none=False)
+        _check_positive_int("tensor_parallel_size", tensor_parallel_size, allow_none=False)
+        if pipeline_parallel_size != 1:
+            raise ValueError(f"pipeline_parallel_size must be 1 (pipeline parallelism is not supported), got {pipeline_parallel_size!r}")
+        if data_parallel_size != 1:
+            raise ValueError(f"data_parallel_size must be 1 for now (data parallelism is not supported yet), got {data_parallel_size!r}")
         kv_cache_config = KvCacheConfig() if kv_cache_config is None else kv_cache_config
         if not isinstance(kv_cache_config, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
 
         _enable_compilation_cache(compilation_cache)
-        self._mesh = make_mesh()
+        self._mesh = make_mesh(tensor_parallel_size)
         loaded = load_model(
             model, dtype=dtype, load_format=load_format, tokenizer=tokenizer, revision=revision, mesh=self._mesh
         )
@@ -123,8 +134,7 @@ class LLM:
 
         kv_dtype = loaded.dtype if kv_cache_config.dtype == "auto" else DTYPES[kv_cache_config.dtype]
         block = kv_cache_config.tokens_per_block
-        device = self._mesh.devices.flat[0]
-        num_blocks = plan_num_blocks(loaded.config, kv_dtype, block, kv_cache_config, device)
+        num_blocks = plan_num_blocks(loaded.config, kv_dtype, block, kv_cache_config, self._mesh)
         self.kv_capacity_tokens = num_blocks * block
         limit = loaded.config.max_position_embeddings
         if max_seq_len is not None and max_seq_len > limit:

@@ -107,7 +107,7 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
                 f"checkpoint tensor {hf_name!r} has shape {array.shape}; expected {tuple(target.shape)} "
                 f"after layout conversion (config mismatch?)"
             )
-        sharding = named_sharding(var.get_metadata()["axes"], mesh)
+        sharding = named_sharding(var.get_metadata()["axes"], mesh, value.shape)
         var.set_value(jax.device_put(value.astype(target.dtype), sharding))
         filled.add(dotted)
     missing = sorted(set(by_dotted) - filled)
@@ -138,7 +138,7 @@ def random_weights(abstract_state: nnx.State, mesh, seed: int = 0) -> nnx.State:
     for i, (_, var) in enumerate(flat):
         meta = var.get_metadata()
         target = var.get_value()
-        sharding = named_sharding(meta["axes"], mesh)
+        sharding = named_sharding(meta["axes"], mesh, tuple(target.shape))
         value = _random_param(jax.random.fold_in(key, i), tuple(target.shape), target.dtype, meta.get("init", "normal"), sharding)
         var.set_value(value)
     return nnx.from_flat_state(flat)

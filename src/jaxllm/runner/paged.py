@@ -20,12 +20,21 @@ import jax
 import jax.numpy as jnp
 
 from ..models import ModelConfig
+from ..sharding import named_sharding
 
 
 def init_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype):
     """One (K, V) pool pair per layer, each [num_blocks * block_size, kv_heads, head_dim]."""
     shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+
+POOL_AXES = ("kv_slots", "kv_heads", "head_dim")
+
+
+def pool_sharding(cfg: ModelConfig, mesh):
+    """Pools split over KV heads across "model" (replicated where the heads do not divide)."""
+    return named_sharding(POOL_AXES, mesh, (1, cfg.num_kv_heads, cfg.head_dim))
 
 
 def pool_bytes_per_token(cfg: ModelConfig, dtype) -> int:
@@ -75,16 +84,21 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
     return attend
 
 
-def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, device) -> int:
+def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, mesh) -> int:
     """How many KV blocks to allocate (see KvCacheConfig).
 
-    On an accelerator: free_gpu_memory_fraction of the memory still free after the weights
-    (capped by max_tokens). On CPU: max_tokens, default CPU_DEFAULT_MAX_TOKENS within
+    On an accelerator: free_gpu_memory_fraction of the memory still free after the weights on each
+    device (capped by max_tokens). On CPU: max_tokens, default CPU_DEFAULT_MAX_TOKENS within
     CPU_DEFAULT_MAX_BYTES.
     """
     from ..kv_cache_config import CPU_DEFAULT_MAX_BYTES, CPU_DEFAULT_MAX_TOKENS
 
-    per_token = pool_bytes_per_token(cfg, dtype)
+    shards = 1
+    for axis in pool_sharding(cfg, mesh).spec:
+        if axis is not None:
+            shards *= mesh.shape[axis]
+    per_token = pool_bytes_per_token(cfg, dtype) // shards  # on each device
+    device = mesh.devices.flat[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)

@@ -23,8 +23,7 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..sampling import SamplingArrays, sample
-from ..sharding import replicated
-from .paged import init_pool, make_attend, slots_for
+from .paged import init_pool, make_attend, pool_sharding, slots_for
 
 
 @jax.tree_util.register_dataclass
@@ -61,7 +60,7 @@ class ModelRunner:
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
-            lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype), out_shardings=replicated(mesh)
+            lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype), out_shardings=pool_sharding(cfg, mesh)
         )()
         self._prefill = jax.jit(self._prefill_impl, donate_argnames=("pool",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("steps",), donate_argnames=("pool",))

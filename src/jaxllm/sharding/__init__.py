@@ -2,8 +2,12 @@
 
 Model code names each weight dimension logically ("embed", "heads", "vocab", ...). Only this module
 knows how those names map onto mesh axes ("data", "model"), so a new parallel layout is a change of
-rules here, never of a model file. Until tensor parallelism lands the mesh has one device and every
-rule maps to None (replicated), but every parameter already goes through these rules.
+rules here, never of a model file.
+
+Tensor parallelism is Megatron-style and left to XLA's SPMD partitioner: attention heads, KV heads,
+the MLP's inner dimension and the vocabulary are split over "model"; XLA inserts the collectives
+that the shardings imply. A dimension that does not divide evenly over its mesh axis (say 2 KV
+heads on 4 devices) is replicated instead: the KV-head replication of tensor-parallel inference.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# logical axis -> mesh axis (None: replicated). The tensor-parallel layout will fill these in.
+# logical axis -> mesh axis (None: replicated)
 DEFAULT_RULES: dict[str, str | None] = {
     "vocab": "model",
     "embed": None,
@@ -21,30 +25,39 @@ DEFAULT_RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "model",
     "norm": None,
+    "kv_slots": None,
 }
 
 
-def make_mesh(devices=None, model_parallel: int = 1) -> Mesh:
-    """A ("data", "model") mesh over the given (default: first `model_parallel`) devices."""
+def make_mesh(tensor_parallel: int = 1, devices=None) -> Mesh:
+    """A ("data", "model") mesh of 1 x tensor_parallel devices (default: the first local ones)."""
     if devices is None:
-        devices = jax.devices()[:model_parallel]
+        available = jax.devices()
+        if tensor_parallel > len(available):
+            raise ValueError(
+                f"tensor_parallel_size must be <= the number of devices ({len(available)}), got {tensor_parallel}"
+            )
+        devices = available[:tensor_parallel]
     arr = np.asarray(devices).reshape(1, len(devices))
     return Mesh(arr, ("data", "model"))
 
 
-def logical_to_spec(axes: tuple[str, ...], mesh: Mesh, rules=None) -> PartitionSpec:
+def logical_to_spec(axes: tuple[str, ...], mesh: Mesh, shape: tuple[int, ...] | None = None, rules=None) -> PartitionSpec:
+    """The PartitionSpec of a tensor with these logical axes (and, if given, this shape) on mesh."""
     rules = DEFAULT_RULES if rules is None else rules
     spec = []
-    for name in axes:
+    for i, name in enumerate(axes):
         if name not in rules:
             raise KeyError(f"no sharding rule for logical axis {name!r}")
         mesh_axis = rules[name]
-        spec.append(mesh_axis if mesh_axis is not None and mesh.shape.get(mesh_axis, 1) > 1 else None)
+        size = mesh.shape.get(mesh_axis, 1) if mesh_axis is not None else 1
+        divisible = shape is None or shape[i] % size == 0
+        spec.append(mesh_axis if size > 1 and divisible else None)
     return PartitionSpec(*spec)
 
 
-def named_sharding(axes: tuple[str, ...], mesh: Mesh, rules=None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, mesh, rules))
+def named_sharding(axes: tuple[str, ...], mesh: Mesh, shape: tuple[int, ...] | None = None, rules=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, mesh, shape, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,101 @@
+"""Tensor parallelism on 8 virtual CPU devices: same greedy tokens and logits as one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import write_tiny_checkpoint
+
+SCRIPT = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jaxllm import LLM, SamplingParams
+
+out = {}
+for tp in (1, 2, 4, 8):
+    llm = LLM(sys.argv[1], tensor_parallel_size=tp, max_seq_len=128, compilation_cache=False)
+    outs = llm.generate(
+        ["The capital of France is", "Hello, my name is", "In 1492, Columbus sailed the ocean blue and", "A"],
+        SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False,
+    )
+    ids = llm.tokenizer.encode("In 1492, Columbus sailed across the Atlantic Ocean")
+    _, logits = llm._engine.runner.hidden_states(jnp.asarray([ids], jnp.int32))
+    params = {}
+    for path, var in nnx.to_flat_state(llm._engine.runner.params):
+        arr = var.get_value()
+        params[".".join(map(str, path))] = dict(
+            total=arr.nbytes, per_device=sorted({s.data.nbytes for s in arr.addressable_shards}),
+            devices=len(arr.sharding.device_set), spec=str(arr.sharding.spec),
+        )
+    pool = llm._engine.runner.pool[0][0]
+    out[tp] = dict(
+        tokens=[o.outputs[0].token_ids for o in outs], logits=np.asarray(logits).tolist(), params=params,
+        pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards})),
+    )
+    llm.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return {int(k): v for k, v in json.loads(line[7:]).items()}
+
+
+def _check(res, num_heads, num_kv_heads):
+    base = res[1]
+    ref = np.asarray(base["logits"])
+    for tp in (2, 4, 8):
+        r = res[tp]
+        assert r["tokens"] == base["tokens"], f"tp={tp}: greedy tokens differ from tp=1"
+        err = np.linalg.norm(np.asarray(r["logits"]) - ref) / np.linalg.norm(ref)
+        assert err <= 1e-5, f"tp={tp}: float32 logits differ by {err:.2e}"
+        # each device holds only its shard: split tensors take 1/tp of their bytes per device
+        q = r["params"]["layers.0.attn.q"]
+        expect = q["total"] // tp if num_heads % tp == 0 else q["total"]
+        assert q["per_device"] == [expect] and q["devices"] == tp, (tp, q)
+        for name in ("layers.0.mlp.gate", "layers.0.mlp.down", "embed", "lm_head"):
+            p = r["params"][name]
+            assert p["per_device"] == [p["total"] // tp], (tp, name, p)
+        norm = r["params"]["norm.weight"]
+        assert norm["per_device"] == [norm["total"]], "norms are replicated"
+        # KV pool: split over KV heads when they divide tp, replicated (KV-head replication) when not
+        pool = r["pool"]
+        assert pool["per_device"] == [pool["total"] // tp if num_kv_heads % tp == 0 else pool["total"]], (tp, pool)
+
+
+def test_tensor_parallel_kv_heads_do_not_divide(tiny_checkpoints):
+    # 4 query / 2 KV heads: KV split at tp=2, replicated at tp=4 and 8; query heads replicated at 8
+    _check(_run(tiny_checkpoints["llama3"]), num_heads=4, num_kv_heads=2)
+
+
+def test_tensor_parallel_kv_heads_divide(tmp_path):
+    path = write_tiny_checkpoint("llama_kv8", tmp_path / "kv8")
+    _check(_run(path), num_heads=8, num_kv_heads=8)
+
+
+def test_parallel_sizes_are_checked_before_loading(tiny_checkpoints):
+    import jax
+    import pytest
+
+    from jaxllm import LLM
+
+    path = str(tiny_checkpoints["llama3"])
+    with pytest.raises(ValueError, match="tensor_parallel_size must be <= the number of devices"):
+        LLM(path, tensor_parallel_size=len(jax.devices()) + 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
+        LLM(path, tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be 1"):
+        LLM(path, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="data_parallel_size must be 1"):
+        LLM(path, data_parallel_size=2)
