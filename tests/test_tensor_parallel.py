@@ -19,14 +19,18 @@ from flax import nnx
 from jaxllm import LLM, SamplingParams
 
 out = {}
-for tp in (1, 2, 4, 8):
-    llm = LLM(sys.argv[1], tensor_parallel_size=tp, max_seq_len=128, compilation_cache=False)
+for tp, dp in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2)):
+    llm = LLM(sys.argv[1], tensor_parallel_size=tp, data_parallel_size=dp, max_seq_len=128, compilation_cache=False)
     outs = llm.generate(
         ["The capital of France is", "Hello, my name is", "In 1492, Columbus sailed the ocean blue and", "A"],
         SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False,
     )
     ids = llm.tokenizer.encode("In 1492, Columbus sailed across the Atlantic Ocean")
-    _, logits = llm._engine.runner.hidden_states(jnp.asarray([ids], jnp.int32))
+    logits = [np.asarray(e.runner.hidden_states(jnp.asarray([ids], jnp.int32))[1]).tolist() for e in llm._engines]
+    replica_devices = [
+        sorted(d.id for d in jax.tree.leaves(e.runner.params)[0].sharding.device_set) for e in llm._engines
+    ]
+    served = sorted({s["replica"] for s in llm.get_stats() if s["new_tokens"]})
     params = {}
     for path, var in nnx.to_flat_state(llm._engine.runner.params):
         arr = var.get_value()
@@ -35,8 +39,9 @@ for tp in (1, 2, 4, 8):
             devices=len(arr.sharding.device_set), spec=str(arr.sharding.spec),
         )
     pool = llm._engine.runner.pool[0][0]
-    out[tp] = dict(
-        tokens=[o.outputs[0].token_ids for o in outs], logits=np.asarray(logits).tolist(), params=params,
+    out[f"{tp}x{dp}"] = dict(
+        tokens=[o.outputs[0].token_ids for o in outs], logits=logits, params=params,
+        replica_devices=replica_devices, served=served,
         pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards})),
     )
     llm.shutdown()
@@ -49,17 +54,23 @@ def _run(path):
     res = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return {int(k): v for k, v in json.loads(line[7:]).items()}
+    return json.loads(line[7:])
 
 
 def _check(res, num_heads, num_kv_heads):
-    base = res[1]
-    ref = np.asarray(base["logits"])
-    for tp in (2, 4, 8):
-        r = res[tp]
-        assert r["tokens"] == base["tokens"], f"tp={tp}: greedy tokens differ from tp=1"
-        err = np.linalg.norm(np.asarray(r["logits"]) - ref) / np.linalg.norm(ref)
-        assert err <= 1e-5, f"tp={tp}: float32 logits differ by {err:.2e}"
+    base = res["1x1"]
+    ref = np.asarray(base["logits"][0])
+    for key in ("2x1", "4x1", "8x1", "2x2"):
+        r = res[key]
+        tp, dp = map(int, key.split("x"))
+        assert r["tokens"] == base["tokens"], f"tp={tp} dp={dp}: greedy tokens differ from tp=1"
+        for logits in r["logits"]:  # every replica
+            err = np.linalg.norm(np.asarray(logits) - ref) / np.linalg.norm(ref)
+            assert err <= 1e-5, f"tp={tp} dp={dp}: float32 logits differ by {err:.2e}"
+        # replicas sit on disjoint devices, and each served requests
+        devs = [d for replica in r["replica_devices"] for d in replica]
+        assert len(devs) == len(set(devs)) == tp * dp, r["replica_devices"]
+        assert r["served"] == list(range(dp)), r["served"]
         # each device holds only its shard: split tensors take 1/tp of their bytes per device
         q = r["params"]["layers.0.attn.q"]
         expect = q["total"] // tp if num_heads % tp == 0 else q["total"]
@@ -91,11 +102,11 @@ def test_parallel_sizes_are_checked_before_loading(tiny_checkpoints):
     from jaxllm import LLM
 
     path = str(tiny_checkpoints["llama3"])
-    with pytest.raises(ValueError, match="tensor_parallel_size must be <= the number of devices"):
+    with pytest.raises(ValueError, match="tensor_parallel_size \\* data_parallel_size must be <= the number of devices"):
         LLM(path, tensor_parallel_size=len(jax.devices()) + 1)
+    with pytest.raises(ValueError, match="data_parallel_size must be an int >= 1"):
+        LLM(path, data_parallel_size=0)
     with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
         LLM(path, tensor_parallel_size=0)
     with pytest.raises(ValueError, match="pipeline_parallel_size must be 1"):
         LLM(path, pipeline_parallel_size=2)
-    with pytest.raises(ValueError, match="data_parallel_size must be 1"):
-        LLM(path, data_parallel_size=2)

@@ -18,7 +18,7 @@ from .outputs import RequestOutput
 from .runner import ModelRunner, plan_num_blocks
 from .sampling import key_data_for_seed
 from .sampling_params import SamplingParams
-from .sharding import make_mesh
+from .sharding import make_meshes, replicate_on
 
 
 PromptInput = str | list[int] | dict
@@ -73,7 +73,9 @@ class LLM:
         decode_steps: decode steps per device call (tokens per host round trip).
         tensor_parallel_size: devices to split the model over (heads, MLP and vocabulary), on one
             host; XLA's SPMD partitioner inserts the collectives.
-        pipeline_parallel_size, data_parallel_size: must be 1 (not supported yet).
+        data_parallel_size: model replicas (each on tensor_parallel_size devices, with its own KV
+            pool and batch slots); requests are spread over them in turn.
+        pipeline_parallel_size: must be 1 (not supported).
         compilation_cache: JAX's persistent compilation cache: True (default) keeps compiled
             programs in $JAXLLM_CACHE_DIR or ~/.cache/jaxllm/xla, a path keeps them there, False
             leaves JAX's setting alone. A cache directory the process already set is kept.
@@ -115,14 +117,14 @@ class LLM:
         _check_positive_int("tensor_parallel_size", tensor_parallel_size, allow_none=False)
         if pipeline_parallel_size != 1:
             raise ValueError(f"pipeline_parallel_size must be 1 (pipeline parallelism is not supported), got {pipeline_parallel_size!r}")
-        if data_parallel_size != 1:
-            raise ValueError(f"data_parallel_size must be 1 for now (data parallelism is not supported yet), got {data_parallel_size!r}")
+        _check_positive_int("data_parallel_size", data_parallel_size, allow_none=False)
         kv_cache_config = KvCacheConfig() if kv_cache_config is None else kv_cache_config
         if not isinstance(kv_cache_config, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
 
         _enable_compilation_cache(compilation_cache)
-        self._mesh = make_mesh(tensor_parallel_size)
+        meshes = make_meshes(tensor_parallel_size, data_parallel_size)
+        self._mesh = meshes[0]
         loaded = load_model(
             model, dtype=dtype, load_format=load_format, tokenizer=tokenizer, revision=revision, mesh=self._mesh
         )
@@ -147,16 +149,22 @@ class LLM:
         self.max_seq_len = max_seq_len or min(limit, self.kv_capacity_tokens)
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
-        runner = ModelRunner(loaded.model, loaded.config, loaded.dtype, num_blocks, block, self._mesh, kv_dtype)
-        self._engine: Engine | None = Engine(
-            runner,
-            self.tokenizer,
-            max_batch_size=max_batch_size,
-            max_num_tokens=max_num_tokens,
-            max_seq_len=self.max_seq_len,
-            decode_steps=decode_steps,
-            enable_block_reuse=kv_cache_config.enable_block_reuse,
-        )
+        # One engine per data-parallel replica, each with its own copy of the weights on its own
+        # devices, its own KV pool and batch slots; requests are spread over them.
+        self._engines: list[Engine] = []
+        for mesh in meshes:
+            model = loaded.model if mesh is meshes[0] else replicate_on(loaded.model, mesh)
+            runner = ModelRunner(model, loaded.config, loaded.dtype, num_blocks, block, mesh, kv_dtype)
+            engine = Engine(
+                runner,
+                self.tokenizer,
+                max_batch_size=max_batch_size,
+                max_num_tokens=max_num_tokens,
+                max_seq_len=self.max_seq_len,
+                decode_steps=decode_steps,
+                enable_block_reuse=kv_cache_config.enable_block_reuse,
+            )
+            self._engines.append(engine)
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._seed_rng = np.random.default_rng()  # seeds for requests that set none
@@ -170,23 +178,31 @@ class LLM:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop the engine thread and free device memory; in-flight requests end "cancelled"."""
-        engine, self._engine = self._engine, None
-        if engine is not None:
+        """Stop the engine threads and free device memory; in-flight requests end "cancelled"."""
+        engines, self._engines = self._engines, []
+        for engine in engines:
             engine.shutdown()
             engine.runner.release()
         _LIVE.discard(self)
 
     def get_stats(self) -> list[dict]:
         """Recent per-step engine records: running / waiting requests, KV blocks used / free,
-        preemptions and prefix-cache hit tokens (cumulative), new tokens, tokens per second."""
-        engine = self._require_engine()
-        return list(engine.stats)
+        preemptions and prefix-cache hit tokens (cumulative), new tokens, tokens per second.
+        With data parallelism each record names its replica; records are in time order."""
+        self._require_engine()
+        records = [dict(r, replica=i) for i, e in enumerate(self._engines) for r in list(e.stats)]
+        return sorted(records, key=lambda r: r["time"])
 
-    def _require_engine(self) -> Engine:
-        if self._engine is None:
+    @property
+    def _engine(self) -> Engine | None:
+        """The first replica's engine (the only one without data parallelism)."""
+        return self._engines[0] if self._engines else None
+
+    def _require_engine(self, request_id: int = 0) -> Engine:
+        """The engine that serves request_id (replicas take requests in turn)."""
+        if not self._engines:
             raise RuntimeError("this LLM has been shut down; create a new one")
-        return self._engine
+        return self._engines[request_id % len(self._engines)]
 
     # -- generation ----------------------------------------------------------------------------
     def generate(
@@ -199,11 +215,11 @@ class LLM:
 
         Every input is checked before any is submitted; all run together on the engine.
         """
-        engine = self._require_engine()
+        self._require_engine()
         prompts, single = self._normalize_inputs(inputs)
         params = self._normalize_params(sampling_params, len(prompts))
         requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]  # all checked first
-        handles = [engine.add_request(r) for r in requests]
+        handles = [self._require_engine(r.request_id).add_request(r) for r in requests]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -225,13 +241,13 @@ class LLM:
     ) -> RequestHandle:
         """Submit one prompt; returns at once with a handle: ``h.result()``, ``await h.aresult()``,
         ``async for out in h`` (every step's partial output when streaming), ``h.abort()``."""
-        engine = self._require_engine()
+        self._require_engine()
         if isinstance(inputs, (list, tuple)) and not self._is_token_list(inputs):
             raise TypeError("generate_async takes one prompt (a str, a list of token ids or a dict); call it per prompt")
         if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
         req = self._make_request(inputs, sampling_params or SamplingParams(), streaming=bool(streaming))
-        return engine.add_request(req)
+        return self._require_engine(req.request_id).add_request(req)
 
     # -- input handling ------------------------------------------------------------------------
     @staticmethod

@@ -29,17 +29,29 @@ DEFAULT_RULES: dict[str, str | None] = {
 }
 
 
-def make_mesh(tensor_parallel: int = 1, devices=None) -> Mesh:
-    """A ("data", "model") mesh of 1 x tensor_parallel devices (default: the first local ones)."""
-    if devices is None:
-        available = jax.devices()
-        if tensor_parallel > len(available):
-            raise ValueError(
-                f"tensor_parallel_size must be <= the number of devices ({len(available)}), got {tensor_parallel}"
-            )
-        devices = available[:tensor_parallel]
-    arr = np.asarray(devices).reshape(1, len(devices))
-    return Mesh(arr, ("data", "model"))
+def make_mesh(devices) -> Mesh:
+    """A ("data", "model") mesh of 1 x len(devices): one model replica, tensor parallel over devices."""
+    return Mesh(np.asarray(devices).reshape(1, len(devices)), ("data", "model"))
+
+
+def make_meshes(tensor_parallel: int = 1, data_parallel: int = 1) -> list[Mesh]:
+    """One mesh per data-parallel replica, each over its own tensor_parallel local devices."""
+    available = jax.devices()
+    if tensor_parallel * data_parallel > len(available):
+        raise ValueError(
+            f"tensor_parallel_size * data_parallel_size must be <= the number of devices ({len(available)}), "
+            f"got {tensor_parallel} * {data_parallel}"
+        )
+    return [make_mesh(available[i * tensor_parallel : (i + 1) * tensor_parallel]) for i in range(data_parallel)]
+
+
+def replicate_on(module, mesh: Mesh):
+    """A copy of an NNX module whose parameters sit on `mesh` with the same partitioning."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+    state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
+    return nnx.merge(graphdef, state)
 
 
 def logical_to_spec(axes: tuple[str, ...], mesh: Mesh, shape: tuple[int, ...] | None = None, rules=None) -> PartitionSpec:
