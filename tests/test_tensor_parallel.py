@@ -19,8 +19,11 @@ from flax import nnx
 from jaxllm import LLM, SamplingParams
 
 out = {}
-for tp, dp in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2)):
-    llm = LLM(sys.argv[1], tensor_parallel_size=tp, data_parallel_size=dp, max_seq_len=128, compilation_cache=False)
+for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (2, 2, "hf"), (4, 1, "orbax")):
+    path = sys.argv[1] if source == "hf" else sys.argv[2]  # the Orbax checkpoint saved at tp=1
+    llm = LLM(path, tensor_parallel_size=tp, data_parallel_size=dp, max_seq_len=128, compilation_cache=False)
+    if tp == 1:
+        llm.save(sys.argv[2])
     outs = llm.generate(
         ["The capital of France is", "Hello, my name is", "In 1492, Columbus sailed the ocean blue and", "A"],
         SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False,
@@ -39,7 +42,7 @@ for tp, dp in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2)):
             devices=len(arr.sharding.device_set), spec=str(arr.sharding.spec),
         )
     pool = llm._engine.runner.pool[0][0]
-    out[f"{tp}x{dp}"] = dict(
+    out[f"{tp}x{dp}" + ("-orbax" if source == "orbax" else "")] = dict(
         tokens=[o.outputs[0].token_ids for o in outs], logits=logits, params=params,
         replica_devices=replica_devices, served=served,
         pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards})),
@@ -49,9 +52,10 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _run(path):
+def _run(path, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, timeout=900, env=env)
+    cmd = [sys.executable, "-c", SCRIPT, str(path), str(tmp_path / "orbax")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
     return json.loads(line[7:])
@@ -60,9 +64,9 @@ def _run(path):
 def _check(res, num_heads, num_kv_heads):
     base = res["1x1"]
     ref = np.asarray(base["logits"][0])
-    for key in ("2x1", "4x1", "8x1", "2x2"):
+    for key in ("2x1", "4x1", "8x1", "2x2", "4x1-orbax"):  # the last restores tp=1's Orbax save at tp=4
         r = res[key]
-        tp, dp = map(int, key.split("x"))
+        tp, dp = map(int, key.removesuffix("-orbax").split("x"))
         assert r["tokens"] == base["tokens"], f"tp={tp} dp={dp}: greedy tokens differ from tp=1"
         for logits in r["logits"]:  # every replica
             err = np.linalg.norm(np.asarray(logits) - ref) / np.linalg.norm(ref)
@@ -85,14 +89,14 @@ def _check(res, num_heads, num_kv_heads):
         assert pool["per_device"] == [pool["total"] // tp if num_kv_heads % tp == 0 else pool["total"]], (tp, pool)
 
 
-def test_tensor_parallel_kv_heads_do_not_divide(tiny_checkpoints):
+def test_tensor_parallel_kv_heads_do_not_divide(tiny_checkpoints, tmp_path):
     # 4 query / 2 KV heads: KV split at tp=2, replicated at tp=4 and 8; query heads replicated at 8
-    _check(_run(tiny_checkpoints["llama3"]), num_heads=4, num_kv_heads=2)
+    _check(_run(tiny_checkpoints["llama3"], tmp_path), num_heads=4, num_kv_heads=2)
 
 
 def test_tensor_parallel_kv_heads_divide(tmp_path):
     path = write_tiny_checkpoint("llama_kv8", tmp_path / "kv8")
-    _check(_run(path), num_heads=8, num_kv_heads=8)
+    _check(_run(path, tmp_path), num_heads=8, num_kv_heads=8)
 
 
 def test_parallel_sizes_are_checked_before_loading(tiny_checkpoints):

@@ -13,7 +13,7 @@ import numpy as np
 
 from .engine import Engine, Request, RequestHandle
 from .kv_cache_config import KvCacheConfig
-from .loader import DTYPES, LOAD_FORMATS, load_model
+from .loader import DTYPES, LOAD_FORMATS, load_model, save_checkpoint
 from .outputs import RequestOutput
 from .runner import ModelRunner, plan_num_blocks
 from .sampling import key_data_for_seed
@@ -184,6 +184,12 @@ class LLM:
             engine.shutdown()
             engine.runner.release()
         _LIVE.discard(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the converted parameters (Orbax), config and tokenizer into a new folder;
+        ``LLM(model=path)`` restores them onto any tensor-parallel layout, skipping conversion."""
+        engine = self._require_engine()
+        save_checkpoint(Path(path), engine.runner.params, self.hf_config, self.tokenizer, self.dtype)
 
     def get_stats(self) -> list[dict]:
         """Recent per-step engine records: running / waiting requests, KV blocks used / free,

@@ -1,4 +1,8 @@
-"""From ``LLM(model=...)`` to a model on device: resolve, read config and tokenizer, place weights."""
+"""From ``LLM(model=...)`` to a model on device: resolve, read config and tokenizer, place weights.
+
+Sources: HF safetensors (single or sharded), GGUF, random weights (load_format="dummy"), and
+jaxllm's own Orbax checkpoints written by ``LLM.save``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from flax import nnx
 from ..models import ModelConfig, get_architecture
 from ..models.config import architecture_name
 from .resolve import ResolvedModel, resolve_model
+from .orbax_ckpt import is_jaxllm_checkpoint, restore_params, saved_dtype, save_checkpoint
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
 
@@ -68,12 +73,17 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     hf_config = _hf_config(src)
     arch = get_architecture(architecture_name(hf_config))  # before reading fields it may not have
     cfg = ModelConfig.from_hf(hf_config)
+    orbax = not src.is_gguf and is_jaxllm_checkpoint(src.path)
+    if orbax and dtype == "auto":
+        dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)
     factory = partial(arch.module, cfg, jdtype)
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0))))
     if load_format == "dummy":
         state = random_weights(abstract_state, mesh)
+    elif orbax:
+        state = restore_params(src.path, abstract_state, mesh)
     else:
         if src.is_gguf:
             if arch.gguf_arch is None:
@@ -85,3 +95,6 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     module = nnx.merge(graphdef, state)
     tok = load_tokenizer(src, tokenizer, revision)
     return LoadedModel(module, cfg, hf_config, tok, jdtype, src)
+
+
+__all__ = ["DTYPES", "LOAD_FORMATS", "LoadedModel", "load_model", "load_tokenizer", "save_checkpoint"]

@@ -1,0 +1,62 @@
+"""jaxllm's own checkpoints: converted parameters as an Orbax checkpoint, beside config and tokenizer.
+
+``LLM.save(path)`` writes the parameters in the model's own layout (already transposed, reshaped and
+cast), so loading skips the HF -> jaxllm conversion and restores each array straight onto its
+shards of the mesh, for any tensor-parallel size. The folder also holds the transformers config and
+the tokenizer, and ``jaxllm.json``, the marker that tells the loader what the folder is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..sharding import named_sharding
+
+MARKER = "jaxllm.json"
+FORMAT_VERSION = 1
+
+
+def is_jaxllm_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and (folder / MARKER).exists()
+
+
+def saved_dtype(folder: Path) -> str:
+    return json.loads((folder / MARKER).read_text())["dtype"]
+
+
+def save_checkpoint(path: Path, params: nnx.State, hf_config, tokenizer, dtype) -> None:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).expanduser().resolve()
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"path={str(path)!r} exists and is not empty; save into a new folder")
+    path.mkdir(parents=True, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path / "params", nnx.to_pure_dict(params))
+    ckptr.wait_until_finished()
+    hf_config.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    (path / MARKER).write_text(json.dumps({"format_version": FORMAT_VERSION, "dtype": jnp.dtype(dtype).name}))
+
+
+def restore_params(folder: Path, abstract_state: nnx.State, mesh) -> nnx.State:
+    """The saved parameters, each restored directly onto its sharding on mesh (cast to the target dtype)."""
+    import orbax.checkpoint as ocp
+
+    meta = json.loads((folder / MARKER).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder} holds a jaxllm checkpoint of format {meta.get('format_version')}; this jaxllm reads {FORMAT_VERSION}")
+    flat = nnx.to_flat_state(abstract_state)
+    for _, var in flat:
+        target = var.get_value()
+        sharding = named_sharding(var.get_metadata()["axes"], mesh, tuple(target.shape))
+        var.set_value(jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=sharding))
+    state = nnx.from_flat_state(flat)
+    restored = ocp.StandardCheckpointer().restore(Path(folder).resolve() / "params", nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
+    return state
