@@ -114,3 +114,48 @@ def test_parallel_sizes_are_checked_before_loading(tiny_checkpoints):
         LLM(path, tensor_parallel_size=0)
     with pytest.raises(ValueError, match="pipeline_parallel_size must be 1"):
         LLM(path, pipeline_parallel_size=2)
+
+
+READS = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+from pathlib import Path
+from flax import nnx
+import jax.numpy as jnp
+from transformers import AutoConfig
+from jaxllm.loader.weights import LazyTensor, iter_safetensors, place_weights
+from jaxllm.models import ModelConfig, get_architecture
+from jaxllm.sharding import make_meshes
+
+cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(sys.argv[1]))
+arch = get_architecture(cfg.architecture)
+mesh = make_meshes(4)[0]
+reads = []
+
+def recorded():
+    for name, t in iter_safetensors(Path(sys.argv[1])):
+        def read(index, t=t, name=name):
+            reads.append([name, None if index is None else [[s.start, s.stop] for s in index]])
+            return t.read(index)
+        yield name, LazyTensor(t.shape, read)
+
+abstract = nnx.state(nnx.eval_shape(lambda: arch.module(cfg, jnp.float32, rngs=nnx.Rngs(0))))
+place_weights(abstract, recorded(), cfg, arch.weight_map, mesh)
+print("RESULT " + json.dumps(reads))
+"""
+
+
+def test_each_device_reads_only_its_slice(tiny_checkpoints):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run(
+        [sys.executable, "-c", READS, str(tiny_checkpoints["llama3"])], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    reads = json.loads([l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+    assert all(index is not None for _, index in reads), "a tensor was read whole"
+    # q_proj [4 heads * 32, 64] at tp=4: each device reads its own 32 rows, never the whole tensor
+    q = sorted(tuple(map(tuple, index)) for name, index in reads if name == "model.layers.0.self_attn.q_proj.weight")
+    assert q == [((i * 32, (i + 1) * 32), (0, 64)) for i in range(4)], q
+    # down_proj [64, 128] (columns = the MLP dim, split over 4 devices)
+    down = sorted(tuple(map(tuple, index)) for name, index in reads if name == "model.layers.0.mlp.down_proj.weight")
+    assert down == [((0, 64), (i * 32, (i + 1) * 32)) for i in range(4)], down

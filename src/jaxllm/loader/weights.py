@@ -1,16 +1,19 @@
-"""Read checkpoint tensors one at a time and place them as the model's parameters.
+"""Read checkpoint tensors and place them, shard by shard, as the model's parameters.
 
-Sources yield ``(hf_name, numpy array)`` lazily — safetensors (single file or sharded through
-``model.safetensors.index.json``) and GGUF (dequantized by the ``gguf`` package) — so at most one
-tensor sits in host memory besides what is already on device. ``place_weights`` runs a model's
-declarative weight map over any source: it knows no model.
+Sources yield ``(hf_name, LazyTensor)``: safetensors (single file or sharded through
+``model.safetensors.index.json``) read any rectangular slice straight from the file; GGUF tensors
+are dequantized whole by the ``gguf`` package, one at a time. ``place_weights`` runs a model's
+declarative weight map over any source (it knows no model) and builds each parameter with
+``jax.make_array_from_callback``: every device's shard is read as the one HF slice it needs, so a
+host reads only what its devices hold and no full copy of a split tensor is made.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from functools import partial
 
@@ -42,7 +45,15 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+@dataclass
+class LazyTensor:
+    """A checkpoint tensor not read yet: its shape, and read(index) for a slice (None: all of it)."""
+
+    shape: tuple[int, ...]
+    read: Callable[[tuple[slice, ...] | None], np.ndarray]
+
+
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, LazyTensor]]:
     from safetensors import safe_open
 
     # framework="flax" understands bfloat16 (numpy alone does not); keep the tensor on the host.
@@ -50,7 +61,13 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
     for f in safetensors_files(folder):
         with jax.default_device(cpu), safe_open(str(f), framework="flax") as st:
             for name in st.keys():
-                yield name, np.asarray(st.get_tensor(name))
+                sl = st.get_slice(name)
+
+                def read(index, sl=sl):
+                    with jax.default_device(cpu):
+                        return np.asarray(sl[index if index is not None else ...])
+
+                yield name, LazyTensor(tuple(sl.get_shape()), read)
 
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -79,41 +96,54 @@ def iter_gguf(path: Path, cfg: ModelConfig, weight_map: WeightMap, gguf_arch: st
             w = _unpermute_rope(w, cfg.num_heads)
         elif ".attn_k." in t.name:
             w = _unpermute_rope(w, cfg.num_kv_heads)
-        yield to_hf[t.name], w
+        yield to_hf[t.name], LazyTensor(w.shape, lambda index, w=w: w if index is None else w[index])
 
 
 def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_map: WeightMap, mesh) -> nnx.State:
-    """Fill an abstract model state from (hf_name, array) pairs, each cast and placed on the mesh."""
+    """Fill an abstract model state from (hf_name, LazyTensor) pairs, shard by shard on the mesh."""
     flat = dict(nnx.to_flat_state(abstract_state))
     by_dotted = {".".join(map(str, path)): path for path in flat}
     filled: set[str] = set()
-    for hf_name, array in tensors:
+    for hf_name, tensor in tensors:
         try:
             m = weight_map.match(hf_name)
         except KeyError:
             raise ValueError(f"checkpoint tensor {hf_name!r} is not part of {cfg.architecture}") from None
         if m is None:
             continue
-        dotted, transform = m
+        dotted, layout = m
         if dotted not in by_dotted:
             raise ValueError(
                 f"checkpoint tensor {hf_name!r} maps to {dotted!r}, which this config does not have"
             )
         var = flat[by_dotted[dotted]]
         target = var.get_value()
-        value = np.asarray(transform(array, cfg))
-        if value.shape != tuple(target.shape):
+        shape = tuple(target.shape)
+        if layout.param_shape(tensor.shape, cfg) != shape:
             raise ValueError(
-                f"checkpoint tensor {hf_name!r} has shape {array.shape}; expected {tuple(target.shape)} "
+                f"checkpoint tensor {hf_name!r} has shape {tensor.shape}; expected {shape} "
                 f"after layout conversion (config mismatch?)"
             )
-        sharding = named_sharding(var.get_metadata()["axes"], mesh, value.shape)
-        var.set_value(jax.device_put(value.astype(target.dtype), sharding))
+        sharding = named_sharding(var.get_metadata()["axes"], mesh, shape)
+        shard = partial(_read_shard, tensor=tensor, layout=layout, cfg=cfg, shape=shape, dtype=target.dtype)
+        var.set_value(jax.make_array_from_callback(shape, sharding, shard))
         filled.add(dotted)
     missing = sorted(set(by_dotted) - filled)
     if missing:
         raise ValueError(f"checkpoint lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return nnx.from_flat_state(flat)
+
+
+def _read_shard(index, *, tensor: LazyTensor, layout, cfg, shape, dtype) -> np.ndarray:
+    """The shard param[index] of one parameter, read as the HF slice that holds it."""
+    index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+    hf_index = layout.hf_index(index, cfg)
+    if hf_index is None:  # not one rectangular HF slice: read the whole tensor
+        return np.asarray(layout(tensor.read(None), cfg))[index].astype(dtype)
+    heads = None
+    if layout.split_axis is not None:
+        heads = index[layout.split_axis].stop - index[layout.split_axis].start
+    return np.asarray(layout.to_param(tensor.read(hf_index), cfg, heads)).astype(dtype)
 
 
 @partial(jax.jit, static_argnames=("shape", "dtype", "init", "sharding"))

@@ -2,52 +2,82 @@
 
 A map is a list of ``(hf_pattern, param_path, transform)``; ``{i}`` in both stands for a layer index.
 The generic loader (``jaxllm.loader``) executes any map: it never knows which model it loads.
-Transforms take the HF tensor (numpy, PyTorch's ``[out, in]`` layout) and the config, and return the
-parameter in the layout of the module (see ``models/llama.py``).
+A transform is a ``Layout``: how the module's parameter (see ``models/llama.py``) sits relative to
+the HF tensor, which also tells the loader which slice of the HF tensor each device's shard needs.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 from .config import ModelConfig
 
-Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+@dataclass(frozen=True)
+class Layout:
+    """How a parameter is laid out relative to its HF tensor (PyTorch's ``[out, in]`` layout).
+
+    param = (hf.T if transpose else hf), with axis ``split_axis`` of that split into
+    ``(cfg.<heads_attr>, cfg.head_dim)``. Because the map is this simple, any shard of the parameter
+    that keeps head_dim whole is one rectangular slice of the HF tensor (``hf_index``): the loader
+    reads just that slice from the checkpoint for each device.
+    """
+
+    transpose: bool = False
+    split_axis: int | None = None
+    heads_attr: str | None = None
+
+    def __call__(self, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        return self.to_param(w, cfg, None)
+
+    def to_param(self, w: np.ndarray, cfg: ModelConfig, heads: int | None) -> np.ndarray:
+        """The parameter (or a shard of it with `heads` heads) from the HF tensor (or its slice)."""
+        w = w.T if self.transpose else w
+        if self.split_axis is None:
+            return w
+        s = self.split_axis
+        h = getattr(cfg, self.heads_attr) if heads is None else heads
+        return w.reshape(*w.shape[:s], h, cfg.head_dim, *w.shape[s + 1 :])
+
+    def param_shape(self, hf_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...] | None:
+        """The parameter's shape for an HF tensor of hf_shape (None if the split does not fit)."""
+        shape = tuple(reversed(hf_shape)) if self.transpose else tuple(hf_shape)
+        if self.split_axis is None:
+            return shape
+        s, h, d = self.split_axis, getattr(cfg, self.heads_attr), cfg.head_dim
+        if shape[s] != h * d:
+            return None
+        return shape[:s] + (h, d) + shape[s + 1 :]
+
+    def hf_index(self, index: tuple[slice, ...], cfg: ModelConfig) -> tuple[slice, ...] | None:
+        """The HF slice holding param[index] (slices with concrete bounds); None if not one slice."""
+        idx = list(index)
+        if self.split_axis is not None:
+            s, d = self.split_axis, cfg.head_dim
+            heads, dims = idx[s], idx[s + 1]
+            if (dims.start, dims.stop) != (0, d):
+                return None
+            idx[s : s + 2] = [slice(heads.start * d, heads.stop * d)]
+        return tuple(reversed(idx)) if self.transpose else tuple(idx)
 
 
-def identity(w, cfg):
-    return w
+identity = Layout()
+transpose = Layout(transpose=True)
 
 
-def transpose(w, cfg):
-    return w.T
-
-
-def in_to_heads(num_heads_attr: str) -> Transform:
+def in_to_heads(num_heads_attr: str) -> Layout:
     """[heads*head_dim, embed] -> [embed, heads, head_dim]."""
-
-    def f(w, cfg):
-        return w.T.reshape(cfg.hidden_size, getattr(cfg, num_heads_attr), cfg.head_dim)
-
-    return f
+    return Layout(transpose=True, split_axis=1, heads_attr=num_heads_attr)
 
 
-def bias_to_heads(num_heads_attr: str) -> Transform:
+def bias_to_heads(num_heads_attr: str) -> Layout:
     """[heads*head_dim] -> [heads, head_dim]."""
-
-    def f(w, cfg):
-        return w.reshape(getattr(cfg, num_heads_attr), cfg.head_dim)
-
-    return f
+    return Layout(split_axis=0, heads_attr=num_heads_attr)
 
 
-def heads_to_out(w, cfg):
-    """[embed, heads*head_dim] -> [heads, head_dim, embed]."""
-    return w.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
+heads_to_out = Layout(transpose=True, split_axis=0, heads_attr="num_heads")  # [embed, heads*hd] -> [heads, hd, embed]
+Transform = Layout
 
 
 @dataclass(frozen=True)
