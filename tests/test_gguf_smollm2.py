@@ -50,3 +50,22 @@ def test_quickstart_prints_sensible_text(smollm2_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Prompt: 'The capital of France is'" in res.stdout
     assert "Paris" in res.stdout, res.stdout
+
+
+def test_chat_answers_paris(smol_llm):
+    from jaxllm import SamplingParams
+
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    out = smol_llm.chat(conv, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert "Paris" in out.outputs[0].text, out.outputs[0].text
+    # the prompt is the chat template's rendering, tokenized as is
+    assert out.prompt.startswith("<|im_start|>") and out.prompt.endswith("<|im_start|>assistant\n")
+    two = smol_llm.chat([conv, conv], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert [o.outputs[0].text for o in two] == [out.outputs[0].text] * 2
+
+
+def test_chat_rejects_malformed_messages(smol_llm):
+    with pytest.raises(TypeError, match="messages must be"):
+        smol_llm.chat([{"role": "user"}])
+    with pytest.raises(TypeError, match="messages must be"):
+        smol_llm.chat("hello")

@@ -242,6 +242,39 @@ class LLM:
                 bar.close()
         return outputs[0] if single else outputs
 
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = True,
+    ) -> RequestOutput | list[RequestOutput]:
+        """Generate the next turn of one conversation (a list of {"role", "content"} messages) or of
+        a list of conversations, through the tokenizer's chat template (or `chat_template`)."""
+        self._require_engine()
+        single = isinstance(messages, (list, tuple)) and len(messages) > 0 and isinstance(messages[0], dict)
+        conversations = [messages] if single else messages
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise TypeError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
+        for conv in conversations:
+            if not isinstance(conv, (list, tuple)) or not conv or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in conv
+            ):
+                raise TypeError(f"messages must be lists of {{'role': str, 'content': str}} dicts, got {conv!r}")
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
+        inputs = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(
+                list(conv), chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+            # the template already holds BOS and the other special tokens
+            inputs.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        outputs = self.generate(inputs, sampling_params, use_tqdm)
+        return outputs[0] if single else outputs
+
     def generate_async(
         self, inputs: PromptInput, sampling_params: SamplingParams | None = None, streaming: bool = False
     ) -> RequestHandle:
