@@ -182,7 +182,7 @@ def _token(req: Request, i: int) -> int:
 
 def _emit(req: Request) -> None:
     n = req.num_generated + 1
-    req.receive(_token(req, n - 1), 0.0, n >= req.params.max_tokens)
+    req.receive(_token(req, n - 1), {"logprob": 0.0}, n >= req.params.max_tokens)
     req.apply_pending()
 
 

@@ -43,7 +43,8 @@ def no_run(tiny_llm, monkeypatch):
         (dict(n=2), ValueError, "n must be"),
         (dict(n=0), ValueError, "n must be"),
         (dict(best_of=3), ValueError, "best_of"),
-        (dict(logprobs=1), ValueError, "logprobs"),
+        (dict(logprobs=21), ValueError, r"logprobs must be in \[0, 20\]"),
+        (dict(logprobs=-1), ValueError, "logprobs must be >= 0"),
     ],
 )
 def test_bad_sampling_params(kwargs, exc, name):

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log probability under the model, its rank among all tokens (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
 @dataclass
 class CompletionOutput:
     """One generated sequence of a request.
@@ -18,7 +27,7 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float | None = None
-    logprobs: list | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # per generated token, with SamplingParams.logprobs
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # Streaming: what this snapshot added since the previous one of the same request.

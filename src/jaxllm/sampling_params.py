@@ -27,12 +27,17 @@ def _check_float(name: str, value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
 
 
+MAX_LOGPROBS = 20  # most likely tokens reported per generated token, at most
+
+
 @dataclass
 class SamplingParams:
     """Sampling and stopping settings for one request.
 
     Greedy decoding is used when ``temperature == 0`` or when none of temperature, top_p, top_k and
     min_p is set. ``top_k = 0`` and ``top_p = 1`` and ``min_p = 0`` disable those filters.
+    ``logprobs``: None, or K in [0, 20]: each generated token's log probability under the model
+    (log_softmax of its logits), its rank, and the K most likely tokens (0: only the chosen one).
     """
 
     max_tokens: int = 32
@@ -98,8 +103,9 @@ class SamplingParams:
             raise ValueError(f"n must be 1 for now (n > 1 is not supported yet), got {self.n}")
         if self.best_of not in (None, 1):
             raise ValueError(f"best_of must be None or 1 for now (not supported yet), got {self.best_of}")
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported yet; leave it None (cumulative_logprob is reported)")
+        _check_int("logprobs", self.logprobs, 0)
+        if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported yet; leave it None")
 

@@ -219,8 +219,8 @@ class Engine:
         for b, h in zip(req.blocks, hashes):
             self.blocks.register(b, h)
 
-    def _receive(self, req: Request, tid: int, logprob: float, device_end: bool) -> None:
-        req.receive(tid, logprob, device_end)
+    def _receive(self, req: Request, tid: int, info: dict, device_end: bool) -> None:
+        req.receive(tid, info, device_end)
         self._text_pending.add(req)
         if device_end:  # no more device work: give back the slot and the blocks now
             self.scheduler.release(req)
@@ -256,10 +256,17 @@ class Engine:
             self._tables(reqs, rows),
             jnp.asarray(last_idx),
             self._row_state(reqs, rows),
+            num_logprobs=self._num_logprobs(reqs),
         )
 
+    @staticmethod
+    def _num_logprobs(reqs: list[Request]) -> int | None:
+        """How many top tokens the device reports per step (a power of two), None if nobody asks."""
+        asked = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
+        return bucket(max(asked + [1]), 1) if asked else None
+
     def _collect_prefill(self, plan: Plan, result) -> int:
-        tok, logprob = jax.device_get(result)
+        tok, info = jax.device_get(result)
         produced = 0
         for i, (r, start, end) in enumerate(plan.prefill):
             if r.finished:  # ended (stop string, abort) while this call ran
@@ -268,26 +275,32 @@ class Engine:
             if end == len(r.all_ids):  # prompt complete: the sample is the next token
                 tid = int(tok[i])
                 end_here = tid in r.stop_ids or r.num_generated + 1 >= r.params.max_tokens
-                self._receive(r, tid, float(logprob[i]), end_here)
+                self._receive(r, tid, {k: v[i] for k, v in info.items()}, end_here)
                 produced += 1
         return produced
 
     def _dispatch_decode(self, plan: Plan):
         reqs = plan.decode
         rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
-        return self.runner.decode(self._tables(reqs, rows), self._row_state(reqs, rows), self.scheduler.decode_steps)
+        return self.runner.decode(
+            self._tables(reqs, rows),
+            self._row_state(reqs, rows),
+            self.scheduler.decode_steps,
+            num_logprobs=self._num_logprobs(reqs),
+        )
 
     def _collect_decode(self, plan: Plan, result) -> int:
-        state, toks, lps = result
-        toks, lps, done = jax.device_get((toks, lps, state.done))
+        state, toks, info = result
+        toks, info, done = jax.device_get((toks, info, state.done))
         produced = 0
         for i, r in enumerate(plan.decode):
             if r.finished:
                 continue
-            new = [(int(x), float(lp)) for x, lp in zip(toks[i], lps[i]) if x >= 0]
-            for j, (tid, lp) in enumerate(new):
+            steps = [j for j in range(toks.shape[1]) if toks[i, j] >= 0]
+            for n, j in enumerate(steps):
                 produced += 1
                 # the KV of every token but the newest is now written
                 self._after_compute(r, len(r.all_ids))
-                self._receive(r, tid, lp, bool(done[i]) and j == len(new) - 1)
+                last = bool(done[i]) and n == len(steps) - 1
+                self._receive(r, int(toks[i, j]), {k: v[i, j] for k, v in info.items()}, last)
         return produced

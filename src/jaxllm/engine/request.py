@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..outputs import CompletionOutput, RequestOutput
+from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import chain_hashes
 from .detokenizer import IncrementalDetokenizer, find_stop
@@ -45,8 +45,9 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks registered so far
     admitted_seq: int = -1  # admission order, for choosing whom to preempt
-    # Tokens from the device not yet applied to `output` (id, logprob, device says it is the last).
-    pending: list[tuple[int, float, bool]] = field(default_factory=list)
+    # Tokens from the device not yet applied to `output`: (id, token info, device says it is the last);
+    # token info: "logprob", and with logprobs requested "rank", "top_ids", "top_lps" (numpy).
+    pending: list[tuple[int, dict, bool]] = field(default_factory=list)
     handle: "RequestHandle | None" = None
     _sent_text: int = 0
     _sent_tokens: int = 0
@@ -54,6 +55,8 @@ class Request:
     def __post_init__(self):
         self.all_ids = list(self.prompt_token_ids)
         self.output.cumulative_logprob = 0.0
+        if self.params.logprobs is not None:
+            self.output.logprobs = []
 
     @property
     def finished(self) -> bool:
@@ -85,26 +88,28 @@ class Request:
         return self.block_hashes
 
     # -- tokens in -------------------------------------------------------------------------
-    def receive(self, tid: int, logprob: float, last: bool) -> None:
+    def receive(self, tid: int, info: dict, last: bool) -> None:
         """A token from the device; it becomes output (text, stop strings) in apply_pending.
 
         `last`: the device marked the row done with this token (stop token or max_tokens).
         """
         self.all_ids.append(tid)
-        self.pending.append((tid, logprob, last))
+        self.pending.append((tid, info, last))
 
     def apply_pending(self) -> bool:
         """Apply the received tokens in order; True once the request is finished."""
         pending, self.pending = self.pending, []
-        for tid, logprob, last in pending:
-            if self._append(tid, logprob, last):
+        for tid, info, last in pending:
+            if self._append(tid, info, last):
                 return True
         return False
 
-    def _append(self, tid: int, logprob: float, last: bool) -> bool:
+    def _append(self, tid: int, info: dict, last: bool) -> bool:
         out, p = self.output, self.params
         out.token_ids.append(tid)
-        out.cumulative_logprob += logprob
+        out.cumulative_logprob += float(info["logprob"])
+        if p.logprobs is not None:
+            out.logprobs.append(self._logprob_entry(tid, info))
         ends_by_token = last and tid in self.stop_ids
         if self.detok is not None and (not ends_by_token or p.include_stop_str_in_output):
             new_text = self.detok.add(tid)
@@ -123,6 +128,14 @@ class Request:
             return True
         return False
 
+    def _logprob_entry(self, tid: int, info: dict) -> dict[int, Logprob]:
+        """{token id: Logprob} for the chosen token and the params.logprobs most likely ones."""
+        decode = (lambda t: self.detok.tok.decode([t])) if self.detok is not None else (lambda t: None)
+        entry = {tid: Logprob(float(info["logprob"]), int(info["rank"]), decode(tid))}
+        for r, (t, lp) in enumerate(zip(info["top_ids"][: self.params.logprobs], info["top_lps"]), start=1):
+            entry.setdefault(int(t), Logprob(float(lp), r, decode(int(t))))
+        return entry
+
     def finish(self, reason: str, stop_reason=None) -> None:
         self.output.finish_reason = reason
         self.output.stop_reason = stop_reason
@@ -135,6 +148,7 @@ class Request:
         comp = dataclasses.replace(
             out,
             token_ids=list(out.token_ids),
+            logprobs=list(out.logprobs) if out.logprobs is not None else None,
             text_diff=out.text[self._sent_text :],
             token_ids_diff=out.token_ids[self._sent_tokens :],
         )

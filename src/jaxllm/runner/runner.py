@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import ModelConfig
-from ..sampling import SamplingArrays, sample
+from ..sampling import SamplingArrays, sample, token_info
 from .paged import init_pool, make_attend, pool_sharding, slots_for
 
 
@@ -62,8 +62,10 @@ class ModelRunner:
         self.pool = jax.jit(
             lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype), out_shardings=pool_sharding(cfg, mesh)
         )()
-        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("pool",))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("steps",), donate_argnames=("pool",))
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("num_logprobs",), donate_argnames=("pool",))
+        self._decode = jax.jit(
+            self._decode_impl, static_argnames=("steps", "num_logprobs"), donate_argnames=("pool",)
+        )
 
     # -- pure functions (traced) -------------------------------------------------------------
     def _forward(self, params, pool, tokens, positions, valid, block_tables):
@@ -73,15 +75,18 @@ class ModelRunner:
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
 
-    def _advance(self, state: RowState, logits):
-        """Sample the next token of every row from logits [B, V] and update stop bookkeeping."""
+    def _advance(self, state: RowState, logits, num_logprobs):
+        """Sample the next token of every row from logits [B, V] and update stop bookkeeping.
+
+        Returns (state, tokens [B] (-1 for rows already done), token_info dict of [B, ...] arrays).
+        """
         rows = jnp.arange(logits.shape[0])[:, None]
         # Before min_tokens, tokens that would end the row are not allowed.
         block = (state.num_generated < state.min_tokens)[:, None]
         stop_ids = jnp.where(block, state.stop_ids, self.cfg.vocab_size)
         logits = logits.at[rows, stop_ids].set(-jnp.inf, mode="drop")
         next_pos = state.positions + 1
-        tok, logprob = sample(logits, state.sampling, next_pos)
+        tok, logprobs = sample(logits, state.sampling, next_pos)
         active = ~state.done
         num = state.num_generated + active.astype(jnp.int32)
         hit_stop = jnp.any(tok[:, None] == state.stop_ids, axis=-1)
@@ -93,20 +98,22 @@ class ModelRunner:
             num_generated=num,
             done=done,
         )
-        return new, jnp.where(active, tok, -1), logprob
+        return new, jnp.where(active, tok, -1), token_info(logprobs, tok, num_logprobs)
 
-    def _prefill_impl(self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState):
+    def _prefill_impl(self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs):
         model, hidden, pool = self._forward(params, pool, tokens, positions, valid, block_tables)
         last = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]
         last_pos = jnp.take_along_axis(positions, last_idx[:, None], axis=1)[:, 0]
         state = dataclasses.replace(state, positions=last_pos)
-        _, tok, logprob = self._advance(state, model.logits(last))
-        return pool, tok, logprob
+        _, tok, info = self._advance(state, model.logits(last), num_logprobs)
+        return pool, tok, info
 
-    def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int):
+    def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int, num_logprobs):
         b = state.tokens.shape[0]
         out = jnp.full((b, steps), -1, jnp.int32)
-        out_lp = jnp.zeros((b, steps), jnp.float32)
+        # per-step token info, [B, steps, ...] (shapes from one traced step)
+        info_shapes = jax.eval_shape(lambda: self._advance(state, jnp.zeros((b, self.cfg.vocab_size)), num_logprobs)[2])
+        out_lp = jax.tree.map(lambda x: jnp.zeros((b, steps) + x.shape[1:], x.dtype), info_shapes)
 
         def cond(carry):
             i, _, st, _, _ = carry
@@ -116,26 +123,31 @@ class ModelRunner:
             i, pool, st, out, out_lp = carry
             pos = st.positions[:, None]
             model, hidden, pool = self._forward(params, pool, st.tokens[:, None], pos, ~st.done[:, None], block_tables)
-            st, tok, lp = self._advance(st, model.logits(hidden[:, 0]))
+            st, tok, info = self._advance(st, model.logits(hidden[:, 0]), num_logprobs)
             out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-            out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, i))
+            out_lp = jax.tree.map(
+                lambda o, x: jax.lax.dynamic_update_slice(o, x[:, None], (0, i) + (0,) * (x.ndim - 1)), out_lp, info
+            )
             return i + 1, pool, st, out, out_lp
 
         _, pool, state, out, out_lp = jax.lax.while_loop(cond, body, (jnp.int32(0), pool, state, out, out_lp))
         return pool, state, out, out_lp
 
     # -- host-facing API ---------------------------------------------------------------------
-    def prefill(self, tokens, positions, valid, block_tables, last_idx, state: RowState):
-        """Run one chunk per row; returns (next token [B], its logprob [B]) as device arrays."""
-        self.pool, tok, logprob = self._prefill(
-            self.params, self.pool, tokens, positions, valid, block_tables, last_idx, state
+    def prefill(self, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs=None):
+        """Run one chunk per row; returns (next token [B], its token_info) as device arrays."""
+        self.pool, tok, info = self._prefill(
+            self.params, self.pool, tokens, positions, valid, block_tables, last_idx, state, num_logprobs=num_logprobs
         )
-        return tok, logprob
+        return tok, info
 
-    def decode(self, block_tables, state: RowState, steps: int):
-        """Run up to `steps` decode steps; returns (state, tokens [B, steps] (-1: none), logprobs)."""
-        self.pool, state, toks, lps = self._decode(self.params, self.pool, block_tables, state, steps=steps)
-        return state, toks, lps
+    def decode(self, block_tables, state: RowState, steps: int, num_logprobs=None):
+        """Run up to `steps` decode steps; returns (state, tokens [B, steps] (-1: none), token_info
+        with [B, steps, ...] arrays)."""
+        self.pool, state, toks, info = self._decode(
+            self.params, self.pool, block_tables, state, steps=steps, num_logprobs=num_logprobs
+        )
+        return state, toks, info
 
     def hidden_states(self, tokens):
         """Final hidden states and float32 logits for prompts [B, T] from position 0 (tests, scoring).

@@ -75,7 +75,7 @@ def sample(logits, s: SamplingArrays, positions):
     """Choose one token per row from float32 logits [B, V].
 
     positions: [B] int32, the position the chosen token will occupy (folded into the row's key).
-    Returns (tokens [B] int32, logprobs [B] float32 of the chosen tokens under the unmodified logits).
+    Returns (tokens [B] int32, log_softmax of the logits [B, V] float32).
     """
     logits = logits.astype(jnp.float32)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -84,6 +84,16 @@ def sample(logits, s: SamplingArrays, positions):
         lambda: greedy_tokens,
         lambda: jnp.where(s.greedy, greedy_tokens, _filtered_sample(logits, s, positions).astype(jnp.int32)),
     )
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jax.nn.log_softmax(logits, axis=-1)
+
+
+def token_info(logprobs, tokens, num_logprobs: int | None) -> dict:
+    """What the host gets about each chosen token: its logprob, and with num_logprobs (static) its
+    rank (1 = most likely) and the num_logprobs most likely tokens with their logprobs."""
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen
+    info = {"logprob": chosen}
+    if num_logprobs is not None:
+        info["rank"] = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1).astype(jnp.int32)
+        top_lps, top_ids = jax.lax.top_k(logprobs, max(num_logprobs, 1))
+        info["top_ids"], info["top_lps"] = top_ids.astype(jnp.int32), top_lps
+    return info
