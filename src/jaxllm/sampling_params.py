@@ -38,6 +38,11 @@ class SamplingParams:
     min_p is set. ``top_k = 0`` and ``top_p = 1`` and ``min_p = 0`` disable those filters.
     ``logprobs``: None, or K in [0, 20]: each generated token's log probability under the model
     (log_softmax of its logits), its rank, and the K most likely tokens (0: only the chosen one).
+    Penalties, applied on device to the logits before sampling (and before logprobs):
+    ``repetition_penalty`` (> 0; as transformers: a logit of a token seen in the prompt or the
+    output is divided by it if positive, multiplied if negative), ``presence_penalty`` and
+    ``frequency_penalty`` (in [-2, 2]; as OpenAI: subtract presence * [count > 0] + frequency *
+    count, counting output tokens).
     """
 
     max_tokens: int = 32
@@ -57,6 +62,9 @@ class SamplingParams:
     best_of: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     # Filled by the LLM from the tokenizer; a user may set them to override the model's EOS.
     end_id: int | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
@@ -103,6 +111,13 @@ class SamplingParams:
             raise ValueError(f"n must be 1 for now (n > 1 is not supported yet), got {self.n}")
         if self.best_of not in (None, 1):
             raise ValueError(f"best_of must be None or 1 for now (not supported yet), got {self.best_of}")
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            _check_float(name, getattr(self, name))
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         _check_int("logprobs", self.logprobs, 0)
         if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
@@ -112,6 +127,10 @@ class SamplingParams:
     @property
     def stop_strings(self) -> list[str]:
         return self._stop_list
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def is_greedy(self) -> bool:

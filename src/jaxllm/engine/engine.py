@@ -21,11 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..runner import ModelRunner, RowState, bucket
-from ..sampling import SamplingArrays
+from ..sampling import PenaltyState, SamplingArrays
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .request import Request, RequestHandle
 from .scheduler import Plan, Scheduler
+
+
+_build_penalties = jax.jit(PenaltyState.build, static_argnums=0)
 
 
 class EngineDeadError(RuntimeError):
@@ -211,7 +214,24 @@ class Engine:
             stop_ids=jnp.asarray(stop_ids),
             done=jnp.asarray(done),
             sampling=SamplingArrays.from_requests([r.params for r in reqs], [r.key_data for r in reqs], rows),
+            penalty=self._penalty_state(reqs, rows),
         )
+
+    def _penalty_state(self, reqs: list[Request], rows: int) -> PenaltyState | None:
+        if not any(r.params.has_penalties for r in reqs):
+            return None
+        vocab = self.runner.cfg.vocab_size
+        lp = bucket(max(len(r.prompt_token_ids) for r in reqs), 16)
+        lo = bucket(max(r.num_generated for r in reqs) + 1, 16)
+        prompt_ids = np.full((rows, lp), vocab, np.int32)
+        output_ids = np.full((rows, lo), vocab, np.int32)
+        rep, pres, freq = np.ones((rows,), np.float32), np.zeros((rows,), np.float32), np.zeros((rows,), np.float32)
+        for i, r in enumerate(reqs):
+            prompt_ids[i, : len(r.prompt_token_ids)] = r.prompt_token_ids
+            out = r.all_ids[len(r.prompt_token_ids) :]
+            output_ids[i, : len(out)] = out
+            rep[i], pres[i], freq[i] = r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty
+        return _build_penalties(vocab, *map(jnp.asarray, (prompt_ids, output_ids, rep, pres, freq)))
 
     def _after_compute(self, req: Request, num_computed: int) -> None:
         req.num_computed = num_computed

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import ModelConfig
-from ..sampling import SamplingArrays, sample, token_info
+from ..sampling import PenaltyState, SamplingArrays, sample, token_info
 from .paged import init_pool, make_attend, pool_sharding, slots_for
 
 
@@ -39,6 +39,7 @@ class RowState:
     stop_ids: jax.Array  # [B, K] ids that end the row (EOS and stop_token_ids); vocab_size = padding
     done: jax.Array  # bool
     sampling: SamplingArrays
+    penalty: PenaltyState | None = None  # only when a request in the batch uses penalties
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -81,6 +82,8 @@ class ModelRunner:
         Returns (state, tokens [B] (-1 for rows already done), token_info dict of [B, ...] arrays).
         """
         rows = jnp.arange(logits.shape[0])[:, None]
+        if state.penalty is not None:
+            logits = state.penalty.apply(logits.astype(jnp.float32))
         # Before min_tokens, tokens that would end the row are not allowed.
         block = (state.num_generated < state.min_tokens)[:, None]
         stop_ids = jnp.where(block, state.stop_ids, self.cfg.vocab_size)
@@ -97,6 +100,7 @@ class ModelRunner:
             positions=jnp.where(active, next_pos, state.positions),
             num_generated=num,
             done=done,
+            penalty=state.penalty.update(tok, active) if state.penalty is not None else None,
         )
         return new, jnp.where(active, tok, -1), token_info(logprobs, tok, num_logprobs)
 

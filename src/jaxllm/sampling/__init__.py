@@ -8,6 +8,7 @@ many device steps it is split into.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -97,3 +98,37 @@ def token_info(logprobs, tokens, num_logprobs: int | None) -> dict:
         top_lps, top_ids = jax.lax.top_k(logprobs, max(num_logprobs, 1))
         info["top_ids"], info["top_lps"] = top_ids.astype(jnp.int32), top_lps
     return info
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class PenaltyState:
+    """Per-row penalty settings [B] and token statistics [B, V], kept up to date inside the loop."""
+
+    repetition: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+    seen: jax.Array  # bool [B, V]: in the prompt or the output
+    counts: jax.Array  # int32 [B, V]: occurrences in the output
+
+    @classmethod
+    def build(cls, vocab: int, prompt_ids, output_ids, repetition, presence, frequency) -> "PenaltyState":
+        """From padded id arrays [B, L] (padding: vocab, dropped) — traced, so no [B, V] transfer."""
+        rows = jnp.arange(prompt_ids.shape[0])[:, None]
+        b = prompt_ids.shape[0]
+        counts = jnp.zeros((b, vocab), jnp.int32).at[rows, output_ids].add(1, mode="drop")
+        seen = jnp.zeros((b, vocab), jnp.bool_).at[rows, prompt_ids].set(True, mode="drop") | (counts > 0)
+        return cls(repetition, presence, frequency, seen, counts)
+
+    def apply(self, logits):
+        rep = self.repetition[:, None]
+        penalized = jnp.where(logits > 0, logits / rep, logits * rep)
+        logits = jnp.where(self.seen, penalized, logits)
+        return logits - self.presence[:, None] * (self.counts > 0) - self.frequency[:, None] * self.counts
+
+    def update(self, tokens, active):
+        rows = jnp.arange(tokens.shape[0])
+        add = active.astype(jnp.int32)
+        counts = self.counts.at[rows, tokens].add(add, mode="drop")
+        seen = self.seen.at[rows, tokens].set(self.seen[rows, tokens] | active, mode="drop")
+        return dataclasses.replace(self, counts=counts, seen=seen)
