@@ -176,3 +176,18 @@ def test_cli_version():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == jaxllm.__version__
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_llm):
+    from jaxllm import SamplingParams
+
+    ids = list(range(100, 140))
+    sp = SamplingParams(max_tokens=8, ignore_eos=True)
+    cut = tiny_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=8, ignore_eos=True, truncate_prompt_tokens=10), use_tqdm=False)
+    ref = tiny_llm.generate({"prompt_token_ids": ids[-10:]}, sp, use_tqdm=False)
+    full = tiny_llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
+    assert cut.prompt_token_ids == ids[-10:]
+    assert cut.outputs[0].token_ids == ref.outputs[0].token_ids
+    assert full.prompt_token_ids == ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be >= 1"):
+        SamplingParams(truncate_prompt_tokens=0)

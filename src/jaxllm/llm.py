@@ -350,6 +350,8 @@ class LLM:
         text, ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("prompt must not be empty (it tokenized to no tokens)")
+        if sp.truncate_prompt_tokens is not None:
+            ids = ids[-sp.truncate_prompt_tokens :]  # keep the last tokens, nearest the output
         vocab = self.model_config.vocab_size
         for t in sp.stop_token_ids or []:
             if t >= vocab:

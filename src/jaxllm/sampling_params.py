@@ -38,6 +38,7 @@ class SamplingParams:
     min_p is set. ``top_k = 0`` and ``top_p = 1`` and ``min_p = 0`` disable those filters.
     ``logprobs``: None, or K in [0, 20]: each generated token's log probability under the model
     (log_softmax of its logits), its rank, and the K most likely tokens (0: only the chosen one).
+    ``truncate_prompt_tokens``: keep only the last k prompt tokens.
     Penalties, applied on device to the logits before sampling (and before logprobs):
     ``repetition_penalty`` (> 0; as transformers: a logit of a token seen in the prompt or the
     output is divided by it if positive, multiplied if negative), ``presence_penalty`` and
@@ -62,6 +63,7 @@ class SamplingParams:
     best_of: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -118,6 +120,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
         _check_int("logprobs", self.logprobs, 0)
         if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
