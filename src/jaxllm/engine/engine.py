@@ -234,9 +234,11 @@ class Engine:
         return _build_penalties(vocab, *map(jnp.asarray, (prompt_ids, output_ids, rep, pres, freq)))
 
     def _after_compute(self, req: Request, num_computed: int) -> None:
+        """Record req's computed KV and register the blocks that became full (only those)."""
         req.num_computed = num_computed
+        known = len(req.block_hashes)
         hashes = req.full_block_hashes(self.block_size)
-        for b, h in zip(req.blocks, hashes):
+        for b, h in zip(req.blocks[known:], hashes[known:]):
             self.blocks.register(b, h)
 
     def _receive(self, req: Request, tid: int, info: dict, device_end: bool) -> None:

@@ -44,7 +44,7 @@ class Request:
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks registered so far
-    admitted_seq: int = -1  # admission order, for choosing whom to preempt
+    admitted_seq: int = -1  # admission order (the scheduler's running list keeps the same order)
     # Tokens from the device not yet applied to `output`: (id, token info, device says it is the last);
     # token info: "logprob", and with logprobs requested "rank", "top_ids", "top_lps" (numpy).
     pending: list[tuple[int, dict, bool]] = field(default_factory=list)

@@ -71,6 +71,3 @@ def logical_to_spec(axes: tuple[str, ...], mesh: Mesh, shape: tuple[int, ...] | 
 def named_sharding(axes: tuple[str, ...], mesh: Mesh, shape: tuple[int, ...] | None = None, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, mesh, shape, rules))
 
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
