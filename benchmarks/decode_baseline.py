@@ -31,7 +31,7 @@ def prompts(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[
     return rng.integers(100, min(vocab, 32000), size=(batch, input_len)).tolist()
 
 
-def run_jaxllm(args, batch: int) -> dict:
+def run_jaxllm(args, batch: int, attention_backend: str = "auto") -> dict:
     from jaxllm import LLM, SamplingParams
 
     n_req = args.num_requests or batch
@@ -43,6 +43,7 @@ def run_jaxllm(args, batch: int) -> dict:
         max_seq_len=args.input_len + args.output_len,
         max_batch_size=batch,
         decode_steps=args.decode_steps,
+        attention_backend=attention_backend,
     )
     load_s = time.perf_counter() - t0
     print(f"jaxllm batch {batch}: loaded in {load_s:.1f}s", file=sys.stderr, flush=True)
@@ -66,7 +67,8 @@ def run_jaxllm(args, batch: int) -> dict:
     el = float(np.median(times))
     stats = llm.get_stats()
     return dict(
-        backend="jaxllm",
+        backend="jaxllm" if attention_backend == "auto" else f"jaxllm-{attention_backend[:3]}",
+        attention=llm._engine.runner.attention_backend,
         batch=batch,
         requests=n_req,
         seconds=el,
@@ -116,7 +118,7 @@ def main():
     ap.add_argument("--num-requests", type=int, default=None, help="default: one batch")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", default="jaxllm,hf")
+    ap.add_argument("--backends", default="jaxllm,hf", help="of jaxllm, jaxllm-ref, hf")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per backend and batch")
     ap.add_argument("--stack-every", type=float, default=90, help="dump stacks of a slow run every N s")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "backend:batch" in a subprocess
@@ -127,7 +129,10 @@ def main():
 
         faulthandler.dump_traceback_later(args.stack_every, repeat=True)  # shows where a slow run is
         backend, batch = args.one.split(":")
-        res = (run_jaxllm if backend == "jaxllm" else run_hf)(args, int(batch))
+        if backend == "hf":
+            res = run_hf(args, int(batch))
+        else:  # jaxllm (attention "auto") or jaxllm-ref (the jnp reference attention)
+            res = run_jaxllm(args, int(batch), "reference" if backend == "jaxllm-ref" else "auto")
         print("RESULT " + json.dumps(res), flush=True)
         return
 

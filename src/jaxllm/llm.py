@@ -15,7 +15,7 @@ from .engine import Engine, Request, RequestHandle
 from .kv_cache_config import KvCacheConfig
 from .loader import DTYPES, LOAD_FORMATS, load_model, save_checkpoint
 from .outputs import RequestOutput
-from .runner import ModelRunner, plan_num_blocks
+from .runner import ATTENTION_BACKENDS, ModelRunner, plan_num_blocks
 from .sampling import key_data_for_seed
 from .sampling_params import SamplingParams
 from .sharding import make_meshes, replicate_on
@@ -80,6 +80,8 @@ class LLM:
             programs in $JAXLLM_CACHE_DIR or ~/.cache/jaxllm/xla, a path keeps them there, False
             leaves JAX's setting alone. A cache directory the process already set is kept.
         trust_remote_code: must stay False: code from checkpoints is never executed.
+        attention_backend: "auto" (the Pallas decode kernel on NVIDIA GPUs, the jnp reference
+            elsewhere), "pallas" (an error where the kernel cannot run) or "reference".
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class LLM:
         pipeline_parallel_size: int = 1,
         data_parallel_size: int = 1,
         trust_remote_code: bool = False,
+        attention_backend: str = "auto",
     ):
         if trust_remote_code:
             raise ValueError(
@@ -118,6 +121,8 @@ class LLM:
         if pipeline_parallel_size != 1:
             raise ValueError(f"pipeline_parallel_size must be 1 (pipeline parallelism is not supported), got {pipeline_parallel_size!r}")
         _check_positive_int("data_parallel_size", data_parallel_size, allow_none=False)
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {attention_backend!r}")
         kv_cache_config = KvCacheConfig() if kv_cache_config is None else kv_cache_config
         if not isinstance(kv_cache_config, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
@@ -154,7 +159,9 @@ class LLM:
         self._engines: list[Engine] = []
         for mesh in meshes:
             model = loaded.model if mesh is meshes[0] else replicate_on(loaded.model, mesh)
-            runner = ModelRunner(model, loaded.config, loaded.dtype, num_blocks, block, mesh, kv_dtype)
+            runner = ModelRunner(
+                model, loaded.config, loaded.dtype, num_blocks, block, mesh, kv_dtype, attention_backend
+            )
             engine = Engine(
                 runner,
                 self.tokenizer,

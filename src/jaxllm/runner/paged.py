@@ -67,8 +67,50 @@ def reference_paged_attention(q, k_pool, v_pool, q_positions, block_tables, bloc
     return out.reshape(b, t, h, d)
 
 
-def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None):
+ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+
+
+def pallas_decode_supported(cfg: ModelConfig, kv_dtype, mesh, block_size: int) -> str | None:
+    """None when the Pallas decode kernel serves this model, else the reason it does not."""
+    if mesh.devices.flat[0].platform != "gpu":
+        return "the Pallas kernels run on NVIDIA GPUs"
+    if jnp.dtype(kv_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"the KV cache dtype is {jnp.dtype(kv_dtype).name} (bfloat16 or float16 needed)"
+    if cfg.head_dim % 64:
+        return f"head_dim {cfg.head_dim} is not a multiple of 64"
+    if block_size % 8:
+        return f"tokens_per_block {block_size} is not a multiple of 8"
+    tp = mesh.shape.get("model", 1)
+    if cfg.num_kv_heads % tp:
+        return f"{cfg.num_kv_heads} KV heads do not divide over tensor_parallel_size {tp}"
+    return None
+
+
+def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
+    """The Pallas decode kernel as attend's decode path, run per device over its KV heads.
+
+    `interpret` (a ``plgpu.InterpretGPUParams``) runs it in the Mosaic GPU interpreter (CPU tests).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from ..pallas.decode_attention import paged_decode_attention
+
+    def run(q, k_pool, v_pool, tables, lengths):
+        return paged_decode_attention(
+            q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, interpret=interpret
+        )
+
+    if mesh.shape.get("model", 1) == 1:
+        return run
+    heads = P(None, "model", None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, P(), P()), out_specs=heads, check_vma=False)
+
+
+def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None,
+                decode_kernel=None):
+    """`decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls."""
     flat_slots = slots.reshape(-1)
+    use_kernel = decode_kernel is not None and positions.shape[1] == 1
 
     def attend(layer, q, k, v, cache):
         k_pool, v_pool = cache[layer]
@@ -76,7 +118,10 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
         idx = jnp.where(flat_slots < 0, n, flat_slots)  # padding -> out of range -> dropped
         k_pool = k_pool.at[idx].set(k.reshape(-1, *k.shape[2:]).astype(k_pool.dtype), mode="drop")
         v_pool = v_pool.at[idx].set(v.reshape(-1, *v.shape[2:]).astype(v_pool.dtype), mode="drop")
-        out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window)
+        if use_kernel:
+            out = decode_kernel(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0] + 1)[:, None]
+        else:
+            out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window)
         cache = list(cache)
         cache[layer] = (k_pool, v_pool)
         return out, cache

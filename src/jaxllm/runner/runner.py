@@ -23,7 +23,15 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..sampling import PenaltyState, SamplingArrays, sample, token_info
-from .paged import init_pool, make_attend, pool_sharding, slots_for
+from .paged import (
+    ATTENTION_BACKENDS,
+    decode_kernel_for,
+    init_pool,
+    make_attend,
+    pallas_decode_supported,
+    pool_sharding,
+    slots_for,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -50,7 +58,15 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 
 class ModelRunner:
     def __init__(
-        self, model: nnx.Module, cfg: ModelConfig, dtype, num_blocks: int, block_size: int, mesh, kv_dtype=None
+        self,
+        model: nnx.Module,
+        cfg: ModelConfig,
+        dtype,
+        num_blocks: int,
+        block_size: int,
+        mesh,
+        kv_dtype=None,
+        attention_backend: str = "auto",
     ):
         self.cfg = cfg
         self.dtype = dtype
@@ -58,6 +74,10 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.graphdef, self.params = nnx.split(model)
+        self.attention_backend = self._choose_backend(attention_backend, mesh)
+        self._decode_kernel = (
+            decode_kernel_for(block_size, cfg.sliding_window, mesh) if self.attention_backend == "pallas" else None
+        )
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -68,11 +88,25 @@ class ModelRunner:
             self._decode_impl, static_argnames=("steps", "num_logprobs"), donate_argnames=("pool",)
         )
 
+    def _choose_backend(self, requested: str, mesh) -> str:
+        """"auto": the Pallas decode kernel where it runs (NVIDIA GPU, bf16/fp16 KV), else the
+        jnp reference. Prefill and chunked prefill use the reference path for now."""
+        if requested not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {requested!r}")
+        why_not = pallas_decode_supported(self.cfg, self.kv_dtype, mesh, self.block_size)
+        if requested == "pallas" and why_not:
+            raise ValueError(f"attention_backend='pallas' is not available: {why_not}")
+        if requested == "auto":
+            return "reference" if why_not else "pallas"
+        return requested
+
     # -- pure functions (traced) -------------------------------------------------------------
     def _forward(self, params, pool, tokens, positions, valid, block_tables):
         model = nnx.merge(self.graphdef, params)
         slots = slots_for(positions, block_tables, self.block_size, valid)
-        attend = make_attend(positions, slots, block_tables, self.block_size, self.cfg.sliding_window)
+        attend = make_attend(
+            positions, slots, block_tables, self.block_size, self.cfg.sliding_window, self._decode_kernel
+        )
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
 

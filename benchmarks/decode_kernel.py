@@ -1,0 +1,146 @@
+"""Paged decode attention on the GPU: jaxllm's Mosaic GPU kernel (variants) vs the baselines.
+
+    PYTHONPATH=src python benchmarks/decode_kernel.py [--contexts 2048,8192] [--batch 64]
+
+Llama-3.1-8B attention shapes (32 query / 8 KV heads, head dim 128, bf16), every sequence at the
+full context, pages in a shuffled order. Figures: the effective KV read bandwidth (K and V bytes of
+every sequence / kernel time, the issue's metric) next to the roofline (a device-to-device copy of
+1 GiB, bytes read + written, measured in the same run) and two baselines measured in the same run:
+the plain-XLA gather (jaxllm's jnp reference path) and JAX's own (deprecated) Triton paged
+attention. Each variant is checked against the float32 reference before it is timed. Times are the
+median of --iters calls, each call timed with a device sync; inputs rotate over 3 copies of the
+pool so no call reads what the last one left in L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.pallas.decode_attention import paged_decode_attention, reference_decode_attention
+from jaxllm.runner.paged import reference_paged_attention
+
+
+def timeit(fn, args_list, iters):
+    out = fn(*args_list[0])
+    jax.block_until_ready(out)
+    for a in args_list:
+        jax.block_until_ready(fn(*a))
+    ts = []
+    for i in range(iters):
+        a = args_list[i % len(args_list)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*a))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def copy_bandwidth(iters):
+    x = [jnp.ones((512 * 2**20,), jnp.bfloat16) * i for i in range(3)]  # 1 GiB each
+    f = jax.jit(lambda a: a + 1)
+    t = timeit(f, [(a,) for a in x], iters)
+    return 2 * x[0].nbytes / t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="2048,8192")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--variants", default="all")
+    args = ap.parse_args()
+    b, h, kvh, d, bs = args.batch, 32, 8, 128, args.block_size
+    rows = []
+    roof = copy_bandwidth(args.iters)
+    print(f"copy roofline: {roof / 1e12:.2f} TB/s", flush=True)
+    rows.append(dict(variant="copy roofline (read+write)", tbps=roof / 1e12))
+    for ctx in map(int, args.contexts.split(",")):
+        w = ctx // bs
+        nblocks = b * w
+        rng = np.random.default_rng(ctx)
+        sets = []
+        for i in range(3):
+            q = jnp.asarray(rng.standard_normal((b, h, d)), jnp.bfloat16)
+            k = jax.random.normal(jax.random.key(2 * i), (nblocks * bs, kvh, d), jnp.bfloat16)
+            v = jax.random.normal(jax.random.key(2 * i + 1), (nblocks * bs, kvh, d), jnp.bfloat16)
+            tables = jnp.asarray(rng.permutation(nblocks).reshape(b, w), jnp.int32)
+            lens = jnp.full((b,), ctx, jnp.int32)
+            sets.append((q, k, v, tables, lens))
+        kv_bytes = 2 * b * ctx * kvh * d * 2
+        q, k, v, tables, lens = sets[0]
+        ref = np.asarray(jax.jit(lambda *a: reference_decode_attention(*a, bs))(q, k, v, tables, lens))
+
+        variants = {
+            "xla gather (jaxllm reference path)": jax.jit(
+                lambda q, k, v, t, l: reference_paged_attention(q[:, None], k, v, (l - 1)[:, None], t, bs, None)[:, 0]
+            ),
+        }
+        for kw in [
+            {},
+            {"p_in_registers": True},
+            {"max_concurrent_steps": 2},
+            {"max_concurrent_steps": 3},
+            {"max_concurrent_steps": 6},
+            {"pages_per_step": 64 // bs},
+            {"pages_per_step": 256 // bs},
+            {"num_splits": 1},
+            {"num_splits": 4},
+            {"num_splits": 8},
+        ]:
+            name = "mosaic " + (",".join(f"{a}={c}" for a, c in kw.items()) or "default")
+            variants[name] = jax.jit(lambda q, k, v, t, l, kw=kw: paged_decode_attention(q, k, v, t, l, bs, **kw))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+            def to_pages(x):  # [slots, kvh, d] -> [kvh, pages, bs, d] (outside the timing)
+                return x.reshape(nblocks, bs, kvh, d).transpose(2, 0, 1, 3)
+
+            jax_sets = [(q, to_pages(k), to_pages(v), t, l) for (q, k, v, t, l) in sets]
+            for splits in (1, 8, 16):
+                if w % splits == 0:
+                    variants[f"jax triton paged_attention k_splits={splits}"] = (
+                        jax.jit(lambda q, k, v, t, l, s=splits: paged_attention(q, k, v, t, l, k_splits=s,
+                                                                                 pages_per_compute_block=min(8, w // s))),
+                        jax_sets,
+                    )
+        except Exception as e:  # noqa: BLE001
+            print("jax paged_attention unavailable:", e, flush=True)
+
+        for name, fn in variants.items():
+            fn, fsets = fn if isinstance(fn, tuple) else (fn, sets)
+            if args.variants != "all" and not any(s in name for s in args.variants.split(",")):
+                continue
+            try:
+                out = np.asarray(fn(*fsets[0]), np.float32)
+                err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+                t = timeit(fn, fsets, args.iters)
+                row = dict(variant=name, ctx=ctx, batch=b, us=t * 1e6, tbps=kv_bytes / t / 1e12, rel_err=err,
+                           of_roofline=kv_bytes / t / roof)
+            except Exception as e:  # noqa: BLE001
+                row = dict(variant=name, ctx=ctx, batch=b, error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+
+    print(f"\n{'variant':<52} {'ctx':>5} {'us':>9} {'TB/s':>6} {'of roof':>7} {'rel err':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<52} {r['ctx']:>5}  ERROR {r['error'][:80]}")
+        elif "ctx" not in r:
+            print(f"{r['variant']:<52} {'':>5} {'':>9} {r['tbps']:>6.2f}")
+        else:
+            print(f"{r['variant']:<52} {r['ctx']:>5} {r['us']:>9.1f} {r['tbps']:>6.2f} {r['of_roofline']:>7.1%} "
+                  f"{r['rel_err']:>8.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Paged decode attention: one query token per sequence over its KV pages (Mosaic GPU kernel).
+
+Layout (the engine's pool, see ``jaxllm.runner.paged``): K and V pools ``[num_slots, kv_heads,
+head_dim]`` with slots grouped in pages of ``block_size``; a sequence's page ids are its row of
+``block_tables``; ``lengths[b]`` tokens are valid (the current token included).
+
+Why it is written this way
+--------------------------
+* Decode attention is memory-bound: each KV byte is used by ``G = heads / kv_heads`` query rows
+  only. The kernel's job is to keep HBM busy, so the KV pages travel by TMA (the Hopper bulk copy
+  engine) into a ring of ``max_concurrent_steps`` shared-memory stages, each completing on its own
+  barrier, while the tensor cores work on an earlier stage. One program (one warpgroup) serves one
+  (kv head, sequence, split): the G query rows of a KV head share every page read, so each page is
+  read once per KV head, never once per query head.
+* Mosaic GPU, not the Triton backend: the Triton backend is deprecated upstream; Mosaic GPU is
+  Hopper-native (TMA, wgmma, explicit barriers) and can be checked on CPU with
+  ``plgpu.InterpretGPUParams``.
+* wgmma needs 64 rows, a decode step has G (1..8) query rows per KV head. The Q tile is the 64
+  rows of the flattened ``[B*H, D]`` query starting at this group (TMA fills rows past the end
+  with zeros); the rows beyond G belong to other heads and their results are never stored. The
+  tensor cores have time to spare in a memory-bound kernel; what matters is that KV is read once.
+* A step covers ``pages_per_step`` pages (64..128 tokens), one TMA copy per page, so any
+  ``block_size`` from 16 to 128 gives full-size tiles.
+* Split-K: with few sequences (batch 1) and long contexts one program per (head, sequence) would
+  leave most of the 132 SMs idle, so the pages of a sequence are split over ``num_splits``
+  programs, each writing its normalized partial output and log-sum-exp; a tiny jnp epilogue merges
+  them (the flash-decoding scheme).
+* Masking is by token position (``< length``, inside the sliding window, inside this split), so
+  table entries past a sequence's pages may hold any valid page id.
+* Logit soft-cap (Gemma 2) and sliding window (Mistral) are applied on the scores in registers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = math.log2(math.e)
+ROWS = 64  # wgmma M
+
+
+def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size, *, sm_scale=None,
+                               soft_cap=None, sliding_window=None):
+    """The same function in plain jnp, float32 throughout: q [B, H, D] -> [B, H, D] float32."""
+    b, h, d = q.shape
+    kvh = k_pool.shape[1]
+    w = block_tables.shape[1]
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    slot_idx = (block_tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(b, w * block_size)
+    k = k_pool[slot_idx].astype(jnp.float32)  # [B, S, KVH, D]
+    v = v_pool[slot_idx].astype(jnp.float32)
+    qg = q.astype(jnp.float32).reshape(b, kvh, h // kvh, d)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, k, precision="highest") * scale
+    if soft_cap is not None:
+        s = jnp.tanh(s / soft_cap) * soft_cap
+    pos = jnp.arange(w * block_size)
+    mask = pos[None, :] < lengths[:, None]
+    if sliding_window is not None:
+        mask &= pos[None, :] >= lengths[:, None] - sliding_window
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bkgs,bskd->bkgd", p, v, precision="highest").reshape(b, h, d)
+
+
+def _choose_splits(batch: int, kv_heads: int, pages: int, pages_per_step: int, num_sms: int = 132) -> int:
+    """Enough programs to fill the SMs twice, never splits shorter than two steps."""
+    programs = batch * kv_heads
+    want = max(1, -(-2 * num_sms // programs))
+    most = max(1, pages // (2 * pages_per_step))
+    return int(min(want, most, 64))
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
+                           soft_cap=None, sliding_window=None, pages_per_step=None, num_splits=None,
+                           max_concurrent_steps: int = 4, p_in_registers: bool = False, interpret=False):
+    """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
+    lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
+
+    ``p_in_registers`` feeds the probabilities to the second wgmma from registers instead of
+    shared memory (GPU only: the CPU interpreter's wgmma takes shared-memory operands).
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    b, h, d = q.shape
+    kvh = k_pool.shape[1]
+    w = block_tables.shape[1]
+    if h % kvh:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
+    g = h // kvh
+    if g > ROWS:
+        raise ValueError(f"at most {ROWS} query heads per KV head, got {g}")
+    if d % 64:
+        raise ValueError(f"head_dim must be a multiple of 64, got {d}")
+    if block_size % 8 or not 8 <= block_size <= 256:
+        raise ValueError(f"block_size must be a multiple of 8 in [8, 256], got {block_size}")
+    dtype = k_pool.dtype
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"KV pool dtype must be bfloat16 or float16, got {dtype}")
+    if pages_per_step is None:
+        pages_per_step = max(1, 128 // block_size)
+    tile = pages_per_step * block_size
+    if tile % 64:
+        raise ValueError(f"pages_per_step * block_size must be a multiple of 64, got {tile}")
+    if num_splits is None:
+        num_splits = _choose_splits(b, kvh, w, pages_per_step)
+    steps_per_split = -(-w // (num_splits * pages_per_step))
+    split_pages = steps_per_split * pages_per_step
+    num_splits = -(-w // split_pages)  # no split that is empty for every sequence
+    stages = max(2, min(max_concurrent_steps, steps_per_split))
+    scale = (d**-0.5 if sm_scale is None else sm_scale)
+
+    # Q rows [B*H + 64, D]: a 64-row TMA box starting at any group stays in bounds.
+    q_rows = jnp.pad(q.reshape(b * h, d).astype(dtype), ((0, ROWS), (0, 0)))
+    lengths = lengths.astype(jnp.int32)
+    block_tables = block_tables.astype(jnp.int32)
+
+    def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, o_smem,
+               lse_smem, p_smem, q_bar, k_bar, v_bar):
+        head = lax.axis_index("kvh")
+        split = lax.axis_index("split")
+        seq = lax.axis_index("seq")
+        length = lens_ref[seq]
+        first_page = split * split_pages
+        lo = first_page * block_size  # first token of this split
+        hi = jnp.minimum(length, lo + split_pages * block_size)  # one past its last token
+        if sliding_window is not None:
+            win_lo = length - sliding_window
+            start_page = jnp.maximum(first_page, lax.div(jnp.maximum(win_lo, 0), block_size))
+        else:
+            win_lo = None
+            start_page = first_page
+        start_page = jnp.minimum(start_page, first_page + split_pages)
+        n_steps = jnp.maximum(0, lax.div(hi - start_page * block_size + tile - 1, tile))
+
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(seq * h + head * g, ROWS)], q_smem, q_bar)
+
+        def issue(step, slot):
+            for j in range(pages_per_step):
+                idx = jnp.minimum(start_page + step * pages_per_step + j, w - 1)
+                page = tables_ref[seq, idx]
+                src = pl.ds(page * block_size, block_size)
+                dst = pl.ds(j * block_size, block_size)
+                plgpu.copy_gmem_to_smem(k_ref.at[src, head], k_smem.at[slot, dst], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[src, head], v_smem.at[slot, dst], v_bar.at[slot])
+
+        for i in range(stages):
+            @pl.when(i < n_steps)
+            def _():
+                issue(i, i)
+
+        plgpu.barrier_wait(q_bar)
+        m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+        def body(step, carry):
+            acc, m_i, l_i = carry
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS, tile), jnp.float32))
+            # Every thread of the warpgroup has passed the wgmma above, so the previous step's
+            # stage is free: refill it with the step `stages - 1` ahead.
+            prev = step - 1
+            @pl.when((step > 0) & (prev + stages < n_steps))
+            def _():
+                issue(prev + stages, lax.rem(prev, stages))
+
+            if soft_cap is not None:
+                s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
+            else:
+                s = s * (scale * LOG2E)
+            pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
+            pos = pos + (start_page * block_size + step * tile)
+            valid = pos < hi
+            if win_lo is not None:
+                valid = valid & (pos >= win_lo)
+            s = jnp.where(valid, s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m_i - m_safe)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            if p_in_registers:
+                p_op = p.astype(dtype)
+            else:
+                p_smem[...] = p.astype(dtype)
+                plgpu.commit_smem()
+                p_op = p_smem
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            def pv_scope(acc_ref):
+                plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
+                return acc_ref[...]
+
+            pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, d), jnp.float32))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+            return acc, m_new, l_i
+
+        acc, m_i, l_i = lax.fori_loop(0, n_steps, body, (acc, m_i, l_i))
+        empty = l_i == 0.0
+        inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l_i))
+        o_smem[...] = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+        # log-sum-exp in base 2; -inf for a split with no tokens
+        lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, g)], o_ref.at[split, seq, pl.ds(head * g, g)])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, seq, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    swizzle = 128 if d >= 64 else d * 2
+    transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+    scratch = (  # in the order of the kernel's scratch arguments
+        plgpu.SMEM((ROWS, d), dtype, transforms=transforms),  # q_smem
+        plgpu.SMEM((stages, tile, d), dtype, transforms=transforms),  # k_smem
+        plgpu.SMEM((stages, tile, d), dtype, transforms=transforms),  # v_smem
+        plgpu.SMEM((ROWS, d), jnp.float32),  # o_smem
+        plgpu.SMEM((ROWS,), jnp.float32),  # lse_smem
+        plgpu.SMEM((ROWS, tile), dtype, transforms=transforms),  # p_smem
+        plgpu.Barrier(num_arrivals=1),  # q_bar
+        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),  # k_bar
+        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),  # v_bar
+    )
+    o_parts, lse_parts = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((num_splits, b, h, d), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, b, kvh, ROWS), jnp.float32),
+        ),
+        grid=(kvh, num_splits, b),
+        grid_names=("kvh", "split", "seq"),
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )(block_tables, lengths, q_rows, k_pool, v_pool)
+    lse = lse_parts[..., :g].reshape(num_splits, b, h)
+    if num_splits == 1:
+        return o_parts[0].astype(q.dtype)
+    return _merge(o_parts, lse).astype(q.dtype)
+
+
+def _merge(o_parts, lse):
+    """Combine per-split normalized outputs [S, B, H, D] with their base-2 log-sum-exps [S, B, H]."""
+    top = jnp.max(lse, axis=0)
+    wts = jnp.exp2(lse - top[None])
+    wts = wts / jnp.sum(wts, axis=0, keepdims=True)
+    return jnp.einsum("sbh,sbhd->bhd", wts, o_parts)

@@ -1,0 +1,161 @@
+"""The Pallas paged decode kernel against its jnp reference: on CPU through the Mosaic GPU
+interpreter, on an H100 in the `gpu` suite (run through the device tool)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from conftest import tiny_tokenizer
+from jaxllm.pallas.decode_attention import paged_decode_attention, reference_decode_attention
+
+TOL = 2e-2  # bf16 kernel vs float32 reference, relative L2 error
+
+
+def _inputs(seed, b, h, kvh, d, bs, max_len, dtype=jnp.bfloat16, lengths=None):
+    """Fresh random q, pools, a random (shuffled, shared-free) block table and lengths."""
+    rng = np.random.default_rng(seed)
+    w = -(-max_len // bs)
+    num_blocks = b * w + 3
+    q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((num_blocks * bs, kvh, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((num_blocks * bs, kvh, d)), dtype)
+    tables = jnp.asarray(rng.permutation(num_blocks)[: b * w].reshape(b, w), jnp.int32)
+    if lengths is None:
+        lengths = rng.integers(1, max_len + 1, (b,))
+        lengths[0] = max_len
+    return q, k, v, tables, jnp.asarray(lengths, jnp.int32)
+
+
+def _check(args, bs, **kw):
+    q, k, v, tables, lens = args
+    ref_kw = {n: kw[n] for n in ("soft_cap", "sliding_window") if n in kw}
+    out = paged_decode_attention(q, k, v, tables, lens, bs, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = reference_decode_attention(q, k, v, tables, lens, bs, **ref_kw)
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    err = np.linalg.norm(out - np.asarray(ref)) / np.linalg.norm(np.asarray(ref))
+    assert err <= TOL, f"relative error {err:.3g}"
+    return err
+
+
+def _interpret(**kw):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.InterpretGPUParams(**kw)
+
+
+# (batch, heads, kv_heads, head_dim, block_size, max_len, kernel kwargs)
+CPU_GRID = [
+    (1, 4, 1, 64, 16, 1, {}),  # a single token of context
+    (3, 8, 2, 64, 16, 200, {}),  # GQA 4, several steps, ragged lengths
+    (2, 8, 8, 128, 32, 300, {"num_splits": 3}),  # MHA, split-K
+    (2, 8, 1, 64, 64, 500, {"num_splits": 2, "max_concurrent_steps": 2}),  # GQA 8, MQA
+    (1, 2, 2, 256, 128, 260, {}),  # head dim 256, the largest page
+    (4, 4, 2, 64, 32, 400, {"sliding_window": 100}),
+    (2, 4, 1, 128, 16, 150, {"soft_cap": 5.0, "pages_per_step": 8}),
+]
+
+
+@pytest.mark.parametrize("case", CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}len{}".format(*c[:6]))
+def test_kernel_matches_reference_in_interpret_mode(case):
+    b, h, kvh, d, bs, max_len, kw = case
+    for seed in range(2):  # fresh inputs each time
+        _check(_inputs(seed, b, h, kvh, d, bs, max_len), bs, interpret=_interpret(), **kw)
+
+
+def test_no_races_in_the_stage_ring():
+    """The interpreter's race detector follows every TMA copy and barrier of the refill scheme."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    args = _inputs(7, 2, 4, 1, 64, 16, 400)  # 7 steps through a ring of 2 and 3 stages
+    for stages in (2, 3):
+        _check(args, 16, interpret=_interpret(detect_races=True), max_concurrent_steps=stages)
+        assert not get_races().races_found
+
+
+def test_bad_arguments_are_refused():
+    q, k, v, tables, lens = _inputs(0, 1, 6, 4, 64, 16, 32)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        paged_decode_attention(q, k, v, tables, lens, 16)
+    q, k, v, tables, lens = _inputs(0, 1, 4, 2, 48, 16, 32)
+    with pytest.raises(ValueError, match="head_dim must be a multiple of 64"):
+        paged_decode_attention(q, k, v, tables, lens, 16)
+    q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        paged_decode_attention(q, k, v, tables, lens, 16)
+    q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        paged_decode_attention(q, k, v, tables, lens, 16, pages_per_step=3)
+
+
+def test_engine_decodes_through_the_kernel(tmp_path):
+    """The runner's decode path with the (interpreted) kernel gives the reference path's tokens."""
+    import transformers as tf
+
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.runner.paged import decode_kernel_for
+
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256)
+    cfg.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=2, decode_steps=3, compilation_cache=False)
+    with LLM(str(tmp_path), **kw) as ref_llm:
+        expected = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, sp, use_tqdm=False)]
+    with LLM(str(tmp_path), **kw) as llm:
+        runner = llm._engine.runner
+        assert runner.attention_backend == "reference"  # CPU: "auto" picks the reference
+        kernel = decode_kernel_for(runner.block_size, None, llm._mesh, interpret=_interpret())
+        traced = []
+
+        def counted(*args):
+            traced.append(args[0].shape)
+            return kernel(*args)
+
+        runner._decode_kernel = counted
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
+    assert got == expected
+
+
+def test_pallas_backend_is_refused_where_it_cannot_run(tiny_checkpoints):
+    from jaxllm import LLM
+
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        LLM(str(tiny_checkpoints["llama3"]), attention_backend="triton")
+    if jax.devices()[0].platform != "gpu":
+        with pytest.raises(ValueError, match="attention_backend='pallas' is not available: the Pallas kernels run on NVIDIA GPUs"):
+            LLM(str(tiny_checkpoints["llama3"]), attention_backend="pallas")
+
+
+# -- GPU suite ---------------------------------------------------------------------------------
+GPU_GRID = [
+    (b, h, kvh, d, bs, ctx)
+    for (b, ctx) in [(1, 1), (1, 32768), (7, 3000), (64, 2048), (256, 512), (32, 8192)]
+    for (h, kvh, d) in [(32, 8, 128), (8, 8, 64), (16, 2, 256), (32, 4, 128)]
+    for bs in (16, 32, 128)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}ctx{}".format(*c))
+def test_kernel_matches_reference_on_gpu(case):
+    b, h, kvh, d, bs, ctx = case
+    if b * ctx * kvh * d > 2**31 // 8:
+        pytest.skip("reference gather too large")
+    _check(_inputs(hash(case) % 2**31, b, h, kvh, d, bs, ctx), bs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{"p_in_registers": True}, {"sliding_window": 1000}, {"soft_cap": 30.0},
+                                {"num_splits": 1}, {"max_concurrent_steps": 2}], ids=str)
+def test_kernel_variants_on_gpu(kw):
+    for seed in range(2):
+        _check(_inputs(seed, 16, 32, 8, 128, 32, 4000), 32, **kw)
