@@ -55,9 +55,10 @@ CPU_GRID = [
     (3, 8, 2, 64, 16, 200, {}),  # GQA 4, several steps, ragged lengths
     (2, 8, 8, 128, 32, 300, {"num_splits": 3}),  # MHA, split-K
     (2, 8, 1, 64, 64, 500, {"num_splits": 2, "max_concurrent_steps": 2}),  # GQA 8, MQA
-    (1, 2, 2, 256, 128, 260, {}),  # head dim 256, the largest page
+    (1, 2, 2, 256, 128, 260, {}),  # head dim 256, pages of 128 read in two 64-token copies
+    (2, 4, 2, 64, 256, 600, {"sliding_window": 300, "num_splits": 2}),  # four copies per page
     (4, 4, 2, 64, 32, 400, {"sliding_window": 100}),
-    (2, 4, 1, 128, 16, 150, {"soft_cap": 5.0, "pages_per_step": 8}),
+    (2, 4, 1, 128, 16, 150, {"soft_cap": 5.0, "block_kv": 128}),
 ]
 
 
@@ -66,6 +67,32 @@ def test_kernel_matches_reference_in_interpret_mode(case):
     b, h, kvh, d, bs, max_len, kw = case
     for seed in range(2):  # fresh inputs each time
         _check(_inputs(seed, b, h, kvh, d, bs, max_len), bs, interpret=_interpret(), **kw)
+
+
+LOWER_GRID = [
+    (b, h, kvh, d, bs, kw)
+    for (b, h, kvh, d) in [(64, 32, 8, 128), (1, 8, 8, 64), (3, 16, 2, 256), (5, 56, 7, 128)]
+    for bs in (16, 32, 128)
+    for kw in ({}, {"p_in_registers": True})
+]
+
+
+@pytest.mark.parametrize("case", LOWER_GRID, ids=str)
+def test_kernel_lowers_for_cuda(case):
+    """Mosaic GPU's own lowering (layout inference, TMA tiling, the shared-memory budget) runs on
+    CPU too: every configuration must lower for an NVIDIA GPU."""
+    b, h, kvh, d, bs, kw = case
+    w = 4096 // bs
+    args = (
+        jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b * w * bs, kvh, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b * w * bs, kvh, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, w), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+    fn = jax.jit(lambda *a: paged_decode_attention(*a, bs, **kw))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_no_races_in_the_stage_ring():
@@ -89,8 +116,8 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         paged_decode_attention(q, k, v, tables, lens, 16)
     q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        paged_decode_attention(q, k, v, tables, lens, 16, pages_per_step=3)
+    with pytest.raises(ValueError, match="block_kv must be a multiple of 64"):
+        paged_decode_attention(q, k, v, tables, lens, 16, block_kv=96)
 
 
 def test_engine_decodes_through_the_kernel(tmp_path):

@@ -19,8 +19,8 @@ Why it is written this way
   rows of the flattened ``[B*H, D]`` query starting at this group (TMA fills rows past the end
   with zeros); the rows beyond G belong to other heads and their results are never stored. The
   tensor cores have time to spare in a memory-bound kernel; what matters is that KV is read once.
-* A step covers ``pages_per_step`` pages (64..128 tokens), one TMA copy per page, so any
-  ``block_size`` from 16 to 128 gives full-size tiles.
+* A step covers ``block_kv`` tokens (64 or 128): one TMA copy per page when pages are smaller
+  (so 16-token pages still make full tiles), several copies per page when they are larger.
 * Split-K: with few sequences (batch 1) and long contexts one program per (head, sequence) would
   leave most of the 132 SMs idle, so the pages of a sequence are split over ``num_splits``
   programs, each writing its normalized partial output and log-sum-exp; a tiny jnp epilogue merges
@@ -66,16 +66,25 @@ def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_s
     return jnp.einsum("bkgs,bskd->bkgd", p, v, precision="highest").reshape(b, h, d)
 
 
-def _choose_splits(batch: int, kv_heads: int, pages: int, pages_per_step: int, num_sms: int = 132) -> int:
+SMEM_BYTES = 232448  # per block on Hopper (227 KiB)
+
+
+def _max_stages(d: int, tile: int, p_in_registers: bool) -> int:
+    """The most K/V stages that fit in shared memory beside Q, O, P and the barriers."""
+    fixed = 2 * ROWS * d * 2 + ROWS * 4 + (0 if p_in_registers else ROWS * tile * 2) + 1024
+    return (SMEM_BYTES - fixed) // (2 * tile * d * 2)
+
+
+def _choose_splits(batch: int, kv_heads: int, steps: int, num_sms: int = 132) -> int:
     """Enough programs to fill the SMs twice, never splits shorter than two steps."""
     programs = batch * kv_heads
     want = max(1, -(-2 * num_sms // programs))
-    most = max(1, pages // (2 * pages_per_step))
+    most = max(1, steps // 2)
     return int(min(want, most, 64))
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
-                           soft_cap=None, sliding_window=None, pages_per_step=None, num_splits=None,
+                           soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
                            max_concurrent_steps: int = 4, p_in_registers: bool = False, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
@@ -101,17 +110,18 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     dtype = k_pool.dtype
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"KV pool dtype must be bfloat16 or float16, got {dtype}")
-    if pages_per_step is None:
-        pages_per_step = max(1, 128 // block_size)
-    tile = pages_per_step * block_size
-    if tile % 64:
-        raise ValueError(f"pages_per_step * block_size must be a multiple of 64, got {tile}")
+    tile = block_kv
+    if tile % 64 or not (tile % block_size == 0 or block_size % tile == 0):
+        raise ValueError(f"block_kv must be a multiple of 64 that divides or is divided by block_size, got {tile}")
+    rows_per_copy = min(block_size, tile)
+    copies = tile // rows_per_copy
+    total_steps = -(-w * block_size // tile)
     if num_splits is None:
-        num_splits = _choose_splits(b, kvh, w, pages_per_step)
-    steps_per_split = -(-w // (num_splits * pages_per_step))
-    split_pages = steps_per_split * pages_per_step
-    num_splits = -(-w // split_pages)  # no split that is empty for every sequence
-    stages = max(2, min(max_concurrent_steps, steps_per_split))
+        num_splits = _choose_splits(b, kvh, total_steps)
+    steps_per_split = -(-total_steps // num_splits)
+    split_tokens = steps_per_split * tile
+    num_splits = -(-total_steps // steps_per_split)  # no split that is empty for every sequence
+    stages = max(2, min(max_concurrent_steps, steps_per_split, _max_stages(d, tile, p_in_registers)))
     scale = (d**-0.5 if sm_scale is None else sm_scale)
 
     # Q rows [B*H + 64, D]: a 64-row TMA box starting at any group stays in bounds.
@@ -125,26 +135,29 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         split = lax.axis_index("split")
         seq = lax.axis_index("seq")
         length = lens_ref[seq]
-        first_page = split * split_pages
-        lo = first_page * block_size  # first token of this split
-        hi = jnp.minimum(length, lo + split_pages * block_size)  # one past its last token
+        lo = split * split_tokens  # first token of this split
+        hi = jnp.minimum(length, lo + split_tokens)  # one past its last token
         if sliding_window is not None:
             win_lo = length - sliding_window
-            start_page = jnp.maximum(first_page, lax.div(jnp.maximum(win_lo, 0), block_size))
+            start = jnp.maximum(lo, lax.div(jnp.maximum(win_lo, 0), rows_per_copy) * rows_per_copy)
         else:
             win_lo = None
-            start_page = first_page
-        start_page = jnp.minimum(start_page, first_page + split_pages)
-        n_steps = jnp.maximum(0, lax.div(hi - start_page * block_size + tile - 1, tile))
+            start = lo
+        n_steps = jnp.maximum(0, lax.div(hi - start + tile - 1, tile))
 
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(seq * h + head * g, ROWS)], q_smem, q_bar)
+        # TMA boxes into the tiled Q buffer start on a row multiple of 8: this group's G rows
+        # sit at row r0 of the 64 loaded.
+        q_first = seq * h + head * g
+        q_start = lax.div(q_first, 8) * 8
+        r0 = q_first - q_start
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, ROWS)], q_smem, q_bar)
 
         def issue(step, slot):
-            for j in range(pages_per_step):
-                idx = jnp.minimum(start_page + step * pages_per_step + j, w - 1)
-                page = tables_ref[seq, idx]
-                src = pl.ds(page * block_size, block_size)
-                dst = pl.ds(j * block_size, block_size)
+            for j in range(copies):
+                token = start + step * tile + j * rows_per_copy
+                page = tables_ref[seq, jnp.minimum(lax.div(token, block_size), w - 1)]
+                src = pl.ds(page * block_size + lax.rem(token, block_size), rows_per_copy)
+                dst = pl.ds(j * rows_per_copy, rows_per_copy)
                 plgpu.copy_gmem_to_smem(k_ref.at[src, head], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[src, head], v_smem.at[slot, dst], v_bar.at[slot])
 
@@ -180,7 +193,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             else:
                 s = s * (scale * LOG2E)
             pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
-            pos = pos + (start_page * block_size + step * tile)
+            pos = pos + (start + step * tile)
             valid = pos < hi
             if win_lo is not None:
                 valid = valid & (pos >= win_lo)
@@ -209,11 +222,11 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         acc, m_i, l_i = lax.fori_loop(0, n_steps, body, (acc, m_i, l_i))
         empty = l_i == 0.0
         inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l_i))
-        o_smem[...] = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
         # log-sum-exp in base 2; -inf for a split with no tokens
         lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, g)], o_ref.at[split, seq, pl.ds(head * g, g)])
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(r0, g)], o_ref.at[split, seq, pl.ds(head * g, g)])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, seq, head])
         plgpu.wait_smem_to_gmem(0)
 
@@ -223,17 +236,17 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         plgpu.SMEM((ROWS, d), dtype, transforms=transforms),  # q_smem
         plgpu.SMEM((stages, tile, d), dtype, transforms=transforms),  # k_smem
         plgpu.SMEM((stages, tile, d), dtype, transforms=transforms),  # v_smem
-        plgpu.SMEM((ROWS, d), jnp.float32),  # o_smem
+        plgpu.SMEM((ROWS, d), dtype),  # o_smem
         plgpu.SMEM((ROWS,), jnp.float32),  # lse_smem
         plgpu.SMEM((ROWS, tile), dtype, transforms=transforms),  # p_smem
         plgpu.Barrier(num_arrivals=1),  # q_bar
-        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),  # k_bar
-        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),  # v_bar
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # k_bar
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # v_bar
     )
     o_parts, lse_parts = plgpu.kernel(
         kernel,
         out_type=(
-            jax.ShapeDtypeStruct((num_splits, b, h, d), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, b, h, d), dtype),
             jax.ShapeDtypeStruct((num_splits, b, kvh, ROWS), jnp.float32),
         ),
         grid=(kvh, num_splits, b),
@@ -242,7 +255,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )(block_tables, lengths, q_rows, k_pool, v_pool)
-    lse = lse_parts[..., :g].reshape(num_splits, b, h)
+    # each group's G rows start at row (its first flattened query row) % 8 of its 64
+    r0 = (jnp.arange(b)[:, None] * h + jnp.arange(kvh)[None, :] * g) % 8  # [B, KVH]
+    rows = r0[None, :, :, None] + jnp.arange(g)  # [1, B, KVH, G]
+    lse = jnp.take_along_axis(lse_parts, jnp.broadcast_to(rows, (num_splits, b, kvh, g)), axis=3).reshape(num_splits, b, h)
     if num_splits == 1:
         return o_parts[0].astype(q.dtype)
     return _merge(o_parts, lse).astype(q.dtype)
@@ -253,4 +269,4 @@ def _merge(o_parts, lse):
     top = jnp.max(lse, axis=0)
     wts = jnp.exp2(lse - top[None])
     wts = wts / jnp.sum(wts, axis=0, keepdims=True)
-    return jnp.einsum("sbh,sbhd->bhd", wts, o_parts)
+    return jnp.einsum("sbh,sbhd->bhd", wts, o_parts.astype(jnp.float32))
