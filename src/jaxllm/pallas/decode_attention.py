@@ -85,18 +85,20 @@ def _choose_splits(batch: int, kv_heads: int, steps: int, num_sms: int = 132) ->
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                            soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
-                           max_concurrent_steps: int = 4, p_in_registers: bool = False, interpret=False):
+                           max_concurrent_steps: int = 4, p_in_registers: bool = False, heads_major: bool = False,
+                           interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
     ``p_in_registers`` feeds the probabilities to the second wgmma from registers instead of
     shared memory (GPU only: the CPU interpreter's wgmma takes shared-memory operands).
+    ``heads_major``: the pools are ``[kv_heads, slots, head_dim]`` (each page of a head contiguous).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, h, d = q.shape
-    kvh = k_pool.shape[1]
+    kvh = k_pool.shape[0 if heads_major else 1]
     w = block_tables.shape[1]
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
@@ -158,8 +160,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                 page = tables_ref[seq, jnp.minimum(lax.div(token, block_size), w - 1)]
                 src = pl.ds(page * block_size + lax.rem(token, block_size), rows_per_copy)
                 dst = pl.ds(j * rows_per_copy, rows_per_copy)
-                plgpu.copy_gmem_to_smem(k_ref.at[src, head], k_smem.at[slot, dst], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[src, head], v_smem.at[slot, dst], v_bar.at[slot])
+                at = (head, src) if heads_major else (src, head)
+                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot, dst], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot, dst], v_bar.at[slot])
 
         for i in range(stages):
             @pl.when(i < n_steps)
