@@ -191,7 +191,7 @@ def test_kernel_matches_reference_on_gpu(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [{"p_in_registers": True}, {"sliding_window": 1000}, {"soft_cap": 30.0},
-                                {"num_splits": 1}, {"max_concurrent_steps": 2}, {"block_kv": 128}], ids=str)
+                                {"num_splits": 1}, {"max_concurrent_steps": 4}, {"block_kv": 128}], ids=str)
 def test_kernel_variants_on_gpu(kw):
     for seed in range(2):
         _check(_inputs(seed, 16, 32, 8, 128, 32, 4000), 32, **kw)

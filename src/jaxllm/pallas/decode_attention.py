@@ -85,7 +85,7 @@ def _choose_splits(batch: int, kv_heads: int, steps: int, num_sms: int = 132) ->
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                            soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
-                           max_concurrent_steps: int = 4, p_in_registers: bool = False, heads_major: bool = False,
+                           max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
