@@ -3,7 +3,7 @@
 from .engine import EngineDeadError, RequestHandle
 from .kv_cache_config import KvCacheConfig
 from .llm import LLM
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "EngineDeadError",
     "KvCacheConfig",
     "RequestHandle",
+    "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
     "__version__",

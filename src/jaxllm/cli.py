@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--load-format", default="auto")
     gen.add_argument("--max-seq-len", type=int, default=None)
+    from . import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="offline throughput / batch-1 latency benchmarks"))
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__
@@ -38,5 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "bench":
+        return bench.main(args)
     parser.print_help(sys.stderr)
     return 2

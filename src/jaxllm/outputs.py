@@ -43,6 +43,20 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RequestMetrics:
+    """When things happened to a request (``time.perf_counter()`` seconds, like vLLM's metrics):
+    accepted by the engine, first output token applied, finished (None until then)."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
 @dataclass
 class RequestOutput:
     request_id: int
@@ -50,3 +64,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    metrics: RequestMetrics | None = None

@@ -11,11 +11,12 @@ import asyncio
 import dataclasses
 import enum
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..outputs import CompletionOutput, Logprob, RequestOutput
+from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import chain_hashes
 from .detokenizer import IncrementalDetokenizer, find_stop
@@ -51,6 +52,9 @@ class Request:
     handle: "RequestHandle | None" = None
     _sent_text: int = 0
     _sent_tokens: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finished_time: float | None = None
 
     def __post_init__(self):
         self.all_ids = list(self.prompt_token_ids)
@@ -106,6 +110,8 @@ class Request:
 
     def _append(self, tid: int, info: dict, last: bool) -> bool:
         out, p = self.output, self.params
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
         out.token_ids.append(tid)
         out.cumulative_logprob += float(info["logprob"])
         if p.logprobs is not None:
@@ -140,6 +146,7 @@ class Request:
         self.output.finish_reason = reason
         self.output.stop_reason = stop_reason
         self.status = Status.FINISHED
+        self.finished_time = time.perf_counter()
 
     # -- outputs out -----------------------------------------------------------------------
     def snapshot(self) -> RequestOutput:
@@ -159,6 +166,7 @@ class Request:
             prompt_token_ids=self.prompt_token_ids,
             outputs=[comp],
             finished=self.finished,
+            metrics=RequestMetrics(self.arrival_time, self.first_token_time, self.finished_time),
         )
 
 

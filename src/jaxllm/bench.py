@@ -1,0 +1,320 @@
+"""``jaxllm bench``: offline throughput and batch-1 latency on any model (like ``trtllm-bench``).
+
+    jaxllm bench throughput --model M --num-requests 1000 --input-len 128 --output-len 128 [--load-format dummy]
+    jaxllm bench throughput --model M --dataset requests.jsonl
+    jaxllm bench latency --model M --input-len 128 --output-len 128 --iterations 5
+    ... --report-json report.json
+
+A warm-up pass of the same shapes (other random tokens, so the prefix cache does not help the timed
+pass) compiles everything first. Every request of the timed pass is submitted at once and ends
+with ignore_eos after exactly its output length. Times come from each request's metrics
+(``RequestOutput.metrics``): TTFT = first token applied - accepted; TPOT = (finished - first token)
+/ (output tokens - 1). MFU counts the model's matmul FLOPs (2 per weight per token, plus
+attention's 4 * layers * heads * head_dim * context); MBU estimates the bytes a decode step reads
+(weights + the batch's KV) at the measured step rate. Peak rates come from the device kind (H100,
+H200) or --peak-tflops / --peak-tbps; elsewhere MFU and MBU are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+# dense bf16 FLOP/s and HBM bytes/s by device kind (datasheet figures)
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="mode", required=True)
+    for mode, help_ in (("throughput", "offline throughput: many requests at once"), ("latency", "batch-1 latency")):
+        p = sub.add_parser(mode, help=help_)
+        p.add_argument("--model", required=True, help="HF id, local HF folder or .gguf file")
+        p.add_argument("--tokenizer", default=None)
+        p.add_argument("--revision", default=None)
+        p.add_argument("--dtype", default="auto")
+        p.add_argument("--load-format", default="auto", help='"auto" or "dummy" (random weights)')
+        p.add_argument("--input-len", type=int, default=128)
+        p.add_argument("--output-len", type=int, default=128)
+        p.add_argument("--max-seq-len", type=int, default=None)
+        p.add_argument("--max-batch-size", type=int, default=256)
+        p.add_argument("--max-num-tokens", type=int, default=8192)
+        p.add_argument("--decode-steps", type=int, default=16)
+        p.add_argument("--tensor-parallel-size", type=int, default=1)
+        p.add_argument("--data-parallel-size", type=int, default=1)
+        p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None)
+        p.add_argument("--tokens-per-block", type=int, default=None)
+        p.add_argument("--attention-backend", default="auto")
+        p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak")
+        p.add_argument("--peak-tbps", type=float, default=None, help="override the device's memory bandwidth")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--report-json", default=None, help="write the report here")
+        if mode == "throughput":
+            p.add_argument("--num-requests", type=int, default=100)
+            p.add_argument("--dataset", default=None,
+                           help='JSON lines: {"prompt": str} or {"prompt_token_ids": [...]}, optional "output_len"')
+            p.add_argument("--warmup-requests", type=int, default=None, help="default: min(num requests, max batch)")
+        else:
+            p.add_argument("--iterations", type=int, default=5)
+
+
+def _positive(name: str, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or value < 1:
+        raise SystemExit(f"jaxllm bench: {name} must be an integer >= 1, got {value!r}")
+
+
+def _load_dataset(path: str, tokenizer, default_output: int) -> list[tuple[list[int], int]]:
+    requests = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "prompt_token_ids" in rec:
+                ids = [int(t) for t in rec["prompt_token_ids"]]
+            elif "prompt" in rec:
+                if tokenizer is None:
+                    raise SystemExit(f"jaxllm bench: {path}:{n} has a text prompt but the model has no tokenizer")
+                ids = tokenizer.encode(rec["prompt"])
+            else:
+                raise SystemExit(f'jaxllm bench: {path}:{n} needs "prompt" or "prompt_token_ids"')
+            out_len = int(rec.get("output_len", rec.get("max_tokens", default_output)))
+            if not ids or out_len < 1:
+                raise SystemExit(f"jaxllm bench: {path}:{n} needs a non-empty prompt and output_len >= 1")
+            requests.append((ids, out_len))
+    if not requests:
+        raise SystemExit(f"jaxllm bench: {path} holds no requests")
+    return requests
+
+
+def _random_ids(rng, n: int, vocab: int) -> list[int]:
+    return rng.integers(min(100, vocab - 1), vocab, size=n).tolist()
+
+
+def _stats(xs) -> dict:
+    xs = np.asarray([x for x in xs if x is not None], np.float64)
+    if xs.size == 0:
+        return {"mean": None, "p50": None, "p99": None}
+    return {"mean": float(xs.mean()), "p50": float(np.percentile(xs, 50)), "p99": float(np.percentile(xs, 99))}
+
+
+def model_cost(llm) -> dict:
+    """Weight bytes, matmul weights, and the attention FLOPs per token of context."""
+    import jax
+
+    cfg = llm.model_config
+    leaves = jax.tree.leaves(llm._engine.runner.params)
+    n_params = sum(int(x.size) for x in leaves)
+    weight_bytes = sum(int(x.size) * x.dtype.itemsize for x in leaves)
+    embed = cfg.vocab_size * cfg.hidden_size
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    matmul_params = n_params if tied else n_params - embed  # the input embedding is a lookup
+    from .runner import pool_bytes_per_token
+
+    return dict(
+        params=n_params,
+        weight_bytes=weight_bytes,
+        matmul_flops_per_token=2 * matmul_params,
+        attn_flops_per_context_token=4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,
+        kv_bytes_per_token=pool_bytes_per_token(cfg, llm._engine.runner.kv_dtype),
+    )
+
+
+def _peaks(args):
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    flops, bw = next((v for k, v in PEAKS.items() if k in kind), (None, None))
+    if args.peak_tflops:
+        flops = args.peak_tflops * 1e12
+    if args.peak_tbps:
+        bw = args.peak_tbps * 1e12
+    return kind, flops, bw
+
+
+def _make_llm(args):
+    from . import LLM, KvCacheConfig
+
+    kv = {}
+    if args.kv_cache_free_gpu_memory_fraction is not None:
+        kv["free_gpu_memory_fraction"] = args.kv_cache_free_gpu_memory_fraction
+    if args.tokens_per_block is not None:
+        kv["tokens_per_block"] = args.tokens_per_block
+    return LLM(
+        args.model,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_seq_len=args.max_seq_len,
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens,
+        decode_steps=args.decode_steps,
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        kv_cache_config=KvCacheConfig(**kv),
+        attention_backend=args.attention_backend,
+    )
+
+
+def _run(llm, requests) -> tuple[list, float]:
+    """Submit every (prompt ids, output len) at once; wait for all; (outputs, wall seconds)."""
+    from . import SamplingParams
+
+    t0 = time.perf_counter()
+    handles = [
+        llm.generate_async(
+            {"prompt_token_ids": ids},
+            SamplingParams(max_tokens=n, ignore_eos=True, temperature=0, detokenize=False),
+        )
+        for ids, n in requests
+    ]
+    outs = [h.result() for h in handles]
+    return outs, time.perf_counter() - t0
+
+
+def _timings(outs) -> tuple[list, list, list]:
+    ttft = [o.metrics.time_to_first_token for o in outs]
+    tpot = [
+        (o.metrics.finished_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
+        if len(o.outputs[0].token_ids) > 1 else None
+        for o in outs
+    ]
+    e2e = [o.metrics.finished_time - o.metrics.arrival_time for o in outs]
+    return ttft, tpot, e2e
+
+
+def run(args) -> dict:
+    _positive("--input-len", args.input_len)
+    _positive("--output-len", args.output_len)
+    if args.mode == "throughput":
+        _positive("--num-requests", args.num_requests)
+        _positive("--warmup-requests", args.warmup_requests, allow_none=True)
+    else:
+        _positive("--iterations", args.iterations)
+    rng = np.random.default_rng(args.seed)
+    t_start = time.perf_counter()
+    llm = _make_llm(args)
+    try:
+        load_s = time.perf_counter() - t_start
+        vocab = llm.model_config.vocab_size
+        if args.mode == "throughput" and args.dataset:
+            requests = _load_dataset(args.dataset, llm.tokenizer, args.output_len)
+        elif args.mode == "throughput":
+            requests = [(_random_ids(rng, args.input_len, vocab), args.output_len) for _ in range(args.num_requests)]
+        else:
+            requests = [(_random_ids(rng, args.input_len, vocab), args.output_len)]
+        too_long = max(len(ids) + n for ids, n in requests)
+        if too_long > llm.max_seq_len:
+            raise SystemExit(f"jaxllm bench: a request needs {too_long} tokens, more than max_seq_len {llm.max_seq_len}")
+
+        # warm-up: the same lengths, other tokens (compiles every shape; no prefix-cache help later)
+        if args.mode == "throughput":
+            k = args.warmup_requests or min(len(requests), args.max_batch_size)
+            warm = [(_random_ids(rng, len(ids), vocab), n) for ids, n in requests[:k]]
+        else:
+            warm = [(_random_ids(rng, args.input_len, vocab), args.output_len)]
+        warm_outs, _ = _run(llm, warm)
+        first_token_s = min(o.metrics.first_token_time for o in warm_outs) - t_start
+
+        if args.mode == "throughput":
+            outs, elapsed = _run(llm, requests)
+            stats = llm.get_stats()
+        else:
+            outs, elapsed = [], 0.0
+            for _ in range(args.iterations):
+                ids = _random_ids(rng, args.input_len, vocab)
+                o, t = _run(llm, [(ids, args.output_len)])
+                outs += o
+                elapsed += t
+            stats = []
+        cost = model_cost(llm)
+        kv_capacity_blocks = llm.kv_capacity_tokens // llm._engine.runner.block_size
+    finally:
+        llm.shutdown()
+
+    ttft, tpot, e2e = _timings(outs)
+    n_in = sum(len(o.prompt_token_ids) for o in outs)
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    # FLOPs: every prompt and generated token passes the matmuls once; attention at its context.
+    flops = 0.0
+    for o in outs:
+        total = len(o.prompt_token_ids) + len(o.outputs[0].token_ids)
+        flops += total * cost["matmul_flops_per_token"] + cost["attn_flops_per_context_token"] * total * (total + 1) / 2
+    kind, peak_flops, peak_bw = _peaks(args)
+    tpot_mean = _stats(tpot)["mean"]
+    mbu = None
+    if peak_bw and tpot_mean:
+        # a decode step reads the weights and the KV of the running batch
+        batch = (n_out / elapsed) * tpot_mean if args.mode == "throughput" else 1.0
+        ctx = np.mean([len(o.prompt_token_ids) + len(o.outputs[0].token_ids) / 2 for o in outs])
+        step_bytes = cost["weight_bytes"] + batch * ctx * cost["kv_bytes_per_token"]
+        mbu = step_bytes / tpot_mean / peak_bw
+    report = dict(
+        mode=args.mode,
+        model=args.model,
+        device=kind,
+        requests=len(outs),
+        input_tokens=n_in,
+        output_tokens=n_out,
+        seconds=elapsed,
+        requests_per_s=len(outs) / elapsed,
+        output_tok_s=n_out / elapsed,
+        total_tok_s=(n_in + n_out) / elapsed,
+        ttft_s=_stats(ttft),
+        tpot_s=_stats(tpot),
+        itl_s=_stats(tpot),
+        e2e_latency_s=_stats(e2e),
+        peak_kv_blocks=max([s["kv_blocks_used"] for s in stats], default=None),
+        kv_capacity_blocks=kv_capacity_blocks,
+        mfu=(flops / elapsed / peak_flops) if peak_flops else None,
+        mbu=mbu,
+        weight_bytes=cost["weight_bytes"],
+        load_s=load_s,
+        startup_to_first_token_s=first_token_s,
+        attention_backend=args.attention_backend,
+        max_batch_size=args.max_batch_size,
+    )
+    return report
+
+
+def _fmt(x, scale=1.0, unit=""):
+    return "-" if x is None else f"{x * scale:,.2f}{unit}"
+
+
+def print_report(r: dict, file=None) -> None:
+    file = file or sys.stdout
+    rows = [
+        ("device", r["device"]),
+        ("requests", f"{r['requests']} ({r['input_tokens']} in / {r['output_tokens']} out tokens)"),
+        ("request/s", _fmt(r["requests_per_s"])),
+        ("output tok/s", _fmt(r["output_tok_s"])),
+        ("total tok/s", _fmt(r["total_tok_s"])),
+    ]
+    for key, name in (("ttft_s", "TTFT ms"), ("tpot_s", "TPOT ms"), ("e2e_latency_s", "latency ms")):
+        s = r[key]
+        rows.append((name, f"mean {_fmt(s['mean'], 1e3)}  p50 {_fmt(s['p50'], 1e3)}  p99 {_fmt(s['p99'], 1e3)}"))
+    rows += [
+        ("peak KV blocks", f"{r['peak_kv_blocks']} of {r['kv_capacity_blocks']}" if r["peak_kv_blocks"] else "-"),
+        ("MFU", _fmt(r["mfu"], 100, "%")),
+        ("MBU", _fmt(r["mbu"], 100, "%")),
+        ("LLM() s", _fmt(r["load_s"])),
+        ("LLM() to first token s", _fmt(r["startup_to_first_token_s"])),
+    ]
+    print(f"jaxllm bench {r['mode']}: {r['model']}", file=file)
+    for name, value in rows:
+        print(f"  {name:<24} {value}", file=file)
+
+
+def main(args) -> int:
+    report = run(args)
+    print_report(report)
+    if args.report_json:
+        with open(args.report_json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

@@ -1,0 +1,77 @@
+"""`jaxllm bench` runs end to end on CPU with a tiny model and reports consistent numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxllm.cli import main
+
+
+def _report(tmp_path, argv):
+    path = tmp_path / "report.json"
+    assert main(["bench", *argv, "--report-json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_throughput_report(tiny_checkpoints, tmp_path, capsys):
+    r = _report(tmp_path, ["throughput", "--model", str(tiny_checkpoints["llama3"]), "--num-requests", "12",
+                           "--input-len", "20", "--output-len", "7", "--max-batch-size", "4"])
+    assert r["requests"] == 12 and r["input_tokens"] == 12 * 20 and r["output_tokens"] == 12 * 7
+    assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["seconds"])
+    assert r["total_tok_s"] == pytest.approx((r["input_tokens"] + r["output_tokens"]) / r["seconds"])
+    assert r["requests_per_s"] == pytest.approx(12 / r["seconds"])
+    for key in ("ttft_s", "tpot_s", "e2e_latency_s"):
+        s = r[key]
+        assert 0 < s["p50"] <= s["p99"] and s["mean"] > 0
+    assert r["ttft_s"]["p99"] <= r["e2e_latency_s"]["p99"]
+    assert r["e2e_latency_s"]["p99"] <= r["seconds"] + 1e-6
+    # at most 4 run at once: later requests wait, so the slowest TTFT exceeds the fastest e2e
+    assert r["ttft_s"]["p99"] > r["e2e_latency_s"]["p50"] / 4
+    assert 1 <= r["peak_kv_blocks"] <= r["kv_capacity_blocks"]
+    assert r["mfu"] is None and r["mbu"] is None  # no peak rates known for a CPU
+    assert r["startup_to_first_token_s"] >= r["load_s"] > 0
+    out = capsys.readouterr().out
+    assert "output tok/s" in out and "TTFT ms" in out
+
+
+def test_peak_rates_give_mfu_and_mbu(tiny_checkpoints, tmp_path):
+    r = _report(tmp_path, ["latency", "--model", str(tiny_checkpoints["llama3"]), "--input-len", "8",
+                           "--output-len", "5", "--iterations", "2", "--peak-tflops", "1", "--peak-tbps", "0.1"])
+    assert r["requests"] == 2 and r["output_tokens"] == 10
+    assert 0 < r["mfu"] < 1 and 0 < r["mbu"] < 1
+    # MBU at batch 1: weight bytes + KV per step over TPOT, against the given bandwidth
+    assert r["mbu"] >= r["weight_bytes"] / r["tpot_s"]["mean"] / 0.1e12
+
+
+def test_dataset_file(tiny_checkpoints, tmp_path):
+    data = tmp_path / "requests.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "The capital of France is", "output_len": 3}) + "\n\n"
+        + json.dumps({"prompt_token_ids": [5, 6, 7, 8], "output_len": 6}) + "\n"
+        + json.dumps({"prompt": "Hello"}) + "\n"
+    )
+    r = _report(tmp_path, ["throughput", "--model", str(tiny_checkpoints["llama3"]), "--dataset", str(data),
+                           "--output-len", "4"])
+    assert r["requests"] == 3 and r["output_tokens"] == 3 + 6 + 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-requests", "0"], "--num-requests must be an integer >= 1"),
+        (["--output-len", "-1"], "--output-len must be an integer >= 1"),
+        (["--input-len", "600"], "more than max_seq_len"),
+    ],
+)
+def test_bad_arguments(tiny_checkpoints, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "throughput", "--model", str(tiny_checkpoints["llama3"]), *argv])
+
+
+def test_bad_dataset_line(tiny_checkpoints, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "no prompt"}) + "\n")
+    with pytest.raises(SystemExit, match='bad.jsonl:1 needs "prompt" or "prompt_token_ids"'):
+        main(["bench", "throughput", "--model", str(tiny_checkpoints["llama3"]), "--dataset", str(data)])
