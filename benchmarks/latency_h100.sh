@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Batch-1 latency, TTFT and start-up on one GPU through `jaxllm bench latency` (Llama-3.1-8B shapes,
+# random bf16 weights), with XLA command-buffer variants and HF transformers eager in the same run.
+#   PYTHONPATH=src OUT=/tmp/out bash benchmarks/latency_h100.sh
+set -u
+M=${MODEL:-.models/llama-3.1-8b-shapes}
+OUT=${OUT:-/tmp/jaxllm-latency}
+mkdir -p "$OUT"
+export JAXLLM_CACHE_DIR=$(mktemp -d)  # an empty persistent compilation cache: the first run is cold
+common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096"
+run() {  # name, extra env, args...
+  local name=$1 envs=$2; shift 2
+  echo "== $name" >&2
+  env $envs timeout 200 python -m jaxllm bench latency $common "$@" --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
+    || { echo "$name failed"; tail -5 "$OUT/$name.txt"; }
+}
+run cold "" --input-len 128 --output-len 128 --iterations 5
+run warm "" --input-len 128 --output-len 128 --iterations 5
+run cmdbuf_while "XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
+  --input-len 128 --output-len 128 --iterations 5
+run cmdbuf_off "XLA_FLAGS=--xla_gpu_enable_command_buffer=" --input-len 128 --output-len 128 --iterations 5
+run ttft2048 "" --input-len 2048 --output-len 2 --iterations 5
+timeout 150 python benchmarks/decode_baseline.py --model "$M" --batch-sizes 1 --backends hf --repeats 2 --timeout 140 \
+  > "$OUT/hf_b1.txt" 2>&1
+python - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print(f"{'run':<14} {'ITL ms p50':>10} {'TTFT ms p50':>11} {'MBU':>6} {'LLM() s':>8} {'to 1st tok s':>12}")
+for name in ("cold", "warm", "cmdbuf_while", "cmdbuf_off", "ttft2048"):
+    p = out / f"{name}.json"
+    if not p.exists():
+        print(f"{name:<14} (no report)"); continue
+    r = json.loads(p.read_text())
+    mbu = f"{100*r['mbu']:.0f}%" if r["mbu"] else "-"
+    print(f"{name:<14} {1e3*r['itl_s']['p50']:>10.2f} {1e3*r['ttft_s']['p50']:>11.1f} {mbu:>6} {r['load_s']:>8.1f} {r['startup_to_first_token_s']:>12.1f}")
+hf = [l for l in (out / "hf_b1.txt").read_text().splitlines() if l.startswith("hf-eager")]
+print(hf[-1] if hf else "hf: no result")
+PY
