@@ -144,18 +144,22 @@ class Engine:
         req.handle._publish(req.snapshot())
 
     def _step(self) -> None:
-        """One engine step: dispatch the device calls, do the host's text work while they run, collect.
+        """One engine step: turn the last step's tokens into text, schedule, run the device calls, collect.
 
-        Tokens come back from the device in one step and are turned into text (detokenization,
-        stop strings, publishing) in the next, while that step's device calls run: JAX dispatches
-        asynchronously, so that host work overlaps device work. A request ended by a stop string is
-        thus noticed one step late; the tokens it got in that step are dropped.
+        The text work (detokenization, stop strings, publishing) comes first, before the next
+        device call: XLA:GPU evaluates while-loop conditions and ``lax.cond`` predicates on the
+        host, so dispatching the decode loop blocks until it has finished and no host work could
+        overlap it anyway. Done this way a first token reaches its caller as soon as its prefill
+        ends (not after the next decode call), and requests ended by a stop string free their
+        slots before the scheduler runs.
         """
         t0 = time.perf_counter()
+        self._apply_text()
+        if not self.scheduler.has_work:
+            return
         plan = self.scheduler.schedule()
         prefill = self._dispatch_prefill(plan) if plan.prefill else None
         decode = self._dispatch_decode(plan) if plan.decode else None
-        self._apply_text()
         new_tokens = 0
         if prefill is not None:
             new_tokens += self._collect_prefill(plan, prefill)
