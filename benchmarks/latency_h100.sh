@@ -14,25 +14,30 @@ run() {  # name, extra env, args...
   env $envs timeout 200 python -m jaxllm bench latency $common "$@" --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
     || { echo "$name failed"; tail -5 "$OUT/$name.txt"; }
 }
-run cold "" --input-len 128 --output-len 128 --iterations 5
-run warm "" --input-len 128 --output-len 128 --iterations 5
-run cmdbuf_while "XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
-  --input-len 128 --output-len 128 --iterations 5
-run cmdbuf_off "XLA_FLAGS=--xla_gpu_enable_command_buffer=" --input-len 128 --output-len 128 --iterations 5
-run ttft2048 "" --input-len 2048 --output-len 2 --iterations 5
+VARIANTS=${VARIANTS:-cold warm cmdbuf_while cmdbuf_off ttft2048}
+for v in $VARIANTS; do
+  case $v in
+    cold|warm) run $v "" --input-len 128 --output-len 128 --iterations 5 ;;
+    cmdbuf_while) run $v "XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
+      --input-len 128 --output-len 128 --iterations 5 ;;
+    cmdbuf_off) run $v "XLA_FLAGS=--xla_gpu_enable_command_buffer=" --input-len 128 --output-len 128 --iterations 5 ;;
+    ttft2048) run $v "" --input-len 2048 --output-len 2 --iterations 5 ;;
+  esac
+done
 timeout 150 python benchmarks/decode_baseline.py --model "$M" --batch-sizes 1 --backends hf --repeats 2 --timeout 140 \
   > "$OUT/hf_b1.txt" 2>&1
 python - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-print(f"{'run':<14} {'ITL ms p50':>10} {'TTFT ms p50':>11} {'MBU':>6} {'LLM() s':>8} {'to 1st tok s':>12}")
+print(f"{'run':<14} {'ITL ms p50':>10} {'TTFT ms p50':>11} {'MBU':>6} {'LLM() s':>8} {'to 1st tok s':>12}  breakdown")
 for name in ("cold", "warm", "cmdbuf_while", "cmdbuf_off", "ttft2048"):
     p = out / f"{name}.json"
     if not p.exists():
         print(f"{name:<14} (no report)"); continue
     r = json.loads(p.read_text())
     mbu = f"{100*r['mbu']:.0f}%" if r["mbu"] else "-"
-    print(f"{name:<14} {1e3*r['itl_s']['p50']:>10.2f} {1e3*r['ttft_s']['p50']:>11.1f} {mbu:>6} {r['load_s']:>8.1f} {r['startup_to_first_token_s']:>12.1f}")
+    bd = " ".join(f"{k} {v:.1f}" for k, v in r.get("startup_breakdown_s", {}).items())
+    print(f"{name:<14} {1e3*r['itl_s']['p50']:>10.2f} {1e3*r['ttft_s']['p50']:>11.1f} {mbu:>6} {r['load_s']:>8.1f} {r['startup_to_first_token_s']:>12.1f}  {bd}")
 hf = [l for l in (out / "hf_b1.txt").read_text().splitlines() if l.startswith("hf-eager")]
 print(hf[-1] if hf else "hf: no result")
 PY

@@ -234,6 +234,7 @@ def run(args) -> dict:
                 elapsed += t
             stats = []
         cost = model_cost(llm)
+        startup = dict(llm.startup_seconds)
         kv_capacity_blocks = llm.kv_capacity_tokens // llm._engine.runner.block_size
     finally:
         llm.shutdown()
@@ -277,6 +278,7 @@ def run(args) -> dict:
         weight_bytes=cost["weight_bytes"],
         load_s=load_s,
         startup_to_first_token_s=first_token_s,
+        startup_breakdown_s=dict(startup, first_generate=first_token_s - load_s),
         attention_backend=args.attention_backend,
         max_batch_size=args.max_batch_size,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +48,9 @@ def _enable_compilation_cache(setting) -> None:
     path = Path(setting).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
+    # every program, not only those that took >= 1 s: start-up compiles many small ones
+    # (parameter initialisation, pool set-up, sampling variants) whose sum is what a warm start saves
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _check_positive_int(name: str, value, allow_none=True):
@@ -127,12 +131,14 @@ class LLM:
         if not isinstance(kv_cache_config, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
 
+        t_start = time.perf_counter()
         _enable_compilation_cache(compilation_cache)
         meshes = make_meshes(tensor_parallel_size, data_parallel_size)
         self._mesh = meshes[0]
         loaded = load_model(
             model, dtype=dtype, load_format=load_format, tokenizer=tokenizer, revision=revision, mesh=self._mesh
         )
+        t_loaded = time.perf_counter()
         self.model_config = loaded.config
         self.hf_config = loaded.hf_config
         self.tokenizer = loaded.tokenizer
@@ -172,6 +178,8 @@ class LLM:
                 enable_block_reuse=kv_cache_config.enable_block_reuse,
             )
             self._engines.append(engine)
+        # where LLM() spent its time (seconds): the weights (read or initialised, placed), the rest
+        self.startup_seconds = {"load_model": t_loaded - t_start, "engines": time.perf_counter() - t_loaded}
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._seed_rng = np.random.default_rng()  # seeds for requests that set none
