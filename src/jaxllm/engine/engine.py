@@ -283,6 +283,7 @@ class Engine:
             jnp.asarray(last_idx),
             self._row_state(reqs, rows),
             num_logprobs=self._num_logprobs(reqs),
+            all_greedy=all(r.params.is_greedy for r in reqs),
         )
 
     @staticmethod
@@ -308,11 +309,15 @@ class Engine:
     def _dispatch_decode(self, plan: Plan):
         reqs = plan.decode
         rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
+        steps = self.scheduler.decode_steps
+        if self.runner.fixed_steps:  # no early exit: no more steps than the longest row still needs
+            steps = min(steps, bucket(max(r.params.max_tokens - r.num_generated for r in reqs), 1))
         return self.runner.decode(
             self._tables(reqs, rows),
             self._row_state(reqs, rows),
-            self.scheduler.decode_steps,
+            steps,
             num_logprobs=self._num_logprobs(reqs),
+            all_greedy=all(r.params.is_greedy for r in reqs),
         )
 
     def _collect_decode(self, plan: Plan, result) -> int:

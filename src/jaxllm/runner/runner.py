@@ -15,6 +15,7 @@ buckets (powers of two) so a handful of compilations serve every batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import jax
@@ -83,9 +84,12 @@ class ModelRunner:
         self.pool = jax.jit(
             lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype), out_shardings=pool_sharding(cfg, mesh)
         )()
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("num_logprobs",), donate_argnames=("pool",))
+        self.fixed_steps = os.environ.get("JAXLLM_DECODE_LOOP", "while") == "fixed"
+        self._prefill = jax.jit(
+            self._prefill_impl, static_argnames=("num_logprobs", "all_greedy"), donate_argnames=("pool",)
+        )
         self._decode = jax.jit(
-            self._decode_impl, static_argnames=("steps", "num_logprobs"), donate_argnames=("pool",)
+            self._decode_impl, static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",)
         )
 
     def _choose_backend(self, requested: str, mesh) -> str:
@@ -110,7 +114,7 @@ class ModelRunner:
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
 
-    def _advance(self, state: RowState, logits, num_logprobs):
+    def _advance(self, state: RowState, logits, num_logprobs, all_greedy=False):
         """Sample the next token of every row from logits [B, V] and update stop bookkeeping.
 
         Returns (state, tokens [B] (-1 for rows already done), token_info dict of [B, ...] arrays).
@@ -123,7 +127,7 @@ class ModelRunner:
         stop_ids = jnp.where(block, state.stop_ids, self.cfg.vocab_size)
         logits = logits.at[rows, stop_ids].set(-jnp.inf, mode="drop")
         next_pos = state.positions + 1
-        tok, logprobs = sample(logits, state.sampling, next_pos)
+        tok, logprobs = sample(logits, state.sampling, next_pos, all_greedy)
         active = ~state.done
         num = state.num_generated + active.astype(jnp.int32)
         hit_stop = jnp.any(tok[:, None] == state.stop_ids, axis=-1)
@@ -138,15 +142,17 @@ class ModelRunner:
         )
         return new, jnp.where(active, tok, -1), token_info(logprobs, tok, num_logprobs)
 
-    def _prefill_impl(self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs):
+    def _prefill_impl(
+        self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs, all_greedy
+    ):
         model, hidden, pool = self._forward(params, pool, tokens, positions, valid, block_tables)
         last = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]
         last_pos = jnp.take_along_axis(positions, last_idx[:, None], axis=1)[:, 0]
         state = dataclasses.replace(state, positions=last_pos)
-        _, tok, info = self._advance(state, model.logits(last), num_logprobs)
+        _, tok, info = self._advance(state, model.logits(last), num_logprobs, all_greedy)
         return pool, tok, info
 
-    def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int, num_logprobs):
+    def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int, num_logprobs, all_greedy):
         b = state.tokens.shape[0]
         out = jnp.full((b, steps), -1, jnp.int32)
         # per-step token info, [B, steps, ...] (shapes from one traced step)
@@ -161,29 +167,37 @@ class ModelRunner:
             i, pool, st, out, out_lp = carry
             pos = st.positions[:, None]
             model, hidden, pool = self._forward(params, pool, st.tokens[:, None], pos, ~st.done[:, None], block_tables)
-            st, tok, info = self._advance(st, model.logits(hidden[:, 0]), num_logprobs)
+            st, tok, info = self._advance(st, model.logits(hidden[:, 0]), num_logprobs, all_greedy)
             out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
             out_lp = jax.tree.map(
                 lambda o, x: jax.lax.dynamic_update_slice(o, x[:, None], (0, i) + (0,) * (x.ndim - 1)), out_lp, info
             )
             return i + 1, pool, st, out, out_lp
 
-        _, pool, state, out, out_lp = jax.lax.while_loop(cond, body, (jnp.int32(0), pool, state, out, out_lp))
+        carry = (jnp.int32(0), pool, state, out, out_lp)
+        if self.fixed_steps:  # a known trip count: no predicate read on the host per step
+            _, pool, state, out, out_lp = jax.lax.fori_loop(0, steps, lambda _, c: body(c), carry)
+        else:  # ends early once every row is done; XLA:GPU reads the predicate on the host each step
+            _, pool, state, out, out_lp = jax.lax.while_loop(cond, body, carry)
         return pool, state, out, out_lp
 
     # -- host-facing API ---------------------------------------------------------------------
-    def prefill(self, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs=None):
+    def prefill(
+        self, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs=None, all_greedy=False
+    ):
         """Run one chunk per row; returns (next token [B], its token_info) as device arrays."""
         self.pool, tok, info = self._prefill(
-            self.params, self.pool, tokens, positions, valid, block_tables, last_idx, state, num_logprobs=num_logprobs
+            self.params, self.pool, tokens, positions, valid, block_tables, last_idx, state,
+            num_logprobs=num_logprobs, all_greedy=all_greedy,
         )
         return tok, info
 
-    def decode(self, block_tables, state: RowState, steps: int, num_logprobs=None):
+    def decode(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False):
         """Run up to `steps` decode steps; returns (state, tokens [B, steps] (-1: none), token_info
         with [B, steps, ...] arrays)."""
         self.pool, state, toks, info = self._decode(
-            self.params, self.pool, block_tables, state, steps=steps, num_logprobs=num_logprobs
+            self.params, self.pool, block_tables, state, steps=steps, num_logprobs=num_logprobs,
+            all_greedy=all_greedy,
         )
         return state, toks, info
 

@@ -72,19 +72,19 @@ def _filtered_sample(logits, s: SamplingArrays, positions):
     return jnp.take_along_axis(sorted_idx, choice[:, None], axis=-1)[:, 0]
 
 
-def sample(logits, s: SamplingArrays, positions):
+def sample(logits, s: SamplingArrays, positions, all_greedy: bool = False):
     """Choose one token per row from float32 logits [B, V].
 
     positions: [B] int32, the position the chosen token will occupy (folded into the row's key).
+    all_greedy (static): every row is greedy, so the sorting sampler is left out of the program.
+    It is a trace-time flag, not a ``lax.cond``: XLA:GPU reads a cond's predicate on the host,
+    which would stall the device once per decode step.
     Returns (tokens [B] int32, log_softmax of the logits [B, V] float32).
     """
     logits = logits.astype(jnp.float32)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tokens = jax.lax.cond(
-        jnp.all(s.greedy),
-        lambda: greedy_tokens,
-        lambda: jnp.where(s.greedy, greedy_tokens, _filtered_sample(logits, s, positions).astype(jnp.int32)),
-    )
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not all_greedy:
+        tokens = jnp.where(s.greedy, tokens, _filtered_sample(logits, s, positions).astype(jnp.int32))
     return tokens, jax.nn.log_softmax(logits, axis=-1)
 
 
