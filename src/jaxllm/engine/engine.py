@@ -309,13 +309,10 @@ class Engine:
     def _dispatch_decode(self, plan: Plan):
         reqs = plan.decode
         rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
-        steps = self.scheduler.decode_steps
-        if self.runner.fixed_steps:  # no early exit: no more steps than the longest row still needs
-            steps = min(steps, bucket(max(r.params.max_tokens - r.num_generated for r in reqs), 1))
         return self.runner.decode(
             self._tables(reqs, rows),
             self._row_state(reqs, rows),
-            steps,
+            self.scheduler.decode_steps,
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
         )
