@@ -12,12 +12,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .engine import Engine, Request, RequestHandle
+from .engine import Engine, GroupHandle, Request, RequestHandle
 from .kv_cache_config import KvCacheConfig
 from .loader import DTYPES, LOAD_FORMATS, load_model, save_checkpoint
 from .outputs import RequestOutput
 from .runner import ATTENTION_BACKENDS, ModelRunner, plan_num_blocks
-from .sampling import key_data_for_seed
+from .sampling import fold_key_data, key_data_for_seed
 from .sampling_params import SamplingParams
 from .sharding import make_meshes, replicate_on
 
@@ -239,8 +239,8 @@ class LLM:
         self._require_engine()
         prompts, single = self._normalize_inputs(inputs)
         params = self._normalize_params(sampling_params, len(prompts))
-        requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]  # all checked first
-        handles = [self._require_engine(r.request_id).add_request(r) for r in requests]
+        groups = [self._make_requests(p, sp) for p, sp in zip(prompts, params)]  # all checked first
+        handles = [self._submit(g, sp) for g, sp in zip(groups, params)]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -300,8 +300,8 @@ class LLM:
             raise TypeError("generate_async takes one prompt (a str, a list of token ids or a dict); call it per prompt")
         if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        req = self._make_request(inputs, sampling_params or SamplingParams(), streaming=bool(streaming))
-        return self._require_engine(req.request_id).add_request(req)
+        sp = sampling_params or SamplingParams()
+        return self._submit(self._make_requests(inputs, sp, streaming=bool(streaming)), sp)
 
     # -- input handling ------------------------------------------------------------------------
     @staticmethod
@@ -360,6 +360,29 @@ class LLM:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"prompt_token_ids must be ints in [0, {vocab}), got {t!r}")
         return list(ids)
+
+    def _submit(self, reqs: list[Request], sp: SamplingParams) -> RequestHandle:
+        """Queue one request's sequences; one handle (a GroupHandle merging them when several)."""
+        if len(reqs) == 1:
+            return self._require_engine(reqs[0].request_id).add_request(reqs[0])
+        group = GroupHandle(reqs[0].request_id, reqs[0].streaming, sp.n, len(reqs))
+        for i, r in enumerate(reqs):
+            group._children.append(self._require_engine(r.request_id).add_request(r, group.listener(i)))
+        return group
+
+    def _make_requests(self, prompt, sp: SamplingParams, streaming: bool = False) -> list[Request]:
+        """The engine requests of one prompt: one per sequence (best_of, default n), checked."""
+        first = self._make_request(prompt, sp, streaming)
+        if sp.num_sequences == 1:
+            return [first]
+        reqs = [first]
+        for i in range(1, sp.num_sequences):
+            with self._id_lock:
+                rid = self._next_id
+                self._next_id += 1
+            key = fold_key_data(first.key_data, i)
+            reqs.append(Request(rid, first.prompt, first.prompt_token_ids, sp, key, first.stop_ids, streaming=streaming))
+        return reqs
 
     def _make_request(self, prompt, sp: SamplingParams, streaming: bool = False) -> Request:
         text, ids = self._tokenize(prompt)

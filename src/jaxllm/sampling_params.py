@@ -28,6 +28,7 @@ def _check_float(name: str, value):
 
 
 MAX_LOGPROBS = 20  # most likely tokens reported per generated token, at most
+MAX_SEQUENCES = 64  # sequences per request (n, best_of), at most
 
 
 @dataclass
@@ -39,6 +40,10 @@ class SamplingParams:
     ``logprobs``: None, or K in [0, 20]: each generated token's log probability under the model
     (log_softmax of its logits), its rank, and the K most likely tokens (0: only the chosen one).
     ``truncate_prompt_tokens``: keep only the last k prompt tokens.
+    ``n``: completions returned; ``best_of`` (>= n, default n, at most 64): sequences sampled, of
+    which the n with the highest cumulative logprob are returned. Both need sampling (temperature
+    > 0). Sequence i of a seeded request draws from the seed's key folded with i (sequence 0 from
+    the seed's own key), so each is reproducible on its own.
     Penalties, applied on device to the logits before sampling (and before logprobs):
     ``repetition_penalty`` (> 0; as transformers: a logit of a token seen in the prompt or the
     output is divided by it if positive, multiplied if negative), ``presence_penalty`` and
@@ -109,10 +114,16 @@ class SamplingParams:
                 _check_int("stop_token_ids[i]", t, 0, allow_none=False)
             self.stop_token_ids = list(self.stop_token_ids)
         _check_int("n", self.n, 1, allow_none=False)
-        if self.n != 1:
-            raise ValueError(f"n must be 1 for now (n > 1 is not supported yet), got {self.n}")
-        if self.best_of not in (None, 1):
-            raise ValueError(f"best_of must be None or 1 for now (not supported yet), got {self.best_of}")
+        _check_int("best_of", self.best_of, 1)
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
+        if self.num_sequences > MAX_SEQUENCES:
+            raise ValueError(f"best_of (or n) must be <= {MAX_SEQUENCES}, got {self.num_sequences}")
+        if self.num_sequences > 1 and self.is_greedy:
+            raise ValueError(
+                f"n and best_of must be 1 with greedy decoding (all {self.num_sequences} sequences would be "
+                "identical); set temperature > 0"
+            )
         for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
             _check_float(name, getattr(self, name))
         if not self.repetition_penalty > 0:
@@ -126,6 +137,11 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported yet; leave it None")
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated for the request: best_of (default n); the best n are returned."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def stop_strings(self) -> list[str]:

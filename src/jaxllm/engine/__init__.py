@@ -2,6 +2,6 @@
 and the engine thread that runs them."""
 
 from .engine import Engine, EngineDeadError
-from .request import Request, RequestHandle
+from .request import GroupHandle, Request, RequestHandle
 
-__all__ = ["Engine", "EngineDeadError", "Request", "RequestHandle"]
+__all__ = ["Engine", "EngineDeadError", "GroupHandle", "Request", "RequestHandle"]

@@ -67,8 +67,10 @@ class Engine:
         self._thread.start()
 
     # -- caller side (any thread) ----------------------------------------------------------
-    def add_request(self, req: Request) -> RequestHandle:
+    def add_request(self, req: Request, listener=None) -> RequestHandle:
+        """Queue req; `listener(output, error)`, if given, hears every output before any arrives."""
         handle = RequestHandle(req.request_id, req.streaming, self)
+        handle._listener = listener
         req.handle = handle
         if req.params.detokenize:
             req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)

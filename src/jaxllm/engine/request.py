@@ -187,6 +187,7 @@ class RequestHandle:
         self._outputs: list[RequestOutput] = []
         self._error: BaseException | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._listener = None  # a GroupHandle's callback (output, error), set before the request runs
 
     # -- engine side ------------------------------------------------------------------------
     def _publish(self, output: RequestOutput | None = None, error: BaseException | None = None) -> None:
@@ -203,6 +204,8 @@ class RequestHandle:
                 loop.call_soon_threadsafe(ev.set)
             except RuntimeError:  # that event loop is closed
                 pass
+        if self._listener is not None:
+            self._listener(output, error)
 
     # -- caller side ------------------------------------------------------------------------
     @property
@@ -257,3 +260,59 @@ class RequestHandle:
 
     def abort(self) -> None:
         self._engine.abort(self.request_id)
+
+
+class GroupHandle(RequestHandle):
+    """The handle of a request with n > 1 or best_of > 1.
+
+    Its best_of sequences run as separate engine requests (the prompt's full KV blocks are shared
+    through the prefix cache); their snapshots merge here into one RequestOutput whose outputs are
+    the sequences by index, or, once all are finished and best_of > n, the n with the highest
+    cumulative logprob (best first). While streaming, a merged snapshot carries the new text only
+    for the sequence that advanced.
+    """
+
+    def __init__(self, request_id: int, streaming: bool, n: int, num_sequences: int):
+        super().__init__(request_id, streaming, engine=None)
+        self._n = n
+        self._children: list[RequestHandle] = []  # filled by the LLM as it submits the sequences
+        self._latest: list[RequestOutput | None] = [None] * num_sequences
+        self._merge_lock = threading.Lock()
+
+    def listener(self, i: int):
+        """The callback sequence i's handle calls with each of its outputs (or its error)."""
+        return lambda output, error: self._child_update(i, output, error)
+
+    def _child_update(self, i: int, output: RequestOutput | None, error: BaseException | None) -> None:
+        with self._merge_lock:
+            if self._done.is_set():
+                return
+            if error is not None:
+                self._publish(error=error)
+                return
+            self._latest[i] = output
+            self._publish(self._merge(i))
+
+    def _merge(self, updated: int) -> RequestOutput:
+        present = [(j, o) for j, o in enumerate(self._latest) if o is not None]
+        outs = []
+        for j, o in present:
+            c = dataclasses.replace(o.outputs[0], index=j)
+            if j != updated:
+                c = dataclasses.replace(c, text_diff="", token_ids_diff=[])
+            outs.append(c)
+        finished = len(present) == len(self._latest) and all(o.finished for _, o in present)
+        if finished and len(self._latest) > self._n:
+            outs = sorted(outs, key=lambda c: c.cumulative_logprob, reverse=True)[: self._n]
+        first = present[0][1]
+        ms = [o.metrics for _, o in present if o.metrics is not None]
+        firsts = [m.first_token_time for m in ms if m.first_token_time is not None]
+        metrics = RequestMetrics(
+            min(m.arrival_time for m in ms), min(firsts) if firsts else None,
+            max(m.finished_time for m in ms) if finished else None,
+        ) if ms else None
+        return RequestOutput(self.request_id, first.prompt, first.prompt_token_ids, outs, finished, metrics)
+
+    def abort(self) -> None:
+        for child in self._children:
+            child.abort()

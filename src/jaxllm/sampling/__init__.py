@@ -54,6 +54,12 @@ def key_data_for_seed(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32)
 
 
+def fold_key_data(key_data: np.ndarray, i: int) -> np.ndarray:
+    """The raw key of a request's sequence i (of n / best_of): its key folded with i."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(key_data)), i)
+    return np.asarray(jax.random.key_data(key), np.uint32)
+
+
 def _filtered_sample(logits, s: SamplingArrays, positions):
     vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
