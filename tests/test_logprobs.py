@@ -53,3 +53,46 @@ def test_logprobs_zero_reports_only_the_chosen_token(tiny_llm):
     plain = tiny_llm.generate("Hello", SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert plain.outputs[0].logprobs is None
     assert plain.outputs[0].token_ids == comp.token_ids
+
+
+def _check_prompt_entries(plp, ids, ref, k, tokenizer):
+    assert len(plp) == len(ids) and plp[0] is None
+    for p in range(1, len(ids)):
+        row, entry, tid = ref[p - 1], plp[p], ids[p]
+        assert abs(entry[tid].logprob - row[tid]) < 1e-4
+        # rank: random prompt tokens sit deep in the tail, among near-ties: count within the tolerance
+        lp = entry[tid].logprob
+        assert 1 + int(np.sum(row > lp + 1e-4)) <= entry[tid].rank <= 1 + int(np.sum(row > lp - 1e-4))
+        order = np.argsort(-row)[:k].tolist()
+        top = sorted((t for t in entry if entry[t].rank <= k), key=lambda t: entry[t].rank)
+        assert top == order
+        for t in order:
+            assert abs(entry[t].logprob - row[t]) < 1e-4
+            assert entry[t].decoded_token == tokenizer.decode([t])
+        assert len(entry) in (k, k + 1)  # the top k, and the prompt token itself when it is not among them
+
+
+def test_prompt_logprobs_match_transformers_chunked_and_with_a_cached_prefix(tiny_checkpoints):
+    from jaxllm import LLM
+
+    ids = [int(t) for t in np.random.default_rng(4).integers(3, 2000, 45)]
+    ref = _hf_logprobs(tiny_checkpoints["llama3"], ids)
+    sp = SamplingParams(max_tokens=2, prompt_logprobs=3)
+    # max_num_tokens=16: the 45-token prompt is prefilled in three chunks
+    with LLM(str(tiny_checkpoints["llama3"]), max_seq_len=128, max_num_tokens=16,
+             kv_cache_config=__import__("jaxllm").KvCacheConfig(tokens_per_block=8)) as llm:
+        first = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
+        _check_prompt_entries(first.prompt_logprobs, ids, ref, 3, llm.tokenizer)
+        # the prompt's blocks are now cached: a request without prompt logprobs reuses them, one with
+        # them still gets every position
+        hits = llm.get_stats()[-1]["prefix_cache_hit_tokens"]
+        llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=2), use_tqdm=False)
+        assert llm.get_stats()[-1]["prefix_cache_hit_tokens"] > hits
+        again = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
+        assert again.prompt_logprobs == first.prompt_logprobs
+        zero = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        assert all(len(e) == 1 for e in zero.prompt_logprobs[1:])
+        assert [e[t].logprob for e, t in zip(zero.prompt_logprobs[1:], ids[1:])] == pytest.approx(
+            [e[t].logprob for e, t in zip(first.prompt_logprobs[1:], ids[1:])], abs=1e-6)
+        plain = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1), use_tqdm=False)
+        assert plain.prompt_logprobs is None

@@ -48,6 +48,8 @@ def no_run(tiny_llm, monkeypatch):
         (dict(n=65, temperature=1.0), ValueError, "must be <= 64"),
         (dict(logprobs=21), ValueError, r"logprobs must be in \[0, 20\]"),
         (dict(logprobs=-1), ValueError, "logprobs must be >= 0"),
+        (dict(prompt_logprobs=21), ValueError, r"prompt_logprobs must be in \[0, 20\]"),
+        (dict(prompt_logprobs=-1), ValueError, "prompt_logprobs must be >= 0"),
     ],
 )
 def test_bad_sampling_params(kwargs, exc, name):

@@ -65,3 +65,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # with SamplingParams.prompt_logprobs: per prompt token {token_id: Logprob}, None for the first
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

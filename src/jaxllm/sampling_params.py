@@ -39,6 +39,10 @@ class SamplingParams:
     min_p is set. ``top_k = 0`` and ``top_p = 1`` and ``min_p = 0`` disable those filters.
     ``logprobs``: None, or K in [0, 20]: each generated token's log probability under the model
     (log_softmax of its logits), its rank, and the K most likely tokens (0: only the chosen one).
+    ``prompt_logprobs``: None, or K in [0, 20]: the same for every prompt token after the first
+    (``RequestOutput.prompt_logprobs``, whose first entry is None). Such a request does not reuse
+    cached prefix blocks (their logits were never kept), and its prefill computes logits at every
+    prompt position (vocab x prompt tokens floats per step: lower max_num_tokens for long prompts).
     ``truncate_prompt_tokens``: keep only the last k prompt tokens.
     ``n``: completions returned; ``best_of`` (>= n, default n, at most 64): sequences sampled, of
     which the n with the highest cumulative logprob are returned. Both need sampling (temperature
@@ -135,8 +139,9 @@ class SamplingParams:
         _check_int("logprobs", self.logprobs, 0)
         if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet; leave it None")
+        _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+        if self.prompt_logprobs is not None and self.prompt_logprobs > MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
 
     @property
     def num_sequences(self) -> int:

@@ -270,9 +270,14 @@ class Engine:
         positions = np.zeros((rows, t), np.int32)
         valid = np.zeros((rows, t), np.bool_)
         last_idx = np.zeros((rows,), np.int32)
+        asked = [r.params.prompt_logprobs for r in reqs if r.needs_prompt_logprobs]
+        targets = np.full((rows, t), -1, np.int32) if asked else None
         for i, (r, start, end) in enumerate(plan.prefill):
             n = end - start
             tokens[i, :n] = r.all_ids[start:end]
+            if targets is not None and r.needs_prompt_logprobs:  # the next prompt token at each position
+                nxt = r.prompt_token_ids[start + 1 : end + 1]
+                targets[i, : len(nxt)] = nxt
             positions[i, :n] = np.arange(start, end)
             positions[i, n:] = end  # padding: masked out of the KV write, harmless as queries
             valid[i, :n] = True
@@ -286,6 +291,8 @@ class Engine:
             self._row_state(reqs, rows),
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
+            targets=jnp.asarray(targets) if targets is not None else None,
+            prompt_logprobs=bucket(max(asked + [1]), 1) if asked else None,
         )
 
     @staticmethod
@@ -295,11 +302,14 @@ class Engine:
         return bucket(max(asked + [1]), 1) if asked else None
 
     def _collect_prefill(self, plan: Plan, result) -> int:
-        tok, info = jax.device_get(result)
+        tok, info, prompt_info = jax.device_get(result)
         produced = 0
         for i, (r, start, end) in enumerate(plan.prefill):
             if r.finished:  # ended (stop string, abort) while this call ran
                 continue
+            if prompt_info is not None and r.needs_prompt_logprobs:
+                count = min(end, len(r.prompt_token_ids) - 1) - start  # positions whose next token is a prompt token
+                r.receive_prompt_logprobs(start + 1, {k: v[i] for k, v in prompt_info.items()}, max(count, 0))
             self._after_compute(r, end)
             if end == len(r.all_ids):  # prompt complete: the sample is the next token
                 tid = int(tok[i])

@@ -52,6 +52,7 @@ class Request:
     handle: "RequestHandle | None" = None
     _sent_text: int = 0
     _sent_tokens: int = 0
+    prompt_logprobs: list | None = None  # with params.prompt_logprobs: one entry per prompt position so far
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -61,6 +62,26 @@ class Request:
         self.output.cumulative_logprob = 0.0
         if self.params.logprobs is not None:
             self.output.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has no logprob
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions whose logprobs are still to come (their KV must be computed, not reused)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
+
+    def receive_prompt_logprobs(self, first_target: int, info: dict, count: int) -> None:
+        """Entries for prompt tokens first_target .. first_target + count - 1 (info: [count, ...]
+        arrays); positions already recorded (a recompute after preemption) are skipped."""
+        k = self.params.prompt_logprobs
+        for j in range(count):
+            pos = first_target + j
+            if pos != len(self.prompt_logprobs):
+                continue
+            tid = self.prompt_token_ids[pos]
+            one = {"logprob": info["logprob"][j], "rank": info["rank"][j], "top_ids": info["top_ids"][j],
+                   "top_lps": info["top_lps"][j]}
+            self.prompt_logprobs.append(self._logprob_entry(tid, one, k))
 
     @property
     def finished(self) -> bool:
@@ -115,7 +136,7 @@ class Request:
         out.token_ids.append(tid)
         out.cumulative_logprob += float(info["logprob"])
         if p.logprobs is not None:
-            out.logprobs.append(self._logprob_entry(tid, info))
+            out.logprobs.append(self._logprob_entry(tid, info, p.logprobs))
         ends_by_token = last and tid in self.stop_ids
         if self.detok is not None and (not ends_by_token or p.include_stop_str_in_output):
             new_text = self.detok.add(tid)
@@ -134,11 +155,11 @@ class Request:
             return True
         return False
 
-    def _logprob_entry(self, tid: int, info: dict) -> dict[int, Logprob]:
-        """{token id: Logprob} for the chosen token and the params.logprobs most likely ones."""
+    def _logprob_entry(self, tid: int, info: dict, k: int) -> dict[int, Logprob]:
+        """{token id: Logprob} for the token and the k most likely ones."""
         decode = (lambda t: self.detok.tok.decode([t])) if self.detok is not None else (lambda t: None)
         entry = {tid: Logprob(float(info["logprob"]), int(info["rank"]), decode(tid))}
-        for r, (t, lp) in enumerate(zip(info["top_ids"][: self.params.logprobs], info["top_lps"]), start=1):
+        for r, (t, lp) in enumerate(zip(info["top_ids"][:k], info["top_lps"]), start=1):
             entry.setdefault(int(t), Logprob(float(lp), r, decode(int(t))))
         return entry
 
@@ -167,6 +188,7 @@ class Request:
             outputs=[comp],
             finished=self.finished,
             metrics=RequestMetrics(self.arrival_time, self.first_token_time, self.finished_time),
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
         )
 
 

@@ -111,7 +111,8 @@ class Scheduler:
         # would only be re-admitted at once.
         while not plan.preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
-            cached = self.blocks.match_prefix(req.all_ids)
+            # a request still owed prompt logprobs computes its whole prompt
+            cached = [] if req.needs_prompt_logprobs else self.blocks.match_prefix(req.all_ids)
             self.blocks.take(cached)
             req.blocks = list(cached)
             req.num_computed = len(cached) * self.blocks.block_size

@@ -84,7 +84,8 @@ class ModelRunner:
             lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype), out_shardings=pool_sharding(cfg, mesh)
         )()
         self._prefill = jax.jit(
-            self._prefill_impl, static_argnames=("num_logprobs", "all_greedy"), donate_argnames=("pool",)
+            self._prefill_impl, static_argnames=("num_logprobs", "all_greedy", "prompt_logprobs"),
+            donate_argnames=("pool",),
         )
         self._decode = jax.jit(
             self._decode_impl, static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",)
@@ -141,14 +142,21 @@ class ModelRunner:
         return new, jnp.where(active, tok, -1), token_info(logprobs, tok, num_logprobs)
 
     def _prefill_impl(
-        self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs, all_greedy
+        self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs,
+        all_greedy, targets=None, prompt_logprobs=None,
     ):
         model, hidden, pool = self._forward(params, pool, tokens, positions, valid, block_tables)
+        prompt_info = None
+        if prompt_logprobs is not None:  # logprobs of targets [B, T] (the next prompt tokens) at every position
+            b, t = targets.shape
+            lps = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1).reshape(b * t, -1)
+            info = token_info(lps, jnp.maximum(targets, 0).reshape(-1), max(prompt_logprobs, 1))
+            prompt_info = jax.tree.map(lambda x: x.reshape((b, t) + x.shape[1:]), info)
         last = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]
         last_pos = jnp.take_along_axis(positions, last_idx[:, None], axis=1)[:, 0]
         state = dataclasses.replace(state, positions=last_pos)
         _, tok, info = self._advance(state, model.logits(last), num_logprobs, all_greedy)
-        return pool, tok, info
+        return pool, tok, info, prompt_info
 
     def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int, num_logprobs, all_greedy):
         b = state.tokens.shape[0]
@@ -179,14 +187,16 @@ class ModelRunner:
 
     # -- host-facing API ---------------------------------------------------------------------
     def prefill(
-        self, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs=None, all_greedy=False
+        self, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs=None, all_greedy=False,
+        targets=None, prompt_logprobs=None,
     ):
-        """Run one chunk per row; returns (next token [B], its token_info) as device arrays."""
-        self.pool, tok, info = self._prefill(
+        """Run one chunk per row; returns (next token [B], its token_info, and with prompt_logprobs
+        (static K) the token_info of `targets` [B, T] at every position, else None) as device arrays."""
+        self.pool, tok, info, prompt_info = self._prefill(
             self.params, self.pool, tokens, positions, valid, block_tables, last_idx, state,
-            num_logprobs=num_logprobs, all_greedy=all_greedy,
+            num_logprobs=num_logprobs, all_greedy=all_greedy, targets=targets, prompt_logprobs=prompt_logprobs,
         )
-        return tok, info
+        return tok, info, prompt_info
 
     def decode(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False):
         """Run up to `steps` decode steps; returns (state, tokens [B, steps] (-1: none), token_info
