@@ -381,7 +381,8 @@ class LLM:
                 rid = self._next_id
                 self._next_id += 1
             key = fold_key_data(first.key_data, i)
-            reqs.append(Request(rid, first.prompt, first.prompt_token_ids, sp, key, first.stop_ids, streaming=streaming))
+            reqs.append(Request(rid, first.prompt, first.prompt_token_ids, sp, key, first.stop_ids, streaming=streaming,
+                                bad_ids=first.bad_ids, bad_seqs=first.bad_seqs))
         return reqs
 
     def _make_request(self, prompt, sp: SamplingParams, streaming: bool = False) -> Request:
@@ -394,6 +395,10 @@ class LLM:
         for t in sp.stop_token_ids or []:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids must be ints in [0, {vocab}), got {t}")
+        for t in sp.bad_token_ids or []:
+            if t >= vocab:
+                raise ValueError(f"bad_token_ids must be ints in [0, {vocab}), got {t}")
+        bad_ids, bad_seqs = self._bad_words(sp)
         if sp.end_id is not None and sp.end_id >= vocab:
             raise ValueError(f"end_id must be in [0, {vocab}), got {sp.end_id}")
         total = len(ids) + sp.max_tokens
@@ -407,8 +412,23 @@ class LLM:
             rid = self._next_id
             self._next_id += 1
         return Request(
-            rid, text, ids, sp, key_data_for_seed(seed), sp.all_stop_token_ids(self._eos_ids), streaming=streaming
+            rid, text, ids, sp, key_data_for_seed(seed), sp.all_stop_token_ids(self._eos_ids), streaming=streaming,
+            bad_ids=bad_ids, bad_seqs=bad_seqs,
         )
+
+    def _bad_words(self, sp: SamplingParams) -> tuple[list[int], list[list[int]]]:
+        """bad_token_ids and the token sequences of the bad words (as written and after a space)."""
+        ids, seqs = set(sp.bad_token_ids or []), []
+        if sp.bad_words and self.tokenizer is None:
+            raise ValueError("bad words need a tokenizer; pass bad_token_ids instead")
+        for word in sp.bad_words:
+            for text in (word, " " + word.lstrip()):
+                toks = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if len(toks) == 1:
+                    ids.add(toks[0])
+                elif toks and toks not in seqs:
+                    seqs.append(toks)
+        return sorted(ids), seqs
 
     @staticmethod
     def _find_eos_ids(loaded) -> list[int]:

@@ -44,6 +44,9 @@ class SamplingParams:
     cached prefix blocks (their logits were never kept), and its prefill computes logits at every
     prompt position (vocab x prompt tokens floats per step: lower max_num_tokens for long prompts).
     ``truncate_prompt_tokens``: keep only the last k prompt tokens.
+    ``bad`` (words, as vLLM's bad_words) and ``bad_token_ids``: never generated. A word is
+    tokenized as written and with a leading space; a one-token word bans that token, a longer one
+    bans its last token right after the rest of it.
     ``n``: completions returned; ``best_of`` (>= n, default n, at most 64): sequences sampled, of
     which the n with the highest cumulative logprob are returned. Both need sampling (temperature
     > 0). Sequence i of a seeded request draws from the seed's key folded with i (sequence 0 from
@@ -64,6 +67,8 @@ class SamplingParams:
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    bad: str | list[str] | None = None
+    bad_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -79,6 +84,7 @@ class SamplingParams:
     # Filled by the LLM from the tokenizer; a user may set them to override the model's EOS.
     end_id: int | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
+    _bad_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         _check_int("max_tokens", self.max_tokens, 1, allow_none=False)
@@ -117,6 +123,22 @@ class SamplingParams:
             for t in self.stop_token_ids:
                 _check_int("stop_token_ids[i]", t, 0, allow_none=False)
             self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.bad, str):
+            self._bad_list = [self.bad]
+        elif self.bad is None:
+            self._bad_list = []
+        elif isinstance(self.bad, (list, tuple)) and all(isinstance(w, str) for w in self.bad):
+            self._bad_list = list(self.bad)
+        else:
+            raise TypeError(f"bad must be a str or a list of str, got {self.bad!r}")
+        if any(not w.strip() for w in self._bad_list):
+            raise ValueError("bad must not contain an empty or blank string")
+        if self.bad_token_ids is not None:
+            if not isinstance(self.bad_token_ids, (list, tuple)):
+                raise TypeError(f"bad_token_ids must be a list of int, got {self.bad_token_ids!r}")
+            for t in self.bad_token_ids:
+                _check_int("bad_token_ids[i]", t, 0, allow_none=False)
+            self.bad_token_ids = list(self.bad_token_ids)
         _check_int("n", self.n, 1, allow_none=False)
         _check_int("best_of", self.best_of, 1)
         if self.best_of is not None and self.best_of < self.n:
@@ -147,6 +169,10 @@ class SamplingParams:
     def num_sequences(self) -> int:
         """Sequences generated for the request: best_of (default n); the best n are returned."""
         return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def bad_words(self) -> list[str]:
+        return self._bad_list
 
     @property
     def stop_strings(self) -> list[str]:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..runner import ModelRunner, RowState, bucket
-from ..sampling import PenaltyState, SamplingArrays
+from ..sampling import BadWordsState, PenaltyState, SamplingArrays
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .request import Request, RequestHandle
@@ -221,7 +221,30 @@ class Engine:
             done=jnp.asarray(done),
             sampling=SamplingArrays.from_requests([r.params for r in reqs], [r.key_data for r in reqs], rows),
             penalty=self._penalty_state(reqs, rows),
+            bad_words=self._bad_words_state(reqs, rows),
         )
+
+    def _bad_words_state(self, reqs: list[Request], rows: int) -> BadWordsState | None:
+        if not any(r.bad_ids or r.bad_seqs for r in reqs):
+            return None
+        vocab = self.runner.cfg.vocab_size
+        k = bucket(max([len(r.bad_ids) for r in reqs] + [1]), 4)
+        m = bucket(max([len(r.bad_seqs) for r in reqs] + [1]), 4)
+        width = max([len(s) for r in reqs for s in r.bad_seqs] + [1]) - 1  # longest prefix
+        width = bucket(width, 1) if width else 0
+        banned = np.full((rows, k), vocab, np.int32)
+        prefixes = np.full((rows, m, width), BadWordsState.WILDCARD, np.int32)
+        lasts = np.full((rows, m), vocab, np.int32)
+        history = np.full((rows, width), -1, np.int32)
+        for i, r in enumerate(reqs):
+            banned[i, : len(r.bad_ids)] = r.bad_ids
+            for j, seq in enumerate(r.bad_seqs):
+                prefixes[i, j, width - (len(seq) - 1) :] = seq[:-1]
+                lasts[i, j] = seq[-1]
+            if width:
+                tail = r.all_ids[-width:]
+                history[i, width - len(tail) :] = tail
+        return BadWordsState(*map(jnp.asarray, (banned, prefixes, lasts, history)))
 
     def _penalty_state(self, reqs: list[Request], rows: int) -> PenaltyState | None:
         if not any(r.params.has_penalties for r in reqs):

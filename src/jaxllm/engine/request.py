@@ -52,6 +52,8 @@ class Request:
     handle: "RequestHandle | None" = None
     _sent_text: int = 0
     _sent_tokens: int = 0
+    bad_ids: list[int] = field(default_factory=list)  # tokens never produced (bad_token_ids, one-token bad words)
+    bad_seqs: list[list[int]] = field(default_factory=list)  # multi-token bad words
     prompt_logprobs: list | None = None  # with params.prompt_logprobs: one entry per prompt position so far
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

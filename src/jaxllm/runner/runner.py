@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..models import ModelConfig
-from ..sampling import PenaltyState, SamplingArrays, sample, token_info
+from ..sampling import BadWordsState, PenaltyState, SamplingArrays, sample, token_info
 from .paged import (
     ATTENTION_BACKENDS,
     decode_kernel_for,
@@ -48,6 +48,7 @@ class RowState:
     done: jax.Array  # bool
     sampling: SamplingArrays
     penalty: PenaltyState | None = None  # only when a request in the batch uses penalties
+    bad_words: BadWordsState | None = None  # only when a request in the batch bans tokens
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -121,6 +122,8 @@ class ModelRunner:
         rows = jnp.arange(logits.shape[0])[:, None]
         if state.penalty is not None:
             logits = state.penalty.apply(logits.astype(jnp.float32))
+        if state.bad_words is not None:
+            logits = state.bad_words.apply(logits.astype(jnp.float32))
         # Before min_tokens, tokens that would end the row are not allowed.
         block = (state.num_generated < state.min_tokens)[:, None]
         stop_ids = jnp.where(block, state.stop_ids, self.cfg.vocab_size)
@@ -138,6 +141,7 @@ class ModelRunner:
             num_generated=num,
             done=done,
             penalty=state.penalty.update(tok, active) if state.penalty is not None else None,
+            bad_words=state.bad_words.update(tok, active) if state.bad_words is not None else None,
         )
         return new, jnp.where(active, tok, -1), token_info(logprobs, tok, num_logprobs)
 

@@ -108,6 +108,36 @@ def token_info(logprobs, tokens, num_logprobs: int | None) -> dict:
 
 @jax.tree_util.register_dataclass
 @dataclass
+class BadWordsState:
+    """Tokens a row may never produce: single tokens always, the last token of a multi-token bad
+    word when the row's latest tokens spell the rest of it (vLLM's bad_words semantics).
+
+    banned [B, K] (padding: vocab); prefixes [B, M, L-1] right-aligned (WILDCARD where a shorter
+    word has nothing); lasts [B, M] (padding: vocab); history [B, L-1]: the row's latest tokens.
+    """
+
+    banned: jax.Array
+    prefixes: jax.Array
+    lasts: jax.Array
+    history: jax.Array
+
+    WILDCARD = -2
+
+    def apply(self, logits):
+        rows = jnp.arange(logits.shape[0])[:, None]
+        logits = logits.at[rows, self.banned].set(-jnp.inf, mode="drop")
+        hit = jnp.all((self.prefixes == self.WILDCARD) | (self.prefixes == self.history[:, None, :]), axis=-1)
+        return logits.at[rows, jnp.where(hit, self.lasts, logits.shape[-1])].set(-jnp.inf, mode="drop")
+
+    def update(self, tokens, active):
+        if self.history.shape[1] == 0:
+            return self
+        shifted = jnp.concatenate([self.history[:, 1:], tokens[:, None]], axis=1)
+        return dataclasses.replace(self, history=jnp.where(active[:, None], shifted, self.history))
+
+
+@jax.tree_util.register_dataclass
+@dataclass
 class PenaltyState:
     """Per-row penalty settings [B] and token statistics [B, V], kept up to date inside the loop."""
 
