@@ -191,3 +191,23 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_llm):
     assert full.prompt_token_ids == ids
     with pytest.raises(ValueError, match="truncate_prompt_tokens must be >= 1"):
         SamplingParams(truncate_prompt_tokens=0)
+
+
+def test_add_special_tokens(tiny_checkpoints):
+    """A tokenizer that adds BOS: text prompts get it by default, not with add_special_tokens=False."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from jaxllm import LLM
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoints["llama3"]))
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    plain = tok.encode("Hello world", add_special_tokens=False)
+    with LLM(str(tiny_checkpoints["llama3"]), tokenizer=tok, max_seq_len=64) as llm:
+        with_bos = llm.generate("Hello world", SamplingParams(max_tokens=1), use_tqdm=False)
+        without = llm.generate("Hello world", SamplingParams(max_tokens=1, add_special_tokens=False), use_tqdm=False)
+    assert with_bos.prompt_token_ids == [bos] + plain
+    assert without.prompt_token_ids == plain
+    with pytest.raises(TypeError, match="add_special_tokens must be a bool"):
+        SamplingParams(add_special_tokens="no")

@@ -336,7 +336,7 @@ class LLM:
             return list(sampling_params)
         raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(sampling_params).__name__}")
 
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
@@ -347,7 +347,7 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         if isinstance(prompt, (list, tuple)):
             return None, self._check_ids(prompt)
         raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
@@ -386,7 +386,7 @@ class LLM:
         return reqs
 
     def _make_request(self, prompt, sp: SamplingParams, streaming: bool = False) -> Request:
-        text, ids = self._tokenize(prompt)
+        text, ids = self._tokenize(prompt, sp.add_special_tokens)
         if not ids:
             raise ValueError("prompt must not be empty (it tokenized to no tokens)")
         if sp.truncate_prompt_tokens is not None:

@@ -44,6 +44,7 @@ class SamplingParams:
     cached prefix blocks (their logits were never kept), and its prefill computes logits at every
     prompt position (vocab x prompt tokens floats per step: lower max_num_tokens for long prompts).
     ``truncate_prompt_tokens``: keep only the last k prompt tokens.
+    ``add_special_tokens``: let the tokenizer add its special tokens (BOS) to a text prompt.
     ``bad`` (words, as vLLM's bad_words) and ``bad_token_ids``: never generated. A word is
     tokenized as written and with a leading space; a one-token word bans that token, a longer one
     bans its last token right after the rest of it.
@@ -72,6 +73,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    add_special_tokens: bool = True
     detokenize: bool = True
     n: int = 1
     best_of: int | None = None
@@ -139,6 +141,9 @@ class SamplingParams:
             for t in self.bad_token_ids:
                 _check_int("bad_token_ids[i]", t, 0, allow_none=False)
             self.bad_token_ids = list(self.bad_token_ids)
+        for name in ("add_special_tokens", "skip_special_tokens", "ignore_eos", "detokenize", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_int("n", self.n, 1, allow_none=False)
         _check_int("best_of", self.best_of, 1)
         if self.best_of is not None and self.best_of < self.n:
