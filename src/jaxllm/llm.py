@@ -15,7 +15,7 @@ import numpy as np
 from .engine import Engine, GroupHandle, Request, RequestHandle
 from .kv_cache_config import KvCacheConfig
 from .loader import DTYPES, LOAD_FORMATS, load_model, save_checkpoint
-from .outputs import RequestOutput
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runner import ATTENTION_BACKENDS, ModelRunner, plan_num_blocks
 from .sampling import fold_key_data, key_data_for_seed
 from .sampling_params import SamplingParams
@@ -363,6 +363,8 @@ class LLM:
 
     def _submit(self, reqs: list[Request], sp: SamplingParams) -> RequestHandle:
         """Queue one request's sequences; one handle (a GroupHandle merging them when several)."""
+        if sp.use_beam_search:
+            return self._submit_beam_search(reqs[0], sp)
         if len(reqs) == 1:
             return self._require_engine(reqs[0].request_id).add_request(reqs[0])
         group = GroupHandle(reqs[0].request_id, reqs[0].streaming, sp.n, len(reqs))
@@ -370,10 +372,46 @@ class LLM:
             group._children.append(self._require_engine(r.request_id).add_request(r, group.listener(i)))
         return group
 
+    def _submit_beam_search(self, req: Request, sp: SamplingParams) -> RequestHandle:
+        """Beam search on a thread of its own (see jaxllm.engine.beam_search); abort() stops it
+        between steps, and the best hypotheses so far are returned as "cancelled"."""
+        from .engine.beam_search import beam_search
+
+        handle = RequestHandle(req.request_id, req.streaming, engine=None)
+        cancelled = threading.Event()
+        handle.abort = cancelled.set
+        runner, tok = self._require_engine(req.request_id).runner, self.tokenizer
+
+        def run():
+            try:
+                hyps = beam_search(
+                    runner, req.prompt_token_ids, sp.beam_width, sp.max_tokens, req.stop_ids,
+                    min_tokens=sp.min_tokens or 0, length_penalty=sp.length_penalty,
+                    early_stopping=sp.early_stopping, cancelled=cancelled,
+                )
+                outs = []
+                for i, h in enumerate(hyps[: sp.n]):
+                    text = tok.decode(h.tokens, skip_special_tokens=sp.skip_special_tokens) if sp.detokenize and tok else ""
+                    reason = "cancelled" if cancelled.is_set() else ("stop" if h.stopped_by_eos else "length")
+                    stop_reason = h.tokens[-1] if h.stopped_by_eos and h.tokens[-1] in (sp.stop_token_ids or []) else None
+                    outs.append(CompletionOutput(index=i, text=text, token_ids=h.tokens, cumulative_logprob=h.logprob,
+                                                 finish_reason=reason, stop_reason=stop_reason, text_diff=text,
+                                                 token_ids_diff=list(h.tokens)))
+                if not outs:
+                    outs = [CompletionOutput(index=0, finish_reason="cancelled")]
+                now = time.perf_counter()
+                metrics = RequestMetrics(req.arrival_time, now, now)
+                handle._publish(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, True, metrics))
+            except BaseException as e:  # noqa: BLE001 - the caller must hear of it
+                handle._publish(error=e)
+
+        threading.Thread(target=run, name=f"jaxllm-beam-{req.request_id}", daemon=True).start()
+        return handle
+
     def _make_requests(self, prompt, sp: SamplingParams, streaming: bool = False) -> list[Request]:
         """The engine requests of one prompt: one per sequence (best_of, default n), checked."""
         first = self._make_request(prompt, sp, streaming)
-        if sp.num_sequences == 1:
+        if sp.num_sequences == 1 or sp.use_beam_search:
             return [first]
         reqs = [first]
         for i in range(1, sp.num_sequences):

@@ -44,6 +44,11 @@ class SamplingParams:
     cached prefix blocks (their logits were never kept), and its prefill computes logits at every
     prompt position (vocab x prompt tokens floats per step: lower max_num_tokens for long prompts).
     ``truncate_prompt_tokens``: keep only the last k prompt tokens.
+    ``use_beam_search``: beam search with ``best_of`` (default ``n``) beams, returning the n best,
+    as transformers' ``generate(num_beams=..., do_sample=False)`` with the same ``length_penalty``
+    (scores are summed logprobs / generated length ** length_penalty) and ``early_stopping``
+    (True, False or "never"). It runs outside the batched engine, recomputing the beams each step:
+    a slower path, meant for short outputs.
     ``add_special_tokens``: let the tokenizer add its special tokens (BOS) to a text prompt.
     ``bad`` (words, as vLLM's bad_words) and ``bad_token_ids``: never generated. A word is
     tokenized as written and with a leading space; a one-token word bans that token, a longer one
@@ -77,6 +82,9 @@ class SamplingParams:
     detokenize: bool = True
     n: int = 1
     best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
@@ -150,7 +158,9 @@ class SamplingParams:
             raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
         if self.num_sequences > MAX_SEQUENCES:
             raise ValueError(f"best_of (or n) must be <= {MAX_SEQUENCES}, got {self.num_sequences}")
-        if self.num_sequences > 1 and self.is_greedy:
+        if self.use_beam_search:
+            self._check_beam_search()
+        elif self.num_sequences > 1 and self.is_greedy:
             raise ValueError(
                 f"n and best_of must be 1 with greedy decoding (all {self.num_sequences} sequences would be "
                 "identical); set temperature > 0"
@@ -169,6 +179,28 @@ class SamplingParams:
         _check_int("prompt_logprobs", self.prompt_logprobs, 0)
         if self.prompt_logprobs is not None and self.prompt_logprobs > MAX_LOGPROBS:
             raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
+
+    def _check_beam_search(self) -> None:
+        if not isinstance(self.use_beam_search, bool):
+            raise TypeError(f"use_beam_search must be a bool, got {self.use_beam_search!r}")
+        _check_float("length_penalty", self.length_penalty)
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f'early_stopping must be True, False or "never", got {self.early_stopping!r}')
+        if not self.is_greedy:
+            raise ValueError("use_beam_search needs temperature 0 or unset, and no top_p / top_k / min_p")
+        unsupported = [name for name, off in (
+            ("logprobs", self.logprobs is None), ("prompt_logprobs", self.prompt_logprobs is None),
+            ("stop", not self._stop_list), ("bad", not self._bad_list), ("bad_token_ids", not self.bad_token_ids),
+            ("repetition_penalty", self.repetition_penalty == 1.0), ("presence_penalty", self.presence_penalty == 0.0),
+            ("frequency_penalty", self.frequency_penalty == 0.0),
+        ) if not off]
+        if unsupported:
+            raise ValueError(f"use_beam_search does not support {', '.join(unsupported)} yet; leave them unset")
+
+    @property
+    def beam_width(self) -> int:
+        """Beams kept by beam search: best_of, default n."""
+        return self.num_sequences
 
     @property
     def num_sequences(self) -> int:
