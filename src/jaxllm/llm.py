@@ -365,12 +365,30 @@ class LLM:
         """Queue one request's sequences; one handle (a GroupHandle merging them when several)."""
         if sp.use_beam_search:
             return self._submit_beam_search(reqs[0], sp)
+        if sp.logits_processor is not None:
+            return self._submit_processed(reqs[0])
         if len(reqs) == 1:
             return self._require_engine(reqs[0].request_id).add_request(reqs[0])
         group = GroupHandle(reqs[0].request_id, reqs[0].streaming, sp.n, len(reqs))
         for i, r in enumerate(reqs):
             group._children.append(self._require_engine(r.request_id).add_request(r, group.listener(i)))
         return group
+
+    def _submit_processed(self, req: Request) -> RequestHandle:
+        """A request with logits processors, on a thread of its own (the slower path)."""
+        from .engine.detokenizer import IncrementalDetokenizer
+        from .engine.logits_processing import run_request
+
+        handle = RequestHandle(req.request_id, req.streaming, engine=None)
+        cancelled = threading.Event()
+        handle.abort = cancelled.set
+        req.handle = handle
+        if req.params.detokenize and self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+        runner = self._require_engine(req.request_id).runner
+        threading.Thread(target=run_request, args=(runner, req, cancelled), name=f"jaxllm-lp-{req.request_id}",
+                         daemon=True).start()
+        return handle
 
     def _submit_beam_search(self, req: Request, sp: SamplingParams) -> RequestHandle:
         """Beam search on a thread of its own (see jaxllm.engine.beam_search); abort() stops it

@@ -44,6 +44,10 @@ class SamplingParams:
     cached prefix blocks (their logits were never kept), and its prefill computes logits at every
     prompt position (vocab x prompt tokens floats per step: lower max_num_tokens for long prompts).
     ``truncate_prompt_tokens``: keep only the last k prompt tokens.
+    ``logits_processor``: a Python callable (or a list, applied in order) called on every step with
+    ``(output_token_ids, logits)`` or ``(prompt_token_ids, output_token_ids, logits)`` (logits: a
+    float32 numpy array [vocab]) and returning the logits to sample from. A slower path: such a
+    request runs outside the batched device loop (see jaxllm.engine.logits_processing).
     ``use_beam_search``: beam search with ``best_of`` (default ``n``) beams, returning the n best,
     as transformers' ``generate(num_beams=..., do_sample=False)`` with the same ``length_penalty``
     (scores are summed logprobs / generated length ** length_penalty) and ``early_stopping``
@@ -83,6 +87,7 @@ class SamplingParams:
     n: int = 1
     best_of: int | None = None
     use_beam_search: bool = False
+    logits_processor: object = None  # a callable or a list of them (see the docstring)
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     logprobs: int | None = None
@@ -158,6 +163,12 @@ class SamplingParams:
             raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
         if self.num_sequences > MAX_SEQUENCES:
             raise ValueError(f"best_of (or n) must be <= {MAX_SEQUENCES}, got {self.num_sequences}")
+        if self.logits_processor is not None:
+            procs = self.logits_processor if isinstance(self.logits_processor, (list, tuple)) else [self.logits_processor]
+            if not procs or not all(callable(f) for f in procs):
+                raise TypeError(f"logits_processor must be a callable or a list of callables, got {self.logits_processor!r}")
+            if self.num_sequences > 1 or self.use_beam_search:
+                raise ValueError("logits_processor works with one sequence per request (n = best_of = 1, no beam search)")
         if self.use_beam_search:
             self._check_beam_search()
         elif self.num_sequences > 1 and self.is_greedy:
