@@ -27,6 +27,28 @@ def _check_float(name: str, value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
 
 
+def _str_list(name: str, value) -> list[str]:
+    """None, a str or a list of str -> a list of str."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be a str or a list of str, got {value!r}")
+
+
+def _int_list(name: str, value) -> list[int] | None:
+    """None or a list of ints >= 0 (checked)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of int, got {value!r}")
+    for t in value:
+        _check_int(f"{name}[i]", t, 0, allow_none=False)
+    return list(value)
+
+
 MAX_LOGPROBS = 20  # most likely tokens reported per generated token, at most
 MAX_SEQUENCES = 64  # sequences per request (n, best_of), at most
 
@@ -120,40 +142,16 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         _check_int("seed", self.seed, 0)
         _check_int("end_id", self.end_id, 0)
-        if isinstance(self.stop, str):
-            self._stop_list = [self.stop]
-        elif self.stop is None:
-            self._stop_list = []
-        elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
-            self._stop_list = list(self.stop)
-        else:
-            raise TypeError(f"stop must be a str or a list of str, got {self.stop!r}")
+        self._stop_list = _str_list("stop", self.stop)
         if any(s == "" for s in self._stop_list):
             raise ValueError("stop must not contain an empty string")
         if self._stop_list and not self.detokenize:
             raise ValueError("stop strings need detokenize=True (use stop_token_ids instead)")
-        if self.stop_token_ids is not None:
-            if not isinstance(self.stop_token_ids, (list, tuple)):
-                raise TypeError(f"stop_token_ids must be a list of int, got {self.stop_token_ids!r}")
-            for t in self.stop_token_ids:
-                _check_int("stop_token_ids[i]", t, 0, allow_none=False)
-            self.stop_token_ids = list(self.stop_token_ids)
-        if isinstance(self.bad, str):
-            self._bad_list = [self.bad]
-        elif self.bad is None:
-            self._bad_list = []
-        elif isinstance(self.bad, (list, tuple)) and all(isinstance(w, str) for w in self.bad):
-            self._bad_list = list(self.bad)
-        else:
-            raise TypeError(f"bad must be a str or a list of str, got {self.bad!r}")
+        self.stop_token_ids = _int_list("stop_token_ids", self.stop_token_ids)
+        self._bad_list = _str_list("bad", self.bad)
         if any(not w.strip() for w in self._bad_list):
             raise ValueError("bad must not contain an empty or blank string")
-        if self.bad_token_ids is not None:
-            if not isinstance(self.bad_token_ids, (list, tuple)):
-                raise TypeError(f"bad_token_ids must be a list of int, got {self.bad_token_ids!r}")
-            for t in self.bad_token_ids:
-                _check_int("bad_token_ids[i]", t, 0, allow_none=False)
-            self.bad_token_ids = list(self.bad_token_ids)
+        self.bad_token_ids = _int_list("bad_token_ids", self.bad_token_ids)
         for name in ("add_special_tokens", "skip_special_tokens", "ignore_eos", "detokenize", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
