@@ -204,3 +204,35 @@ def test_heads_major_layout_on_gpu():
     ref = reference_decode_attention(q, k, v, tables, lens, 32)
     out = np.asarray(out, np.float32)
     assert np.linalg.norm(out - np.asarray(ref)) / np.linalg.norm(np.asarray(ref)) <= TOL
+
+
+def test_fresh_prefill_through_dot_product_attention(tiny_checkpoints):
+    """Whole-prompt prefill through jax.nn.dot_product_attention (XLA on CPU; cuDNN on a GPU)
+    gives the reference path's tokens and logprobs, chunked and cached prompts included."""
+    from jaxllm import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40, 33)]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    kw = dict(max_batch_size=4, max_num_tokens=64, compilation_cache=False, max_seq_len=256)
+    with LLM(str(tiny_checkpoints["llama3"]), **kw) as ref_llm:
+        expected = ref_llm.generate(prompts, sp, use_tqdm=False)
+    with LLM(str(tiny_checkpoints["llama3"]), **kw) as llm:
+        runner = llm._engine.runner
+        assert runner._fresh_impl is None  # CPU: the reference path unless asked
+        runner._fresh_impl = "xla"
+        calls = []
+        orig = runner._prefill
+
+        def spy(*a, **k):
+            calls.append(k.get("fresh"))
+            return orig(*a, **k)
+
+        runner._prefill = spy
+        got = llm.generate(prompts, sp, use_tqdm=False)
+        again = llm.generate(prompts, sp, use_tqdm=False)  # cached prefixes: not fresh
+    assert True in calls and False in calls
+    for e, g, a in zip(expected, got, again):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids == a.outputs[0].token_ids
+        lp = [x[t].logprob for x, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
+        ref = [x[t].logprob for x, t in zip(e.outputs[0].logprobs, e.outputs[0].token_ids)]
+        assert lp == pytest.approx(ref, abs=1e-4)

@@ -316,6 +316,7 @@ class Engine:
             all_greedy=all(r.params.is_greedy for r in reqs),
             targets=jnp.asarray(targets) if targets is not None else None,
             prompt_logprobs=bucket(max(asked + [1]), 1) if asked else None,
+            fresh=all(start == 0 for _, start, _ in plan.prefill),
         )
 
     @staticmethod

@@ -107,10 +107,17 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
 
 
 def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None,
-                decode_kernel=None):
-    """`decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls."""
+                decode_kernel=None, fresh_impl: str | None = None):
+    """`decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls.
+
+    `fresh_impl` ("cudnn" or "xla"), when given, says every row of this call starts at position 0
+    (whole prompts, nothing cached): attention then needs only this call's K/V, and runs as
+    ``jax.nn.dot_product_attention`` with that implementation (cuDNN's fused flash attention on
+    NVIDIA GPUs) instead of gathering through the block tables.
+    """
     flat_slots = slots.reshape(-1)
     use_kernel = decode_kernel is not None and positions.shape[1] == 1
+    use_fresh = fresh_impl is not None and positions.shape[1] > 1
 
     def attend(layer, q, k, v, cache):
         k_pool, v_pool = cache[layer]
@@ -120,6 +127,13 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
         v_pool = v_pool.at[idx].set(v.reshape(-1, *v.shape[2:]).astype(v_pool.dtype), mode="drop")
         if use_kernel:
             out = decode_kernel(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0] + 1)[:, None]
+        elif use_fresh:
+            lens = jnp.sum(slots >= 0, axis=1).astype(jnp.int32)
+            window = (sliding_window - 1, 0) if sliding_window is not None else None
+            out = jax.nn.dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, query_seq_lengths=lens,
+                key_value_seq_lengths=lens, local_window_size=window, implementation=fresh_impl,
+            ).astype(jnp.float32)
         else:
             out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window)
         cache = list(cache)

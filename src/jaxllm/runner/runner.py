@@ -79,13 +79,15 @@ class ModelRunner:
         self._decode_kernel = (
             decode_kernel_for(block_size, cfg.sliding_window, mesh) if self.attention_backend == "pallas" else None
         )
+        # whole-prompt prefill attention: cuDNN's flash attention beside the Pallas decode kernel
+        self._fresh_impl = "cudnn" if self.attention_backend == "pallas" and mesh.shape.get("model", 1) == 1 else None
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
             lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype), out_shardings=pool_sharding(cfg, mesh)
         )()
         self._prefill = jax.jit(
-            self._prefill_impl, static_argnames=("num_logprobs", "all_greedy", "prompt_logprobs"),
+            self._prefill_impl, static_argnames=("num_logprobs", "all_greedy", "prompt_logprobs", "fresh"),
             donate_argnames=("pool",),
         )
         self._decode = jax.jit(
@@ -105,11 +107,12 @@ class ModelRunner:
         return requested
 
     # -- pure functions (traced) -------------------------------------------------------------
-    def _forward(self, params, pool, tokens, positions, valid, block_tables):
+    def _forward(self, params, pool, tokens, positions, valid, block_tables, fresh=False):
         model = nnx.merge(self.graphdef, params)
         slots = slots_for(positions, block_tables, self.block_size, valid)
         attend = make_attend(
-            positions, slots, block_tables, self.block_size, self.cfg.sliding_window, self._decode_kernel
+            positions, slots, block_tables, self.block_size, self.cfg.sliding_window, self._decode_kernel,
+            self._fresh_impl if fresh else None,
         )
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
@@ -147,9 +150,9 @@ class ModelRunner:
 
     def _prefill_impl(
         self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs,
-        all_greedy, targets=None, prompt_logprobs=None,
+        all_greedy, targets=None, prompt_logprobs=None, fresh=False,
     ):
-        model, hidden, pool = self._forward(params, pool, tokens, positions, valid, block_tables)
+        model, hidden, pool = self._forward(params, pool, tokens, positions, valid, block_tables, fresh)
         prompt_info = None
         if prompt_logprobs is not None:  # logprobs of targets [B, T] (the next prompt tokens) at every position
             b, t = targets.shape
@@ -192,13 +195,14 @@ class ModelRunner:
     # -- host-facing API ---------------------------------------------------------------------
     def prefill(
         self, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs=None, all_greedy=False,
-        targets=None, prompt_logprobs=None,
+        targets=None, prompt_logprobs=None, fresh=False,
     ):
-        """Run one chunk per row; returns (next token [B], its token_info, and with prompt_logprobs
+        """Run one chunk per row (`fresh`: every row starts at position 0); returns (next token [B], its token_info, and with prompt_logprobs
         (static K) the token_info of `targets` [B, T] at every position, else None) as device arrays."""
         self.pool, tok, info, prompt_info = self._prefill(
             self.params, self.pool, tokens, positions, valid, block_tables, last_idx, state,
             num_logprobs=num_logprobs, all_greedy=all_greedy, targets=targets, prompt_logprobs=prompt_logprobs,
+            fresh=bool(fresh and self._fresh_impl is not None),
         )
         return tok, info, prompt_info
 
