@@ -211,3 +211,35 @@ def test_add_special_tokens(tiny_checkpoints):
     assert without.prompt_token_ids == plain
     with pytest.raises(TypeError, match="add_special_tokens must be a bool"):
         SamplingParams(add_special_tokens="no")
+
+
+def test_spaces_between_special_tokens(tiny_llm):
+    """Kept special tokens are spaced from their neighbours by default, glued with False; the
+    incremental detokenizer builds the same text as one decode of all tokens."""
+    import numpy as np
+
+    from jaxllm.engine.detokenizer import IncrementalDetokenizer, decode_text
+
+    tok = tiny_llm.tokenizer
+    eos = tok.eos_token_id
+    hello, world = tok.encode("Hello", add_special_tokens=False), tok.encode(" world", add_special_tokens=False)
+    ids = hello + [eos] + world + [eos]
+    special = tok.decode([eos])
+    assert decode_text(tok, ids, False, True) == f"Hello {special}  world {special}"
+    assert decode_text(tok, ids, False, False) == f"Hello{special} world{special}"
+    assert decode_text(tok, ids, True, True) == "Hello world"
+    for spaces in (True, False):
+        d = IncrementalDetokenizer(tok, [5, 6], False, spaces)
+        assert "".join(d.add(t) for t in ids) == decode_text(tok, ids, False, spaces)
+    forced = np.array(ids)
+
+    def force(out_ids, logits):
+        logits = np.full_like(logits, -np.inf)
+        logits[forced[len(out_ids)]] = 0.0
+        return logits
+
+    sp = dict(max_tokens=len(ids), ignore_eos=True, skip_special_tokens=False, logits_processor=force)
+    out = tiny_llm.generate("x", SamplingParams(**sp), use_tqdm=False).outputs[0]
+    assert out.token_ids == ids and out.text == decode_text(tok, ids, False, True)
+    out = tiny_llm.generate("x", SamplingParams(spaces_between_special_tokens=False, **sp), use_tqdm=False).outputs[0]
+    assert out.text == decode_text(tok, ids, False, False)

@@ -384,7 +384,8 @@ class LLM:
         handle.abort = cancelled.set
         req.handle = handle
         if req.params.detokenize and self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens,
+                                               req.params.spaces_between_special_tokens)
         runner = self._require_engine(req.request_id).runner
         threading.Thread(target=run_request, args=(runner, req, cancelled), name=f"jaxllm-lp-{req.request_id}",
                          daemon=True).start()
@@ -394,6 +395,7 @@ class LLM:
         """Beam search on a thread of its own (see jaxllm.engine.beam_search); abort() stops it
         between steps, and the best hypotheses so far are returned as "cancelled"."""
         from .engine.beam_search import beam_search
+        from .engine.detokenizer import decode_text
 
         handle = RequestHandle(req.request_id, req.streaming, engine=None)
         cancelled = threading.Event()
@@ -409,7 +411,8 @@ class LLM:
                 )
                 outs = []
                 for i, h in enumerate(hyps[: sp.n]):
-                    text = tok.decode(h.tokens, skip_special_tokens=sp.skip_special_tokens) if sp.detokenize and tok else ""
+                    text = (decode_text(tok, h.tokens, sp.skip_special_tokens, sp.spaces_between_special_tokens)
+                            if sp.detokenize and tok else "")
                     reason = "cancelled" if cancelled.is_set() else ("stop" if h.stopped_by_eos else "length")
                     stop_reason = h.tokens[-1] if h.stopped_by_eos and h.tokens[-1] in (sp.stop_token_ids or []) else None
                     outs.append(CompletionOutput(index=i, text=text, token_ids=h.tokens, cumulative_logprob=h.logprob,

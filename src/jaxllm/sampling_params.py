@@ -76,6 +76,8 @@ class SamplingParams:
     (True, False or "never"). It runs outside the batched engine, recomputing the beams each step:
     a slower path, meant for short outputs.
     ``add_special_tokens``: let the tokenizer add its special tokens (BOS) to a text prompt.
+    ``spaces_between_special_tokens``: with skip_special_tokens=False, set special tokens in the
+    output text apart from their neighbours by a space (as transformers' slow tokenizers and vLLM).
     ``bad`` (words, as vLLM's bad_words) and ``bad_token_ids``: never generated. A word is
     tokenized as written and with a leading space; a one-token word bans that token, a longer one
     bans its last token right after the rest of it.
@@ -105,6 +107,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     add_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     detokenize: bool = True
     n: int = 1
     best_of: int | None = None
@@ -152,7 +155,7 @@ class SamplingParams:
         if any(not w.strip() for w in self._bad_list):
             raise ValueError("bad must not contain an empty or blank string")
         self.bad_token_ids = _int_list("bad_token_ids", self.bad_token_ids)
-        for name in ("add_special_tokens", "skip_special_tokens", "ignore_eos", "detokenize", "include_stop_str_in_output"):
+        for name in ("add_special_tokens", "spaces_between_special_tokens", "skip_special_tokens", "ignore_eos", "detokenize", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_int("n", self.n, 1, allow_none=False)

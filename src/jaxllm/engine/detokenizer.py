@@ -11,17 +11,40 @@ from __future__ import annotations
 PROMPT_CONTEXT = 5  # prompt tokens decoded ahead of the output, so the first token gets its space
 
 
+def decode_text(tokenizer, ids, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> str:
+    """Token ids to text. Kept special tokens are set apart by single spaces from the text around
+    them when spaces_between_special_tokens (transformers' slow tokenizers and vLLM do this; the
+    fast tokenizers' own decode does not)."""
+    if skip_special_tokens or not spaces_between_special_tokens:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    special = set(tokenizer.all_special_ids)
+    parts, run = [], []
+    for t in ids:
+        if t in special:
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(tokenizer.decode([t]))
+        else:
+            run.append(t)
+    if run:
+        parts.append(tokenizer.decode(run))
+    return " ".join(parts)
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True):
         self.tok = tokenizer
         self.skip = skip_special_tokens
+        self.spaces = spaces_between_special_tokens
         self.ids = list(prompt_ids[-PROMPT_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
 
     def _decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=self.skip)
+        return decode_text(self.tok, ids, self.skip, self.spaces)
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the text it completes (possibly "" while a character is partial)."""

@@ -73,7 +73,8 @@ class Engine:
         handle._listener = listener
         req.handle = handle
         if req.params.detokenize:
-            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens,
+                                               req.params.spaces_between_special_tokens)
         with self._lock:
             self._check_alive()
             self._incoming.append(req)
