@@ -33,21 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for mode, help_ in (("throughput", "offline throughput: many requests at once"), ("latency", "batch-1 latency")):
         p = sub.add_parser(mode, help=help_)
         p.add_argument("--model", required=True, help="HF id, local HF folder or .gguf file")
-        p.add_argument("--tokenizer", default=None)
-        p.add_argument("--revision", default=None)
-        p.add_argument("--dtype", default="auto")
-        p.add_argument("--load-format", default="auto", help='"auto" or "dummy" (random weights)')
+        add_llm_arguments(p)
         p.add_argument("--input-len", type=int, default=128)
         p.add_argument("--output-len", type=int, default=128)
-        p.add_argument("--max-seq-len", type=int, default=None)
-        p.add_argument("--max-batch-size", type=int, default=256)
-        p.add_argument("--max-num-tokens", type=int, default=8192)
-        p.add_argument("--decode-steps", type=int, default=16)
-        p.add_argument("--tensor-parallel-size", type=int, default=1)
-        p.add_argument("--data-parallel-size", type=int, default=1)
-        p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None)
-        p.add_argument("--tokens-per-block", type=int, default=None)
-        p.add_argument("--attention-backend", default="auto")
         p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak")
         p.add_argument("--peak-tbps", type=float, default=None, help="override the device's memory bandwidth")
         p.add_argument("--seed", type=int, default=0)
@@ -59,6 +47,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--warmup-requests", type=int, default=None, help="default: min(num requests, max batch)")
         else:
             p.add_argument("--iterations", type=int, default=5)
+
+
+def add_llm_arguments(p: argparse.ArgumentParser) -> None:
+    """The LLM(...) arguments as flags (bench and serve share them)."""
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-format", default="auto", help='"auto" or "dummy" (random weights)')
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-num-tokens", type=int, default=8192)
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--data-parallel-size", type=int, default=1)
+    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None)
+    p.add_argument("--tokens-per-block", type=int, default=None)
+    p.add_argument("--attention-backend", default="auto")
 
 
 def _positive(name: str, value, allow_none=False):
@@ -137,7 +142,7 @@ def _peaks(args):
     return kind, flops, bw
 
 
-def _make_llm(args):
+def make_llm(args):
     from . import LLM, KvCacheConfig
 
     kv = {}
@@ -199,7 +204,7 @@ def run(args) -> dict:
         _positive("--iterations", args.iterations)
     rng = np.random.default_rng(args.seed)
     t_start = time.perf_counter()
-    llm = _make_llm(args)
+    llm = make_llm(args)
     try:
         load_s = time.perf_counter() - t_start
         vocab = llm.model_config.vocab_size

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import bench
+
 
 def _generate(args) -> int:
     from . import LLM, SamplingParams
@@ -13,6 +15,20 @@ def _generate(args) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
         for out in llm.generate(args.prompt, params, use_tqdm=False):
             print(f"{out.prompt!r} -> {out.outputs[0].text!r}")
+    return 0
+
+
+def _serve(args) -> int:
+    import os
+
+    from .serve import serve
+
+    llm = bench.make_llm(args)
+    serve(
+        llm, args.served_model_name or args.model, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("JAXLLM_API_KEY"),
+        max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
+    )
     return 0
 
 
@@ -30,9 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--load-format", default="auto")
     gen.add_argument("--max-seq-len", type=int, default=None)
-    from . import bench
-
     bench.add_arguments(sub.add_parser("bench", help="offline throughput / batch-1 latency benchmarks"))
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    srv.add_argument("model", help="HF id, local HF folder or .gguf file")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="required as Authorization: Bearer (default: $JAXLLM_API_KEY)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    srv.add_argument("--max-concurrent-requests", type=int, default=512, help="beyond it: 429")
+    srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="beyond it: 413")
+    bench.add_llm_arguments(srv)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__
@@ -43,5 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args)
     if args.command == "bench":
         return bench.main(args)
+    if args.command == "serve":
+        return _serve(args)
     parser.print_help(sys.stderr)
     return 2
