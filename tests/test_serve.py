@@ -182,3 +182,58 @@ def test_200_concurrent_streams_all_complete(server, tiny_llm):
             await aclient.close()
 
     assert asyncio.run(run()) == expected
+
+
+def test_logprobs_and_metrics(client, server, tiny_llm):
+    import httpx
+
+    out = client.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    expected = tiny_llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0, logprobs=2), use_tqdm=False)
+    comp = expected.outputs[0]
+    assert lp.token_logprobs == pytest.approx([e[t].logprob for t, e in zip(comp.token_ids, comp.logprobs)], abs=1e-5)
+    assert all(len(top) == 2 for top in lp.top_logprobs) and "".join(lp.tokens) == out.choices[0].text
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    for name in ("jaxllm_requests_total", "jaxllm_prompt_tokens_total", "jaxllm_generation_tokens_total",
+                 "jaxllm_time_to_first_token_seconds_bucket", "jaxllm_time_per_output_token_seconds_count",
+                 "jaxllm_requests_running", "jaxllm_kv_blocks_used", "jaxllm_kv_blocks_free"):
+        assert name in text, name
+    done = [line for line in text.splitlines() if line.startswith('jaxllm_requests_total{outcome="length"}')]
+    assert done and float(done[0].split()[-1]) >= 2
+
+
+def test_sigterm_stops_the_server(tiny_checkpoints):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxllm", "serve", str(tiny_checkpoints["llama3"]), "--port",
+                             str(port), "--max-seq-len", "128"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API over one LLM (FastAPI; run by ``jaxllm serve``).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` sends
-server-sent events ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
-``GET /version``. Request fields map onto SamplingParams; unknown fields are ignored (as OpenAI's
+server-sent events ending with ``data: [DONE]``; ``logprobs`` in OpenAI's shapes on whole
+responses), ``GET /v1/models``, ``GET /health``, ``GET /version``, ``GET /metrics`` (Prometheus). Request fields map onto SamplingParams; unknown fields are ignored (as OpenAI's
 own server does for fields it does not know), fields jaxllm cannot honour (``suffix``,
 ``echo``, ``logit_bias``, ``tools``) are rejected with 400. Every error has OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -71,6 +71,7 @@ def build_app(llm, served_model_name: str, api_key: str | None = None, max_concu
 
     app = FastAPI(title="jaxllm", version=__version__)
     state = {"running": 0}
+    metrics = _Metrics(llm)
 
     def err(status, message, param=None, kind="invalid_request_error", headers=None):
         return JSONResponse(_error_body(status, message, param, kind), status_code=status, headers=headers)
@@ -97,6 +98,12 @@ def build_app(llm, served_model_name: str, api_key: str | None = None, max_concu
     @app.get("/version")
     async def version():
         return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        from fastapi.responses import Response
+
+        return Response(metrics.render(state["running"]), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -145,17 +152,21 @@ def build_app(llm, served_model_name: str, api_key: str | None = None, max_concu
 
         def choice(i_prompt, c, text, final):
             index = i_prompt * sp.n + c.index
+            lps = _logprobs(c, chat, sp.logprobs) if final and c.logprobs is not None else None
             if chat:
                 key = "message" if final else "delta"
                 content = {"role": "assistant", "content": text} if final else {"content": text}
-                return {"index": index, key: content, "finish_reason": c.finish_reason, "logprobs": None}
-            return {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": None}
+                return {"index": index, key: content, "finish_reason": c.finish_reason, "logprobs": lps}
+            return {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": lps}
 
         if not stream:
+            outs = []
             try:
-                outs = [await h.aresult() for h in handles]
+                for h in handles:
+                    outs.append(await h.aresult())
             finally:
                 state["running"] -= len(handles)
+                metrics.record(outs, len(handles) - len(outs))
             choices = [choice(i, c, c.text, True) for i, o in enumerate(outs) for c in o.outputs]
             return {"id": rid, "object": obj, "created": created, "model": served_model_name, "choices": choices,
                     "usage": usage(outs)}
@@ -192,6 +203,7 @@ def build_app(llm, served_model_name: str, api_key: str | None = None, max_concu
                     if not h.finished:
                         h.abort()
                 state["running"] -= len(handles)
+                metrics.record([f for f in finals if f is not None], len(handles) - len(finals))
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -229,3 +241,72 @@ def build_app(llm, served_model_name: str, api_key: str | None = None, max_concu
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def _logprobs(c, chat: bool, k: int) -> dict:
+    """OpenAI's logprobs object for a finished completion (chat: "content" entries; completions:
+    the legacy tokens / token_logprobs / top_logprobs lists)."""
+    def text(entry, t):
+        return entry[t].decoded_token if entry[t].decoded_token is not None else str(t)
+
+    rows = list(zip(c.token_ids, c.logprobs))
+    if chat:
+        return {"content": [{
+            "token": text(e, t), "logprob": e[t].logprob, "bytes": list(text(e, t).encode()),
+            "top_logprobs": [{"token": text(e, u), "logprob": e[u].logprob, "bytes": list(text(e, u).encode())}
+                             for u in sorted(e, key=lambda u: e[u].rank) if e[u].rank <= k],
+        } for t, e in rows]}
+    offsets, pos = [], 0
+    for t, e in rows:
+        offsets.append(pos)
+        pos += len(text(e, t))
+    return {"tokens": [text(e, t) for t, e in rows], "token_logprobs": [e[t].logprob for t, e in rows],
+            "top_logprobs": [{text(e, u): e[u].logprob for u in e if e[u].rank <= k} for t, e in rows],
+            "text_offset": offsets}
+
+
+class _Metrics:
+    """Prometheus metrics of this server (its own registry, so several apps never collide)."""
+
+    def __init__(self, llm):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.llm = llm
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("jaxllm_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.prompt_tokens = Counter("jaxllm_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("jaxllm_generation_tokens", "Generated tokens", registry=r)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("jaxllm_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
+        self.tpot = Histogram("jaxllm_time_per_output_token_seconds", "TPOT", buckets=buckets, registry=r)
+        self.running = Gauge("jaxllm_requests_running", "Requests in flight on this server", registry=r)
+        self.waiting = Gauge("jaxllm_requests_waiting", "Requests waiting in the engine", registry=r)
+        self.kv_used = Gauge("jaxllm_kv_blocks_used", "KV blocks in use", registry=r)
+        self.kv_free = Gauge("jaxllm_kv_blocks_free", "KV blocks free", registry=r)
+
+    def record(self, outs, failed: int = 0) -> None:
+        if failed:
+            self.requests.labels("error").inc(failed)
+        for o in outs:
+            for c in o.outputs:
+                self.requests.labels(c.finish_reason or "unfinished").inc()
+                self.generation_tokens.inc(len(c.token_ids))
+            self.prompt_tokens.inc(len(o.prompt_token_ids))
+            m = o.metrics
+            if m is not None and m.first_token_time is not None:
+                self.ttft.observe(m.first_token_time - m.arrival_time)
+                n = max(len(c.token_ids) for c in o.outputs)
+                if m.finished_time is not None and n > 1:
+                    self.tpot.observe((m.finished_time - m.first_token_time) / (n - 1))
+
+    def render(self, running: int) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.running.set(running)
+        stats = self.llm.get_stats() if hasattr(self.llm, "get_stats") else []
+        if stats:
+            last = stats[-1]
+            self.waiting.set(last["waiting"])
+            self.kv_used.set(last["kv_blocks_used"])
+            self.kv_free.set(last["kv_blocks_free"])
+        return generate_latest(self.registry)
