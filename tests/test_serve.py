@@ -237,3 +237,20 @@ def test_sigterm_stops_the_server(tiny_checkpoints):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_serving(server, tmp_path):
+    import json
+
+    from jaxllm.cli import main
+
+    path = tmp_path / "serving.json"
+    rc = main(["bench", "serving", "--base-url", server.url, "--model", NAME, "--api-key", KEY, "--num-prompts", "16",
+               "--input-len", "8", "--output-len", "5", "--vocab", "1000", "--request-rate", "40",
+               "--max-concurrency", "6", "--report-json", str(path)])
+    r = json.loads(path.read_text())
+    assert rc == 0 and r["completed"] == r["requests"] == 16 and r["failed"] == 0
+    assert r["output_tok_s"] == pytest.approx(16 * 5 / r["seconds"], rel=1e-6)
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_latency_s"):
+        assert 0 < r[key]["p50"] <= r[key]["p99"]
+    assert r["ttft_s"]["p50"] <= r["e2e_latency_s"]["p50"]

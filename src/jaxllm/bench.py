@@ -29,7 +29,10 @@ PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import bench_serving
+
     sub = parser.add_subparsers(dest="mode", required=True)
+    bench_serving.add_arguments(sub.add_parser("serving", help="drive a running OpenAI-compatible server"))
     for mode, help_ in (("throughput", "offline throughput: many requests at once"), ("latency", "batch-1 latency")):
         p = sub.add_parser(mode, help=help_)
         p.add_argument("--model", required=True, help="HF id, local HF folder or .gguf file")
@@ -319,6 +322,10 @@ def print_report(r: dict, file=None) -> None:
 
 
 def main(args) -> int:
+    if args.mode == "serving":
+        from . import bench_serving
+
+        return bench_serving.main(args)
     report = run(args)
     print_report(report)
     if args.report_json:
