@@ -254,3 +254,13 @@ def test_bench_serving(server, tmp_path):
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_latency_s"):
         assert 0 < r[key]["p50"] <= r[key]["p99"]
     assert r["ttft_s"]["p50"] <= r["e2e_latency_s"]["p50"]
+
+
+def test_streamed_logprobs_equal_whole(client):
+    kw = dict(model=NAME, prompt="Hello", max_tokens=6, temperature=0, logprobs=1)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    streamed = []
+    for c in client.completions.create(stream=True, **kw):
+        if c.choices and c.choices[0].logprobs is not None:
+            streamed += c.choices[0].logprobs.token_logprobs
+    assert streamed == pytest.approx(whole.token_logprobs, abs=1e-6)

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API over one LLM (FastAPI; run by ``jaxllm serve``).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` sends
-server-sent events ending with ``data: [DONE]``; ``logprobs`` in OpenAI's shapes on whole
-responses), ``GET /v1/models``, ``GET /health``, ``GET /version``, ``GET /metrics`` (Prometheus). Request fields map onto SamplingParams; unknown fields are ignored (as OpenAI's
+server-sent events ending with ``data: [DONE]``; ``logprobs`` in OpenAI's shapes, per chunk
+when streaming), ``GET /v1/models``, ``GET /health``, ``GET /version``, ``GET /metrics`` (Prometheus). Request fields map onto SamplingParams; unknown fields are ignored (as OpenAI's
 own server does for fields it does not know), fields jaxllm cannot honour (``suffix``,
 ``echo``, ``logit_bias``, ``tools``) are rejected with 400. Every error has OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -13,6 +13,7 @@ with Retry-After; a bad field or a prompt that cannot fit, 400 naming it. A stre
 disconnects has its request aborted, which frees its KV blocks.
 """
 
+import dataclasses
 import json
 import time
 import uuid
@@ -152,7 +153,11 @@ def build_app(llm, served_model_name: str, api_key: str | None = None, max_concu
 
         def choice(i_prompt, c, text, final):
             index = i_prompt * sp.n + c.index
-            lps = _logprobs(c, chat, sp.logprobs) if final and c.logprobs is not None else None
+            lps = None
+            if c.logprobs is not None:  # whole: every token; a stream chunk: its new tokens
+                part = c if final else dataclasses.replace(
+                    c, token_ids=c.token_ids_diff, logprobs=c.logprobs[len(c.token_ids) - len(c.token_ids_diff):])
+                lps = _logprobs(part, chat, sp.logprobs)
             if chat:
                 key = "message" if final else "delta"
                 content = {"role": "assistant", "content": text} if final else {"content": text}
