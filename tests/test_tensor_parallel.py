@@ -108,9 +108,9 @@ def test_parallel_sizes_are_checked_before_loading(tiny_checkpoints):
     path = str(tiny_checkpoints["llama3"])
     with pytest.raises(ValueError, match="tensor_parallel_size \\* data_parallel_size must be <= the number of devices"):
         LLM(path, tensor_parallel_size=len(jax.devices()) + 1)
-    with pytest.raises(ValueError, match="data_parallel_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="data_parallel_size must be >= 1"):
         LLM(path, data_parallel_size=0)
-    with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         LLM(path, tensor_parallel_size=0)
     with pytest.raises(ValueError, match="pipeline_parallel_size must be 1"):
         LLM(path, pipeline_parallel_size=2)

@@ -18,7 +18,7 @@ from .loader import DTYPES, LOAD_FORMATS, load_model, save_checkpoint
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runner import ATTENTION_BACKENDS, ModelRunner, plan_num_blocks
 from .sampling import fold_key_data, key_data_for_seed
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, _check_int
 from .sharding import make_meshes, replicate_on
 
 
@@ -54,10 +54,7 @@ def _enable_compilation_cache(setting) -> None:
 
 
 def _check_positive_int(name: str, value, allow_none=True):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    _check_int(name, value, 1, allow_none)
 
 
 class LLM:
