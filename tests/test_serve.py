@@ -264,3 +264,17 @@ def test_streamed_logprobs_equal_whole(client):
         if c.choices and c.choices[0].logprobs is not None:
             streamed += c.choices[0].logprobs.token_logprobs
     assert streamed == pytest.approx(whole.token_logprobs, abs=1e-6)
+
+
+def test_refused_prompt_refuses_the_whole_request(client, tiny_llm):
+    engine = tiny_llm._engine
+    t0 = time.time()
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=NAME, prompt=["fine", [5] * (tiny_llm.max_seq_len + 5)], max_tokens=200,
+                                  extra_body={"ignore_eos": True})
+    deadline = time.time() + 30
+    while engine.scheduler.has_work or engine.blocks.num_used:
+        assert time.time() < deadline, "the accepted first prompt kept running"
+        time.sleep(0.05)
+    made = sum(r["new_tokens"] for r in tiny_llm.get_stats() if r["time"] >= t0)
+    assert made < 200, f"the first prompt ran to its end ({made} tokens) although the request was refused"

@@ -131,9 +131,13 @@ def build_app(llm, served_model_name: str, api_key: str | None = None, max_concu
         if state["running"] + len(prompts) > max_concurrent_requests:
             raise APIError(429, f"more than {max_concurrent_requests} requests at once; retry later",
                            kind="rate_limit_error")
+        handles = []
         try:
-            handles = [llm.generate_async(p, sp, streaming=stream) for p in prompts]
+            for p in prompts:
+                handles.append(llm.generate_async(p, sp, streaming=stream))
         except (ValueError, TypeError) as e:
+            for h in handles:  # a later prompt was refused: the whole request is, nothing keeps running
+                h.abort()
             raise APIError(400, str(e), "prompt" if "prompt" in str(e) else None) from None
         state["running"] += len(handles)
         return handles
