@@ -8,7 +8,6 @@ and the greedy tokens are printed.
 import sys
 import tempfile
 
-import numpy as np
 
 from jaxllm import LLM, SamplingParams
 

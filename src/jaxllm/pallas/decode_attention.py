@@ -32,7 +32,6 @@ Why it is written this way
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
