@@ -1,4 +1,8 @@
-"""Pallas GPU attention kernels, each beside its pure-jnp reference (arriving with the kernel issue).
+"""Pallas GPU kernels, each beside its pure-jnp reference.
 
-Until then attention runs through the jnp reference in ``jaxllm.runner.kv_cache``.
+- ``decode_attention``: paged decode attention (Mosaic GPU), used by the runner on NVIDIA GPUs
+  (``attention_backend="auto"``); its ``reference_decode_attention`` is the float32 oracle.
+
+Prefill attention runs through ``jaxllm.runner.paged`` (the jnp gather reference, or cuDNN's flash
+attention for whole prompts on GPUs); a ragged paged prefill kernel is still to come.
 """
