@@ -181,6 +181,16 @@ class LLM:
         self._id_lock = threading.Lock()
         self._seed_rng = np.random.default_rng()  # seeds for requests that set none
         _LIVE.add(self)
+        # Several hosts (jax.distributed): process 0 takes the requests; every other process makes
+        # the same device calls, here, until process 0 shuts down.
+        self.follower = self._engine.runner._mirror is not None and not self._engine.runner._mirror.is_leader
+        if self.follower:
+            if data_parallel_size != 1:
+                raise ValueError("data_parallel_size must be 1 on several hosts (not supported yet)")
+            try:
+                self._engine.runner.follow()
+            finally:
+                self.shutdown()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> "LLM":
@@ -219,6 +229,9 @@ class LLM:
     def _require_engine(self, request_id: int = 0) -> Engine:
         """The engine that serves request_id (replicas take requests in turn)."""
         if not self._engines:
+            if getattr(self, "follower", False):
+                raise RuntimeError("on several hosts only process 0 takes requests; this process followed "
+                                   "process 0's device calls until it shut down")
             raise RuntimeError("this LLM has been shut down; create a new one")
         return self._engines[request_id % len(self._engines)]
 

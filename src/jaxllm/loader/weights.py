@@ -57,7 +57,7 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, LazyTensor]]:
     from safetensors import safe_open
 
     # framework="flax" understands bfloat16 (numpy alone does not); keep the tensor on the host.
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's own (multi-host: devices()[0] may be remote)
     for f in safetensors_files(folder):
         with jax.default_device(cpu), safe_open(str(f), framework="flax") as st:
             for name in st.keys():

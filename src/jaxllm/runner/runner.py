@@ -23,6 +23,7 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays, sample, token_info
+from .multihost import Mirror, local_tree, spans_processes
 from .paged import (
     ATTENTION_BACKENDS,
     decode_kernel_for,
@@ -76,6 +77,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.graphdef, self.params = nnx.split(model)
         self.attention_backend = self._choose_backend(attention_backend, mesh)
+        self._mirror = Mirror() if spans_processes(mesh) else None
         self._decode_kernel = (
             decode_kernel_for(block_size, cfg.sliding_window, mesh) if self.attention_backend == "pallas" else None
         )
@@ -197,29 +199,64 @@ class ModelRunner:
         self, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs=None, all_greedy=False,
         targets=None, prompt_logprobs=None, fresh=False,
     ):
-        """Run one chunk per row (`fresh`: every row starts at position 0); returns (next token [B], its token_info, and with prompt_logprobs
-        (static K) the token_info of `targets` [B, T] at every position, else None) as device arrays."""
-        self.pool, tok, info, prompt_info = self._prefill(
-            self.params, self.pool, tokens, positions, valid, block_tables, last_idx, state,
-            num_logprobs=num_logprobs, all_greedy=all_greedy, targets=targets, prompt_logprobs=prompt_logprobs,
-            fresh=bool(fresh and self._fresh_impl is not None),
-        )
-        return tok, info, prompt_info
+        """Run one chunk per row (`fresh`: every row starts at position 0); returns (next token [B],
+        its token_info, and with prompt_logprobs (static K) the token_info of `targets` [B, T] at
+        every position, else None) as device arrays."""
+        statics = dict(num_logprobs=num_logprobs, all_greedy=all_greedy, prompt_logprobs=prompt_logprobs,
+                       fresh=bool(fresh and self._fresh_impl is not None))
+        args = self._announce("prefill", statics, (tokens, positions, valid, block_tables, last_idx, state, targets))
+        return self._run("prefill", statics, args)
 
     def decode(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False):
         """Run up to `steps` decode steps; returns (state, tokens [B, steps] (-1: none), token_info
         with [B, steps, ...] arrays)."""
-        self.pool, state, toks, info = self._decode(
-            self.params, self.pool, block_tables, state, steps=steps, num_logprobs=num_logprobs,
-            all_greedy=all_greedy,
-        )
-        return state, toks, info
+        statics = dict(steps=steps, num_logprobs=num_logprobs, all_greedy=all_greedy)
+        args = self._announce("decode", statics, (block_tables, state))
+        return self._run("decode", statics, args)
+
+    def _run(self, kind: str, statics: dict, args: tuple):
+        if kind == "prefill":
+            self.pool, *out = self._prefill(self.params, self.pool, *args[:6], targets=args[6], **statics)
+        else:
+            self.pool, *out = self._decode(self.params, self.pool, *args, **statics)
+        return local_tree(tuple(out)) if self._mirror is not None else tuple(out)
+
+    # -- several hosts: process 0 announces each call, the others make it too ----------------
+    @staticmethod
+    def _structure(kind: str, flags: dict):
+        """The pytree structure of a call's inputs, from its flags (for the other processes)."""
+        z = 0
+        state = RowState(z, z, z, z, z, z, z, SamplingArrays(*(z,) * 6),
+                         penalty=PenaltyState(*(z,) * 5) if flags["penalty"] else None,
+                         bad_words=BadWordsState(*(z,) * 4) if flags["bad_words"] else None)
+        if kind == "prefill":
+            return jax.tree.structure((z, z, z, z, z, state, z if flags["targets"] else None))
+        return jax.tree.structure((z, state))
+
+    def _announce(self, kind: str, statics: dict, args: tuple) -> tuple:
+        if self._mirror is None:
+            return args
+        state = args[1] if kind == "decode" else args[5]
+        flags = dict(penalty=state.penalty is not None, bad_words=state.bad_words is not None,
+                     targets=kind == "prefill" and args[6] is not None)
+        leaves = self._mirror.lead(kind, statics, flags, jax.tree.leaves(args))
+        return jax.tree.unflatten(self._structure(kind, flags), leaves)
+
+    def follow(self) -> None:
+        """Processes other than 0: make every device call process 0 announces, until it stops."""
+        while True:
+            kind, statics, flags, leaves = self._mirror.wait()
+            if kind == "stop":
+                return
+            self._run(kind, statics, jax.tree.unflatten(self._structure(kind, flags), leaves))
 
     def hidden_states(self, tokens):
         """Final hidden states and float32 logits for prompts [B, T] from position 0 (tests, scoring).
 
         Uses a scratch pool of its own, so the serving pool is untouched.
         """
+        if self._mirror is not None:
+            raise NotImplementedError("beam search and logits processors do not run on several hosts yet")
         b, t = tokens.shape
         nb = -(-t // self.block_size)
         tables = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
@@ -229,7 +266,10 @@ class ModelRunner:
         return hidden, model.logits(hidden)
 
     def release(self) -> None:
-        """Free the device memory of the parameters and the pool."""
+        """Free the device memory of the parameters and the pool (on several hosts, process 0
+        first tells the others to stop following)."""
+        if self._mirror is not None and self._mirror.is_leader and self.pool is not None:
+            self._mirror.lead("stop", {}, {}, [])
         for leaf in jax.tree.leaves((self.params, self.pool)):
             if hasattr(leaf, "delete"):
                 leaf.delete()
