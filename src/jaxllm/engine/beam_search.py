@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 NEG = -1.0e9
@@ -27,10 +26,6 @@ class Hypothesis:
     score: float  # the ranking score (normalized by length)
     logprob: float  # summed log-probability
     stopped_by_eos: bool
-
-
-def _bucket(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def beam_search(runner, prompt: list[int], width: int, max_tokens: int, eos_ids: list[int], *, min_tokens: int = 0,
@@ -49,11 +44,7 @@ def beam_search(runner, prompt: list[int], width: int, max_tokens: int, eos_ids:
     while True:
         if cancelled is not None and cancelled.is_set():
             break
-        t = _bucket(cur)
-        toks = np.zeros((width, t), np.int32)
-        toks[:, :cur] = np.asarray(run_seqs, np.int32)
-        _, logits = runner.hidden_states(jnp.asarray(toks))
-        lp = np.asarray(jax.nn.log_softmax(logits[:, cur - 1].astype(jnp.float32), axis=-1), np.float64)
+        lp = np.asarray(jax.nn.log_softmax(runner.last_logits(run_seqs), axis=-1), np.float64)
         if cur - p < min_tokens:
             lp[:, eos_ids] = -np.inf
         vocab = lp.shape[1]

@@ -36,10 +36,6 @@ def _arity(fn) -> int:
         return 2
 
 
-def _bucket(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
 def run_request(runner, req, cancelled: threading.Event) -> None:
     """Generate req to its end (or cancellation) and publish through req.handle."""
     sp = req.params
@@ -52,10 +48,7 @@ def run_request(runner, req, cancelled: threading.Event) -> None:
                 req.finish("cancelled")
                 break
             ids = req.all_ids
-            toks = np.zeros((1, _bucket(len(ids))), np.int32)
-            toks[0, : len(ids)] = ids
-            _, logits = runner.hidden_states(jnp.asarray(toks))
-            row = np.array(logits[0, len(ids) - 1], np.float32)
+            row = runner.last_logits([ids])[0]
             generated = ids[len(req.prompt_token_ids):]
             if len(generated) < (sp.min_tokens or 0):
                 row[req.stop_ids] = -np.inf

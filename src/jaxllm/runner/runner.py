@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..models import ModelConfig
@@ -92,6 +93,7 @@ class ModelRunner:
             self._prefill_impl, static_argnames=("num_logprobs", "all_greedy", "prompt_logprobs", "fresh"),
             donate_argnames=("pool",),
         )
+        self._last_logits = jax.jit(self._last_logits_impl)
         self._decode = jax.jit(
             self._decode_impl, static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",)
         )
@@ -250,20 +252,38 @@ class ModelRunner:
                 return
             self._run(kind, statics, jax.tree.unflatten(self._structure(kind, flags), leaves))
 
-    def hidden_states(self, tokens):
-        """Final hidden states and float32 logits for prompts [B, T] from position 0 (tests, scoring).
-
-        Uses a scratch pool of its own, so the serving pool is untouched.
-        """
-        if self._mirror is not None:
-            raise NotImplementedError("beam search and logits processors do not run on several hosts yet")
+    def _scratch_forward(self, params, tokens):
+        """The model over prompts [B, T] from position 0, with a scratch pool of its own (the
+        serving pool is untouched): (model, final hidden states)."""
         b, t = tokens.shape
         nb = -(-t // self.block_size)
         tables = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
         pool = init_pool(self.cfg, b * nb, self.block_size, self.kv_dtype)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        model, hidden, _ = self._forward(self.params, pool, tokens, positions, jnp.ones((b, t), bool), tables)
+        model, hidden, _ = self._forward(params, pool, tokens, positions, jnp.ones((b, t), bool), tables)
+        return model, hidden
+
+    def hidden_states(self, tokens):
+        """Final hidden states and float32 logits for prompts [B, T] from position 0 (tests, scoring)."""
+        model, hidden = self._scratch_forward(self.params, tokens)
         return hidden, model.logits(hidden)
+
+    def last_logits(self, seqs: list[list[int]]) -> np.ndarray:
+        """float32 logits [len(seqs), vocab] for the token after each sequence, computed from
+        scratch (the slower paths: beam search, logits processors). Lengths are padded to
+        power-of-two buckets, so one compilation serves many steps."""
+        if self._mirror is not None:
+            raise NotImplementedError("beam search and logits processors do not run on several hosts yet")
+        toks = np.zeros((len(seqs), bucket(max(len(s) for s in seqs), 16)), np.int32)
+        for i, s in enumerate(seqs):
+            toks[i, : len(s)] = s
+        last = np.array([len(s) - 1 for s in seqs], np.int32)
+        return np.array(self._last_logits(self.params, jnp.asarray(toks), jnp.asarray(last)), np.float32)  # writable
+
+    def _last_logits_impl(self, params, tokens, last):
+        model, hidden = self._scratch_forward(params, tokens)
+        at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return model.logits(at_last).astype(jnp.float32)
 
     def release(self) -> None:
         """Free the device memory of the parameters and the pool (on several hosts, process 0
