@@ -384,35 +384,37 @@ class LLM:
             group._children.append(self._require_engine(r.request_id).add_request(r, group.listener(i)))
         return group
 
-    def _submit_processed(self, req: Request) -> RequestHandle:
-        """A request with logits processors, on a thread of its own (the slower path)."""
-        from .engine.detokenizer import IncrementalDetokenizer
-        from .engine.logits_processing import run_request
-
+    def _on_own_thread(self, req: Request, name: str, work) -> RequestHandle:
+        """Run `work(runner, handle, cancelled)` for req on a thread of its own (the slower paths,
+        outside the engine's batch); the handle's abort() sets `cancelled`."""
         handle = RequestHandle(req.request_id, req.streaming, engine=None)
         cancelled = threading.Event()
         handle.abort = cancelled.set
-        req.handle = handle
-        if req.params.detokenize and self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens,
-                                               req.params.spaces_between_special_tokens)
         runner = self._require_engine(req.request_id).runner
-        threading.Thread(target=run_request, args=(runner, req, cancelled), name=f"jaxllm-lp-{req.request_id}",
+        threading.Thread(target=work, args=(runner, handle, cancelled), name=f"jaxllm-{name}-{req.request_id}",
                          daemon=True).start()
         return handle
 
+    def _submit_processed(self, req: Request) -> RequestHandle:
+        """A request with logits processors (see jaxllm.engine.logits_processing)."""
+        from .engine.logits_processing import run_request
+
+        def work(runner, handle, cancelled):
+            req.handle = handle
+            req.start_detokenizer(self.tokenizer)
+            run_request(runner, req, cancelled)
+
+        return self._on_own_thread(req, "lp", work)
+
     def _submit_beam_search(self, req: Request, sp: SamplingParams) -> RequestHandle:
-        """Beam search on a thread of its own (see jaxllm.engine.beam_search); abort() stops it
-        between steps, and the best hypotheses so far are returned as "cancelled"."""
+        """Beam search (see jaxllm.engine.beam_search); abort() stops it between steps, and the
+        best hypotheses so far are returned as "cancelled"."""
         from .engine.beam_search import beam_search
         from .engine.detokenizer import decode_text
 
-        handle = RequestHandle(req.request_id, req.streaming, engine=None)
-        cancelled = threading.Event()
-        handle.abort = cancelled.set
-        runner, tok = self._require_engine(req.request_id).runner, self.tokenizer
+        tok = self.tokenizer
 
-        def run():
+        def work(runner, handle, cancelled):
             try:
                 hyps = beam_search(
                     runner, req.prompt_token_ids, sp.beam_width, sp.max_tokens, req.stop_ids,
@@ -436,8 +438,7 @@ class LLM:
             except BaseException as e:  # noqa: BLE001 - the caller must hear of it
                 handle._publish(error=e)
 
-        threading.Thread(target=run, name=f"jaxllm-beam-{req.request_id}", daemon=True).start()
-        return handle
+        return self._on_own_thread(req, "beam", work)
 
     def _make_requests(self, prompt, sp: SamplingParams, streaming: bool = False) -> list[Request]:
         """The engine requests of one prompt: one per sequence (best_of, default n), checked."""

@@ -3,8 +3,8 @@
 Callers submit requests (``add_request`` returns a ``RequestHandle``) from any thread or event loop;
 the engine thread admits them between device calls, so new work joins while other requests
 decode. Each step: the scheduler plans prefill chunks and decode runs, the runner executes them,
-and the host applies the tokens (detokenization, stop strings) and publishes outputs — the text
-work of one step runs while the next step's device calls do.
+and the host applies the tokens (detokenization, stop strings) and publishes outputs — at the
+start of the next step, before its device calls (see ``_step``).
 
 If a step raises, every in-flight request fails with that cause and the engine is dead: later
 submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
@@ -23,7 +23,6 @@ import numpy as np
 from ..runner import ModelRunner, RowState, bucket
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays
 from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer
 from .request import Request, RequestHandle
 from .scheduler import Plan, Scheduler
 
@@ -72,9 +71,7 @@ class Engine:
         handle = RequestHandle(req.request_id, req.streaming, self)
         handle._listener = listener
         req.handle = handle
-        if req.params.detokenize:
-            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens,
-                                               req.params.spaces_between_special_tokens)
+        req.start_detokenizer(self.tokenizer)
         with self._lock:
             self._check_alive()
             self._incoming.append(req)
@@ -316,15 +313,18 @@ class Engine:
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
             targets=jnp.asarray(targets) if targets is not None else None,
-            prompt_logprobs=bucket(max(asked + [1]), 1) if asked else None,
+            prompt_logprobs=self._top_count(asked),
             fresh=all(start == 0 for _, start, _ in plan.prefill),
         )
 
     @staticmethod
-    def _num_logprobs(reqs: list[Request]) -> int | None:
-        """How many top tokens the device reports per step (a power of two), None if nobody asks."""
-        asked = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
+    def _top_count(asked: list[int]) -> int | None:
+        """How many top tokens the device reports (a power of two), None if nobody asks."""
         return bucket(max(asked + [1]), 1) if asked else None
+
+    @classmethod
+    def _num_logprobs(cls, reqs: list[Request]) -> int | None:
+        return cls._top_count([r.params.logprobs for r in reqs if r.params.logprobs is not None])
 
     def _collect_prefill(self, plan: Plan, result) -> int:
         tok, info, prompt_info = jax.device_get(result)

@@ -67,6 +67,13 @@ class Request:
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]  # the first prompt token has no logprob
 
+    def start_detokenizer(self, tokenizer) -> None:
+        """Text output as the params ask (nothing with detokenize=False or without a tokenizer)."""
+        p = self.params
+        if p.detokenize and tokenizer is not None:
+            self.detok = IncrementalDetokenizer(tokenizer, self.prompt_token_ids, p.skip_special_tokens,
+                                                p.spaces_between_special_tokens)
+
     @property
     def needs_prompt_logprobs(self) -> bool:
         """Prompt positions whose logprobs are still to come (their KV must be computed, not reused)."""
@@ -80,10 +87,8 @@ class Request:
             pos = first_target + j
             if pos != len(self.prompt_logprobs):
                 continue
-            tid = self.prompt_token_ids[pos]
-            one = {"logprob": info["logprob"][j], "rank": info["rank"][j], "top_ids": info["top_ids"][j],
-                   "top_lps": info["top_lps"][j]}
-            self.prompt_logprobs.append(self._logprob_entry(tid, one, k))
+            one = {name: v[j] for name, v in info.items()}
+            self.prompt_logprobs.append(self._logprob_entry(self.prompt_token_ids[pos], one, k))
 
     @property
     def finished(self) -> bool:
