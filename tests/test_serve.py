@@ -278,3 +278,13 @@ def test_refused_prompt_refuses_the_whole_request(client, tiny_llm):
         time.sleep(0.05)
     made = sum(r["new_tokens"] for r in tiny_llm.get_stats() if r["time"] >= t0)
     assert made < 200, f"the first prompt ran to its end ({made} tokens) although the request was refused"
+
+
+def test_bad_messages_are_400(server):
+    import httpx
+
+    for messages in ([], [{"role": "user"}], "hello"):
+        r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": NAME, "messages": messages})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert "messages must be" in r.json()["error"]["message"]

@@ -282,23 +282,26 @@ class LLM:
         conversations = [messages] if single else messages
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise TypeError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
-        for conv in conversations:
-            if not isinstance(conv, (list, tuple)) or not conv or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in conv
-            ):
-                raise TypeError(f"messages must be lists of {{'role': str, 'content': str}} dicts, got {conv!r}")
-        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
-        inputs = []
-        for conv in conversations:
-            text = self.tokenizer.apply_chat_template(
-                list(conv), chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
-            # the template already holds BOS and the other special tokens
-            inputs.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        inputs = [self.chat_prompt(conv, chat_template, add_generation_prompt) for conv in conversations]
         outputs = self.generate(inputs, sampling_params, use_tqdm)
         return outputs[0] if single else outputs
+
+    def chat_prompt(self, conversation: list[dict], chat_template: str | None = None,
+                    add_generation_prompt: bool = True) -> dict:
+        """The prompt (``{"prompt", "prompt_token_ids"}``) of one conversation through the chat
+        template; TypeError / ValueError for messages or a tokenizer it cannot take."""
+        if not isinstance(conversation, (list, tuple)) or not conversation or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in conversation
+        ):
+            raise TypeError(f"messages must be lists of {{'role': str, 'content': str}} dicts, got {conversation!r}")
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
+        text = self.tokenizer.apply_chat_template(
+            list(conversation), chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        # the template already holds BOS and the other special tokens
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     def generate_async(
         self, inputs: PromptInput, sampling_params: SamplingParams | None = None, streaming: bool = False

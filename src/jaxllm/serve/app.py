@@ -231,19 +231,13 @@ def build_app(llm, served_model_name: str, api_key: str | None = None, max_concu
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise APIError(400, "messages must be a non-empty list of {role, content} objects with string content",
-                           "messages")
         try:
-            text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt = llm.chat_prompt(body.get("messages"))
+        except (TypeError, ValueError) as e:
+            raise APIError(400, str(e), "messages") from None
         except Exception as e:  # noqa: BLE001 - a template error is the client's input
             raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from None
-        ids = llm.tokenizer.encode(text, add_special_tokens=False)
-        return await respond(request, body, [{"prompt": text, "prompt_token_ids": ids}], chat=True)
+        return await respond(request, body, [prompt], chat=True)
 
     return app
 
