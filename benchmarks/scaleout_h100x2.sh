@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Two GPUs of one host (device tool kind nvidia-h100-x2), Llama-3.1-8B shapes, random bf16 weights:
+#   tp=2 greedy tokens vs tp=1; batch-1 latency at tp=1 and tp=2 (jaxllm bench latency);
+#   jaxllm serve on GPU 0 driven by jaxllm bench serving at two request rates.
+#   PYTHONPATH=src OUT=/tmp/out bash benchmarks/scaleout_h100x2.sh
+set -u
+M=${MODEL:-.models/llama-3.1-8b-shapes}
+OUT=${OUT:-/tmp/jaxllm-scaleout}
+mkdir -p "$OUT"
+export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
+STEPS=${STEPS:-match latency serving}
+for s in $STEPS; do case $s in
+match)
+  echo "== tp match" >&2
+  timeout 400 python benchmarks/tp_match.py --model "$M" --tp 1 2 --prompts 8 --max-tokens 64 > "$OUT/tp_match.txt" 2>&1 \
+    || { echo "tp_match failed/differs"; tail -5 "$OUT/tp_match.txt"; } ;;
+latency)
+  common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
+  for v in "tp1 1 16" "tp2 2 16" "tp2_s64 2 64" "tp1_s64 1 64"; do
+    set -- $v
+    echo "== latency $1" >&2
+    timeout 200 python -m jaxllm bench latency $common --tensor-parallel-size $2 --decode-steps $3 \
+      --report-json "$OUT/lat_$1.json" > "$OUT/lat_$1.txt" 2>&1 || { echo "latency $1 failed"; tail -5 "$OUT/lat_$1.txt"; }
+  done ;;
+serving)
+  echo "== serving" >&2
+  PORT=8123
+  CUDA_VISIBLE_DEVICES=0 python -m jaxllm serve "$M" --load-format dummy --dtype bfloat16 --port $PORT \
+    --served-model-name llama8b > "$OUT/server.txt" 2>&1 &
+  SPID=$!
+  for i in $(seq 120); do curl -sf http://127.0.0.1:$PORT/health > /dev/null && break; sleep 1; done
+  b="python -m jaxllm bench serving --base-url http://127.0.0.1:$PORT --model llama8b --input-len 128 --output-len 128"
+  timeout 120 $b --num-prompts 256 --request-rate 32 > "$OUT/serve_warmup.txt" 2>&1
+  timeout 120 $b --num-prompts 150 --request-rate 5 --report-json "$OUT/serve_rate5.json" > "$OUT/serve_rate5.txt" 2>&1
+  timeout 120 $b --num-prompts 400 --request-rate 20 --report-json "$OUT/serve_rate20.json" > "$OUT/serve_rate20.txt" 2>&1
+  curl -s http://127.0.0.1:$PORT/metrics > "$OUT/metrics.txt"
+  kill -TERM $SPID; wait $SPID; echo "server exit $?" >> "$OUT/server.txt" ;;
+esac; done
+python - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print((out / "gpus.txt").read_text())
+if (out / "tp_match.txt").exists():
+    print((out / "tp_match.txt").read_text()[-600:])
+print(f"{'latency run':<10} {'ITL ms p50':>10} {'TTFT ms p50':>11} {'MBU':>6}")
+for name in ("tp1", "tp2", "tp1_s64", "tp2_s64"):
+    p = out / f"lat_{name}.json"
+    if p.exists():
+        r = json.loads(p.read_text())
+        print(f"{name:<10} {1e3*r['itl_s']['p50']:>10.2f} {1e3*r['ttft_s']['p50']:>11.1f} {100*(r['mbu'] or 0):>5.0f}%")
+for name in ("rate5", "rate20"):
+    p = out / f"serve_{name}.txt"
+    if p.exists():
+        print(f"== serving {name}\n" + p.read_text()[-1200:])
+PY
