@@ -1,28 +1,45 @@
 #!/usr/bin/env bash
-# Two GPUs of one host (device tool kind nvidia-h100-x2), Llama-3.1-8B shapes, random bf16 weights:
-#   tp=2 greedy tokens vs tp=1; batch-1 latency at tp=1 and tp=2 (jaxllm bench latency);
-#   jaxllm serve on GPU 0 driven by jaxllm bench serving at two request rates.
-#   PYTHONPATH=src OUT=/tmp/out bash benchmarks/scaleout_h100x2.sh
+# Two GPUs of one host (device tool kind nvidia-h100-x2 / nvidia-h200-x2), Llama-3.1-8B shapes, random
+# bf16 weights. Steps ($STEPS): match (tp_match.py: tp=2 greedy tokens vs tp=1), allreduce (latency of
+# one small all-reduce, two collective implementations), latency (jaxllm bench latency, variants in
+# $LAT), load (load_time.py: safetensors vs Orbax at tp 1 and 2), serving (jaxllm serve on GPU 0
+# driven by jaxllm bench serving at two request rates).
+#   PYTHONPATH=src OUT=/tmp/out STEPS="match latency" bash benchmarks/scaleout_h100x2.sh
 set -u
 M=${MODEL:-.models/llama-3.1-8b-shapes}
 OUT=${OUT:-/tmp/jaxllm-scaleout}
 mkdir -p "$OUT"
 export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
-STEPS=${STEPS:-match latency serving}
+nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
+STEPS=${STEPS:-match allreduce latency load serving}
 for s in $STEPS; do case $s in
 match)
   echo "== tp match" >&2
   timeout 400 python benchmarks/tp_match.py --model "$M" --tp 1 2 --prompts 8 --max-tokens 64 > "$OUT/tp_match.txt" 2>&1 \
     || { echo "tp_match failed/differs"; tail -5 "$OUT/tp_match.txt"; } ;;
+allreduce)
+  for f in "" "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"; do
+    echo "== allreduce $f" >&2
+    echo "XLA_FLAGS=$f" >> "$OUT/allreduce.txt"
+    XLA_FLAGS="$f" timeout 120 python benchmarks/allreduce_latency.py >> "$OUT/allreduce.txt" 2>&1 || echo "allreduce $f failed"
+  done ;;
 latency)
   common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
-  for v in "tp1 1 16" "tp2 2 16" "tp2_s64 2 64" "tp1_s64 1 64"; do
+  # name tp decode-steps attention-backend XLA_FLAGS
+  LAT=${LAT:-"tp1 1 16 auto -|tp2 2 16 auto -|tp2_s64 2 64 auto -|tp1_s64 1 64 auto -"}
+  IFS='|' read -ra variants <<< "$LAT"
+  for v in "${variants[@]}"; do
     set -- $v
+    flags=$5; [ "$flags" = "-" ] && flags=""
     echo "== latency $1" >&2
-    timeout 200 python -m jaxllm bench latency $common --tensor-parallel-size $2 --decode-steps $3 \
-      --report-json "$OUT/lat_$1.json" > "$OUT/lat_$1.txt" 2>&1 || { echo "latency $1 failed"; tail -5 "$OUT/lat_$1.txt"; }
+    XLA_FLAGS="$flags" timeout 200 python -m jaxllm bench latency $common --tensor-parallel-size $2 --decode-steps $3 \
+      --attention-backend $4 --report-json "$OUT/lat_$1.json" > "$OUT/lat_$1.txt" 2>&1 || { echo "latency $1 failed"; tail -5 "$OUT/lat_$1.txt"; }
   done ;;
+load)
+  echo "== load" >&2
+  timeout 560 python benchmarks/load_time.py --shapes "$M" --workdir /tmp/lt --repeats 1 --tp 1 2 > "$OUT/load_time.txt" 2>&1 \
+    || { echo "load_time failed"; grep -v "^    @" "$OUT/load_time.txt" | tail -20; } ;;
 serving)
   echo "== serving" >&2
   PORT=8123
@@ -41,12 +58,15 @@ python - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 print((out / "gpus.txt").read_text())
+for f in ("allreduce.txt", "load_time.txt"):
+    if (out / f).exists():
+        print("\n".join(l for l in (out / f).read_text().splitlines() if not l.startswith("    @"))[-900:])
 if (out / "tp_match.txt").exists():
     print((out / "tp_match.txt").read_text()[-600:])
 print(f"{'latency run':<10} {'ITL ms p50':>10} {'TTFT ms p50':>11} {'MBU':>6}")
-for name in ("tp1", "tp2", "tp1_s64", "tp2_s64"):
-    p = out / f"lat_{name}.json"
-    if p.exists():
+for p in sorted(out.glob("lat_*.json")):
+    name = p.stem[4:]
+    if True:
         r = json.loads(p.read_text())
         print(f"{name:<10} {1e3*r['itl_s']['p50']:>10.2f} {1e3*r['ttft_s']['p50']:>11.1f} {100*(r['mbu'] or 0):>5.0f}%")
 for name in ("rate5", "rate20"):

@@ -1,0 +1,51 @@
+"""Latency of one small all-reduce between the local GPUs, as tensor-parallel decode issues them.
+
+    python benchmarks/allreduce_latency.py [--sizes 8192 16384 1048576] [--iters 500]
+
+A jitted loop of --iters dependent psums (shard_map over all local devices) of bf16 vectors of each
+size in bytes; prints microseconds per all-reduce. Run it under different XLA_FLAGS to compare
+collective implementations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 1 << 20])
+    ap.add_argument("--iters", type=int, default=500)
+    args = ap.parse_args()
+    devs = jax.local_devices()
+    mesh = Mesh(np.asarray(devs), ("model",))
+    for size in args.sizes:
+        n = size // 2
+
+        @jax.jit
+        def loop(x):
+            def body(_, y):
+                return jax.lax.psum(y, "model") * jnp.bfloat16(0.5)
+
+            f = jax.shard_map(lambda y: jax.lax.fori_loop(0, args.iters, body, y), mesh=mesh,
+                              in_specs=P("model"), out_specs=P("model"), check_vma=False)
+            return f(x)
+
+        x = jnp.ones((len(devs) * n,), jnp.bfloat16)
+        loop(x).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            x = loop(x)
+        x.block_until_ready()
+        us = (time.perf_counter() - t0) / (3 * args.iters) * 1e6
+        print(f"all-reduce {size:>9} B over {len(devs)} devices: {us:8.1f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
