@@ -24,10 +24,10 @@ CHILD = r"""
 import json, sys
 import numpy as np
 from jaxllm import LLM, SamplingParams
-model, tp, n, max_tokens, backend = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+model, tp, n, max_tokens, backend, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
 rng = np.random.default_rng(0)
 prompts = [{"prompt_token_ids": rng.integers(100, 30000, int(rng.integers(8, 160))).tolist()} for _ in range(n)]
-with LLM(model, load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp, max_seq_len=512,
+with LLM(model, load_format="dummy", dtype=dtype, tensor_parallel_size=tp, max_seq_len=512,
          max_batch_size=n, attention_backend=backend) as llm:
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=2),
                         use_tqdm=False)
@@ -41,8 +41,8 @@ print("ROWS", json.dumps(rows))
 """
 
 
-def run(model, tp, n, max_tokens, backend):
-    out = subprocess.run([sys.executable, "-c", CHILD, model, str(tp), str(n), str(max_tokens), backend],
+def run(model, tp, n, max_tokens, backend, dtype):
+    out = subprocess.run([sys.executable, "-c", CHILD, model, str(tp), str(n), str(max_tokens), backend, dtype],
                          capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"tp={tp} failed:\n{out.stderr[-3000:]}")
@@ -70,13 +70,14 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64, help="prompts are 8..160 tokens; max_seq_len is 512")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tie-margin", type=float, default=0.05, help="nats: a divergence below it is a near-tie")
     args = ap.parse_args()
-    base = run(args.model, 1, args.prompts, args.max_tokens, args.attention_backend)
+    base = run(args.model, 1, args.prompts, args.max_tokens, args.attention_backend, args.dtype)
     print(f"{'tp':>3} {'equal to tp=1':>14} {'max |dlogprob| before':>22}  first divergences (position, tp=1 margin)")
     ok = True
     for tp in [t for t in args.tp if t != 1]:
-        equal, max_diff, margins = compare(base, run(args.model, tp, args.prompts, args.max_tokens, args.attention_backend))
+        equal, max_diff, margins = compare(base, run(args.model, tp, args.prompts, args.max_tokens, args.attention_backend, args.dtype))
         ok &= all(m < args.tie_margin for _, m in margins)
         shown = ", ".join(f"({j}, {m:.4f})" for j, m in margins)
         print(f"{tp:>3} {f'{equal}/{len(base)}':>14} {max_diff:>22.4f}  {shown or '-'}", flush=True)
