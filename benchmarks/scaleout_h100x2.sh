@@ -19,11 +19,18 @@ match)
   timeout 400 python benchmarks/tp_match.py --model "$M" --tp 1 2 --prompts 8 --max-tokens 64 > "$OUT/tp_match.txt" 2>&1 \
     || { echo "tp_match failed/differs"; tail -5 "$OUT/tp_match.txt"; } ;;
 allreduce)
-  for f in "" "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"; do
-    echo "== allreduce $f" >&2
-    echo "XLA_FLAGS=$f" >> "$OUT/allreduce.txt"
-    XLA_FLAGS="$f" timeout 120 python benchmarks/allreduce_latency.py >> "$OUT/allreduce.txt" 2>&1 || echo "allreduce $f failed"
-  done ;;
+  # variants: "name|env assignments" (XLA_FLAGS / NCCL_* / ...); NCCL_DEBUG=INFO shows the transport
+  AR=${AR:-"default|X=1;;one-shot|XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true;;nccl-LL|NCCL_PROTO=LL;;nccl-p2p-nvl|NCCL_P2P_LEVEL=NVL"}
+  IFS=';;' read -ra ars <<< "$AR"
+  for a in "${ars[@]}"; do
+    [ -z "$a" ] && continue
+    name=${a%%|*}; envs=${a#*|}
+    echo "== allreduce $name ($envs)" | tee -a "$OUT/allreduce.txt" >&2
+    env $envs timeout 120 python benchmarks/allreduce_latency.py >> "$OUT/allreduce.txt" 2>&1 || echo "allreduce $name failed"
+  done
+  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P,SHM,NET,GRAPH timeout 120 python benchmarks/allreduce_latency.py --sizes 8192 --iters 50 \
+    > "$OUT/nccl_debug.txt" 2>&1
+  grep -E "via|Channel|NCCL version|P2P|SHM" "$OUT/nccl_debug.txt" | head -20 >> "$OUT/allreduce.txt" ;;
 latency)
   common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
   # name tp decode-steps attention-backend XLA_FLAGS
