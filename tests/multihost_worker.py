@@ -3,6 +3,8 @@
     python tests/multihost_worker.py PROCESS_ID PORT MODEL MODE
 MODE "generate": process 0 generates and prints JSON; "die": process 1 exits after the first
 request and process 0 then tries another (it must fail with a clear error, not hang).
+PROCESS_ID and PORT "env": the program does not call jax.distributed.initialize; LLM(...) does,
+from the JAXLLM_* variables that ``jaxllm launch`` sets.
 """
 
 import json
@@ -10,14 +12,18 @@ import os
 import sys
 import time
 
-pid, port, model, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+pid, port, model, mode = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                           heartbeat_timeout_seconds=10, initialization_timeout=60)
+if pid == "env":
+    pid = int(os.environ["JAXLLM_PROCESS_ID"])
+else:
+    pid = int(pid)
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               heartbeat_timeout_seconds=10, initialization_timeout=60)
 
 from jaxllm import LLM, SamplingParams  # noqa: E402
 
@@ -30,6 +36,7 @@ if mode == "die" and pid == 1:
 
     threading.Timer(20, lambda: os._exit(3)).start()
 llm = LLM(model, tensor_parallel_size=4, compilation_cache=False, max_seq_len=128)
+assert jax.process_count() == 2 and jax.process_index() == pid
 if pid == 0:
     outs = llm.generate(PROMPTS, SP, use_tqdm=False)
     print("RESULT " + json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)

@@ -20,6 +20,7 @@ from .runner import ATTENTION_BACKENDS, ModelRunner, plan_num_blocks
 from .sampling import fold_key_data, key_data_for_seed
 from .sampling_params import SamplingParams, _check_int
 from .sharding import make_meshes, replicate_on
+from .sharding.distributed import maybe_initialize
 
 
 PromptInput = str | list[int] | dict
@@ -83,6 +84,12 @@ class LLM:
         trust_remote_code: must stay False: code from checkpoints is never executed.
         attention_backend: "auto" (the Pallas decode kernel on NVIDIA GPUs, the jnp reference
             elsewhere), "pallas" (an error where the kernel cannot run) or "reference".
+        coordinator_address, num_processes, process_id: start ``jax.distributed`` for several
+            processes ("HOST:PORT" of process 0's coordinator, the process count >= 1, this
+            process's id in [0, num_processes - 1]); unset ones come from $JAXLLM_COORDINATOR_ADDRESS,
+            $JAXLLM_NUM_PROCESSES, $JAXLLM_PROCESS_ID, else from Slurm (srun) or Open MPI (mpirun)
+            through JAX's cluster detection; none of these: one process. Done before any JAX call,
+            skipped if jax.distributed is already initialized (docs/launching.md).
     """
 
     def __init__(
@@ -104,6 +111,9 @@ class LLM:
         data_parallel_size: int = 1,
         trust_remote_code: bool = False,
         attention_backend: str = "auto",
+        coordinator_address: str | None = None,
+        num_processes: int | None = None,
+        process_id: int | None = None,
     ):
         if trust_remote_code:
             raise ValueError(
@@ -128,6 +138,7 @@ class LLM:
         if not isinstance(kv_cache_config, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
 
+        maybe_initialize(coordinator_address, num_processes, process_id)  # before any JAX backend starts
         t_start = time.perf_counter()
         _enable_compilation_cache(compilation_cache)
         meshes = make_meshes(tensor_parallel_size, data_parallel_size)
