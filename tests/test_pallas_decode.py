@@ -30,9 +30,19 @@ def _inputs(seed, b, h, kvh, d, bs, max_len, dtype=jnp.bfloat16, lengths=None):
     return q, k, v, tables, jnp.asarray(lengths, jnp.int32)
 
 
+def _fp8_inputs(seed, b, h, kvh, d, bs, max_len, k_scale, v_scale, **kw):
+    """As _inputs, with float8_e4m3fn pools holding clip(K / k_scale) and clip(V / v_scale), as the
+    runner writes them (K and V drawn 3x wider than q, so the scales matter)."""
+    from jaxllm.runner.paged import to_pool
+
+    q, k, v, tables, lens = _inputs(seed, b, h, kvh, d, bs, max_len, dtype=jnp.float32, **kw)
+    k8, v8 = to_pool(3 * k, jnp.float8_e4m3fn, k_scale), to_pool(3 * v, jnp.float8_e4m3fn, v_scale)
+    return q.astype(jnp.bfloat16), k8, v8, tables, lens
+
+
 def _check(args, bs, **kw):
     q, k, v, tables, lens = args
-    ref_kw = {n: kw[n] for n in ("soft_cap", "sliding_window") if n in kw}
+    ref_kw = {n: kw[n] for n in ("soft_cap", "sliding_window", "k_scale", "v_scale") if n in kw}
     kk, vv = (k.transpose(1, 0, 2), v.transpose(1, 0, 2)) if kw.get("heads_major") else (k, v)
     out = paged_decode_attention(q, kk, vv, tables, lens, bs, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -79,22 +89,85 @@ LOWER_GRID = [
 ]
 
 
+def _lower(b, h, kvh, d, bs, kv_dtype=jnp.bfloat16, **kw):
+    """The kernel's module lowered for an NVIDIA GPU, as text."""
+    w = 4096 // bs
+    pool = (kvh, b * w * bs, d) if kw.get("heads_major") else (b * w * bs, kvh, d)
+    args = (
+        jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct(pool, kv_dtype),
+        jax.ShapeDtypeStruct(pool, kv_dtype),
+        jax.ShapeDtypeStruct((b, w), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+    fn = jax.jit(lambda *a: paged_decode_attention(*a, bs, **kw))
+    return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("case", LOWER_GRID, ids=str)
 def test_kernel_lowers_for_cuda(case):
     """Mosaic GPU's own lowering (layout inference, TMA tiling, the shared-memory budget) runs on
     CPU too: every configuration must lower for an NVIDIA GPU."""
     b, h, kvh, d, bs, kw = case
-    w = 4096 // bs
-    args = (
-        jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((b * w * bs, kvh, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((b * w * bs, kvh, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((b, w), jnp.int32),
-        jax.ShapeDtypeStruct((b,), jnp.int32),
-    )
-    fn = jax.jit(lambda *a: paged_decode_attention(*a, bs, **kw))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    text = _lower(b, h, kvh, d, bs, **kw)
+    assert "mosaic_gpu" in text and "e4m3" not in text
+
+
+# -- FP8 pools ---------------------------------------------------------------------------------
+FP8_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, max_len, k_scale, v_scale, kernel kwargs)
+    (3, 8, 2, 64, 16, 200, 0.25, 0.5, {}),  # GQA 4, several steps, ragged lengths; 64-byte rows
+    (2, 8, 8, 128, 32, 300, 1.0, 1.0, {"num_splits": 3}),  # MHA, split-K, default scales
+    (2, 4, 1, 256, 128, 260, 0.5, 2.0, {"sliding_window": 150}),  # head dim 256, two copies a page
+    (3, 8, 2, 128, 32, 300, 2.0, 0.125, {"heads_major": True, "soft_cap": 5.0}),
+]
+
+
+@pytest.mark.parametrize("case", FP8_CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}len{}".format(*c[:6]))
+def test_fp8_kernel_matches_reference_in_interpret_mode(case):
+    """fp8 pools: the kernel (fp8 TMA, f16 staging, scales folded) against the float32 reference on
+    the dequantized pools."""
+    b, h, kvh, d, bs, max_len, ks, vs, kw = case
+    for seed in range(2):
+        args = _fp8_inputs(seed, b, h, kvh, d, bs, max_len, ks, vs)
+        assert args[1].dtype == jnp.float8_e4m3fn
+        _check(args, bs, interpret=_interpret(), k_scale=ks, v_scale=vs, **kw)
+
+
+def test_fp8_scales_are_applied():
+    """A kernel that ignored a scale would miss by far more than the tolerance."""
+    args = _fp8_inputs(5, 2, 4, 2, 64, 16, 100, 0.5, 2.0)
+    q, k, v, tables, lens = args
+    ref = np.asarray(reference_decode_attention(q, k, v, tables, lens, 16, k_scale=0.5, v_scale=2.0))
+    for ks, vs in ((1.0, 2.0), (0.5, 1.0)):
+        out = np.asarray(paged_decode_attention(q, k, v, tables, lens, 16, k_scale=ks, v_scale=vs,
+                                                interpret=_interpret()), np.float32)
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) > 10 * TOL
+
+
+def test_fp8_staging_has_no_races():
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    args = _fp8_inputs(7, 2, 4, 1, 64, 16, 400, 0.5, 0.5)
+    for stages in (2, 3):
+        _check(args, 16, interpret=_interpret(detect_races=True), max_concurrent_steps=stages, k_scale=0.5,
+               v_scale=0.5)
+        assert not get_races().races_found
+
+
+FP8_LOWER_GRID = [
+    (b, h, kvh, d, bs, kw)
+    for (b, h, kvh, d) in [(64, 32, 8, 128), (1, 8, 8, 64), (3, 16, 2, 256)]
+    for bs in (16, 128)
+    for kw in ({}, {"p_in_registers": True, "heads_major": True})
+]
+
+
+@pytest.mark.parametrize("case", FP8_LOWER_GRID, ids=str)
+def test_fp8_kernel_lowers_for_cuda(case):
+    """fp8 pools lower for an NVIDIA GPU, converting with the fp8 -> f16 cvt (never through f32)."""
+    b, h, kvh, d, bs, kw = case
+    text = _lower(b, h, kvh, d, bs, jnp.float8_e4m3fn, k_scale=0.5, v_scale=2.0, **kw)
+    assert "mosaic_gpu" in text and "cvt.rn.f16x2.e4m3x2" in text
 
 
 def test_no_races_in_the_stage_ring():
@@ -115,8 +188,13 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="head_dim must be a multiple of 64"):
         paged_decode_attention(q, k, v, tables, lens, 16)
     q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32, dtype=jnp.float32)
-    with pytest.raises(ValueError, match="bfloat16 or float16"):
+    with pytest.raises(ValueError, match="bfloat16, float16 or float8_e4m3fn"):
         paged_decode_attention(q, k, v, tables, lens, 16)
+    with pytest.raises(ValueError, match="both pools alike"):
+        paged_decode_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.float8_e4m3fn), tables, lens, 16)
+    q, k, v, tables, lens = _inputs(0, 1, 4, 2, 256, 16, 32)
+    with pytest.raises(ValueError, match="block_kv=128 with head_dim 256"):
+        paged_decode_attention(q, k, v, tables, lens, 16, block_kv=128)
     q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32)
     with pytest.raises(ValueError, match="block_kv must be a multiple of 64"):
         paged_decode_attention(q, k, v, tables, lens, 16, block_kv=96)

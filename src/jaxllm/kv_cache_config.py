@@ -9,6 +9,12 @@ from dataclasses import dataclass
 CPU_DEFAULT_MAX_TOKENS = 32768
 CPU_DEFAULT_MAX_BYTES = 1 << 30
 
+# KvCacheConfig.dtype -> the pool's element type ("auto": the model's dtype). "fp8" is
+# float8_e4m3fn with a per-layer scale for K and one for V (see jaxllm.runner.paged): one byte a
+# value, so the same memory holds twice the tokens of a bfloat16 pool.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
 
 @dataclass
 class KvCacheConfig:
@@ -20,7 +26,9 @@ class KvCacheConfig:
         at most 1 GiB).
     tokens_per_block: tokens per KV block (the unit of allocation and of prefix reuse).
     enable_block_reuse: reuse the KV blocks of shared prompt prefixes.
-    dtype: "auto" (the model's dtype) or "bfloat16" / "float16" / "float32".
+    dtype: "auto" (the model's dtype), "bfloat16" / "float16" / "float32", or "fp8"
+        (float8_e4m3fn with per-layer K and V scales, 1.0 unless a checkpoint gives them, as in
+        vLLM: half the bytes of bfloat16, so twice the tokens in the same memory).
     """
 
     free_gpu_memory_fraction: float = 0.9
@@ -40,5 +48,13 @@ class KvCacheConfig:
         tpb = self.tokens_per_block
         if isinstance(tpb, bool) or not isinstance(tpb, int) or tpb < 1 or tpb & (tpb - 1):
             raise ValueError(f"tokens_per_block must be a power of two >= 1, got {tpb!r}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.dtype!r}")
+
+    def pool_dtype(self, model_dtype):
+        """The KV pool's element type for a model computing in model_dtype."""
+        import jax.numpy as jnp
+
+        if self.dtype == "auto":
+            return jnp.dtype(model_dtype)
+        return jnp.dtype(jnp.float8_e4m3fn if self.dtype == "fp8" else self.dtype)

@@ -153,7 +153,7 @@ class LLM:
         self.dtype = loaded.dtype
         self._eos_ids = self._find_eos_ids(loaded)
 
-        kv_dtype = loaded.dtype if kv_cache_config.dtype == "auto" else DTYPES[kv_cache_config.dtype]
+        kv_dtype = kv_cache_config.pool_dtype(loaded.dtype)
         block = kv_cache_config.tokens_per_block
         num_blocks = plan_num_blocks(loaded.config, kv_dtype, block, kv_cache_config, self._mesh)
         self.kv_capacity_tokens = num_blocks * block

@@ -28,6 +28,18 @@ Why it is written this way
 * Masking is by token position (``< length``, inside the sliding window, inside this split), so
   table entries past a sequence's pages may hold any valid page id.
 * Logit soft-cap (Gemma 2) and sliding window (Mistral) are applied on the scores in registers.
+* FP8 pools (float8_e4m3fn, ``KvCacheConfig(dtype="fp8")``): the pages travel by TMA as fp8, so a
+  step moves half the bytes of bf16 (the point: decode is bound by those bytes). wgmma cannot
+  take them as they are: its fp8 form wants *both* operands in fp8, and Q and P in fp8 would
+  lose far more than the cache's own rounding. So each stage is read from shared memory into
+  registers, converted, and stored into one 16-bit staging tile per operand that the unchanged
+  wgmma path reads. The conversion is to float16, not bfloat16: every e4m3 value is exact in
+  float16, and Mosaic GPU's fp8 -> f16 ``cvt`` exists on every Hopper toolchain while fp8 -> bf16
+  needs PTX ISA 9.2; so an fp8 kernel computes in float16 (Q, P, the staging tiles; accumulation
+  stays float32). The scales are per tensor: the K scale folds into the softmax scale and the V
+  scale into the output, so they cost nothing per element. The staging tiles are reused every
+  step: the wgmma that read one has completed (its accumulator was read) before the next step
+  overwrites it, and the conversion's stores are fenced for the tensor cores by ``commit_smem``.
 """
 
 from __future__ import annotations
@@ -42,16 +54,24 @@ LOG2E = math.log2(math.e)
 ROWS = 64  # wgmma M
 
 
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+KV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), FP8)
+F16_MAX = 65504.0
+
+
 def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size, *, sm_scale=None,
-                               soft_cap=None, sliding_window=None):
-    """The same function in plain jnp, float32 throughout: q [B, H, D] -> [B, H, D] float32."""
+                               soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0):
+    """The same function in plain jnp, float32 throughout: q [B, H, D] -> [B, H, D] float32.
+
+    The pools hold K / k_scale and V / v_scale (fp8 pools; 1.0 for the others): they are
+    dequantized as read."""
     b, h, d = q.shape
     kvh = k_pool.shape[1]
     w = block_tables.shape[1]
     scale = d**-0.5 if sm_scale is None else sm_scale
     slot_idx = (block_tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(b, w * block_size)
-    k = k_pool[slot_idx].astype(jnp.float32)  # [B, S, KVH, D]
-    v = v_pool[slot_idx].astype(jnp.float32)
+    k = k_pool[slot_idx].astype(jnp.float32) * k_scale  # [B, S, KVH, D]
+    v = v_pool[slot_idx].astype(jnp.float32) * v_scale
     qg = q.astype(jnp.float32).reshape(b, kvh, h // kvh, d)
     s = jnp.einsum("bkgd,bskd->bkgs", qg, k, precision="highest") * scale
     if soft_cap is not None:
@@ -68,10 +88,13 @@ def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_s
 SMEM_BYTES = 232448  # per block on Hopper (227 KiB)
 
 
-def _max_stages(d: int, tile: int, p_in_registers: bool) -> int:
-    """The most K/V stages that fit in shared memory beside Q, O, P and the barriers."""
+def _max_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2) -> int:
+    """The most K/V stages that fit in shared memory beside Q, O, P, the barriers and (fp8 pools,
+    ``kv_bytes == 1``) the two 16-bit staging tiles."""
     fixed = 2 * ROWS * d * 2 + ROWS * 4 + (0 if p_in_registers else ROWS * tile * 2) + 1024
-    return (SMEM_BYTES - fixed) // (2 * tile * d * 2)
+    if kv_bytes == 1:
+        fixed += 2 * tile * d * 2
+    return (SMEM_BYTES - fixed) // (2 * tile * d * kv_bytes)
 
 
 def _choose_splits(batch: int, kv_heads: int, steps: int, num_sms: int = 132) -> int:
@@ -85,9 +108,12 @@ def _choose_splits(batch: int, kv_heads: int, steps: int, num_sms: int = 132) ->
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                            soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
-                           interpret=False):
+                           k_scale=1.0, v_scale=1.0, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
+
+    Pools are bfloat16, float16 or float8_e4m3fn; an fp8 pool holds K / k_scale and V / v_scale
+    (floats, or scalar arrays: an array K scale is folded into q instead of the softmax scale).
 
     ``p_in_registers`` feeds the probabilities to the second wgmma from registers instead of
     shared memory (GPU only: the CPU interpreter's wgmma takes shared-memory operands).
@@ -108,9 +134,12 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         raise ValueError(f"head_dim must be a multiple of 64, got {d}")
     if block_size % 8 or not 8 <= block_size <= 256:
         raise ValueError(f"block_size must be a multiple of 8 in [8, 256], got {block_size}")
-    dtype = k_pool.dtype
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"KV pool dtype must be bfloat16 or float16, got {dtype}")
+    kv_dtype = jnp.dtype(k_pool.dtype)
+    if kv_dtype not in KV_DTYPES or v_pool.dtype != kv_dtype:
+        raise ValueError(f"KV pool dtype must be bfloat16, float16 or float8_e4m3fn (both pools alike), got "
+                         f"{kv_dtype} and {jnp.dtype(v_pool.dtype)}")
+    fp8 = kv_dtype == FP8
+    dtype = jnp.dtype(jnp.float16) if fp8 else kv_dtype  # what the tensor cores read (see above)
     tile = block_kv
     if tile % 64 or not (tile % block_size == 0 or block_size % tile == 0):
         raise ValueError(f"block_kv must be a multiple of 64 that divides or is divided by block_size, got {tile}")
@@ -122,16 +151,27 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     steps_per_split = -(-total_steps // num_splits)
     split_tokens = steps_per_split * tile
     num_splits = -(-total_steps // steps_per_split)  # no split that is empty for every sequence
-    stages = max(2, min(max_concurrent_steps, steps_per_split, _max_stages(d, tile, p_in_registers)))
+    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize)
+    if fit < 2:
+        raise ValueError(f"block_kv={tile} with head_dim {d} ({kv_dtype.name} pools) leaves no room for two stages "
+                         f"in shared memory; use block_kv=64")
+    stages = max(2, min(max_concurrent_steps, steps_per_split, fit))
     scale = (d**-0.5 if sm_scale is None else sm_scale)
+    q_in = q
+    if isinstance(k_scale, (int, float)):
+        scale = scale * k_scale
+    else:  # a traced scale cannot be a constant of the kernel: scale q instead
+        q_in = q.astype(jnp.float32) * k_scale
+    if dtype == jnp.float16 and q_in.dtype != jnp.float16:
+        q_in = jnp.clip(q_in.astype(jnp.float32), -F16_MAX, F16_MAX)  # no inf from a bf16/f32 outlier
 
     # Q rows [B*H + 64, D]: a 64-row TMA box starting at any group stays in bounds.
-    q_rows = jnp.pad(q.reshape(b * h, d).astype(dtype), ((0, ROWS), (0, 0)))
+    q_rows = jnp.pad(q_in.reshape(b * h, d).astype(dtype), ((0, ROWS), (0, 0)))
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
 
     def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, o_smem,
-               lse_smem, p_smem, q_bar, k_bar, v_bar):
+               lse_smem, p_smem, q_bar, k_bar, v_bar, *staging):
         head = lax.axis_index("kvh")
         split = lax.axis_index("split")
         seq = lax.axis_index("seq")
@@ -173,18 +213,29 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
+        def operand(stage_ref, slot, which):
+            """The 16-bit tile wgmma reads: the stage itself, or (fp8) its converted copy."""
+            if not fp8:
+                return stage_ref.at[slot]
+            staged = staging[which]
+            staged[...] = stage_ref.at[slot][...].astype(dtype)
+            plgpu.commit_smem()
+            return staged
+
         def body(step, carry):
             acc, m_i, l_i = carry
             slot = lax.rem(step, stages)
             plgpu.barrier_wait(k_bar.at[slot])
+            k_op = operand(k_smem, slot, 0)
 
             def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(acc_ref, q_smem, k_op.transpose((1, 0)))
                 return acc_ref[...]
 
             s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS, tile), jnp.float32))
-            # Every thread of the warpgroup has passed the wgmma above, so the previous step's
-            # stage is free: refill it with the step `stages - 1` ahead.
+            # Every thread of the warpgroup has passed the wgmma above (and, fp8, the barrier of
+            # the conversions before it), so the previous step's stage is free: refill it with the
+            # step `stages - 1` ahead.
             prev = step - 1
             @pl.when((step > 0) & (prev + stages < n_steps))
             def _():
@@ -212,9 +263,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                 plgpu.commit_smem()
                 p_op = p_smem
             plgpu.barrier_wait(v_bar.at[slot])
+            v_op = operand(v_smem, slot, 1)
 
             def pv_scope(acc_ref):
-                plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
+                plgpu.wgmma(acc_ref, p_op, v_op)
                 return acc_ref[...]
 
             pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, d), jnp.float32))
@@ -232,12 +284,16 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, seq, head])
         plgpu.wait_smem_to_gmem(0)
 
-    swizzle = 128 if d >= 64 else d * 2
-    transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+    def swizzled(itemsize):  # 128-byte swizzle where a row is that wide
+        swizzle = min(128, d * itemsize)
+        return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+    transforms = swizzled(2)
+    kv_transforms = swizzled(kv_dtype.itemsize)
     scratch = (  # in the order of the kernel's scratch arguments
         plgpu.SMEM((ROWS, d), dtype, transforms=transforms),  # q_smem
-        plgpu.SMEM((stages, tile, d), dtype, transforms=transforms),  # k_smem
-        plgpu.SMEM((stages, tile, d), dtype, transforms=transforms),  # v_smem
+        plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # k_smem
+        plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # v_smem
         plgpu.SMEM((ROWS, d), dtype),  # o_smem
         plgpu.SMEM((ROWS,), jnp.float32),  # lse_smem
         plgpu.SMEM((ROWS, tile), dtype, transforms=transforms),  # p_smem
@@ -245,6 +301,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # k_bar
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # v_bar
     )
+    if fp8:  # the 16-bit staging tiles of K and V
+        scratch += (plgpu.SMEM((tile, d), dtype, transforms=transforms),) * 2
     o_parts, lse_parts = plgpu.kernel(
         kernel,
         out_type=(
@@ -261,9 +319,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     r0 = (jnp.arange(b)[:, None] * h + jnp.arange(kvh)[None, :] * g) % 8  # [B, KVH]
     rows = r0[None, :, :, None] + jnp.arange(g)  # [1, B, KVH, G]
     lse = jnp.take_along_axis(lse_parts, jnp.broadcast_to(rows, (num_splits, b, kvh, g)), axis=3).reshape(num_splits, b, h)
-    if num_splits == 1:
-        return o_parts[0].astype(q.dtype)
-    return _merge(o_parts, lse).astype(q.dtype)
+    out = o_parts[0] if num_splits == 1 else _merge(o_parts, lse)
+    if not (isinstance(v_scale, (int, float)) and v_scale == 1.0):
+        out = out.astype(jnp.float32) * v_scale
+    return out.astype(q.dtype)
 
 
 def _merge(o_parts, lse):

@@ -12,13 +12,22 @@ blocks a sequence owns; the device only ever sees tables and slot numbers.
 0..p of its sequence, gathered through the table. One path serves prefill, chunked prefill,
 prefix-cached prefill and decode. The attention here is the pure-jnp reference (scores in
 float32), the CPU path and the oracle for the Pallas kernels that plug in behind the same interface.
+
+FP8 pools (``KvCacheConfig(dtype="fp8")``) hold float8_e4m3fn and one scale per layer for K and
+one for V (static floats the runner owns: 1.0 unless a checkpoint calibrated them, as in vLLM):
+writes store ``clip(k / k_scale, -448, 448)`` in fp8, and every read (the reference attention,
+whole-prompt prefill, the Pallas decode kernel) multiplies the scale back in, folded into the
+softmax scale for K and into the output for V, so no dequantized copy of the pool is ever made.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from ..kv_cache_config import FP8_MAX
 from ..models import ModelConfig
 from ..sharding import named_sharding
 
@@ -41,22 +50,45 @@ def pool_bytes_per_token(cfg: ModelConfig, dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+
+
+def is_fp8(dtype) -> bool:
+    return jnp.dtype(dtype) == FP8
+
+
+def to_pool(x, dtype, scale=1.0):
+    """Values as a pool stores them: fp8 pools hold clip(x / scale) (saturating at +-448, where a
+    plain cast would give NaN); the others a plain cast."""
+    if not is_fp8(dtype):
+        return x.astype(dtype)
+    x = x.astype(jnp.float32)
+    if scale != 1.0:
+        x = x / scale
+    return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(dtype)
+
+
 def slots_for(positions, block_tables, block_size: int, valid):
     """Slot of each position [B, T] through block_tables [B, W]; -1 where not valid."""
     blk = jnp.take_along_axis(block_tables, jnp.clip(positions // block_size, 0, block_tables.shape[1] - 1), axis=1)
     return jnp.where(valid, blk * block_size + positions % block_size, -1)
 
 
-def reference_paged_attention(q, k_pool, v_pool, q_positions, block_tables, block_size: int, sliding_window):
-    """q [B, T, H, D] at q_positions [B, T]; K/V gathered through block_tables [B, W]; causal by position."""
+def reference_paged_attention(q, k_pool, v_pool, q_positions, block_tables, block_size: int, sliding_window,
+                              k_scale=1.0, v_scale=1.0):
+    """q [B, T, H, D] at q_positions [B, T]; K/V gathered through block_tables [B, W]; causal by position.
+
+    fp8 pools are read in q's dtype (exact) with k_scale / v_scale applied in float32."""
     b, t, h, d = q.shape
     kvh = k_pool.shape[1]
     w = block_tables.shape[1]
     slot_idx = (block_tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(b, w * block_size)
     k = k_pool[slot_idx]  # [B, S, Hkv, D], S = W * block_size; position j sits at index j
     v = v_pool[slot_idx]
+    if is_fp8(k.dtype):
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     qg = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (1.0 / d**0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (k_scale / d**0.5)
     kv_pos = jnp.arange(w * block_size)
     mask = kv_pos[None, None, :] <= q_positions[:, :, None]
     if sliding_window is not None:
@@ -64,6 +96,8 @@ def reference_paged_attention(q, k_pool, v_pool, q_positions, block_tables, bloc
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    if v_scale != 1.0:
+        out = out * v_scale
     return out.reshape(b, t, h, d)
 
 
@@ -74,8 +108,8 @@ def pallas_decode_supported(cfg: ModelConfig, kv_dtype, mesh, block_size: int) -
     """None when the Pallas decode kernel serves this model, else the reason it does not."""
     if mesh.devices.flat[0].platform != "gpu":
         return "the Pallas kernels run on NVIDIA GPUs"
-    if jnp.dtype(kv_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"the KV cache dtype is {jnp.dtype(kv_dtype).name} (bfloat16 or float16 needed)"
+    if jnp.dtype(kv_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), FP8):
+        return f"the KV cache dtype is {jnp.dtype(kv_dtype).name} (bfloat16, float16 or fp8 needed)"
     if cfg.head_dim % 64:
         return f"head_dim {cfg.head_dim} is not a multiple of 64"
     if block_size % 8:
@@ -89,26 +123,37 @@ def pallas_decode_supported(cfg: ModelConfig, kv_dtype, mesh, block_size: int) -
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     """The Pallas decode kernel as attend's decode path, run per device over its KV heads.
 
+    Called as ``kernel(q, k_pool, v_pool, tables, lengths, k_scale, v_scale)`` (the scales: floats).
     `interpret` (a ``plgpu.InterpretGPUParams``) runs it in the Mosaic GPU interpreter (CPU tests).
     """
     from jax.sharding import PartitionSpec as P
 
     from ..pallas.decode_attention import paged_decode_attention
 
-    def run(q, k_pool, v_pool, tables, lengths):
+    def run(q, k_pool, v_pool, tables, lengths, k_scale=1.0, v_scale=1.0):
         return paged_decode_attention(
-            q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, interpret=interpret
+            q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
+            v_scale=v_scale, interpret=interpret,
         )
 
     if mesh.shape.get("model", 1) == 1:
         return run
     heads = P(None, "model", None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, P(), P()), out_specs=heads, check_vma=False)
+
+    def sharded(q, k_pool, v_pool, tables, lengths, k_scale=1.0, v_scale=1.0):
+        per_device = functools.partial(run, k_scale=k_scale, v_scale=v_scale)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(heads, heads, heads, P(), P()), out_specs=heads,
+                             check_vma=False)(q, k_pool, v_pool, tables, lengths)
+
+    return sharded
 
 
 def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None,
-                decode_kernel=None, fresh_impl: str | None = None):
+                decode_kernel=None, fresh_impl: str | None = None, kv_scales=None):
     """`decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls.
+
+    `kv_scales`: per layer (k_scale, v_scale) floats of an fp8 pool, indexed by the layer number
+    models pass; None: 1.0 for every layer.
 
     `fresh_impl` ("cudnn" or "xla"), when given, says every row of this call starts at position 0
     (whole prompts, nothing cached): attention then needs only this call's K/V, and runs as
@@ -121,21 +166,29 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
 
     def attend(layer, q, k, v, cache):
         k_pool, v_pool = cache[layer]
+        k_scale, v_scale = (1.0, 1.0) if kv_scales is None else kv_scales[layer]
         n = k_pool.shape[0]
         idx = jnp.where(flat_slots < 0, n, flat_slots)  # padding -> out of range -> dropped
-        k_pool = k_pool.at[idx].set(k.reshape(-1, *k.shape[2:]).astype(k_pool.dtype), mode="drop")
-        v_pool = v_pool.at[idx].set(v.reshape(-1, *v.shape[2:]).astype(v_pool.dtype), mode="drop")
+        k_new = to_pool(k, k_pool.dtype, k_scale)
+        v_new = to_pool(v, v_pool.dtype, v_scale)
+        k_pool = k_pool.at[idx].set(k_new.reshape(-1, *k.shape[2:]), mode="drop")
+        v_pool = v_pool.at[idx].set(v_new.reshape(-1, *v.shape[2:]), mode="drop")
         if use_kernel:
-            out = decode_kernel(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0] + 1)[:, None]
+            out = decode_kernel(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0] + 1, k_scale, v_scale)[:, None]
         elif use_fresh:
             lens = jnp.sum(slots >= 0, axis=1).astype(jnp.int32)
             window = (sliding_window - 1, 0) if sliding_window is not None else None
+            fp8 = is_fp8(k_pool.dtype)  # attend to what the pool holds, as every later read does
             out = jax.nn.dot_product_attention(
-                q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, query_seq_lengths=lens,
-                key_value_seq_lengths=lens, local_window_size=window, implementation=fresh_impl,
+                q, (k_new if fp8 else k).astype(q.dtype), (v_new if fp8 else v).astype(q.dtype), is_causal=True,
+                query_seq_lengths=lens, key_value_seq_lengths=lens, local_window_size=window,
+                scale=k_scale / q.shape[-1] ** 0.5, implementation=fresh_impl,
             ).astype(jnp.float32)
+            if v_scale != 1.0:
+                out = out * v_scale
         else:
-            out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window)
+            out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window,
+                                            k_scale, v_scale)
         cache = list(cache)
         cache[layer] = (k_pool, v_pool)
         return out, cache

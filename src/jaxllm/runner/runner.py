@@ -29,6 +29,7 @@ from .paged import (
     ATTENTION_BACKENDS,
     decode_kernel_for,
     init_pool,
+    is_fp8,
     make_attend,
     pallas_decode_supported,
     pool_sharding,
@@ -70,10 +71,12 @@ class ModelRunner:
         mesh,
         kv_dtype=None,
         attention_backend: str = "auto",
+        kv_scales=None,
     ):
         self.cfg = cfg
         self.dtype = dtype
-        self.kv_dtype = kv_dtype or dtype
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        self.kv_scales = self._check_kv_scales(kv_scales)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.graphdef, self.params = nnx.split(model)
@@ -98,8 +101,21 @@ class ModelRunner:
             self._decode_impl, static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",)
         )
 
+    def _check_kv_scales(self, kv_scales):
+        """Per layer (k_scale, v_scale) of an fp8 pool as static floats (compiled in: the K scale
+        folds into the softmax scale); default 1.0 each, as vLLM without calibrated scales."""
+        n = self.cfg.num_layers
+        if kv_scales is None:
+            return ((1.0, 1.0),) * n
+        scales = tuple((float(k), float(v)) for k, v in kv_scales)
+        if len(scales) != n or not all(0 < x < float("inf") for pair in scales for x in pair):
+            raise ValueError(f"kv_scales must be {n} pairs (k_scale, v_scale) of positive finite floats, got {kv_scales!r}")
+        if not is_fp8(self.kv_dtype) and any(pair != (1.0, 1.0) for pair in scales):
+            raise ValueError(f"kv_scales apply to fp8 KV pools only; this pool is {jnp.dtype(self.kv_dtype).name}")
+        return scales
+
     def _choose_backend(self, requested: str, mesh) -> str:
-        """"auto": the Pallas decode kernel where it runs (NVIDIA GPU, bf16/fp16 KV), else the
+        """"auto": the Pallas decode kernel where it runs (NVIDIA GPU, bf16/fp16/fp8 KV), else the
         jnp reference. Prefill and chunked prefill use the reference path for now."""
         if requested not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {requested!r}")
@@ -116,7 +132,7 @@ class ModelRunner:
         slots = slots_for(positions, block_tables, self.block_size, valid)
         attend = make_attend(
             positions, slots, block_tables, self.block_size, self.cfg.sliding_window, self._decode_kernel,
-            self._fresh_impl if fresh else None,
+            self._fresh_impl if fresh else None, self.kv_scales,
         )
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
