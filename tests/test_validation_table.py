@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxllm import LLM, SamplingParams
+from jaxllm import LLM, KvCacheConfig, SamplingParams
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "validation.md"
 ROW = re.compile(r"^\| `(?P<call>.+)` \| (?P<exc>\w+) \| (?P<msg>.+) \|$")
@@ -23,7 +23,7 @@ def test_the_table_is_complete():
 def env(tiny_checkpoints):
     model = str(tiny_checkpoints["llama3"])
     llm = LLM(model, max_seq_len=256)
-    yield dict(SamplingParams=SamplingParams, LLM=LLM, llm=llm, MODEL=model,
+    yield dict(SamplingParams=SamplingParams, LLM=LLM, KvCacheConfig=KvCacheConfig, llm=llm, MODEL=model,
                VOCAB=llm.model_config.vocab_size, MAX_SEQ_LEN=llm.max_seq_len)
     llm.shutdown()
 
