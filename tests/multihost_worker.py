@@ -10,6 +10,7 @@ from the JAXLLM_* variables that ``jaxllm launch`` sets.
 import json
 import os
 import sys
+import tempfile
 import time
 
 pid, port, model, mode = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -30,18 +31,27 @@ from jaxllm import LLM, SamplingParams  # noqa: E402
 PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_token_ids": list(range(10, 50))}]
 SP = SamplingParams(max_tokens=6, ignore_eos=True)
 
+# "die": process 0 drops this file once the first request is served; process 1, which followed that
+# request's device calls, then vanishes without a word (a file, not a timer: a loaded machine is slow)
+SERVED = os.path.join(tempfile.gettempdir(), f"jaxllm-multihost-{port}.served")
 if mode == "die" and pid == 1:
-    # follow the first request's device calls, then vanish without a word
     import threading
 
-    threading.Timer(20, lambda: os._exit(3)).start()
+    def vanish_once_served():
+        while not os.path.exists(SERVED):
+            time.sleep(0.1)
+        os._exit(3)
+
+    threading.Thread(target=vanish_once_served, daemon=True).start()
 llm = LLM(model, tensor_parallel_size=4, compilation_cache=False, max_seq_len=128)
 assert jax.process_count() == 2 and jax.process_index() == pid
 if pid == 0:
     outs = llm.generate(PROMPTS, SP, use_tqdm=False)
     print("RESULT " + json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
     if mode == "die":
-        time.sleep(25)  # process 1 is gone by now
+        open(SERVED, "w").close()
+        time.sleep(2)  # process 1 is gone by now
+        os.remove(SERVED)
         t0 = time.time()
         try:
             llm.generate(PROMPTS, SP, use_tqdm=False)
