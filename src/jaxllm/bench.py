@@ -67,6 +67,8 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None)
     p.add_argument("--tokens-per-block", type=int, default=None)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--quantization", default=None, choices=["fp8", "int8"],
+                   help="weight-only quantization of the projections at load (default: none, or the checkpoint's)")
 
 
 def _positive(name: str, value, allow_none=False):
@@ -167,6 +169,7 @@ def make_llm(args):
         data_parallel_size=args.data_parallel_size,
         kv_cache_config=KvCacheConfig(**kv),
         attention_backend=args.attention_backend,
+        quantization=args.quantization,
     )
 
 

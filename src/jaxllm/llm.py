@@ -14,7 +14,7 @@ import numpy as np
 
 from .engine import Engine, GroupHandle, Request, RequestHandle
 from .kv_cache_config import KvCacheConfig
-from .loader import DTYPES, LOAD_FORMATS, load_model, save_checkpoint
+from .loader import DTYPES, LOAD_FORMATS, QUANTIZATIONS, load_model, save_checkpoint
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runner import ATTENTION_BACKENDS, ModelRunner, plan_num_blocks
 from .sampling import fold_key_data, key_data_for_seed
@@ -84,6 +84,12 @@ class LLM:
         trust_remote_code: must stay False: code from checkpoints is never executed.
         attention_backend: "auto" (the Pallas decode kernel on NVIDIA GPUs, the jnp reference
             elsewhere), "pallas" (an error where the kernel cannot run) or "reference".
+        quantization: weight-only quantization of the attention and MLP projections (not the
+            embedding or lm_head), done on the devices at load: None, "fp8" (float8_e4m3fn) or
+            "int8", with a float32 scale per output channel; the matmuls dequantize inside the dot.
+            A pre-quantized checkpoint (compressed-tensors or ModelOpt FP8) is detected from the
+            checkpoint itself and loads as "fp8" with None; FP4 and other quantized formats are
+            refused. ``LLM.save`` keeps the quantized weights.
         coordinator_address, num_processes, process_id: start ``jax.distributed`` for several
             processes ("HOST:PORT" of process 0's coordinator, the process count >= 1, this
             process's id in [0, num_processes - 1]); unset ones come from $JAXLLM_COORDINATOR_ADDRESS,
@@ -111,6 +117,7 @@ class LLM:
         data_parallel_size: int = 1,
         trust_remote_code: bool = False,
         attention_backend: str = "auto",
+        quantization: str | None = None,
         coordinator_address: str | None = None,
         num_processes: int | None = None,
         process_id: int | None = None,
@@ -134,6 +141,8 @@ class LLM:
         _check_positive_int("data_parallel_size", data_parallel_size, allow_none=False)
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {attention_backend!r}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
         kv_cache_config = KvCacheConfig() if kv_cache_config is None else kv_cache_config
         if not isinstance(kv_cache_config, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
@@ -144,7 +153,8 @@ class LLM:
         meshes = make_meshes(tensor_parallel_size, data_parallel_size)
         self._mesh = meshes[0]
         loaded = load_model(
-            model, dtype=dtype, load_format=load_format, tokenizer=tokenizer, revision=revision, mesh=self._mesh
+            model, dtype=dtype, load_format=load_format, tokenizer=tokenizer, revision=revision, mesh=self._mesh,
+            quantization=quantization,
         )
         t_loaded = time.perf_counter()
         self.model_config = loaded.config
@@ -222,7 +232,8 @@ class LLM:
         """Write the converted parameters (Orbax), config and tokenizer into a new folder;
         ``LLM(model=path)`` restores them onto any tensor-parallel layout, skipping conversion."""
         engine = self._require_engine()
-        save_checkpoint(Path(path), engine.runner.params, self.hf_config, self.tokenizer, self.dtype)
+        save_checkpoint(Path(path), engine.runner.params, self.hf_config, self.tokenizer, self.dtype,
+                        self.model_config.quantization)
 
     def get_stats(self) -> list[dict]:
         """Recent per-step engine records: running / waiting requests, KV blocks used / free,

@@ -6,7 +6,7 @@ jaxllm's own Orbax checkpoints written by ``LLM.save``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -16,12 +16,14 @@ from flax import nnx
 from ..models import ModelConfig, get_architecture
 from ..models.config import architecture_name
 from .resolve import ResolvedModel, resolve_model
-from .orbax_ckpt import is_jaxllm_checkpoint, restore_params, saved_dtype, save_checkpoint
+from .orbax_ckpt import is_jaxllm_checkpoint, restore_params, saved_dtype, saved_quantization, save_checkpoint
+from .quant_config import checkpoint_quantization
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = (None, "fp8", "int8")
 
 
 @dataclass
@@ -68,12 +70,36 @@ def resolve_dtype(dtype: str, cfg: ModelConfig):
     return DTYPES[dtype]
 
 
-def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh) -> LoadedModel:
+def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool) -> str | None:
+    """The projections' weight quantization: what the checkpoint carries (a pre-quantized HF
+    checkpoint, or a jaxllm save of a quantized model), else what LLM(quantization=...) asks for.
+    Raises ValueError for an unsupported checkpoint quantization or a request that contradicts it."""
+    if src.is_gguf:
+        return requested
+    if orbax:
+        found, what = saved_quantization(src.path), "a jaxllm checkpoint saved with quantization"
+    else:
+        found, what = checkpoint_quantization(src.path)
+    if orbax and requested != found and requested is not None:
+        raise ValueError(
+            f"quantization={requested!r} does not match this jaxllm checkpoint, saved with quantization="
+            f"{found!r}; pass quantization={found!r} (or None), or load the original checkpoint to quantize it"
+        )
+    if not orbax and found is not None and requested not in (None, found):
+        raise ValueError(
+            f"quantization={requested!r} does not match this checkpoint, which is pre-quantized ({what}); "
+            f"pass quantization=None or {found!r}"
+        )
+    return found if found is not None else requested
+
+
+def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
+               quantization=None) -> LoadedModel:
     src = resolve_model(model, revision)
     hf_config = _hf_config(src)
     arch = get_architecture(architecture_name(hf_config))  # before reading fields it may not have
-    cfg = ModelConfig.from_hf(hf_config)
     orbax = not src.is_gguf and is_jaxllm_checkpoint(src.path)
+    cfg = replace(ModelConfig.from_hf(hf_config), quantization=resolve_quantization(quantization, src, orbax))
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)
@@ -97,4 +123,4 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     return LoadedModel(module, cfg, hf_config, tok, jdtype, src)
 
 
-__all__ = ["DTYPES", "LOAD_FORMATS", "LoadedModel", "load_model", "load_tokenizer", "save_checkpoint"]
+__all__ = ["DTYPES", "LOAD_FORMATS", "QUANTIZATIONS", "LoadedModel", "load_model", "load_tokenizer", "save_checkpoint"]

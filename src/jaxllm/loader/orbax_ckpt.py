@@ -3,7 +3,9 @@
 ``LLM.save(path)`` writes the parameters in the model's own layout (already transposed, reshaped and
 cast), so loading skips the HF -> jaxllm conversion and restores each array straight onto its
 shards of the mesh, for any tensor-parallel size. The folder also holds the transformers config and
-the tokenizer, and ``jaxllm.json``, the marker that tells the loader what the folder is.
+the tokenizer, and ``jaxllm.json``, the marker that tells the loader what the folder is (with the
+compute dtype and the weight quantization: a quantized model is saved as its 8-bit weights and
+float32 scales, and restored as such).
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ def saved_dtype(folder: Path) -> str:
     return json.loads((folder / MARKER).read_text())["dtype"]
 
 
-def save_checkpoint(path: Path, params: nnx.State, hf_config, tokenizer, dtype) -> None:
+def saved_quantization(folder: Path) -> str | None:
+    """The projections' weight quantization the checkpoint was saved with (None: unquantized)."""
+    return json.loads((folder / MARKER).read_text()).get("quantization")
+
+
+def save_checkpoint(path: Path, params: nnx.State, hf_config, tokenizer, dtype, quantization=None) -> None:
     import orbax.checkpoint as ocp
 
     path = Path(path).expanduser().resolve()
@@ -41,7 +48,9 @@ def save_checkpoint(path: Path, params: nnx.State, hf_config, tokenizer, dtype) 
     ckptr.wait_until_finished()
     hf_config.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
-    (path / MARKER).write_text(json.dumps({"format_version": FORMAT_VERSION, "dtype": jnp.dtype(dtype).name}))
+    (path / MARKER).write_text(json.dumps(
+        {"format_version": FORMAT_VERSION, "dtype": jnp.dtype(dtype).name, "quantization": quantization}
+    ))
 
 
 def restore_params(folder: Path, abstract_state: nnx.State, mesh) -> nnx.State:

@@ -6,6 +6,11 @@ are dequantized whole by the ``gguf`` package, one at a time. ``place_weights`` 
 declarative weight map over any source (it knows no model) and builds each parameter with
 ``jax.make_array_from_callback``: every device's shard is read as the one HF slice it needs, so a
 host reads only what its devices hold and no full copy of a split tensor is made.
+
+Quantized projections (``models/quant.py``): a checkpoint tensor already in float8_e4m3fn (a
+pre-quantized checkpoint) is placed as it is, its scale by its own weight-map rule; a
+full-precision tensor bound for a quantized parameter is placed in float32 and quantized on the
+devices right away (one jitted call per parameter, keeping its sharding), then dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.config import ModelConfig
+from ..models.quant import WEIGHT_DTYPES, quantize_weight
 from ..models.weight_map import WeightMap
 from ..sharding import named_sharding
 
@@ -51,6 +57,35 @@ class LazyTensor:
 
     shape: tuple[int, ...]
     read: Callable[[tuple[slice, ...] | None], np.ndarray]
+    dtype: object = None  # the stored dtype (numpy / ml_dtypes), where the source says
+
+
+# safetensors' own numpy and flax readers cannot return float8 tensors (they look the dtype up on
+# numpy itself); those are read through a read-only memory map of the file (the layout is
+# documented: an 8-byte little-endian header size, a JSON header of dtype / shape / data_offsets
+# per tensor, then the data), which reads only the slice asked for.
+_MEMMAP_DTYPES = {"F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}
+_DTYPES = {"BF16": jnp.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8,
+           "U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_, **_MEMMAP_DTYPES}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def _memmap_reader(path: Path, entry: dict, data_start: int):
+    dtype = np.dtype(_MEMMAP_DTYPES[entry["dtype"]])
+    shape = tuple(entry["shape"])
+
+    def read(index):
+        arr = np.memmap(path, dtype=dtype, mode="r", offset=data_start + entry["data_offsets"][0],
+                        shape=shape if shape else (1,))
+        arr = arr if shape else arr.reshape(())
+        return np.array(arr[index if index is not None else ...])
+
+    return read
 
 
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, LazyTensor]]:
@@ -59,15 +94,20 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, LazyTensor]]:
     # framework="flax" understands bfloat16 (numpy alone does not); keep the tensor on the host.
     cpu = jax.local_devices(backend="cpu")[0]  # this process's own (multi-host: devices()[0] may be remote)
     for f in safetensors_files(folder):
+        header, data_start = _safetensors_header(f)
         with jax.default_device(cpu), safe_open(str(f), framework="flax") as st:
             for name in st.keys():
-                sl = st.get_slice(name)
+                entry = header[name]
+                if entry["dtype"] in _MEMMAP_DTYPES:
+                    read = _memmap_reader(f, entry, data_start)
+                else:
+                    sl = st.get_slice(name)
 
-                def read(index, sl=sl):
-                    with jax.default_device(cpu):
-                        return np.asarray(sl[index if index is not None else ...])
+                    def read(index, sl=sl):
+                        with jax.default_device(cpu):
+                            return np.asarray(sl[index if index is not None else ...])
 
-                yield name, LazyTensor(tuple(sl.get_shape()), read)
+                yield name, LazyTensor(tuple(entry["shape"]), read, _DTYPES.get(entry["dtype"]))
 
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -96,14 +136,52 @@ def iter_gguf(path: Path, cfg: ModelConfig, weight_map: WeightMap, gguf_arch: st
             w = _unpermute_rope(w, cfg.num_heads)
         elif ".attn_k." in t.name:
             w = _unpermute_rope(w, cfg.num_kv_heads)
-        yield to_hf[t.name], LazyTensor(w.shape, lambda index, w=w: w if index is None else w[index])
+        yield to_hf[t.name], LazyTensor(w.shape, lambda index, w=w: w if index is None else w[index], w.dtype)
+
+
+_QUANTIZED = {jnp.dtype(d): name for name, d in WEIGHT_DTYPES.items()}
+
+
+def _quantization_of(flat_by_dotted: dict, dotted: str) -> str | None:
+    """"fp8" / "int8" for a quantized projection weight (an 8-bit param with a _scale beside it)."""
+    var = flat_by_dotted[dotted]
+    mode = _QUANTIZED.get(jnp.dtype(var.get_value().dtype))
+    return mode if mode is not None and dotted + "_scale" in flat_by_dotted else None
+
+
+@partial(jax.jit, static_argnames=("quantization", "axes", "out_axes", "shardings"))
+def _quantize_param(w, quantization, axes, out_axes, shardings):
+    q, scale = quantize_weight(w, quantization, axes, out_axes)
+    return jax.lax.with_sharding_constraint(q, shardings[0]), jax.lax.with_sharding_constraint(scale, shardings[1])
+
+
+def _set_quantized(flat_by_dotted: dict, dotted: str, full, mesh) -> None:
+    """Quantize a placed full-precision weight into its (weight, scale) params, on the devices."""
+    var, svar = flat_by_dotted[dotted], flat_by_dotted[dotted + "_scale"]
+    axes, out_axes = tuple(var.get_metadata()["axes"]), tuple(svar.get_metadata()["axes"])
+    shardings = (named_sharding(axes, mesh, tuple(full.shape)),
+                 named_sharding(out_axes, mesh, tuple(svar.get_value().shape)))
+    q, scale = _quantize_param(full, _quantization_of(flat_by_dotted, dotted), axes, out_axes, shardings)
+    full.delete()
+    var.set_value(q)
+    svar.set_value(scale)
 
 
 def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_map: WeightMap, mesh) -> nnx.State:
     """Fill an abstract model state from (hf_name, LazyTensor) pairs, shard by shard on the mesh."""
     flat = dict(nnx.to_flat_state(abstract_state))
     by_dotted = {".".join(map(str, path)): path for path in flat}
-    filled: set[str] = set()
+    vars_by_dotted = {d: flat[p] for d, p in by_dotted.items()}
+    filled: dict[str, str] = {}  # param -> the checkpoint tensor it came from
+
+    def fill(dotted, hf_name):
+        if dotted in filled:
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r} sets {dotted!r}, already set from {filled[dotted]!r} "
+                "(a weight_scale beside a weight that is not stored in float8_e4m3fn?)"
+            )
+        filled[dotted] = hf_name
+
     for hf_name, tensor in tensors:
         try:
             m = weight_map.match(hf_name)
@@ -125,10 +203,25 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
                 f"after layout conversion (config mismatch?)"
             )
         sharding = named_sharding(var.get_metadata()["axes"], mesh, shape)
+        quantization = _quantization_of(vars_by_dotted, dotted)
+        stored_8bit = tensor.dtype is not None and jnp.dtype(tensor.dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+        if stored_8bit and (quantization is None or jnp.dtype(tensor.dtype) != jnp.dtype(target.dtype)):
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r} is stored in {jnp.dtype(tensor.dtype).name}, but {dotted!r} is "
+                f"{'not a quantized projection' if quantization is None else 'a ' + quantization + ' weight'}: jaxllm "
+                "loads float8_e4m3fn weights of the attention and MLP projections only (embeddings, lm_head and "
+                "norms stay unquantized)"
+            )
+        if quantization is not None and not stored_8bit:  # full precision -> quantize on the devices
+            shard = partial(_read_shard, tensor=tensor, layout=layout, cfg=cfg, shape=shape, dtype=np.float32)
+            fill(dotted, hf_name)
+            fill(dotted + "_scale", hf_name)
+            _set_quantized(vars_by_dotted, dotted, jax.make_array_from_callback(shape, sharding, shard), mesh)
+            continue
         shard = partial(_read_shard, tensor=tensor, layout=layout, cfg=cfg, shape=shape, dtype=target.dtype)
         var.set_value(jax.make_array_from_callback(shape, sharding, shard))
-        filled.add(dotted)
-    missing = sorted(set(by_dotted) - filled)
+        fill(dotted, hf_name)
+    missing = sorted(set(by_dotted) - set(filled))
     if missing:
         raise ValueError(f"checkpoint lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return nnx.from_flat_state(flat)
@@ -164,11 +257,19 @@ def random_weights(abstract_state: nnx.State, mesh, seed: int = 0) -> nnx.State:
     program takes minutes on a GPU for an 8B model, this takes seconds.
     """
     flat = nnx.to_flat_state(abstract_state)
+    by_dotted = {".".join(map(str, path)): var for path, var in flat}
+    quantized = {d for d in by_dotted if _quantization_of(by_dotted, d)}
     key = jax.random.PRNGKey(seed)
-    for i, (_, var) in enumerate(flat):
+    for i, (dotted, var) in enumerate(by_dotted.items()):
+        if dotted.removesuffix("_scale") in quantized and dotted.endswith("_scale"):
+            continue  # set with its weight
         meta = var.get_metadata()
         target = var.get_value()
         sharding = named_sharding(meta["axes"], mesh, tuple(target.shape))
-        value = _random_param(jax.random.fold_in(key, i), tuple(target.shape), target.dtype, meta.get("init", "normal"), sharding)
-        var.set_value(value)
+        dtype = np.float32 if dotted in quantized else target.dtype  # quantized weights: random floats, quantized
+        value = _random_param(jax.random.fold_in(key, i), tuple(target.shape), dtype, meta.get("init", "normal"), sharding)
+        if dotted in quantized:
+            _set_quantized(by_dotted, dotted, value, mesh)
+        else:
+            var.set_value(value)
     return nnx.from_flat_state(flat)

@@ -45,6 +45,9 @@ class ModelConfig:
     hidden_act: str = "silu"
     dtype: str | None = None  # the checkpoint's dtype, if the config names one
     eos_token_ids: tuple[int, ...] = ()
+    # weight-only quantization of the linear projections: None, "fp8" or "int8" (models/quant.py);
+    # set by the loader (LLM(quantization=...) or a pre-quantized checkpoint), never read from HF
+    quantization: str | None = None
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":

@@ -6,7 +6,9 @@ RMSNorm on q and k per head (Qwen3), tied embeddings (Llama 3.2), the rope frequ
 
 Weights are stored in the layout the matmuls want, with a logical axis name per dimension
 (``axes`` metadata) that ``jaxllm.sharding`` maps to mesh axes: a projection into heads is
-``[embed, heads, head_dim]``, out of heads ``[heads, head_dim, embed]``.
+``[embed, heads, head_dim]``, out of heads ``[heads, head_dim, embed]``. With
+``cfg.quantization`` ("fp8" / "int8") the seven projections hold 8-bit weights and a ``<name>_scale``
+per output channel (``models/quant.py``); the embedding, lm_head and norms stay in ``dtype``.
 
 Attention itself (writing K/V into the cache and reading it back) is not done here: the caller
 passes an ``attend(layer, q, k, v, cache) -> (out, cache)`` function, so the cache layout (contiguous
@@ -23,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, RopeConfig
+from .quant import qeinsum, scale_param, weight_dtype
 
 Attend = Callable  # (layer: int, q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,H,D], cache)
 
@@ -35,6 +38,16 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
     else:
         value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, axes=tuple(axes), init=init)
+
+
+def _projection(rngs: nnx.Rngs, shape, axes, out_axes, dtype, quantization: str | None):
+    """A projection's weight and, when quantized (see ``models/quant.py``), its scale (else None)."""
+    weight = _param(rngs, shape, axes, weight_dtype(quantization, dtype))
+    return weight, (scale_param(shape, axes, out_axes) if quantization else None)
+
+
+def _value(p):
+    return None if p is None else p[...]
 
 
 class RMSNorm(nnx.Module):
@@ -81,10 +94,11 @@ def apply_rope(x, positions, inv_freq):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
-        self.k = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
+        qz = cfg.quantization
+        self.q, self.q_scale = _projection(rngs, (e, h, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), dtype, qz)
+        self.k, self.k_scale = _projection(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), dtype, qz)
+        self.v, self.v_scale = _projection(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), dtype, qz)
+        self.o, self.o_scale = _projection(rngs, (h, d, e), ("heads", "head_dim", "embed"), ("embed",), dtype, qz)
         if cfg.attention_bias:
             self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), dtype, init="zeros")
             self.k_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), dtype, init="zeros")
@@ -101,9 +115,9 @@ class Attention(nnx.Module):
         self.head_dim = d
 
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
-        q = jnp.einsum("bte,ehd->bthd", x, self.q[...])
-        k = jnp.einsum("bte,ehd->bthd", x, self.k[...])
-        v = jnp.einsum("bte,ehd->bthd", x, self.v[...])
+        q = qeinsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale))
+        k = qeinsum("bte,ehd->bthd", x, self.k[...], _value(self.k_scale))
+        v = qeinsum("bte,ehd->bthd", x, self.v[...], _value(self.v_scale))
         if self.has_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
@@ -112,7 +126,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
-        y = jnp.einsum("bthd,hde->bte", out.astype(x.dtype), self.o[...])
+        y = qeinsum("bthd,hde->bte", out.astype(x.dtype), self.o[...], _value(self.o_scale))
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
@@ -121,9 +135,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate = _param(rngs, (e, f), ("embed", "mlp"), dtype)
-        self.up = _param(rngs, (e, f), ("embed", "mlp"), dtype)
-        self.down = _param(rngs, (f, e), ("mlp", "embed"), dtype)
+        qz = cfg.quantization
+        self.gate, self.gate_scale = _projection(rngs, (e, f), ("embed", "mlp"), ("mlp",), dtype, qz)
+        self.up, self.up_scale = _projection(rngs, (e, f), ("embed", "mlp"), ("mlp",), dtype, qz)
+        self.down, self.down_scale = _projection(rngs, (f, e), ("mlp", "embed"), ("embed",), dtype, qz)
         self.has_bias = cfg.mlp_bias
         if cfg.mlp_bias:
             self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
@@ -131,11 +146,11 @@ class MLP(nnx.Module):
             self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
 
     def __call__(self, x):
-        g = x @ self.gate[...]
-        u = x @ self.up[...]
+        g = qeinsum("...e,ef->...f", x, self.gate[...], _value(self.gate_scale))
+        u = qeinsum("...e,ef->...f", x, self.up[...], _value(self.up_scale))
         if self.has_bias:
             g, u = g + self.gate_bias[...], u + self.up_bias[...]
-        y = (jax.nn.silu(g) * u) @ self.down[...]
+        y = qeinsum("...f,fe->...e", jax.nn.silu(g) * u, self.down[...], _value(self.down_scale))
         if self.has_bias:
             y = y + self.down_bias[...]
         return y

@@ -81,6 +81,42 @@ Transform = Layout
 
 
 @dataclass(frozen=True)
+class ScaleLayout(Layout):
+    """A pre-quantized weight's scale: per tensor (``[]`` or ``[1]``) or per output channel (``[out]``
+    or ``[out, 1]``) in the checkpoint -> the parameter's one float per output channel (a per-tensor
+    scale repeated), split into heads like the weight's output. Scales are tiny: always read whole."""
+
+    size_attr: str | None = None  # the cfg attribute of the output size, for outputs not split into heads
+
+    def _out(self, cfg: ModelConfig) -> int:
+        if self.split_axis is not None:
+            return getattr(cfg, self.heads_attr) * cfg.head_dim
+        return getattr(cfg, self.size_attr)
+
+    def to_param(self, w: np.ndarray, cfg: ModelConfig, heads: int | None) -> np.ndarray:
+        w = np.asarray(w).reshape(-1)
+        if w.size == 1:
+            w = np.broadcast_to(w, (self._out(cfg),))
+        return super().to_param(w, cfg, None)
+
+    def param_shape(self, hf_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...] | None:
+        n, size = self._out(cfg), int(np.prod(hf_shape, dtype=np.int64))
+        if len(hf_shape) > 2 or (len(hf_shape) == 2 and hf_shape[1] != 1) or size not in (1, n):
+            return None
+        return super().param_shape((n,), cfg)
+
+    def hf_index(self, index, cfg):
+        return None
+
+
+def weight_scale(num_heads_attr: str | None = None, size_attr: str | None = None) -> ScaleLayout:
+    """The scale of a projection whose output is split into heads (num_heads_attr) or not (size_attr)."""
+    if num_heads_attr is not None:
+        return ScaleLayout(split_axis=0, heads_attr=num_heads_attr)
+    return ScaleLayout(size_attr=size_attr)
+
+
+@dataclass(frozen=True)
 class Rule:
     hf: str
     param: str
@@ -148,6 +184,16 @@ LLAMA_WEIGHT_MAP = WeightMap(
         Rule("model.layers.{i}.mlp.gate_proj.bias", "layers.{i}.mlp.gate_bias", optional=True),
         Rule("model.layers.{i}.mlp.up_proj.bias", "layers.{i}.mlp.up_bias", optional=True),
         Rule("model.layers.{i}.mlp.down_proj.bias", "layers.{i}.mlp.down_bias", optional=True),
+        # pre-quantized FP8 checkpoints (compressed-tensors, ModelOpt): the projections' weight scales
+        Rule("model.layers.{i}.self_attn.q_proj.weight_scale", "layers.{i}.attn.q_scale", weight_scale("num_heads"), True),
+        Rule("model.layers.{i}.self_attn.k_proj.weight_scale", "layers.{i}.attn.k_scale", weight_scale("num_kv_heads"), True),
+        Rule("model.layers.{i}.self_attn.v_proj.weight_scale", "layers.{i}.attn.v_scale", weight_scale("num_kv_heads"), True),
+        Rule("model.layers.{i}.self_attn.o_proj.weight_scale", "layers.{i}.attn.o_scale", weight_scale(size_attr="hidden_size"), True),
+        Rule("model.layers.{i}.mlp.gate_proj.weight_scale", "layers.{i}.mlp.gate_scale", weight_scale(size_attr="intermediate_size"), True),
+        Rule("model.layers.{i}.mlp.up_proj.weight_scale", "layers.{i}.mlp.up_scale", weight_scale(size_attr="intermediate_size"), True),
+        Rule("model.layers.{i}.mlp.down_proj.weight_scale", "layers.{i}.mlp.down_scale", weight_scale(size_attr="hidden_size"), True),
     ],
-    ignore=(r"rotary_emb\.inv_freq$",),
+    # static activation scales (input_scale) and KV-cache scales (k_scale, v_scale) of pre-quantized
+    # checkpoints: the weight-only path computes activations and the KV cache in the model's dtype
+    ignore=(r"rotary_emb\.inv_freq$", r"\.(input_scale|k_scale|v_scale)$"),
 )

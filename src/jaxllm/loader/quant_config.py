@@ -1,0 +1,127 @@
+"""What a checkpoint says about its own quantization, read before any weight is.
+
+Two published FP8 layouts load (as weight-only FP8: ``models/quant.py``); everything else that
+declares a quantization is refused here with what was found and what is supported.
+
+compressed-tensors (llm-compressor, ``config.json``)::
+
+    "quantization_config": {"quant_method": "compressed-tensors",
+        "format": "float-quantized" | "naive-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"],
+            "weights": {"type": "float", "num_bits": 8, "strategy": "tensor" | "channel", "symmetric": true, ...},
+            "input_activations": {...} | null}},
+        "ignore": ["lm_head"], "kv_cache_scheme": null | {...}, ...}
+
+  tensors per quantized Linear ``X``: ``X.weight`` float8_e4m3fn ``[out, in]``, ``X.weight_scale``
+  (bf16/f32; ``[1]`` or ``[]`` per tensor, ``[out, 1]`` per channel), and for static activation
+  schemes ``X.input_scale`` ``[1]``. Dequantized weight = weight * weight_scale.
+
+ModelOpt (NVIDIA TensorRT Model Optimizer): ``hf_quant_config.json`` =
+``{"producer": {"name": "modelopt", ...}, "quantization": {"quant_algo": "FP8",
+"kv_cache_quant_algo": null | "FP8", "exclude_modules": ["lm_head"]}}``, and/or in newer exports
+``config.json``'s ``"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8",
+"ignore": [...], ...}``; tensors ``X.weight`` float8_e4m3fn, ``X.weight_scale`` and ``X.input_scale``
+float32 scalars (``[]``), with FP8 KV cache also ``k_scale`` / ``v_scale``.
+
+The static ``input_scale`` and the KV-cache scales are read past and not used: the weight-only
+path computes activations in the model's dtype. Which layers are quantized is read from the
+tensors themselves (an fp8 weight has a scale beside it); a projection the checkpoint left
+unquantized (its ``ignore`` list) is quantized to FP8 per channel at load, like
+``LLM(quantization="fp8")``, and a quantized tensor outside the seven projections (a quantized
+lm_head) is refused by the loader, naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SUPPORTED = (
+    "compressed-tensors FP8 (float8_e4m3fn weights with per-tensor or per-channel weight_scale) "
+    "and ModelOpt FP8 (quant_algo 'FP8')"
+)
+FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+MODELOPT_FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")  # per-tensor / per-channel weight scales
+
+
+def _refuse(found: str) -> ValueError:
+    return ValueError(
+        f"this checkpoint is quantized as {found}, which jaxllm does not load; supported pre-quantized "
+        f"checkpoints: {SUPPORTED}. Or load an unquantized (bf16/fp16/fp32) checkpoint with "
+        "LLM(quantization='fp8' or 'int8')"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def checkpoint_quantization(folder: Path) -> tuple[str | None, str | None]:
+    """(the weight quantization the checkpoint in folder carries: None or "fp8", a description of it).
+
+    Raises ValueError for any declared quantization that is not a supported FP8 layout."""
+    qc = _read_json(folder / "config.json").get("quantization_config")
+    hf_quant = _read_json(folder / "hf_quant_config.json")
+    if hf_quant.get("quantization") is not None or (hf_quant.get("producer") or {}).get("name") == "modelopt":
+        return _modelopt(hf_quant.get("quantization") or {})
+    if qc is None:
+        return None, None
+    if not isinstance(qc, dict):
+        raise _refuse(f"quantization_config={qc!r}")
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
+    if method.startswith("modelopt"):
+        return _modelopt(qc.get("quantization") if isinstance(qc.get("quantization"), dict) else qc)
+    if method == "mxfp4":
+        raise _refuse("MXFP4 (quant_method 'mxfp4'; FP4 weights are not supported yet)")
+    raise _refuse(f"quant_method {qc.get('quant_method')!r}")
+
+
+def _modelopt(q: dict) -> tuple[str | None, str | None]:
+    algo = q.get("quant_algo")
+    if algo is None:  # only the KV cache is quantized: the weights are plain
+        return None, None
+    algo = str(algo).upper()
+    if "FP4" in algo:
+        raise _refuse(f"ModelOpt quant_algo {algo!r} (FP4 weights are not supported yet)")
+    if algo not in MODELOPT_FP8_ALGOS:
+        raise _refuse(f"ModelOpt quant_algo {algo!r}")
+    return "fp8", f"ModelOpt {algo}"
+
+
+def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
+    fmt = qc.get("format")
+    if qc.get("transform_config"):
+        raise _refuse("compressed-tensors with a transform_config (rotated weights)")
+    sparsity = qc.get("sparsity_config") or {}
+    if sparsity.get("format") not in (None, "dense"):
+        raise _refuse(f"compressed-tensors sparsity format {sparsity.get('format')!r}")
+    groups = qc.get("config_groups") or {}
+    if not groups:
+        raise _refuse(f"compressed-tensors format {fmt!r} without config_groups")
+    strategies = set()
+    for name, group in groups.items():
+        w = group.get("weights") or {}
+        gfmt = group.get("format") or fmt
+        found = (
+            f"compressed-tensors format {gfmt!r} (group {name!r}: {w.get('type')} {w.get('num_bits')}-bit weights, "
+            f"strategy {w.get('strategy')!r})"
+        )
+        if gfmt in FP4_FORMATS or (w.get("type") == "float" and w.get("num_bits") == 4):
+            raise _refuse(found + "; FP4 weights are not supported yet")
+        fp8 = (
+            gfmt in ("float-quantized", "naive-quantized")
+            and w.get("type") == "float"
+            and w.get("num_bits") == 8
+            and w.get("strategy") in ("tensor", "channel")
+            and w.get("symmetric", True)
+            and not w.get("dynamic", False)
+        )
+        if not fp8:
+            raise _refuse(found)
+        strategies.add(w["strategy"])
+    return "fp8", f"compressed-tensors FP8 ({'/'.join(sorted(strategies))} weight scales)"
