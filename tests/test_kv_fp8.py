@@ -187,11 +187,12 @@ def test_decode_matches_a_bfloat16_cache(llms):
     assert max(diffs) <= LOGPROB_TOL, max(diffs)
 
 
-def test_runner_kv_scales(llms):
-    """Per-layer scales reach the writes and the reads (a checkpoint's calibrated k/v scales would
-    arrive this way); they are checked."""
+def test_runner_kv_scales(llms, monkeypatch):
+    """Per-layer scales (how a checkpoint's calibrated k/v scales would arrive) reach every attend
+    the runner builds; they are checked. (What attend does with them: the test above.)"""
     from flax import nnx
 
+    import jaxllm.runner.runner as runner_mod
     from jaxllm.runner import ModelRunner
 
     base = llms["fp8"]._engine.runner
@@ -202,9 +203,19 @@ def test_runner_kv_scales(llms):
     def runner(scales, kv_dtype=FP8):
         return ModelRunner(model, base.cfg, base.dtype, 8, base.block_size, mesh, kv_dtype, "reference", scales)
 
+    seen = []
+    real = runner_mod.make_attend
+
+    def spy(*args, **kw):
+        seen.append(args[7] if len(args) > 7 else kw.get("kv_scales"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner_mod, "make_attend", spy)
+    scales = [(0.7, 1.3), (1.5, 0.6)][:layers] + [(1.0, 1.0)] * (layers - 2)
     tokens = jnp.asarray([list(range(3, 43))], jnp.int32)
     ref = np.asarray(base.hidden_states(tokens)[1], np.float32)
-    scaled = np.asarray(runner([(0.7, 1.3)] * layers).hidden_states(tokens)[1], np.float32)
+    scaled = np.asarray(runner(scales).hidden_states(tokens)[1], np.float32)
+    assert seen[-1] == tuple(scales)
     assert not np.array_equal(scaled, ref)  # the scales changed what was stored ...
     np.testing.assert_allclose(scaled, ref, atol=0.1)  # ... and were undone when read
     with pytest.raises(ValueError, match=f"kv_scales must be {layers} pairs"):
@@ -216,8 +227,8 @@ def test_runner_kv_scales(llms):
 
 
 def test_smollm2_with_fp8_kv_still_answers_paris(smollm2_path):
-    with LLM(str(smollm2_path), kv_cache_config=KvCacheConfig(dtype="fp8"), max_seq_len=512, max_batch_size=8,
-             compilation_cache=False) as llm:
+    with LLM(str(smollm2_path), kv_cache_config=KvCacheConfig(dtype="fp8"), max_seq_len=64, max_batch_size=1,
+             compilation_cache=False) as llm:  # small shapes: fewer compilations on this CPU
         assert llm._engine.runner.kv_dtype == FP8
-        out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert "Paris" in out.outputs[0].text, out.outputs[0].text

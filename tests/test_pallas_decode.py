@@ -200,11 +200,13 @@ def test_bad_arguments_are_refused():
         paged_decode_attention(q, k, v, tables, lens, 16, block_kv=96)
 
 
-def test_engine_decodes_through_the_kernel(tmp_path):
-    """The runner's decode path with the (interpreted) kernel gives the reference path's tokens."""
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_engine_decodes_through_the_kernel(tmp_path, kv):
+    """The runner's decode path with the (interpreted) kernel gives the reference path's tokens
+    (fp8: over an fp8 pool with per-layer scales that are not 1)."""
     import transformers as tf
 
-    from jaxllm import LLM, SamplingParams
+    from jaxllm import LLM, KvCacheConfig, SamplingParams
     from jaxllm.runner.paged import decode_kernel_for
 
     cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
@@ -213,12 +215,19 @@ def test_engine_decodes_through_the_kernel(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=2, decode_steps=3, compilation_cache=False)
+    kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=2, decode_steps=3, compilation_cache=False,
+              kv_cache_config=KvCacheConfig(dtype=kv))
+    scales = ((0.7, 1.3), (1.5, 0.6)) if kv == "fp8" else None  # set before the first compilation
     with LLM(str(tmp_path), **kw) as ref_llm:
+        if scales:
+            ref_llm._engine.runner.kv_scales = scales
         expected = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, sp, use_tqdm=False)]
     with LLM(str(tmp_path), **kw) as llm:
         runner = llm._engine.runner
         assert runner.attention_backend == "reference"  # CPU: "auto" picks the reference
+        assert runner.pool[0][0].dtype == (jnp.float8_e4m3fn if kv == "fp8" else jnp.bfloat16)
+        if scales:
+            runner.kv_scales = scales
         kernel = decode_kernel_for(runner.block_size, None, llm._mesh, interpret=_interpret())
         traced = []
 
@@ -230,6 +239,21 @@ def test_engine_decodes_through_the_kernel(tmp_path):
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
     assert got == expected
+
+
+def test_auto_picks_the_kernel_for_fp8_pools_on_a_gpu():
+    """pallas_decode_supported: fp8 pools are served by the kernel; float32 pools are not."""
+    from types import SimpleNamespace
+
+    from jaxllm.runner.paged import pallas_decode_supported
+
+    cfg = SimpleNamespace(head_dim=128, num_kv_heads=8)
+    gpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")]), shape={})
+    assert pallas_decode_supported(cfg, jnp.float8_e4m3fn, gpu, 32) is None
+    assert pallas_decode_supported(cfg, jnp.bfloat16, gpu, 32) is None
+    assert "float32" in pallas_decode_supported(cfg, jnp.float32, gpu, 32)
+    cpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="cpu")]), shape={})
+    assert "NVIDIA GPUs" in pallas_decode_supported(cfg, jnp.float8_e4m3fn, cpu, 32)
 
 
 def test_pallas_backend_is_refused_where_it_cannot_run(tiny_checkpoints):
@@ -273,6 +297,64 @@ def test_kernel_matches_reference_on_gpu(case):
 def test_kernel_variants_on_gpu(kw):
     for seed in range(2):
         _check(_inputs(seed, 16, 32, 8, 128, 32, 4000), 32, **kw)
+
+
+FP8_GPU_GRID = [  # (batch, heads, kv heads, head dim, block size, context, k_scale, v_scale)
+    (1, 32, 8, 128, 32, 1, 1.0, 1.0),
+    (1, 32, 8, 128, 16, 32768, 0.5, 2.0),
+    (1, 8, 8, 64, 128, 20000, 1.0, 1.0),
+    (7, 16, 2, 256, 128, 3000, 0.25, 0.5),
+    (64, 32, 8, 128, 32, 2048, 1.0, 1.0),
+    (64, 8, 8, 64, 16, 2048, 2.0, 0.125),
+    (256, 32, 8, 128, 32, 512, 1.0, 1.0),
+    (32, 16, 2, 256, 64, 8192, 0.5, 0.5),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FP8_GPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}ctx{}".format(*c[:6]))
+def test_fp8_kernel_matches_reference_on_gpu(case):
+    b, h, kvh, d, bs, ctx, ks, vs = case
+    _check(_fp8_inputs(hash(case) % 2**31, b, h, kvh, d, bs, ctx, ks, vs), bs, k_scale=ks, v_scale=vs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{"p_in_registers": True}, {"sliding_window": 1000}, {"soft_cap": 30.0},
+                                {"num_splits": 1}, {"max_concurrent_steps": 4}, {"block_kv": 128},
+                                {"heads_major": True}], ids=str)
+def test_fp8_kernel_variants_on_gpu(kw):
+    for seed in range(2):
+        _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0, **kw)
+
+
+@pytest.mark.gpu
+def test_llm_with_fp8_kv_uses_the_kernel_on_gpu(tmp_path):
+    """On a GPU "auto" serves an fp8 pool with the kernel, and its tokens follow the reference
+    backend's over the same fp8 pool."""
+    import transformers as tf
+
+    from jaxllm import LLM, KvCacheConfig, SamplingParams
+
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=1024)
+    cfg.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 300, 40)]
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
+    kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=4, compilation_cache=False,
+              kv_cache_config=KvCacheConfig(dtype="fp8", max_tokens=8192))
+    with LLM(str(tmp_path), attention_backend="reference", **kw) as ref_llm:
+        expected = ref_llm.generate(prompts, sp, use_tqdm=False)
+    with LLM(str(tmp_path), **kw) as llm:
+        assert llm._engine.runner.attention_backend == "pallas"
+        got = llm.generate(prompts, sp, use_tqdm=False)
+    for e, g in zip(expected, got):
+        lp = [x[t].logprob for x, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
+        ref = [x[t].logprob for x, t in zip(e.outputs[0].logprobs, e.outputs[0].token_ids)]
+        n = next((i for i, (a, b) in enumerate(zip(e.outputs[0].token_ids, g.outputs[0].token_ids)) if a != b), 16)
+        # the same tokens up to a divergence, which may only be a near-tie: there each side's greedy
+        # token has (nearly) the same logprob
+        assert lp[: n + 1] == pytest.approx(ref[: n + 1], abs=0.05), (n, e.outputs[0].token_ids, g.outputs[0].token_ids)
 
 
 @pytest.mark.gpu
