@@ -7,7 +7,9 @@ full context, pages in a shuffled order. Figures: the effective KV read bandwidt
 every sequence / kernel time, the issue's metric) next to the roofline (a device-to-device copy of
 1 GiB, bytes read + written, measured in the same run) and two baselines measured in the same run:
 the plain-XLA gather (jaxllm's jnp reference path) and JAX's own (deprecated) Triton paged
-attention. Each variant is checked against the float32 reference before it is timed. Times are the
+attention. With --fp8 (default on) the kernel also reads float8_e4m3fn pools of the same values
+(``KvCacheConfig(dtype="fp8")``: half the bytes; its TB/s counts the fp8 bytes, so compare the
+us column with bf16's). Each variant is checked against the float32 reference before it is timed. Times are the
 median of --iters calls, each call timed with a device sync; inputs rotate over 3 copies of the
 pool so no call reads what the last one left in L2.
 """
@@ -56,6 +58,7 @@ def main():
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--variants", default="all")
+    ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="also fp8 KV pools")
     args = ap.parse_args()
     b, h, kvh, d, bs = args.batch, 32, 8, 128, args.block_size
     rows = []
@@ -123,16 +126,28 @@ def main():
                 hm_sets,
             )
 
+        if args.fp8:  # the same K/V in fp8 (scale 1: N(0, 1) values sit well inside +-448)
+            f8 = jnp.float8_e4m3fn
+            fp8_sets = [(q, k.astype(f8), v.astype(f8), t, l) for (q, k, v, t, l) in sets]
+            ref8 = np.asarray(jax.jit(lambda *a: reference_decode_attention(*a, bs))(*fp8_sets[0]))
+            for kw in [{}, {"p_in_registers": True}, {"max_concurrent_steps": 3}, {"max_concurrent_steps": 4},
+                       {"block_kv": 128}, {"num_splits": 1}, {"num_splits": 8}]:
+                name = "mosaic fp8 " + (",".join(f"{a}={c}" for a, c in kw.items()) or "default")
+                variants[name] = (
+                    jax.jit(lambda q, k, v, t, l, kw=kw: paged_decode_attention(q, k, v, t, l, bs, **kw)),
+                    fp8_sets, ref8, kv_bytes // 2,
+                )
+
         for name, fn in variants.items():
-            fn, fsets = fn if isinstance(fn, tuple) else (fn, sets)
+            fn, fsets, fref, fbytes = (fn + (ref, kv_bytes))[:4] if isinstance(fn, tuple) else (fn, sets, ref, kv_bytes)
             if args.variants != "all" and not any(s in name for s in args.variants.split(",")):
                 continue
             try:
                 out = np.asarray(fn(*fsets[0]), np.float32)
-                err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+                err = float(np.linalg.norm(out - fref) / np.linalg.norm(fref))
                 t = timeit(fn, fsets, args.iters)
-                row = dict(variant=name, ctx=ctx, batch=b, us=t * 1e6, tbps=kv_bytes / t / 1e12, rel_err=err,
-                           of_roofline=kv_bytes / t / roof)
+                row = dict(variant=name, ctx=ctx, batch=b, us=t * 1e6, tbps=fbytes / t / 1e12, rel_err=err,
+                           of_roofline=fbytes / t / roof)
             except Exception as e:  # noqa: BLE001
                 row = dict(variant=name, ctx=ctx, batch=b, error=f"{type(e).__name__}: {str(e)[:300]}")
             print(json.dumps(row), flush=True)
