@@ -205,6 +205,26 @@ def test_prequantized_checkpoint_matches_its_dequantized_twin(prequantized, kind
         LLM(str(path), quantization="int8")
 
 
+def test_a_projection_the_checkpoint_left_unquantized_is_quantized_at_load(tmp_path, prequantized):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "partly"
+    shutil.copytree(prequantized["ct-channel"], path)
+    name = "model.layers.1.mlp.down_proj"
+    t = load_file(str(path / "model.safetensors"))
+    w = load_file(str(prequantized["ct-channel"]) + "-ref/model.safetensors")[name + ".weight"]
+    t[name + ".weight"] = w  # float32, as llm-compressor leaves a module on its ignore list
+    del t[name + ".weight_scale"], t[name + ".input_scale"]
+    save_file(t, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["ignore"].append("re:.*layers[.]1[.]mlp[.]down_proj$")
+    (path / "config.json").write_text(json.dumps(cfg))
+    with LLM(str(path), max_seq_len=128, compilation_cache=False) as llm:
+        p = _params(llm)
+    assert p["layers.1.mlp.down"].dtype == jnp.float8_e4m3fn
+    np.testing.assert_allclose(p["layers.1.mlp.down_scale"], w.abs().amax(dim=1).numpy() / 448.0, rtol=1e-6)
+
+
 def _checkpoint_with(tmp_path, tiny, config_update=None, files=None) -> Path:
     path = tmp_path / "ckpt"
     shutil.copytree(tiny, path)
