@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 import socket
 import threading
@@ -217,7 +219,8 @@ def test_sigterm_stops_the_server(tiny_checkpoints):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "jaxllm", "serve", str(tiny_checkpoints["llama3"]), "--port",
-                             str(port), "--max-seq-len", "128"], env=env, stdout=subprocess.PIPE,
+                             str(port), "--max-seq-len", "128", "--max-batch-size", "4", "--precompile-max-len", "32"],
+                            env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -234,6 +237,7 @@ def test_sigterm_stops_the_server(tiny_checkpoints):
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        assert re.search(r"compiled \d+ step programs", proc.stdout.read())  # --precompile-max-len ran
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -30,6 +30,9 @@ def _serve(args) -> int:
     llm = bench.make_llm(args)
     if llm.follower:  # several processes: process 0 serves; this one followed its device calls
         return 0
+    if args.precompile_max_len:
+        done = llm.precompile(max_len=min(args.precompile_max_len, llm.max_seq_len))
+        print(f"jaxllm serve: compiled {done['programs']} step programs in {done['seconds']:.1f} s", flush=True)
     serve(
         llm, args.served_model_name or args.model, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("JAXLLM_API_KEY"),
@@ -200,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
     srv.add_argument("--max-concurrent-requests", type=int, default=512, help="beyond it: 429")
     srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="beyond it: 413")
+    srv.add_argument("--precompile-max-len", type=int, default=0,
+                     help="before serving, compile the step programs for requests of up to this many tokens "
+                          "(prompt + output) so none waits on a compilation (LLM.precompile; 0: off)")
     bench.add_llm_arguments(srv)
     srv.add_argument("--coordinator-address", default=None, help="several processes: process 0's HOST:PORT "
                      "(default: $JAXLLM_COORDINATOR_ADDRESS, or detected under srun / mpirun)")

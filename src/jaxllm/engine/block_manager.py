@@ -79,6 +79,11 @@ class BlockManager:
             out.append(b)
         return out
 
+    def forget_cached(self) -> None:
+        """Drop the prefix cache (the free blocks' contents are about to be overwritten)."""
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+
     def register(self, block: int, h: int) -> None:
         """Record that `block` is full and holds the prefix named by hash h."""
         if not self.enable_reuse or self.block_hash[block] is not None:

@@ -96,6 +96,65 @@ class Engine:
         if self._stop:
             raise EngineDeadError("the engine has been shut down; create a new LLM")
 
+    def precompile(self, max_len: int, greedy: bool = True, sampled: bool = True, workers: int | None = None) -> dict:
+        """Compile, before any request, the step programs that requests of up to `max_len` tokens
+        (prompt + output) will need: decode for every batch-row bucket x block-table width, and
+        whole-prompt prefill for every row bucket x prompt-length bucket that fits the token
+        budget -- each for all-greedy batches (`greedy`) and batches that sample (`sampled`).
+        Without it the first request of each new shape waits for its compilation (seconds on a
+        GPU at 8B). Programs compile on several threads into the persistent compilation cache,
+        then each is called once on inputs that change nothing; a later start with the same cache
+        only loads them. Returns {"programs": n, "seconds": s}.
+        (Chunked prefill, prefix-cache hits, logprobs, penalties and bad words still compile on
+        first use.)"""
+        calls = self._warmup_calls(max_len, [g for g, on in ((True, greedy), (False, sampled)) if on])
+        t0 = time.perf_counter()
+        with self._lock:  # the engine thread waits (and submissions queue) until this is done
+            self._check_alive()
+            if self._live or self._incoming or self.scheduler.has_work or self._text_pending or self.blocks.num_used:
+                raise RuntimeError("precompile() must run before any request is submitted")
+            self.blocks.forget_cached()  # the prefill calls overwrite free blocks: no prefix may point at them
+            if jax.config.jax_compilation_cache_dir and (workers or 2) > 1:
+                self.runner.compile_ahead(calls, workers)
+            out = [self.runner.call(*c) for c in calls]
+            jax.block_until_ready(out)
+        return {"programs": len(calls), "seconds": time.perf_counter() - t0}
+
+    def _warmup_calls(self, max_len: int, greedy_variants: list[bool]) -> list[tuple]:
+        """The (kind, statics, args) of every step shape `precompile` covers, on inputs that change
+        nothing a request can see: decode rows are all done (the loop runs no step), prefill rows
+        write into free blocks."""
+        sched, bs = self.scheduler, self.block_size
+        rows_buckets = sorted({bucket(n, 1, sched.max_batch_size) for n in range(1, sched.max_batch_size + 1)})
+        max_blocks = min(self.max_blocks_per_seq, -(-max_len // bs))
+        widths = sorted({bucket(n, 1, self.max_blocks_per_seq) for n in range(1, max_blocks + 1)})
+        calls = []
+        for rows in rows_buckets:
+            state = self._row_state([], rows)  # every row done
+            for width in widths:
+                tables = jnp.asarray(np.zeros((rows, width), np.int32))  # as the engine stages its inputs
+                for g in greedy_variants:
+                    calls.append(self.runner.decode_call(tables, state, sched.decode_steps, None, g))
+        t_max = min(max_len, sched.max_num_tokens)
+        t_buckets = sorted({bucket(n, 16, sched.max_num_tokens) for n in range(1, t_max + 1)})
+        for t in t_buckets:
+            lengths = range(t // 2 + 1 if t > 16 else 1, min(t, t_max) + 1)  # the prompts this bucket serves
+            p_widths = sorted({bucket(-(-n // bs), 1, self.max_blocks_per_seq) for n in lengths})
+            for rows in rows_buckets:
+                if rows > 1 and (rows // 2 + 1) * (t // 2 + 1) > sched.max_num_tokens:
+                    break  # more rows of such prompts than the token budget lets into one step
+                state = self._row_state([], rows)
+                tok = jnp.asarray(np.zeros((rows, t), np.int32))
+                pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy())
+                valid = jnp.asarray(np.ones((rows, t), np.bool_))
+                last = jnp.asarray(np.full((rows,), t - 1, np.int32))
+                for width in p_widths:
+                    # table rows of free blocks, so the writes land where nothing lives
+                    tables = jnp.asarray(np.arange(rows * width, dtype=np.int32).reshape(rows, width) % self.runner.num_blocks)
+                    for g in greedy_variants:
+                        calls.append(self.runner.prefill_call(tok, pos, valid, tables, last, state, None, g, fresh=True))
+        return calls
+
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         try:

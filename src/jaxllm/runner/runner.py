@@ -15,6 +15,7 @@ buckets (powers of two) so a handful of compilations serve every batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import jax
@@ -220,17 +221,43 @@ class ModelRunner:
         """Run one chunk per row (`fresh`: every row starts at position 0); returns (next token [B],
         its token_info, and with prompt_logprobs (static K) the token_info of `targets` [B, T] at
         every position, else None) as device arrays."""
-        statics = dict(num_logprobs=num_logprobs, all_greedy=all_greedy, prompt_logprobs=prompt_logprobs,
-                       fresh=bool(fresh and self._fresh_impl is not None))
-        args = self._announce("prefill", statics, (tokens, positions, valid, block_tables, last_idx, state, targets))
-        return self._run("prefill", statics, args)
+        return self.call(*self.prefill_call(tokens, positions, valid, block_tables, last_idx, state, num_logprobs,
+                                            all_greedy, targets, prompt_logprobs, fresh))
 
     def decode(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False):
         """Run up to `steps` decode steps; returns (state, tokens [B, steps] (-1: none), token_info
         with [B, steps, ...] arrays)."""
-        statics = dict(steps=steps, num_logprobs=num_logprobs, all_greedy=all_greedy)
-        args = self._announce("decode", statics, (block_tables, state))
-        return self._run("decode", statics, args)
+        return self.call(*self.decode_call(block_tables, state, steps, num_logprobs, all_greedy))
+
+    # A call is (kind, static arguments, array arguments): what `prefill` / `decode` run, as data,
+    # so that it can also be compiled ahead (`compile_ahead`) or announced to other processes.
+    def prefill_call(self, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs=None,
+                     all_greedy=False, targets=None, prompt_logprobs=None, fresh=False) -> tuple:
+        statics = dict(num_logprobs=num_logprobs, all_greedy=all_greedy, prompt_logprobs=prompt_logprobs,
+                       fresh=bool(fresh and self._fresh_impl is not None))
+        return "prefill", statics, (tokens, positions, valid, block_tables, last_idx, state, targets)
+
+    def decode_call(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False) -> tuple:
+        return "decode", dict(steps=steps, num_logprobs=num_logprobs, all_greedy=all_greedy), (block_tables, state)
+
+    def call(self, kind: str, statics: dict, args: tuple):
+        return self._run(kind, statics, self._announce(kind, statics, args))
+
+    def compile_ahead(self, calls: list[tuple], workers: int | None = None) -> None:
+        """Compile the programs of `calls` on several threads at once (XLA compiles outside the
+        GIL); with the persistent compilation cache on, making the calls afterwards only loads
+        them. Nothing runs on the device here."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def compile_one(c):
+            kind, statics, args = c
+            if kind == "prefill":
+                self._prefill.lower(self.params, self.pool, *args[:6], targets=args[6], **statics).compile()
+            else:
+                self._decode.lower(self.params, self.pool, *args, **statics).compile()
+
+        with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as ex:
+            list(ex.map(compile_one, calls))
 
     def _run(self, kind: str, statics: dict, args: tuple):
         if kind == "prefill":

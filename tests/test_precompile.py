@@ -1,0 +1,65 @@
+"""LLM.precompile: the step programs of every batch / width / prompt-length bucket up to max_len are
+compiled before serving, so requests of those shapes never wait on a compilation, and nothing a
+request can see changes (the warm-up calls write only into free blocks and drop the prefix cache)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+
+KW = dict(load_format="dummy", dtype="float32", max_batch_size=8, max_seq_len=128, max_num_tokens=1024,
+          compilation_cache=False)
+
+
+def _prompts(n, seed=0, longest=60):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(5, 200, int(rng.integers(2, longest))).tolist()} for _ in range(n)]
+
+
+def _programs(llm):
+    r = llm._engine.runner
+    return r._prefill._cache_size() + r._decode._cache_size()
+
+
+def test_no_compilation_while_serving_precompiled_shapes(tiny_checkpoints):
+    path = str(tiny_checkpoints["llama3"])
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
+    with LLM(path, **KW) as plain:
+        expected = [[o.outputs[0].token_ids for o in plain.generate(_prompts(n, n), sp, use_tqdm=False)]
+                    for n, sp in ((7, greedy), (3, sampled), (1, greedy))]
+    with LLM(path, **KW) as llm:
+        report = llm.precompile(max_len=96)
+        assert report["programs"] > 0
+        before = _programs(llm)
+        assert before >= report["programs"]  # every warm-up call is in jit's cache
+        got = [[o.outputs[0].token_ids for o in llm.generate(_prompts(n, n), sp, use_tqdm=False)]
+               for n, sp in ((7, greedy), (3, sampled), (1, greedy))]
+        assert _programs(llm) == before  # batches of 7, 3 and 1 rows, greedy and sampled: nothing new compiled
+    assert got == expected  # and the warm-up changed nothing the requests see
+
+
+def test_precompile_drops_the_prefix_cache_it_overwrites(tiny_checkpoints):
+    """Blocks of a finished request stay reusable as a prefix; the warm-up writes into free blocks,
+    so it must forget them -- a later request with the same prefix recomputes, with the same tokens."""
+    path = str(tiny_checkpoints["llama3"])
+    prompt = [{"prompt_token_ids": list(range(5, 5 + 70))}]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    with LLM(path, **KW) as llm:
+        first = llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0].token_ids
+        assert llm._engine.blocks.cached  # its full blocks are registered
+        llm.precompile(max_len=80, sampled=False)
+        assert not llm._engine.blocks.cached
+        again = llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == first
+
+
+def test_precompile_arguments_are_checked(tiny_llm):
+    with pytest.raises(ValueError, match=r"max_len must be an int in \[1, max_seq_len=\d+\], got 0"):
+        tiny_llm.precompile(max_len=0)
+    with pytest.raises(ValueError, match="max_len must be an int in"):
+        tiny_llm.precompile(max_len=10**9)
+    with pytest.raises(ValueError, match="greedy=True or sampled=True"):
+        tiny_llm.precompile(greedy=False, sampled=False)
