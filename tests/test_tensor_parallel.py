@@ -116,6 +116,18 @@ def test_parallel_sizes_are_checked_before_loading(tiny_checkpoints):
         LLM(path, pipeline_parallel_size=2)
 
 
+def test_data_parallel_is_refused_across_processes(tiny_checkpoints, monkeypatch):
+    """Replicas over several processes are not supported yet: every process refuses before loading."""
+    import jax
+    import pytest
+
+    from jaxllm import LLM
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"data_parallel_size must be 1 with several processes .* got 2"):
+        LLM(str(tiny_checkpoints["llama3"]), data_parallel_size=2)
+
+
 READS = r"""
 import json, os, sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

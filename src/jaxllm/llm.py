@@ -148,6 +148,13 @@ class LLM:
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
 
         maybe_initialize(coordinator_address, num_processes, process_id)  # before any JAX backend starts
+        import jax
+
+        if data_parallel_size != 1 and jax.process_count() > 1:
+            raise ValueError(
+                f"data_parallel_size must be 1 with several processes (not supported yet; this is one of "
+                f"{jax.process_count()}), got {data_parallel_size}"
+            )
         t_start = time.perf_counter()
         _enable_compilation_cache(compilation_cache)
         meshes = make_meshes(tensor_parallel_size, data_parallel_size)
@@ -206,8 +213,6 @@ class LLM:
         # the same device calls, here, until process 0 shuts down.
         self.follower = self._engine.runner._mirror is not None and not self._engine.runner._mirror.is_leader
         if self.follower:
-            if data_parallel_size != 1:
-                raise ValueError("data_parallel_size must be 1 on several hosts (not supported yet)")
             try:
                 self._engine.runner.follow()
             finally:
