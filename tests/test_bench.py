@@ -45,6 +45,18 @@ def test_peak_rates_give_mfu_and_mbu(tiny_checkpoints, tmp_path):
     assert r["mbu"] >= r["weight_bytes"] / r["tpot_s"]["mean"] / 0.1e12
 
 
+def test_quantization_and_fp8_kv_flags(tiny_checkpoints, tmp_path):
+    """--quantization and --kv-cache-dtype reach the LLM: fewer weight bytes, half the KV bytes."""
+    common = ["latency", "--model", str(tiny_checkpoints["llama3"]), "--input-len", "8", "--output-len", "3",
+              "--iterations", "1", "--dtype", "bfloat16", "--load-format", "dummy"]
+    base = _report(tmp_path, common)
+    quant = _report(tmp_path, common + ["--quantization", "int8", "--kv-cache-dtype", "fp8"])
+    assert base["kv_cache_dtype"] == "bfloat16" and quant["kv_cache_dtype"] == "float8_e4m3fn"
+    assert quant["kv_bytes_per_token"] * 2 == base["kv_bytes_per_token"]
+    assert quant["quantization"] == "int8" and base["quantization"] is None
+    assert quant["weight_bytes"] < base["weight_bytes"]
+
+
 def test_dataset_file(tiny_checkpoints, tmp_path):
     data = tmp_path / "requests.jsonl"
     data.write_text(

@@ -66,6 +66,7 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=None)
     p.add_argument("--tokens-per-block", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default=None, help='KvCacheConfig(dtype=...): "auto", "bfloat16", "fp8", ...')
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--quantization", default=None, choices=["fp8", "int8"],
                    help="weight-only quantization of the projections at load (default: none, or the checkpoint's)")
@@ -132,6 +133,7 @@ def model_cost(llm) -> dict:
         matmul_flops_per_token=2 * matmul_params,
         attn_flops_per_context_token=4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,
         kv_bytes_per_token=pool_bytes_per_token(cfg, llm._engine.runner.kv_dtype),
+        kv_cache_dtype=np.dtype(llm._engine.runner.kv_dtype).name,
     )
 
 
@@ -155,6 +157,8 @@ def make_llm(args):
         kv["free_gpu_memory_fraction"] = args.kv_cache_free_gpu_memory_fraction
     if args.tokens_per_block is not None:
         kv["tokens_per_block"] = args.tokens_per_block
+    if args.kv_cache_dtype is not None:
+        kv["dtype"] = args.kv_cache_dtype
     return LLM(
         args.model,
         tokenizer=args.tokenizer,
@@ -287,6 +291,9 @@ def run(args) -> dict:
         mfu=(flops / elapsed / peak_flops) if peak_flops else None,
         mbu=mbu,
         weight_bytes=cost["weight_bytes"],
+        kv_bytes_per_token=cost["kv_bytes_per_token"],
+        kv_cache_dtype=cost["kv_cache_dtype"],
+        quantization=llm.model_config.quantization,
         load_s=load_s,
         startup_to_first_token_s=first_token_s,
         startup_breakdown_s=dict(startup, first_generate=first_token_s - load_s),
