@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 8 on one H100: FP8 / int8 weights and the FP8 KV cache at Llama-3.1-8B shapes (random
+# weights), each against bf16 in the same run; then the GPU test suites of the fp8 kernels.
+#   PYTHONPATH=src OUT=/tmp/out bash benchmarks/quant_h100.sh      (STEPS to pick: tests kernel latency throughput)
+set -u
+M=${MODEL:-.models/llama-3.1-8b-shapes}
+OUT=${OUT:-/tmp/jaxllm-quant}
+mkdir -p "$OUT"
+export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
+STEPS=${STEPS:-tests kernel latency throughput}
+for s in $STEPS; do case $s in
+tests)
+  timeout 400 python -m pytest -q -m gpu tests/test_pallas_decode.py tests/test_kv_fp8.py -x > "$OUT/gpu_tests.txt" 2>&1 \
+    || { echo "gpu tests failed"; tail -15 "$OUT/gpu_tests.txt"; } ;;
+kernel)
+  timeout 300 python benchmarks/decode_kernel.py --contexts 2048,8192 --batch 64 > "$OUT/kernel.txt" 2>&1 \
+    || { echo "kernel bench failed"; tail -5 "$OUT/kernel.txt"; } ;;
+latency)
+  common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len ${MSL:-4096} --input-len 128 --output-len 128 --iterations 5"
+  for v in "bf16||" "fp8|--quantization fp8|" "int8|--quantization int8|" "fp8_kvfp8|--quantization fp8|--kv-cache-dtype fp8"; do
+    IFS='|' read -r name q kv <<< "$v"
+    timeout 200 python -m jaxllm bench latency $common $q $kv --report-json "$OUT/lat_$name.json" > "$OUT/lat_$name.txt" 2>&1 \
+      || { echo "latency $name failed"; tail -5 "$OUT/lat_$name.txt"; }
+  done ;;
+throughput)
+  common="--model $M --load-format dummy --dtype bfloat16 --num-requests 1000 --input-len 128 --output-len 128 --max-batch-size 512 --max-seq-len 512"
+  for v in "bf16||" "fp8|--quantization fp8|" "fp8_kvfp8|--quantization fp8|--kv-cache-dtype fp8"; do
+    IFS='|' read -r name q kv <<< "$v"
+    timeout 300 python -m jaxllm bench throughput $common $q $kv --report-json "$OUT/tp_$name.json" > "$OUT/tp_$name.txt" 2>&1 \
+      || { echo "throughput $name failed"; tail -5 "$OUT/tp_$name.txt"; }
+  done ;;
+esac; done
+python - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print((out / "gpus.txt").read_text())
+for f in ("gpu_tests.txt", "kernel.txt"):
+    if (out / f).exists():
+        print("\n".join((out / f).read_text().splitlines()[-14:]))
+print(f"{'run':<16} {'ITL p50 ms':>10} {'TTFT p50 ms':>11} {'out tok/s':>10} {'MBU':>5} {'weights GB':>10} {'KV B/tok':>8}")
+for p in sorted(out.glob("lat_*.json")) + sorted(out.glob("tp_*.json")):
+    r = json.loads(p.read_text())
+    print(f"{p.stem:<16} {1e3*r['itl_s']['p50']:>10.2f} {1e3*r['ttft_s']['p50']:>11.1f} {r['output_tok_s']:>10.0f} "
+          f"{100*(r['mbu'] or 0):>4.0f}% {r['weight_bytes']/1e9:>10.2f} {r['kv_bytes_per_token']:>8}")
+PY
