@@ -148,9 +148,43 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     return sharded
 
 
+def prefill_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
+    """The Pallas ragged prefill kernel as attend's path for chunked / prefix-cached prefill, run per
+    device over its KV heads.
+
+    Called as ``kernel(q, k_pool, v_pool, tables, q_start, q_lens, k_scale, v_scale)``: q [B, T, H, D]
+    with row b's q_lens[b] queries at positions q_start[b] + j (the engine's prefill rows).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from ..pallas.prefill_attention import paged_prefill_attention
+
+    def run(q, k_pool, v_pool, tables, q_start, q_lens, k_scale=1.0, v_scale=1.0):
+        return paged_prefill_attention(
+            q, k_pool, v_pool, tables, q_start, q_lens, block_size, sliding_window=sliding_window, k_scale=k_scale,
+            v_scale=v_scale, interpret=interpret,
+        )
+
+    if mesh.shape.get("model", 1) == 1:
+        return run
+    heads, q_heads = P(None, "model", None), P(None, None, "model", None)
+
+    def sharded(q, k_pool, v_pool, tables, q_start, q_lens, k_scale=1.0, v_scale=1.0):
+        per_device = functools.partial(run, k_scale=k_scale, v_scale=v_scale)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(q_heads, heads, heads, P(), P(), P()),
+                             out_specs=q_heads, check_vma=False)(q, k_pool, v_pool, tables, q_start, q_lens)
+
+    return sharded
+
+
 def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None,
-                decode_kernel=None, fresh_impl: str | None = None, kv_scales=None):
+                decode_kernel=None, fresh_impl: str | None = None, kv_scales=None,
+                prefill_kernel=None):
     """`decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls.
+
+    `prefill_kernel` (from `prefill_kernel_for`), when given, serves multi-token calls that are not
+    fresh (chunked prefill, prompts past a cached prefix): each row's queries run on contiguously
+    from ``positions[:, 0]``, its valid ones first (the engine's layout).
 
     `kv_scales`: per layer (k_scale, v_scale) floats of an fp8 pool, indexed by the layer number
     models pass; None: 1.0 for every layer.
@@ -163,6 +197,7 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
     flat_slots = slots.reshape(-1)
     use_kernel = decode_kernel is not None and positions.shape[1] == 1
     use_fresh = fresh_impl is not None and positions.shape[1] > 1
+    use_prefill = prefill_kernel is not None and positions.shape[1] > 1 and not use_fresh
 
     def attend(layer, q, k, v, cache):
         k_pool, v_pool = cache[layer]
@@ -186,6 +221,9 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
             ).astype(jnp.float32)
             if v_scale != 1.0:
                 out = out * v_scale
+        elif use_prefill:
+            q_lens = jnp.sum(slots >= 0, axis=1).astype(jnp.int32)
+            out = prefill_kernel(q, k_pool, v_pool, block_tables, positions[:, 0], q_lens, k_scale, v_scale)
         else:
             out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window,
                                             k_scale, v_scale)

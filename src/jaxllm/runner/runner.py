@@ -34,6 +34,7 @@ from .paged import (
     make_attend,
     pallas_decode_supported,
     pool_sharding,
+    prefill_kernel_for,
     slots_for,
 )
 
@@ -86,6 +87,11 @@ class ModelRunner:
         self._decode_kernel = (
             decode_kernel_for(block_size, cfg.sliding_window, mesh) if self.attention_backend == "pallas" else None
         )
+        # chunked / prefix-cached prefill: the Pallas ragged prefill kernel (head dims up to 256)
+        self._prefill_kernel = (
+            prefill_kernel_for(block_size, cfg.sliding_window, mesh)
+            if self.attention_backend == "pallas" and cfg.head_dim <= 256 else None
+        )
         # whole-prompt prefill attention: cuDNN's flash attention beside the Pallas decode kernel
         self._fresh_impl = "cudnn" if self.attention_backend == "pallas" and mesh.shape.get("model", 1) == 1 else None
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
@@ -133,7 +139,7 @@ class ModelRunner:
         slots = slots_for(positions, block_tables, self.block_size, valid)
         attend = make_attend(
             positions, slots, block_tables, self.block_size, self.cfg.sliding_window, self._decode_kernel,
-            self._fresh_impl if fresh else None, self.kv_scales,
+            self._fresh_impl if fresh else None, self.kv_scales, prefill_kernel=self._prefill_kernel,
         )
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
