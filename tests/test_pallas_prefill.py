@@ -129,6 +129,7 @@ LOWER_GRID = [  # (batch, T, heads, kv heads, head dim, block size, kwargs)
     (2, 128, 16, 4, 128, 32, {"soft_cap": 30.0}),
     (2, 256, 32, 8, 128, 32, {"kv_dtype": jnp.float8_e4m3fn, "k_scale": 0.5, "v_scale": 2.0}),
     (1, 64, 8, 2, 256, 128, {"kv_dtype": jnp.float8_e4m3fn}),
+    (2, 128, 8, 2, 128, 32, {"accumulate_in_place": False}),
 ]
 
 
@@ -197,7 +198,8 @@ def test_kernel_matches_reference_on_gpu(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [{"sliding_window": 1000}, {"soft_cap": 30.0}, {"max_concurrent_steps": 3},
-                                {"block_kv": 128}, {"k_scale": 0.5, "v_scale": 2.0, "fp8": True}], ids=str)
+                                {"block_kv": 128}, {"k_scale": 0.5, "v_scale": 2.0, "fp8": True},
+                                {"accumulate_in_place": False}], ids=str)
 def test_kernel_variants_on_gpu(kw):
     kw = dict(kw)
     lens, ctx = [1000, 37, 512], [1500, 4000, 0]
@@ -240,3 +242,34 @@ def test_engine_prefills_through_the_kernel(tmp_path):
         again = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]  # cached prefixes
     assert traced and all(shape[2:] == (4, 64) and shape[1] > 1 for shape in traced)
     assert got == expected and again == expected
+
+
+@pytest.mark.gpu
+def test_llm_chunked_prefill_uses_the_kernel_on_gpu(tmp_path):
+    """On a GPU the Pallas backend serves chunked and prefix-cached prefill with the kernel; tokens
+    and logprobs follow the reference backend's (up to a near-tie)."""
+    import transformers as tf
+
+    from jaxllm import LLM, SamplingParams
+
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=2048)
+    cfg.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    prompts = [{"prompt_token_ids": [3 + i % 200 for i in range(n)]} for n in (5, 700, 300)]
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
+    kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=4, max_num_tokens=256, compilation_cache=False)
+    with LLM(str(tmp_path), attention_backend="reference", **kw) as ref_llm:
+        expected = ref_llm.generate(prompts, sp, use_tqdm=False)
+    with LLM(str(tmp_path), attention_backend="pallas", **kw) as llm:
+        assert llm._engine.runner._prefill_kernel is not None
+        got = llm.generate(prompts, sp, use_tqdm=False)
+        again = llm.generate(prompts, sp, use_tqdm=False)  # prefix-cached
+    for e, g, a in zip(expected, got, again):
+        for out in (g, a):
+            lp = [x[t].logprob for x, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+            ref = [x[t].logprob for x, t in zip(e.outputs[0].logprobs, e.outputs[0].token_ids)]
+            n = next((i for i, (x, y) in enumerate(zip(e.outputs[0].token_ids, out.outputs[0].token_ids)) if x != y),
+                     16)
+            assert lp[: n + 1] == pytest.approx(ref[: n + 1], abs=0.05), (n, e.outputs[0].token_ids,
+                                                                          out.outputs[0].token_ids)

@@ -96,13 +96,18 @@ def _max_stages(d: int, tile: int, kv_bytes: int) -> int:
 
 def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, block_size: int, *, sm_scale=None,
                             sliding_window=None, soft_cap=None, k_scale=1.0, v_scale=1.0, block_kv: int = 64,
-                            max_concurrent_steps: int = 2, interpret=False):
+                            max_concurrent_steps: int = 2, accumulate_in_place: bool | None = None,
+                            interpret=False):
     """Causal attention of ragged query chunks over paged KV. q [B, T, H, D]; pools [slots, KVH, D];
     block_tables [B, W] int32; q_start [B], q_lens [B] int32 (query j of row b at position
     q_start[b] + j, valid for j < q_lens[b]; K/V of positions < q_start + q_lens in the pool).
     Returns [B, T, H, D] in q's dtype, zeros at padding queries.
 
     Pools are bfloat16, float16 or float8_e4m3fn; an fp8 pool holds K / k_scale and V / v_scale.
+
+    ``accumulate_in_place`` (default: on the GPU, not in the interpreter): P @ V accumulates onto
+    the rescaled output in its wgmma accumulator, instead of into a second [64, D] accumulator that
+    is then added (twice the registers at head dim 256).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -151,7 +156,7 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
         q_in = jnp.pad(q_in, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
     # On the GPU P @ V accumulates in place onto the rescaled output. The CPU interpreter batches
     # the grid, where a store into an accumulator fails, so there it adds a fresh one instead.
-    in_place = not interpret
+    in_place = not interpret if accumulate_in_place is None else accumulate_in_place
     q_start = q_start.astype(jnp.int32)
     q_lens = q_lens.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)

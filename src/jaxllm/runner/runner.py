@@ -123,7 +123,8 @@ class ModelRunner:
 
     def _choose_backend(self, requested: str, mesh) -> str:
         """"auto": the Pallas decode kernel where it runs (NVIDIA GPU, bf16/fp16/fp8 KV), else the
-        jnp reference. Prefill and chunked prefill use the reference path for now."""
+        jnp reference. With "pallas", chunked / prefix-cached prefill runs the Pallas prefill
+        kernel and whole fresh prompts cuDNN (one device) or the prefill kernel (tensor parallel)."""
         if requested not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {requested!r}")
         why_not = pallas_decode_supported(self.cfg, self.kv_dtype, mesh, self.block_size)
