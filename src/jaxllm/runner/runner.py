@@ -62,6 +62,12 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     return min(b, maximum) if maximum is not None else b
 
 
+# Pallas kernels written and tested on CPU (Mosaic GPU interpreter, CUDA lowering) whose GPU suite
+# has not run yet: "auto" does not pick them; attention_backend="pallas" does. Remove an entry once
+# `pytest -m gpu` passes on an H100 (tests/test_pallas_prefill.py, tests/test_kv_fp8.py).
+UNVERIFIED_ON_GPU = frozenset({"prefill", "fp8 decode"})
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -84,13 +90,17 @@ class ModelRunner:
         self.graphdef, self.params = nnx.split(model)
         self.attention_backend = self._choose_backend(attention_backend, mesh)
         self._mirror = Mirror() if spans_processes(mesh) else None
-        self._decode_kernel = (
-            decode_kernel_for(block_size, cfg.sliding_window, mesh) if self.attention_backend == "pallas" else None
-        )
+        # Kernels not yet run on a GPU serve only an explicit attention_backend="pallas"; "auto"
+        # keeps to what the GPU suite has verified (UNVERIFIED_ON_GPU lists the others).
+        explicit = attention_backend == "pallas"
+        use_decode = self.attention_backend == "pallas" and (explicit or not (
+            is_fp8(self.kv_dtype) and "fp8 decode" in UNVERIFIED_ON_GPU))
+        self._decode_kernel = decode_kernel_for(block_size, cfg.sliding_window, mesh) if use_decode else None
         # chunked / prefix-cached prefill: the Pallas ragged prefill kernel (head dims up to 256)
         self._prefill_kernel = (
             prefill_kernel_for(block_size, cfg.sliding_window, mesh)
-            if self.attention_backend == "pallas" and cfg.head_dim <= 256 else None
+            if self.attention_backend == "pallas" and cfg.head_dim <= 256
+            and (explicit or "prefill" not in UNVERIFIED_ON_GPU) else None
         )
         # whole-prompt prefill attention: cuDNN's flash attention beside the Pallas decode kernel
         self._fresh_impl = "cudnn" if self.attention_backend == "pallas" and mesh.shape.get("model", 1) == 1 else None
@@ -122,9 +132,10 @@ class ModelRunner:
         return scales
 
     def _choose_backend(self, requested: str, mesh) -> str:
-        """"auto": the Pallas decode kernel where it runs (NVIDIA GPU, bf16/fp16/fp8 KV), else the
-        jnp reference. With "pallas", chunked / prefix-cached prefill runs the Pallas prefill
-        kernel and whole fresh prompts cuDNN (one device) or the prefill kernel (tensor parallel)."""
+        """"auto": the Pallas decode kernel where it runs (NVIDIA GPU, bf16/fp16 KV; fp8 KV once
+        verified on a GPU), else the jnp reference. An explicit "pallas" also runs chunked /
+        prefix-cached prefill in the Pallas prefill kernel (and whole fresh prompts in it under
+        tensor parallelism; cuDNN on one device) and decodes fp8 pools in the kernel."""
         if requested not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {requested!r}")
         why_not = pallas_decode_supported(self.cfg, self.kv_dtype, mesh, self.block_size)
