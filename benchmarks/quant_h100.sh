@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Issue 8 on one H100: FP8 / int8 weights and the FP8 KV cache at Llama-3.1-8B shapes (random
-# weights), each against bf16 in the same run; then the GPU test suites of the fp8 kernels.
-#   PYTHONPATH=src OUT=/tmp/out bash benchmarks/quant_h100.sh      (STEPS to pick: tests kernel latency throughput)
+# weights), each against bf16 in the same run; the GPU suites of the kernels not yet run on a GPU
+# (fp8 decode, the ragged prefill kernel: runner.UNVERIFIED_ON_GPU) and the prefill kernel's timings.
+#   PYTHONPATH=src OUT=/tmp/out bash benchmarks/quant_h100.sh      (STEPS to pick: tests kernel prefill latency throughput)
 set -u
 M=${MODEL:-.models/llama-3.1-8b-shapes}
 OUT=${OUT:-/tmp/jaxllm-quant}
 mkdir -p "$OUT"
 export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
-STEPS=${STEPS:-tests kernel latency throughput}
+STEPS=${STEPS:-tests kernel prefill latency throughput}
 for s in $STEPS; do case $s in
 tests)
-  timeout 400 python -m pytest -q -m gpu tests/test_pallas_decode.py tests/test_kv_fp8.py -x > "$OUT/gpu_tests.txt" 2>&1 \
+  timeout 500 python -m pytest -q -m gpu tests/test_pallas_decode.py tests/test_kv_fp8.py tests/test_pallas_prefill.py > "$OUT/gpu_tests.txt" 2>&1 \
     || { echo "gpu tests failed"; tail -15 "$OUT/gpu_tests.txt"; } ;;
 kernel)
   timeout 300 python benchmarks/decode_kernel.py --contexts 2048,8192 --batch 64 > "$OUT/kernel.txt" 2>&1 \
     || { echo "kernel bench failed"; tail -5 "$OUT/kernel.txt"; } ;;
+prefill)
+  timeout 300 python benchmarks/prefill_kernel.py --json "$OUT/prefill.json" > "$OUT/prefill.txt" 2>&1 \
+    || { echo "prefill bench failed"; tail -5 "$OUT/prefill.txt"; } ;;
 latency)
   common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len ${MSL:-4096} --input-len 128 --output-len 128 --iterations 5"
   for v in "bf16||" "fp8|--quantization fp8|" "int8|--quantization int8|" "fp8_kvfp8|--quantization fp8|--kv-cache-dtype fp8"; do
@@ -35,7 +39,7 @@ python - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 print((out / "gpus.txt").read_text())
-for f in ("gpu_tests.txt", "kernel.txt"):
+for f in ("gpu_tests.txt", "kernel.txt", "prefill.txt"):
     if (out / f).exists():
         print("\n".join((out / f).read_text().splitlines()[-14:]))
 print(f"{'run':<16} {'ITL p50 ms':>10} {'TTFT p50 ms':>11} {'out tok/s':>10} {'MBU':>5} {'weights GB':>10} {'KV B/tok':>8}")
