@@ -50,10 +50,12 @@ load)
 serving)
   echo "== serving" >&2
   PORT=8123
+  # --precompile-max-len: every step program for requests up to 256 tokens compiles before serving
   CUDA_VISIBLE_DEVICES=0 python -m jaxllm serve "$M" --load-format dummy --dtype bfloat16 --port $PORT \
-    --served-model-name llama8b > "$OUT/server.txt" 2>&1 &
+    --served-model-name llama8b --precompile-max-len ${PRECOMPILE:-256} > "$OUT/server.txt" 2>&1 &
   SPID=$!
-  for i in $(seq 120); do curl -sf http://127.0.0.1:$PORT/health > /dev/null && break; sleep 1; done
+  for i in $(seq 400); do curl -sf http://127.0.0.1:$PORT/health > /dev/null && break; sleep 1; done
+  echo "server up after ${i} s" >> "$OUT/server.txt"
   b="python -m jaxllm bench serving --base-url http://127.0.0.1:$PORT --model llama8b --input-len 128 --output-len 128"
   timeout 120 $b --num-prompts 256 --request-rate 32 > "$OUT/serve_warmup.txt" 2>&1
   timeout 120 $b --num-prompts 150 --request-rate 5 --report-json "$OUT/serve_rate5.json" > "$OUT/serve_rate5.txt" 2>&1
