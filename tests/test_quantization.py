@@ -384,3 +384,40 @@ def test_smollm2_quantized_agrees_with_unquantized_and_answers_paris(smollm2_pat
     top2 = np.sort(ref, -1)[..., -2:]
     margins = (top2[..., 1] - top2[..., 0])[got != ref_top]
     assert np.all(margins < 1.0), margins  # only near-ties of the unquantized model flip
+
+
+@pytest.mark.parametrize("style", ["compressed-tensors", "modelopt"])
+def test_checkpoint_kv_cache_scales_reach_an_fp8_pool(prequantized, tmp_path, style):
+    """A pre-quantized checkpoint's static KV-cache scales (compressed-tensors ``self_attn.k_scale``,
+    ModelOpt ``self_attn.k_proj.k_scale``) become the fp8 pool's per-layer scales; a bf16 / f32 pool
+    keeps 1.0; scales for only some layers are refused."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jaxllm import KvCacheConfig
+
+    src = prequantized["ct-tensor"]
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    want = [(0.5 + i, 0.25 + i) for i in range(layers)]
+
+    def write(folder, only_first=False):
+        shutil.copytree(src, folder)
+        tensors = load_file(str(folder / "model.safetensors"))
+        for i, (k, v) in enumerate(want[:1] if only_first else want):
+            pre = f"model.layers.{i}.self_attn."
+            kn, vn = (pre + "k_scale", pre + "v_scale") if style == "compressed-tensors" else (
+                pre + "k_proj.k_scale", pre + "v_proj.v_scale")
+            tensors[kn], tensors[vn] = torch.tensor([k]), torch.tensor(v)
+        save_file(tensors, str(folder / "model.safetensors"))
+        return str(folder)
+
+    path = write(tmp_path / "kv")
+    kw = dict(max_seq_len=64, max_batch_size=2, compilation_cache=False)
+    with LLM(path, kv_cache_config=KvCacheConfig(dtype="fp8"), **kw) as llm:
+        assert list(llm._engine.runner.kv_scales) == want
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    with LLM(path, **kw) as llm:
+        assert set(llm._engine.runner.kv_scales) == {(1.0, 1.0)}
+    with pytest.raises(ValueError, match="KV-cache scales for some layers but not both for layers"):
+        LLM(write(tmp_path / "partial", only_first=True), **kw)

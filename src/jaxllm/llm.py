@@ -17,6 +17,7 @@ from .kv_cache_config import KvCacheConfig
 from .loader import DTYPES, LOAD_FORMATS, QUANTIZATIONS, load_model, save_checkpoint
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runner import ATTENTION_BACKENDS, ModelRunner, plan_num_blocks
+from .runner.paged import is_fp8
 from .sampling import fold_key_data, key_data_for_seed
 from .sampling_params import SamplingParams, _check_int
 from .sharding import make_meshes, replicate_on
@@ -191,7 +192,8 @@ class LLM:
         for mesh in meshes:
             model = loaded.model if mesh is meshes[0] else replicate_on(loaded.model, mesh)
             runner = ModelRunner(
-                model, loaded.config, loaded.dtype, num_blocks, block, mesh, kv_dtype, attention_backend
+                model, loaded.config, loaded.dtype, num_blocks, block, mesh, kv_dtype, attention_backend,
+                kv_scales=loaded.kv_scales if is_fp8(kv_dtype) else None,  # a checkpoint's static FP8 KV scales
             )
             engine = Engine(
                 runner,

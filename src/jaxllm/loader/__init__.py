@@ -6,11 +6,13 @@ jaxllm's own Orbax checkpoints written by ``LLM.save``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..models import ModelConfig, get_architecture
@@ -34,6 +36,8 @@ class LoadedModel:
     tokenizer: object
     dtype: object
     source: ResolvedModel
+    # a pre-quantized checkpoint's static FP8 KV-cache scales, one (k_scale, v_scale) per layer
+    kv_scales: list[tuple[float, float]] | None = None
 
 
 def _hf_config(src: ResolvedModel):
@@ -106,6 +110,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     factory = partial(arch.module, cfg, jdtype)
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0))))
+    kv_scales = None
     if load_format == "dummy":
         state = random_weights(abstract_state, mesh)
     elif orbax:
@@ -117,10 +122,39 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
             tensors = iter_gguf(src.path, cfg, arch.weight_map, arch.gguf_arch)
         else:
             tensors = iter_safetensors(src.path)
-        state = place_weights(abstract_state, tensors, cfg, arch.weight_map, mesh)
+        found: dict[int, dict[str, float]] = {}
+        state = place_weights(abstract_state, _take_kv_scales(tensors, found), cfg, arch.weight_map, mesh)
+        kv_scales = _kv_scales(found, cfg.num_layers)
     module = nnx.merge(graphdef, state)
     tok = load_tokenizer(src, tokenizer, revision)
-    return LoadedModel(module, cfg, hf_config, tok, jdtype, src)
+    return LoadedModel(module, cfg, hf_config, tok, jdtype, src, kv_scales)
+
+
+# Where FP8 checkpoints keep their static KV-cache scales: compressed-tensors ``self_attn.k_scale``,
+# ModelOpt / AutoFP8 ``self_attn.k_proj.k_scale`` (vLLM reads the same names).
+_KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(?:(?:k_proj|v_proj|attn)\.)?([kv])_scale$")
+
+
+def _take_kv_scales(tensors, found: dict):
+    """Pass tensors through, taking out (into found[layer]["k" / "v"]) the per-layer KV-cache scales."""
+    for name, tensor in tensors:
+        m = _KV_SCALE.match(name)
+        if m is None:
+            yield name, tensor
+            continue
+        value = np.asarray(tensor.read(None), np.float32).reshape(-1)
+        if value.size != 1:
+            raise ValueError(f"checkpoint tensor {name!r} holds {value.size} KV-cache scales; one per layer is supported")
+        found.setdefault(int(m.group(1)), {})[m.group(2)] = float(value[0])
+
+
+def _kv_scales(found: dict, num_layers: int) -> list[tuple[float, float]] | None:
+    if not found:
+        return None
+    missing = [i for i in range(num_layers) if set(found.get(i, {})) != {"k", "v"}]
+    if missing:
+        raise ValueError(f"the checkpoint has KV-cache scales for some layers but not both for layers {missing[:8]}")
+    return [(found[i]["k"], found[i]["v"]) for i in range(num_layers)]
 
 
 __all__ = ["DTYPES", "LOAD_FORMATS", "QUANTIZATIONS", "LoadedModel", "load_model", "load_tokenizer", "save_checkpoint"]

@@ -23,8 +23,10 @@ ModelOpt (NVIDIA TensorRT Model Optimizer): ``hf_quant_config.json`` =
 "ignore": [...], ...}``; tensors ``X.weight`` float8_e4m3fn, ``X.weight_scale`` and ``X.input_scale``
 float32 scalars (``[]``), with FP8 KV cache also ``k_scale`` / ``v_scale``.
 
-The static ``input_scale`` and the KV-cache scales are read past and not used: the weight-only
-path computes activations in the model's dtype. Which layers are quantized is read from the
+The static ``input_scale`` is read past: the weight-only path computes activations in the model's
+dtype. The KV-cache scales (``self_attn.k_scale`` / ``self_attn.k_proj.k_scale`` ...) are taken by
+the loader (``loader._take_kv_scales``) and become an fp8 KV pool's per-layer scales
+(``KvCacheConfig(dtype="fp8")``); with another pool dtype they are unused. Which layers are quantized is read from the
 tensors themselves (an fp8 weight has a scale beside it); a projection the checkpoint left
 unquantized (its ``ignore`` list) is quantized to FP8 per channel at load, like
 ``LLM(quantization="fp8")``, and a quantized tensor outside the seven projections (a quantized

@@ -193,7 +193,8 @@ LLAMA_WEIGHT_MAP = WeightMap(
         Rule("model.layers.{i}.mlp.up_proj.weight_scale", "layers.{i}.mlp.up_scale", weight_scale(size_attr="intermediate_size"), True),
         Rule("model.layers.{i}.mlp.down_proj.weight_scale", "layers.{i}.mlp.down_scale", weight_scale(size_attr="hidden_size"), True),
     ],
-    # static activation scales (input_scale) and KV-cache scales (k_scale, v_scale) of pre-quantized
-    # checkpoints: the weight-only path computes activations and the KV cache in the model's dtype
+    # static activation scales (input_scale) of pre-quantized checkpoints: the weight-only path
+    # computes activations in the model's dtype; KV-cache scales (k_scale, v_scale) are taken by the
+    # loader before the map sees them (they configure an fp8 KV pool, not a parameter)
     ignore=(r"rotary_emb\.inv_freq$", r"\.(input_scale|k_scale|v_scale)$"),
 )
