@@ -59,6 +59,79 @@ KV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), FP8)
 F16_MAX = 65504.0
 
 
+# -- pieces both attention kernels (decode here, prefill in prefill_attention.py) share -------------
+def tensor_core_q(q, scale, k_scale, dtype):
+    """(q as the tensor cores read it, the softmax scale): a constant K scale folds into the softmax
+    scale, a traced one into q; f16 (the fp8 pools' compute type) is clipped to its range."""
+    q_in = q
+    if isinstance(k_scale, (int, float)):
+        scale = scale * k_scale
+    else:  # a traced scale cannot be a constant of the kernel: scale q instead
+        q_in = q.astype(jnp.float32) * k_scale
+    if dtype == jnp.float16 and q_in.dtype != jnp.float16:
+        q_in = jnp.clip(q_in.astype(jnp.float32), -F16_MAX, F16_MAX)  # no inf from a bf16/f32 outlier
+    return q_in, scale
+
+
+def swizzled(d, itemsize):
+    """Tiling + swizzle transforms of a [*, d] shared-memory tile (128-byte swizzle where a row is that wide)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    swizzle = min(128, d * itemsize)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def staged_operand(staging, fp8, dtype):
+    """operand(stage_ref, slot, which): the 16-bit tile wgmma reads -- the stage itself, or (fp8
+    pools) its copy converted into staging[which] (0: K, 1: V)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def operand(stage_ref, slot, which):
+        if not fp8:
+            return stage_ref.at[slot]
+        staged = staging[which]
+        staged[...] = stage_ref.at[slot][...].astype(dtype)
+        plgpu.commit_smem()
+        return staged
+
+    return operand
+
+
+def softmax_start(rows, d):
+    """(acc [rows, d], running max m, running sum l) of an online softmax, in wgmma layouts."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m_i = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l_i = plgpu.layout_cast(jnp.full((rows,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.full((rows, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    return acc, m_i, l_i
+
+
+def log2_scores(s, scale, soft_cap):
+    """Raw Q.K scores -> scaled (and soft-capped) scores in base 2."""
+    if soft_cap is not None:
+        return jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
+    return s * (scale * LOG2E)
+
+
+def softmax_step(s, m_i, l_i, may_be_empty=True):
+    """One online-softmax step over base-2 scores s [rows, tile]: (new max, the factor alpha that
+    rescales what was accumulated, probabilities p, new sum). `may_be_empty`: a row may have seen
+    only masked scores so far (its max is -inf), which must not make NaNs."""
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if may_be_empty else m_new
+    alpha = jnp.exp2(m_i - m_safe)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+    return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
+
+
+def softmax_finish(acc, l_i):
+    """(acc normalized by the softmax sum, rows with no token) -- empty rows give zeros."""
+    empty = l_i == 0.0
+    inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l_i))
+    return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), empty
+
+
 def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size, *, sm_scale=None,
                                soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0):
     """The same function in plain jnp, float32 throughout: q [B, H, D] -> [B, H, D] float32.
@@ -157,13 +230,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                          f"in shared memory; use block_kv=64")
     stages = max(2, min(max_concurrent_steps, steps_per_split, fit))
     scale = (d**-0.5 if sm_scale is None else sm_scale)
-    q_in = q
-    if isinstance(k_scale, (int, float)):
-        scale = scale * k_scale
-    else:  # a traced scale cannot be a constant of the kernel: scale q instead
-        q_in = q.astype(jnp.float32) * k_scale
-    if dtype == jnp.float16 and q_in.dtype != jnp.float16:
-        q_in = jnp.clip(q_in.astype(jnp.float32), -F16_MAX, F16_MAX)  # no inf from a bf16/f32 outlier
+    q_in, scale = tensor_core_q(q, scale, k_scale, dtype)
 
     # Q rows [B*H + 64, D]: a 64-row TMA box starting at any group stays in bounds.
     q_rows = jnp.pad(q_in.reshape(b * h, d).astype(dtype), ((0, ROWS), (0, 0)))
@@ -209,18 +276,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                 issue(i, i)
 
         plgpu.barrier_wait(q_bar)
-        m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-        def operand(stage_ref, slot, which):
-            """The 16-bit tile wgmma reads: the stage itself, or (fp8) its converted copy."""
-            if not fp8:
-                return stage_ref.at[slot]
-            staged = staging[which]
-            staged[...] = stage_ref.at[slot][...].astype(dtype)
-            plgpu.commit_smem()
-            return staged
+        acc, m_i, l_i = softmax_start(ROWS, d)
+        operand = staged_operand(staging, fp8, dtype)
 
         def body(step, carry):
             acc, m_i, l_i = carry
@@ -241,21 +298,14 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             def _():
                 issue(prev + stages, lax.rem(prev, stages))
 
-            if soft_cap is not None:
-                s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
-            else:
-                s = s * (scale * LOG2E)
+            s = log2_scores(s, scale, soft_cap)
             pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
             pos = pos + (start + step * tile)
             valid = pos < hi
             if win_lo is not None:
                 valid = valid & (pos >= win_lo)
             s = jnp.where(valid, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_safe)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
+            m_new, alpha, p, l_i = softmax_step(s, m_i, l_i)
             if p_in_registers:
                 p_op = p.astype(dtype)
             else:
@@ -274,9 +324,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             return acc, m_new, l_i
 
         acc, m_i, l_i = lax.fori_loop(0, n_steps, body, (acc, m_i, l_i))
-        empty = l_i == 0.0
-        inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l_i))
-        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+        out, empty = softmax_finish(acc, l_i)
+        o_smem[...] = out.astype(dtype)
         # log-sum-exp in base 2; -inf for a split with no tokens
         lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
         plgpu.commit_smem()
@@ -284,12 +333,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, seq, head])
         plgpu.wait_smem_to_gmem(0)
 
-    def swizzled(itemsize):  # 128-byte swizzle where a row is that wide
-        swizzle = min(128, d * itemsize)
-        return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-    transforms = swizzled(2)
-    kv_transforms = swizzled(kv_dtype.itemsize)
+    transforms = swizzled(d, 2)
+    kv_transforms = swizzled(d, kv_dtype.itemsize)
     scratch = (  # in the order of the kernel's scratch arguments
         plgpu.SMEM((ROWS, d), dtype, transforms=transforms),  # q_smem
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # k_smem

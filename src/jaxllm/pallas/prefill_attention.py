@@ -44,15 +44,23 @@ Why it is written this way
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .decode_attention import F16_MAX, FP8, KV_DTYPES, SMEM_BYTES
+from .decode_attention import (
+    FP8,
+    KV_DTYPES,
+    SMEM_BYTES,
+    log2_scores,
+    softmax_finish,
+    softmax_start,
+    softmax_step,
+    staged_operand,
+    swizzled,
+    tensor_core_q,
+)
 
-LOG2E = math.log2(math.e)
 BLOCK_Q = 64  # query tokens per program (wgmma M)
 
 
@@ -142,13 +150,7 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
     max_steps = -(-w * block_size // tile) + 1
     stages = max(2, min(max_concurrent_steps, fit, max_steps))
     scale = d**-0.5 if sm_scale is None else sm_scale
-    q_in = q
-    if isinstance(k_scale, (int, float)):
-        scale = scale * k_scale
-    else:  # a traced scale cannot be a constant of the kernel: scale q instead
-        q_in = q.astype(jnp.float32) * k_scale
-    if dtype == jnp.float16 and q_in.dtype != jnp.float16:
-        q_in = jnp.clip(q_in.astype(jnp.float32), -F16_MAX, F16_MAX)
+    q_in, scale = tensor_core_q(q, scale, k_scale, dtype)
     n_qt = -(-t // BLOCK_Q)
     t_pad = n_qt * BLOCK_Q
     q_in = q_in.astype(dtype)
@@ -199,18 +201,8 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
                 issue(i, i)
 
         plgpu.barrier_wait(q_bar)
-        m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((BLOCK_Q, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-        def operand(stage_ref, slot, which):
-            """The 16-bit tile wgmma reads: the stage itself, or (fp8) its converted copy."""
-            if not fp8:
-                return stage_ref.at[slot]
-            staged = staging[which]
-            staged[...] = stage_ref.at[slot][...].astype(dtype)
-            plgpu.commit_smem()
-            return staged
+        acc, m_i, l_i = softmax_start(BLOCK_Q, d)
+        operand = staged_operand(staging, fp8, dtype)
 
         def body(step, carry, masked):
             acc, m_i, l_i = carry
@@ -230,10 +222,7 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
             def _():
                 issue(prev + stages, lax.rem(prev, stages))
 
-            if soft_cap is not None:
-                s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
-            else:
-                s = s * (scale * LOG2E)
+            s = log2_scores(s, scale, soft_cap)
             if masked:
                 kpos = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, tile), 1, layout=plgpu.Layout.WGMMA)
                 qpos = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, tile), 0, layout=plgpu.Layout.WGMMA)
@@ -243,11 +232,7 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
                 if sliding_window is not None:
                     valid = valid & (kpos > qpos - sliding_window)
                 s = jnp.where(valid, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            alpha = jnp.exp2(m_i - m_safe)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
+            m_new, alpha, p, l_i = softmax_step(s, m_i, l_i, may_be_empty=masked)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p_smem[...] = p.astype(dtype)
             plgpu.commit_smem()
@@ -267,9 +252,7 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
         carry = (acc, m_i, l_i)
         carry = lax.fori_loop(0, n_full, lambda s, c: body(s, c, False), carry)
         acc, m_i, l_i = lax.fori_loop(n_full, n_steps, lambda s, c: body(s, c, True), carry)
-        empty = l_i == 0.0
-        inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l_i))
-        out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+        out, _ = softmax_finish(acc, l_i)
         row = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, d), 0, layout=plgpu.Layout.WGMMA)
         out = jnp.where(row < n_q, out, 0.0)  # padding queries: zeros
         qo_smem[...] = out.astype(dtype)  # every wgmma that read Q has completed
@@ -277,12 +260,8 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
         plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[seq, pl.ds(t0, BLOCK_Q), head])
         plgpu.wait_smem_to_gmem(0)
 
-    def swizzled(itemsize):  # 128-byte swizzle where a row is that wide
-        swizzle = min(128, d * itemsize)
-        return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-    transforms = swizzled(2)
-    kv_transforms = swizzled(kv_dtype.itemsize)
+    transforms = swizzled(d, 2)
+    kv_transforms = swizzled(d, kv_dtype.itemsize)
     p_swizzle = min(128, tile * 2)
     p_transforms = (plgpu.TilingTransform((8, p_swizzle // 2)), plgpu.SwizzleTransform(p_swizzle))
     scratch = (  # in the order of the kernel's scratch arguments
