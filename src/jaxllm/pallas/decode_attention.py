@@ -132,6 +132,37 @@ def softmax_finish(acc, l_i):
     return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), empty
 
 
+def fill_ring(stages, n_steps, issue):
+    """Start the TMA copies of the first `stages` steps (those that exist)."""
+    import jax.experimental.pallas as pl
+
+    for i in range(stages):
+        pl.when(i < n_steps)(lambda i=i: issue(i, i))
+
+
+def qk_scores(q_smem, k_op, rows, tile):
+    """Raw scores Q K^T [rows, tile] in float32 (one wgmma)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_op.transpose((1, 0)))
+        return acc_ref[...]
+
+    return pl.run_scoped(scope, plgpu.ACC((rows, tile), jnp.float32))
+
+
+def refill_previous(step, stages, n_steps, issue):
+    """Called after this step's QK wgmma: every thread of the warpgroup has passed it (and, fp8, the
+    barrier of the conversions before it), and the previous step's PV wgmma completed before its
+    accumulator was read, so the previous step's stage is free: refill it with the step `stages`
+    after it."""
+    import jax.experimental.pallas as pl
+
+    prev = step - 1
+    pl.when((step > 0) & (prev + stages < n_steps))(lambda: issue(prev + stages, lax.rem(prev, stages)))
+
+
 def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size, *, sm_scale=None,
                                soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0):
     """The same function in plain jnp, float32 throughout: q [B, H, D] -> [B, H, D] float32.
@@ -270,10 +301,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                 plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot, dst], v_bar.at[slot])
 
-        for i in range(stages):
-            @pl.when(i < n_steps)
-            def _():
-                issue(i, i)
+        fill_ring(stages, n_steps, issue)
 
         plgpu.barrier_wait(q_bar)
         acc, m_i, l_i = softmax_start(ROWS, d)
@@ -285,18 +313,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             plgpu.barrier_wait(k_bar.at[slot])
             k_op = operand(k_smem, slot, 0)
 
-            def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, k_op.transpose((1, 0)))
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS, tile), jnp.float32))
-            # Every thread of the warpgroup has passed the wgmma above (and, fp8, the barrier of
-            # the conversions before it), so the previous step's stage is free: refill it with the
-            # step `stages - 1` ahead.
-            prev = step - 1
-            @pl.when((step > 0) & (prev + stages < n_steps))
-            def _():
-                issue(prev + stages, lax.rem(prev, stages))
+            s = qk_scores(q_smem, k_op, ROWS, tile)
+            refill_previous(step, stages, n_steps, issue)
 
             s = log2_scores(s, scale, soft_cap)
             pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)

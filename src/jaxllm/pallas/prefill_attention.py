@@ -52,7 +52,10 @@ from .decode_attention import (
     FP8,
     KV_DTYPES,
     SMEM_BYTES,
+    fill_ring,
     log2_scores,
+    qk_scores,
+    refill_previous,
     softmax_finish,
     softmax_start,
     softmax_step,
@@ -195,10 +198,7 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
                 plgpu.copy_gmem_to_smem(k_ref.at[src, kv_head], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[src, kv_head], v_smem.at[slot, dst], v_bar.at[slot])
 
-        for i in range(stages):
-            @pl.when(i < n_steps)
-            def _():
-                issue(i, i)
+        fill_ring(stages, n_steps, issue)
 
         plgpu.barrier_wait(q_bar)
         acc, m_i, l_i = softmax_start(BLOCK_Q, d)
@@ -210,17 +210,8 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
             plgpu.barrier_wait(k_bar.at[slot])
             k_op = operand(k_smem, slot, 0)
 
-            def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, k_op.transpose((1, 0)))
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_scope, plgpu.ACC((BLOCK_Q, tile), jnp.float32))
-            # every thread passed the wgmma above, so the previous step's stage (read by its PV
-            # wgmma, completed before its accumulator was read) is free: refill it
-            prev = step - 1
-            @pl.when((step > 0) & (prev + stages < n_steps))
-            def _():
-                issue(prev + stages, lax.rem(prev, stages))
+            s = qk_scores(qo_smem, k_op, BLOCK_Q, tile)
+            refill_previous(step, stages, n_steps, issue)
 
             s = log2_scores(s, scale, soft_cap)
             if masked:
