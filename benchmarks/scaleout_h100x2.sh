@@ -51,8 +51,10 @@ serving)
   echo "== serving" >&2
   PORT=8123
   # --precompile-max-len: every step program for requests up to 256 tokens compiles before serving
+  # (greedy batches only: bench serving sends temperature 0; 78 programs at the default batch limit)
   CUDA_VISIBLE_DEVICES=0 python -m jaxllm serve "$M" --load-format dummy --dtype bfloat16 --port $PORT \
-    --served-model-name llama8b --precompile-max-len ${PRECOMPILE:-256} > "$OUT/server.txt" 2>&1 &
+    --served-model-name llama8b --precompile-max-len ${PRECOMPILE:-256} --precompile-sampling greedy \
+    > "$OUT/server.txt" 2>&1 &
   SPID=$!
   for i in $(seq 400); do curl -sf http://127.0.0.1:$PORT/health > /dev/null && break; sleep 1; done
   echo "server up after ${i} s" >> "$OUT/server.txt"

@@ -63,3 +63,7 @@ def test_precompile_arguments_are_checked(tiny_llm):
         tiny_llm.precompile(max_len=10**9)
     with pytest.raises(ValueError, match="greedy=True or sampled=True"):
         tiny_llm.precompile(greedy=False, sampled=False)
+    engine = tiny_llm._engine  # one program per shape and per greedy / sampling variant asked for
+    one, both = engine._warmup_calls(64, [True]), engine._warmup_calls(64, [True, False])
+    assert len(both) == 2 * len(one) > 0
+    assert {c[1]["all_greedy"] for c in one} == {True} and {c[1]["all_greedy"] for c in both} == {True, False}

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -219,7 +218,8 @@ def test_sigterm_stops_the_server(tiny_checkpoints):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "jaxllm", "serve", str(tiny_checkpoints["llama3"]), "--port",
-                             str(port), "--max-seq-len", "128", "--max-batch-size", "4", "--precompile-max-len", "32"],
+                             str(port), "--max-seq-len", "128", "--max-batch-size", "4", "--precompile-max-len", "32",
+                             "--precompile-sampling", "greedy"],
                             env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -31,7 +31,9 @@ def _serve(args) -> int:
     if llm.follower:  # several processes: process 0 serves; this one followed its device calls
         return 0
     if args.precompile_max_len:
-        done = llm.precompile(max_len=min(args.precompile_max_len, llm.max_seq_len))
+        kinds = args.precompile_sampling
+        done = llm.precompile(max_len=min(args.precompile_max_len, llm.max_seq_len),
+                              greedy=kinds in ("both", "greedy"), sampled=kinds in ("both", "sampled"))
         print(f"jaxllm serve: compiled {done['programs']} step programs in {done['seconds']:.1f} s", flush=True)
     serve(
         llm, args.served_model_name or args.model, host=args.host, port=args.port,
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--precompile-max-len", type=int, default=0,
                      help="before serving, compile the step programs for requests of up to this many tokens "
                           "(prompt + output) so none waits on a compilation (LLM.precompile; 0: off)")
+    srv.add_argument("--precompile-sampling", choices=["both", "greedy", "sampled"], default="both",
+                     help="which batches --precompile-max-len prepares: all-greedy ones, sampling ones, or both")
     bench.add_llm_arguments(srv)
     srv.add_argument("--coordinator-address", default=None, help="several processes: process 0's HOST:PORT "
                      "(default: $JAXLLM_COORDINATOR_ADDRESS, or detected under srun / mpirun)")
