@@ -52,9 +52,8 @@ def quantize_weight(w, quantization: str, axes, out_axes):
     scale = jnp.where(amax > 0, amax / QMAX[quantization], 1.0)
     q = wf / scale
     if quantization == "int8":
-        q = jnp.clip(jnp.round(q), -127, 127)
-    else:
-        q = jnp.clip(q, -448.0, 448.0)
+        q = jnp.round(q)
+    q = jnp.clip(q, -QMAX[quantization], QMAX[quantization])
     return q.astype(WEIGHT_DTYPES[quantization]), jnp.squeeze(scale, reduce)
 
 

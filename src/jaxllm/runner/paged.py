@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from ..kv_cache_config import FP8_MAX
 from ..models import ModelConfig
+from ..pallas.decode_attention import FP8, KV_DTYPES
 from ..sharding import named_sharding
 
 
@@ -48,9 +49,6 @@ def pool_sharding(cfg: ModelConfig, mesh):
 
 def pool_bytes_per_token(cfg: ModelConfig, dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-
-
-FP8 = jnp.dtype(jnp.float8_e4m3fn)
 
 
 def is_fp8(dtype) -> bool:
@@ -108,7 +106,7 @@ def pallas_decode_supported(cfg: ModelConfig, kv_dtype, mesh, block_size: int) -
     """None when the Pallas decode kernel serves this model, else the reason it does not."""
     if mesh.devices.flat[0].platform != "gpu":
         return "the Pallas kernels run on NVIDIA GPUs"
-    if jnp.dtype(kv_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), FP8):
+    if jnp.dtype(kv_dtype) not in KV_DTYPES:
         return f"the KV cache dtype is {jnp.dtype(kv_dtype).name} (bfloat16, float16 or fp8 needed)"
     if cfg.head_dim % 64:
         return f"head_dim {cfg.head_dim} is not a multiple of 64"
@@ -136,16 +134,8 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
             v_scale=v_scale, interpret=interpret,
         )
 
-    if mesh.shape.get("model", 1) == 1:
-        return run
     heads = P(None, "model", None)
-
-    def sharded(q, k_pool, v_pool, tables, lengths, k_scale=1.0, v_scale=1.0):
-        per_device = functools.partial(run, k_scale=k_scale, v_scale=v_scale)
-        return jax.shard_map(per_device, mesh=mesh, in_specs=(heads, heads, heads, P(), P()), out_specs=heads,
-                             check_vma=False)(q, k_pool, v_pool, tables, lengths)
-
-    return sharded
+    return _per_device(run, mesh, (heads, heads, heads, P(), P()), heads)
 
 
 def prefill_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
@@ -165,14 +155,21 @@ def prefill_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
             v_scale=v_scale, interpret=interpret,
         )
 
+    heads, q_heads = P(None, "model", None), P(None, None, "model", None)
+    return _per_device(run, mesh, (q_heads, heads, heads, P(), P(), P()), q_heads)
+
+
+def _per_device(run, mesh, in_specs, out_specs):
+    """`run(*arrays, k_scale, v_scale)` on each device's KV heads (shard_map over "model"); the
+    scales, static floats, are bound before the map. One device: `run` itself."""
     if mesh.shape.get("model", 1) == 1:
         return run
-    heads, q_heads = P(None, "model", None), P(None, None, "model", None)
 
-    def sharded(q, k_pool, v_pool, tables, q_start, q_lens, k_scale=1.0, v_scale=1.0):
-        per_device = functools.partial(run, k_scale=k_scale, v_scale=v_scale)
-        return jax.shard_map(per_device, mesh=mesh, in_specs=(q_heads, heads, heads, P(), P(), P()),
-                             out_specs=q_heads, check_vma=False)(q, k_pool, v_pool, tables, q_start, q_lens)
+    def sharded(*args):
+        arrays, scales = args[: len(in_specs)], args[len(in_specs):]
+        per_device = functools.partial(run, **dict(zip(("k_scale", "v_scale"), scales)))
+        return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*arrays)
 
     return sharded
 

@@ -268,20 +268,21 @@ class ModelRunner:
         from concurrent.futures import ThreadPoolExecutor
 
         def compile_one(c):
-            kind, statics, args = c
-            if kind == "prefill":
-                self._prefill.lower(self.params, self.pool, *args[:6], targets=args[6], **statics).compile()
-            else:
-                self._decode.lower(self.params, self.pool, *args, **statics).compile()
+            fn, args, kwargs = self._jit_call(*c)
+            fn.lower(*args, **kwargs).compile()
 
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as ex:
             list(ex.map(compile_one, calls))
 
-    def _run(self, kind: str, statics: dict, args: tuple):
+    def _jit_call(self, kind: str, statics: dict, args: tuple):
+        """(jitted function, positional args, keyword args) that make a call on the current pool."""
         if kind == "prefill":
-            self.pool, *out = self._prefill(self.params, self.pool, *args[:6], targets=args[6], **statics)
-        else:
-            self.pool, *out = self._decode(self.params, self.pool, *args, **statics)
+            return self._prefill, (self.params, self.pool, *args[:6]), dict(targets=args[6], **statics)
+        return self._decode, (self.params, self.pool, *args), statics
+
+    def _run(self, kind: str, statics: dict, args: tuple):
+        fn, fn_args, kwargs = self._jit_call(kind, statics, args)
+        self.pool, *out = fn(*fn_args, **kwargs)
         return local_tree(tuple(out)) if self._mirror is not None else tuple(out)
 
     # -- several hosts: process 0 announces each call, the others make it too ----------------
