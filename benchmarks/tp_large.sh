@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Tensor parallel on 4 or 8 GPUs of one host (device kinds nvidia-h100-x4 / -x8; issue 9), random bf16
+# weights. Shapes are derived from the Llama-3.1-8B shapes folder ($BASE): "8b", "8b-kv2" (2 KV heads:
+# replicated over 4 devices), "70b" (Llama-3.1-70B: 80 layers, hidden 8192, 64 / 8 heads, intermediate
+# 28672), "70b-kv4" (4 KV heads: replicated at tp=8). Steps ($STEPS):
+#   match       tp_match.py: greedy tokens at tp=$TP vs tp=1, float32, 8b and 8b-kv2
+#   allreduce   one small all-reduce over 2 and over all GPUs (the per-layer cost of tensor parallelism)
+#   latency     jaxllm bench latency, batch 1, 128/128: variants in $LAT ("name model tp" separated by |)
+#   throughput  jaxllm bench throughput 1000/1000, $NREQ requests, batch $NREQ: variants in $TPUT
+#   PYTHONPATH=src OUT=/tmp/out TP=4 STEPS="match latency" bash benchmarks/tp_large.sh
+set -u
+BASE=${BASE:-.models/llama-3.1-8b-shapes}
+OUT=${OUT:-/tmp/jaxllm-tp}
+TP=${TP:-$(nvidia-smi -L | wc -l)}
+NREQ=${NREQ:-256}
+mkdir -p "$OUT"
+export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
+nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
+S=/tmp/jaxllm-shapes
+python - "$BASE" "$S" <<'PY'
+import json, pathlib, shutil, sys
+base, root = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+big = dict(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, intermediate_size=28672)
+for name, over in {"8b": {}, "8b-kv2": dict(num_key_value_heads=2), "70b": big,
+                   "70b-kv4": dict(big, num_key_value_heads=4)}.items():
+    d = root / name
+    shutil.copytree(base, d, dirs_exist_ok=True)
+    cfg = json.loads((base / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **over}, indent=1))
+PY
+STEPS=${STEPS:-match allreduce latency throughput}
+for s in $STEPS; do case $s in
+match)
+  for m in 8b 8b-kv2; do
+    echo "== tp match $m" | tee -a "$OUT/tp_match.txt" >&2
+    JAX_DEFAULT_MATMUL_PRECISION=highest timeout 500 python benchmarks/tp_match.py --model $S/$m --tp 1 $TP \
+      --dtype float32 --prompts 8 --max-tokens 64 >> "$OUT/tp_match.txt" 2>&1 || echo "tp_match $m failed/differs"
+  done ;;
+allreduce)
+  for devs in 0,1 all; do
+    echo "== allreduce over GPUs $devs" | tee -a "$OUT/allreduce.txt" >&2
+    ( [ $devs = all ] || export CUDA_VISIBLE_DEVICES=$devs
+      timeout 120 python benchmarks/allreduce_latency.py --sizes 8192 16384 1048576 --iters 500 ) >> "$OUT/allreduce.txt" 2>&1 \
+      || echo "allreduce $devs failed"
+  done ;;
+latency)
+  LAT=${LAT:-"8b_tp1 8b 1|8b_tp2 8b 2|8b_tp$TP 8b $TP|70b_tp$TP 70b $TP"}
+  IFS='|' read -ra variants <<< "$LAT"
+  for v in "${variants[@]}"; do
+    set -- $v
+    echo "== latency $1" >&2
+    timeout 400 python -m jaxllm bench latency --model $S/$2 --load-format dummy --dtype bfloat16 --max-batch-size 1 \
+      --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5 --tensor-parallel-size $3 \
+      --report-json "$OUT/lat_$1.json" > "$OUT/lat_$1.txt" 2>&1 || { echo "latency $1 failed"; tail -5 "$OUT/lat_$1.txt"; }
+  done ;;
+throughput)
+  TPUT=${TPUT:-"70b_tp$TP 70b $TP"}
+  IFS='|' read -ra variants <<< "$TPUT"
+  for v in "${variants[@]}"; do
+    set -- $v
+    echo "== throughput $1" >&2
+    timeout 560 python -m jaxllm bench throughput --model $S/$2 --load-format dummy --dtype bfloat16 \
+      --num-requests $NREQ --max-batch-size $NREQ --input-len 1000 --output-len 1000 --max-seq-len 2048 \
+      --tensor-parallel-size $3 --report-json "$OUT/tput_$1.json" > "$OUT/tput_$1.txt" 2>&1 \
+      || { echo "throughput $1 failed"; tail -5 "$OUT/tput_$1.txt"; }
+  done ;;
+esac; done
+python - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print((out / "gpus.txt").read_text().splitlines()[1])
+for f in ("tp_match.txt", "allreduce.txt"):
+    if (out / f).exists():
+        print("\n".join(l for l in (out / f).read_text().splitlines() if l.startswith(("==", " ", "all", "a div", "size", "psum")) or "us" in l)[-1500:])
+print(f"{'run':<14} {'ITL p50 ms':>10} {'TTFT p50 ms':>11} {'out tok/s':>10} {'MBU':>5} {'startup s':>9}")
+for p in sorted(out.glob("lat_*.json")) + sorted(out.glob("tput_*.json")):
+    r = json.loads(p.read_text())
+    print(f"{p.stem:<14} {1e3*r['itl_s']['p50']:>10.2f} {1e3*r['ttft_s']['p50']:>11.1f} {r.get('output_tok_s') or 0:>10.0f} "
+          f"{100*(r['mbu'] or 0):>4.0f}% {r.get('startup_to_first_token_s') or 0:>9.1f}")
+PY
