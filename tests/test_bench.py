@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -41,8 +44,23 @@ def test_peak_rates_give_mfu_and_mbu(tiny_checkpoints, tmp_path):
                            "--output-len", "5", "--iterations", "2", "--peak-tflops", "1", "--peak-tbps", "0.1"])
     assert r["requests"] == 2 and r["output_tokens"] == 10
     assert 0 < r["mfu"] < 1 and 0 < r["mbu"] < 1
-    # MBU at batch 1: weight bytes + KV per step over TPOT, against the given bandwidth
-    assert r["mbu"] >= r["weight_bytes"] / r["tpot_s"]["mean"] / 0.1e12
+    # MBU at batch 1: weight bytes + KV per step (mean context 8 + 5/2) over TPOT, against the given bandwidth
+    step_bytes = r["weight_bytes"] + 10.5 * r["kv_bytes_per_token"]
+    assert r["devices"] == 1 and r["mbu"] == pytest.approx(step_bytes / r["tpot_s"]["mean"] / 0.1e12)
+
+
+def test_mbu_counts_every_tensor_parallel_device(tiny_checkpoints, tmp_path):
+    """At tp=2 both devices read their half of the weights at once: the peak is twice one device's."""
+    path = tmp_path / "report.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    cmd = [sys.executable, "-m", "jaxllm", "bench", "latency", "--model", str(tiny_checkpoints["llama3"]),
+           "--input-len", "8", "--output-len", "5", "--iterations", "2", "--peak-tflops", "1", "--peak-tbps", "0.1",
+           "--tensor-parallel-size", "2", "--report-json", str(path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(path.read_text())
+    step_bytes = r["weight_bytes"] + 10.5 * r["kv_bytes_per_token"]
+    assert r["devices"] == 2 and r["mbu"] == pytest.approx(step_bytes / r["tpot_s"]["mean"] / (2 * 0.1e12))
 
 
 def test_quantization_and_fp8_kv_flags(tiny_checkpoints, tmp_path):

@@ -263,18 +263,22 @@ def run(args) -> dict:
         total = len(o.prompt_token_ids) + len(o.outputs[0].token_ids)
         flops += total * cost["matmul_flops_per_token"] + cost["attn_flops_per_context_token"] * total * (total + 1) / 2
     kind, peak_flops, peak_bw = _peaks(args)
+    # the peaks of every device the model runs on: tensor-parallel shards read their weights at once
+    tp, dp = args.tensor_parallel_size or 1, args.data_parallel_size or 1
+    peak_flops, peak_bw = (p * tp * dp if p else None for p in (peak_flops, peak_bw))
     tpot_mean = _stats(tpot)["mean"]
     mbu = None
     if peak_bw and tpot_mean:
-        # a decode step reads the weights and the KV of the running batch
+        # a decode step reads each replica's weights and the KV of the running batch
         batch = (n_out / elapsed) * tpot_mean if args.mode == "throughput" else 1.0
         ctx = np.mean([len(o.prompt_token_ids) + len(o.outputs[0].token_ids) / 2 for o in outs])
-        step_bytes = cost["weight_bytes"] + batch * ctx * cost["kv_bytes_per_token"]
+        step_bytes = dp * cost["weight_bytes"] + batch * ctx * cost["kv_bytes_per_token"]
         mbu = step_bytes / tpot_mean / peak_bw
     report = dict(
         mode=args.mode,
         model=args.model,
         device=kind,
+        devices=tp * dp,
         requests=len(outs),
         input_tokens=n_in,
         output_tokens=n_out,

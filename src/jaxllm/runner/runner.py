@@ -62,12 +62,6 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     return min(b, maximum) if maximum is not None else b
 
 
-# Pallas kernels written and tested on CPU (Mosaic GPU interpreter, CUDA lowering) whose GPU suite
-# has not run yet: "auto" does not pick them; attention_backend="pallas" does. Remove an entry once
-# `pytest -m gpu` passes on an H100 (tests/test_pallas_prefill.py, tests/test_kv_fp8.py).
-UNVERIFIED_ON_GPU = frozenset({"prefill", "fp8 decode"})
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -90,20 +84,15 @@ class ModelRunner:
         self.graphdef, self.params = nnx.split(model)
         self.attention_backend = self._choose_backend(attention_backend, mesh)
         self._mirror = Mirror() if spans_processes(mesh) else None
-        # Kernels not yet run on a GPU serve only an explicit attention_backend="pallas"; "auto"
-        # keeps to what the GPU suite has verified (UNVERIFIED_ON_GPU lists the others).
-        explicit = attention_backend == "pallas"
-        use_decode = self.attention_backend == "pallas" and (explicit or not (
-            is_fp8(self.kv_dtype) and "fp8 decode" in UNVERIFIED_ON_GPU))
-        self._decode_kernel = decode_kernel_for(block_size, cfg.sliding_window, mesh) if use_decode else None
+        use_pallas = self.attention_backend == "pallas"
+        self._decode_kernel = decode_kernel_for(block_size, cfg.sliding_window, mesh) if use_pallas else None
         # chunked / prefix-cached prefill: the Pallas ragged prefill kernel (head dims up to 256)
         self._prefill_kernel = (
             prefill_kernel_for(block_size, cfg.sliding_window, mesh)
-            if self.attention_backend == "pallas" and cfg.head_dim <= 256
-            and (explicit or "prefill" not in UNVERIFIED_ON_GPU) else None
+            if use_pallas and cfg.head_dim <= 256 else None
         )
         # whole-prompt prefill attention: cuDNN's flash attention beside the Pallas decode kernel
-        self._fresh_impl = "cudnn" if self.attention_backend == "pallas" and mesh.shape.get("model", 1) == 1 else None
+        self._fresh_impl = "cudnn" if use_pallas and mesh.shape.get("model", 1) == 1 else None
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
