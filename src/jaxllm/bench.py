@@ -193,6 +193,11 @@ def _run(llm, requests) -> tuple[list, float]:
     return outs, time.perf_counter() - t0
 
 
+def _progress(msg: str) -> None:
+    """A phase line on stderr, so that a run cut short by a time limit still shows where it was."""
+    print(f"jaxllm bench: {msg}", file=sys.stderr, flush=True)
+
+
 def _timings(outs) -> tuple[list, list, list]:
     ttft = [o.metrics.time_to_first_token for o in outs]
     tpot = [
@@ -217,6 +222,7 @@ def run(args) -> dict:
     llm = make_llm(args)
     try:
         load_s = time.perf_counter() - t_start
+        _progress(f"LLM() ready in {load_s:.1f} s")
         vocab = llm.model_config.vocab_size
         if args.mode == "throughput" and args.dataset:
             requests = _load_dataset(args.dataset, llm.tokenizer, args.output_len)
@@ -234,8 +240,10 @@ def run(args) -> dict:
             warm = [(_random_ids(rng, len(ids), vocab), n) for ids, n in requests[:k]]
         else:
             warm = [(_random_ids(rng, args.input_len, vocab), args.output_len)]
-        warm_outs, _ = _run(llm, warm)
+        _progress(f"warm-up: {len(warm)} request(s) (compiles every shape)")
+        warm_outs, warm_s = _run(llm, warm)
         first_token_s = min(o.metrics.first_token_time for o in warm_outs) - t_start
+        _progress(f"warm-up done in {warm_s:.1f} s; timed run")
 
         if args.mode == "throughput":
             outs, elapsed = _run(llm, requests)
