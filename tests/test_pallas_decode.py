@@ -396,3 +396,38 @@ def test_fresh_prefill_through_dot_product_attention(tiny_checkpoints):
         lp = [x[t].logprob for x, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
         ref = [x[t].logprob for x, t in zip(e.outputs[0].logprobs, e.outputs[0].token_ids)]
         assert lp == pytest.approx(ref, abs=1e-4)
+
+
+
+def test_kernel_serves_kv_heads_fewer_than_devices():
+    """2 KV heads at tensor_parallel_size=4: the pool keeps one copy of each KV head per device that
+    reads it (pool head j = KV head j // 2), so each device runs the kernel on its 2 query heads and
+    its 1 pool head. Emulated device by device (the interpreter runs one device at a time): the
+    concatenated results equal the reference over the 2-head pool; and the GPU check accepts the
+    layout (it refuses only replicated pools). The engine side (writing the copies; tokens and
+    float32 logits equal to tp=1) is tests/test_tensor_parallel.py."""
+    from types import SimpleNamespace
+
+    from jaxllm.runner.paged import pallas_decode_supported, pool_kv_heads
+
+    tp, heads, kv = 4, 8, 2
+    q, k, v, tables, lens = _inputs(3, 3, heads, kv, 64, 16, 80)
+    shapes = SimpleNamespace(head_dim=64, num_kv_heads=kv, num_heads=heads)
+    assert pool_kv_heads(shapes, tp) == tp
+    k_dup, v_dup = (jnp.repeat(x, tp // kv, axis=1) for x in (k, v))  # what the runner's write stores
+    per_device = [
+        paged_decode_attention(q[:, d * heads // tp:(d + 1) * heads // tp], k_dup[:, d:d + 1], v_dup[:, d:d + 1],
+                               tables, lens, 16, interpret=_interpret())
+        for d in range(tp)
+    ]
+    got = np.asarray(jnp.concatenate(per_device, axis=1), np.float32)
+    want = np.asarray(reference_decode_attention(q, k, v, tables, lens, 16), np.float32)
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 2e-2
+
+    def gpu(n):
+        return SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")]), shape={"model": n})
+
+    assert pallas_decode_supported(shapes, jnp.bfloat16, gpu(tp), 16) is None
+    # 8 query heads over 16 devices: replicated, and so is the pool: the kernel cannot split it
+    assert pool_kv_heads(shapes, 16) == kv
+    assert "replicated" in pallas_decode_supported(shapes, jnp.bfloat16, gpu(16), 16)

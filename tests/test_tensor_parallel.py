@@ -45,7 +45,8 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     out[f"{tp}x{dp}" + ("-orbax" if source == "orbax" else "")] = dict(
         tokens=[o.outputs[0].token_ids for o in outs], logits=logits, params=params,
         replica_devices=replica_devices, served=served,
-        pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards})),
+        pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards}),
+                  heads=pool.shape[1]),
     )
     llm.shutdown()
 print("RESULT " + json.dumps(out))
@@ -84,13 +85,18 @@ def _check(res, num_heads, num_kv_heads):
             assert p["per_device"] == [p["total"] // tp], (tp, name, p)
         norm = r["params"]["norm.weight"]
         assert norm["per_device"] == [norm["total"]], "norms are replicated"
-        # KV pool: split over KV heads when they divide tp, replicated (KV-head replication) when not
+        # KV pool: split over KV heads when they divide tp; with fewer KV heads than devices (and the
+        # query heads split) one copy of each KV head per device (tp heads, split); else replicated
         pool = r["pool"]
-        assert pool["per_device"] == [pool["total"] // tp if num_kv_heads % tp == 0 else pool["total"]], (tp, pool)
+        duplicated = num_kv_heads < tp and num_heads % tp == 0
+        assert pool["heads"] == (tp if duplicated else num_kv_heads), (tp, pool)
+        split = num_kv_heads % tp == 0 or duplicated
+        assert pool["per_device"] == [pool["total"] // tp if split else pool["total"]], (tp, pool)
 
 
 def test_tensor_parallel_kv_heads_do_not_divide(tiny_checkpoints, tmp_path):
-    # 4 query / 2 KV heads: KV split at tp=2, replicated at tp=4 and 8; query heads replicated at 8
+    # 4 query / 2 KV heads: KV split at tp=2, one copy per device at tp=4 (4 pool heads), replicated at
+    # tp=8 (query heads replicated there too)
     _check(_run(tiny_checkpoints["llama3"], tmp_path), num_heads=4, num_kv_heads=2)
 
 

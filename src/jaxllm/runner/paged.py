@@ -33,9 +33,24 @@ from ..pallas.decode_attention import FP8, KV_DTYPES
 from ..sharding import named_sharding
 
 
-def init_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype):
-    """One (K, V) pool pair per layer, each [num_blocks * block_size, kv_heads, head_dim]."""
-    shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+def pool_kv_heads(cfg: ModelConfig, tp: int = 1) -> int:
+    """KV heads a pool holds at tensor-parallel size tp.
+
+    The model's KV heads, unless fewer KV heads than devices would leave them replicated while the
+    query heads split (Llama-70B-like 8 KV heads at tp=16, or 4 at tp=8): then each KV head is
+    stored once per device that needs it (tp heads, head j = KV head j // (tp / kv)), the layout of
+    vLLM and TensorRT-LLM. Every device then holds exactly the one KV head its query heads read —
+    1/kv of a replicated pool — and the Pallas kernels run per device as usual.
+    """
+    kv = cfg.num_kv_heads
+    if kv < tp and tp % kv == 0 and cfg.num_heads % tp == 0:
+        return tp
+    return kv
+
+
+def init_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, tp: int = 1):
+    """One (K, V) pool pair per layer, each [num_blocks * block_size, pool_kv_heads, head_dim]."""
+    shape = (num_blocks * block_size, pool_kv_heads(cfg, tp), cfg.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
 
@@ -44,11 +59,16 @@ POOL_AXES = ("kv_slots", "kv_heads", "head_dim")
 
 def pool_sharding(cfg: ModelConfig, mesh):
     """Pools split over KV heads across "model" (replicated where the heads do not divide)."""
-    return named_sharding(POOL_AXES, mesh, (1, cfg.num_kv_heads, cfg.head_dim))
+    return named_sharding(POOL_AXES, mesh, (1, pool_kv_heads(cfg, _tp(mesh)), cfg.head_dim))
 
 
-def pool_bytes_per_token(cfg: ModelConfig, dtype) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+def _tp(mesh) -> int:
+    return mesh.shape.get("model", 1)
+
+
+def pool_bytes_per_token(cfg: ModelConfig, dtype, tp: int = 1) -> int:
+    """Bytes of K and V per token over all layers, as the pools at tensor-parallel size tp hold them."""
+    return 2 * cfg.num_layers * pool_kv_heads(cfg, tp) * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
 def is_fp8(dtype) -> bool:
@@ -112,9 +132,9 @@ def pallas_decode_supported(cfg: ModelConfig, kv_dtype, mesh, block_size: int) -
         return f"head_dim {cfg.head_dim} is not a multiple of 64"
     if block_size % 8:
         return f"tokens_per_block {block_size} is not a multiple of 8"
-    tp = mesh.shape.get("model", 1)
-    if cfg.num_kv_heads % tp:
-        return f"{cfg.num_kv_heads} KV heads do not divide over tensor_parallel_size {tp}"
+    tp = _tp(mesh)
+    if pool_kv_heads(cfg, tp) % tp:
+        return f"{cfg.num_kv_heads} KV heads are replicated over tensor_parallel_size {tp}"
     return None
 
 
@@ -199,6 +219,8 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
     def attend(layer, q, k, v, cache):
         k_pool, v_pool = cache[layer]
         k_scale, v_scale = (1.0, 1.0) if kv_scales is None else kv_scales[layer]
+        if k_pool.shape[1] != k.shape[2]:  # one copy of each KV head per device that reads it
+            k, v = (jnp.repeat(x, k_pool.shape[1] // x.shape[2], axis=2) for x in (k, v))
         n = k_pool.shape[0]
         idx = jnp.where(flat_slots < 0, n, flat_slots)  # padding -> out of range -> dropped
         k_new = to_pool(k, k_pool.dtype, k_scale)
@@ -244,7 +266,7 @@ def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, mesh) -
     for axis in pool_sharding(cfg, mesh).spec:
         if axis is not None:
             shards *= mesh.shape[axis]
-    per_token = pool_bytes_per_token(cfg, dtype) // shards  # on each device
+    per_token = pool_bytes_per_token(cfg, dtype, _tp(mesh)) // shards  # on each device
     device = mesh.devices.flat[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:

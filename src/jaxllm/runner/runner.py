@@ -81,6 +81,7 @@ class ModelRunner:
         self.kv_scales = self._check_kv_scales(kv_scales)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.tp = mesh.shape.get("model", 1)
         self.graphdef, self.params = nnx.split(model)
         self.attention_backend = self._choose_backend(attention_backend, mesh)
         self._mirror = Mirror() if spans_processes(mesh) else None
@@ -96,7 +97,7 @@ class ModelRunner:
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
-            lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype), out_shardings=pool_sharding(cfg, mesh)
+            lambda: init_pool(cfg, num_blocks, block_size, self.kv_dtype, self.tp), out_shardings=pool_sharding(cfg, mesh)
         )()
         self._prefill = jax.jit(
             self._prefill_impl, static_argnames=("num_logprobs", "all_greedy", "prompt_logprobs", "fresh"),
@@ -121,10 +122,10 @@ class ModelRunner:
         return scales
 
     def _choose_backend(self, requested: str, mesh) -> str:
-        """"auto": the Pallas decode kernel where it runs (NVIDIA GPU, bf16/fp16 KV; fp8 KV once
-        verified on a GPU), else the jnp reference. An explicit "pallas" also runs chunked /
-        prefix-cached prefill in the Pallas prefill kernel (and whole fresh prompts in it under
-        tensor parallelism; cuDNN on one device) and decodes fp8 pools in the kernel."""
+        """"auto" and "pallas": the Pallas kernels where they run (NVIDIA GPU, bf16/fp16/fp8 KV, KV
+        heads split over the devices): decode, chunked / prefix-cached prefill, and whole fresh
+        prompts under tensor parallelism (cuDNN on one device); else the jnp reference. An explicit
+        "pallas" where they cannot run is an error."""
         if requested not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {requested!r}")
         why_not = pallas_decode_supported(self.cfg, self.kv_dtype, mesh, self.block_size)
@@ -309,7 +310,7 @@ class ModelRunner:
         b, t = tokens.shape
         nb = -(-t // self.block_size)
         tables = jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
-        pool = init_pool(self.cfg, b * nb, self.block_size, self.kv_dtype)
+        pool = init_pool(self.cfg, b * nb, self.block_size, self.kv_dtype, self.tp)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         model, hidden, _ = self._forward(params, pool, tokens, positions, jnp.ones((b, t), bool), tables)
         return model, hidden

@@ -8,6 +8,7 @@ Tensor parallelism is Megatron-style and left to XLA's SPMD partitioner: attenti
 the MLP's inner dimension and the vocabulary are split over "model"; XLA inserts the collectives
 that the shardings imply. A dimension that does not divide evenly over its mesh axis (say 2 KV
 heads on 4 devices) is replicated instead: the KV-head replication of tensor-parallel inference.
+The KV cache then stores one copy of each KV head per device that reads it (``runner.paged.pool_kv_heads``).
 """
 
 from __future__ import annotations
