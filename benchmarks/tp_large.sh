@@ -6,7 +6,9 @@
 #   match       tp_match.py: greedy tokens at tp=$TP vs tp=1, float32, 8b and 8b-kv2
 #   allreduce   one small all-reduce over 2 and over all GPUs (the per-layer cost of tensor parallelism)
 #   latency     jaxllm bench latency, batch 1, 128/128: variants in $LAT ("name model tp" separated by |)
-#   throughput  jaxllm bench throughput 1000/1000, $NREQ requests, batch $NREQ: variants in $TPUT
+#   throughput  jaxllm bench throughput 1000/1000, $NREQ requests, batch $NREQ: variants in $TPUT; every
+#               greedy step program for 2000 tokens ($PRECOMPILE) compiles first, in parallel (at 70B one
+#               program compiles for ~16 s, and the warm-up alone compiled past a 540 s limit on 2026-11-26)
 #   PYTHONPATH=src OUT=/tmp/out TP=4 STEPS="match latency" bash benchmarks/tp_large.sh
 set -u
 BASE=${BASE:-.models/llama-3.1-8b-shapes}
@@ -62,7 +64,7 @@ throughput)
     echo "== throughput $1" >&2
     timeout 560 python -m jaxllm bench throughput --model $S/$2 --load-format dummy --dtype bfloat16 \
       --num-requests $NREQ --max-batch-size $NREQ --input-len 1000 --output-len 1000 --max-seq-len 2048 \
-      --tensor-parallel-size $3 --report-json "$OUT/tput_$1.json" > "$OUT/tput_$1.txt" 2>&1 \
+      --tensor-parallel-size $3 --precompile-max-len ${PRECOMPILE:-2000} --report-json "$OUT/tput_$1.json" > "$OUT/tput_$1.txt" 2>&1 \
       || { echo "throughput $1 failed"; tail -5 "$OUT/tput_$1.txt"; }
   done ;;
 esac; done
@@ -73,9 +75,10 @@ print((out / "gpus.txt").read_text().splitlines()[1])
 for f in ("tp_match.txt", "allreduce.txt"):
     if (out / f).exists():
         print("\n".join(l for l in (out / f).read_text().splitlines() if l.startswith(("==", " ", "all", "a div", "size", "psum")) or "us" in l)[-1500:])
-print(f"{'run':<14} {'ITL p50 ms':>10} {'TTFT p50 ms':>11} {'out tok/s':>10} {'MBU':>5} {'startup s':>9}")
+print(f"{'run':<14} {'ITL p50 ms':>10} {'TTFT p50 ms':>11} {'out tok/s':>10} {'MBU':>5} {'startup s':>9} {'precompile':>14}")
 for p in sorted(out.glob("lat_*.json")) + sorted(out.glob("tput_*.json")):
     r = json.loads(p.read_text())
     print(f"{p.stem:<14} {1e3*r['itl_s']['p50']:>10.2f} {1e3*r['ttft_s']['p50']:>11.1f} {r.get('output_tok_s') or 0:>10.0f} "
-          f"{100*(r['mbu'] or 0):>4.0f}% {r.get('startup_to_first_token_s') or 0:>9.1f}")
+          f"{100*(r['mbu'] or 0):>4.0f}% {r.get('startup_to_first_token_s') or 0:>9.1f} "
+          + (f"{pc['programs']:>4} in {pc['seconds']:>5.0f} s" if (pc := r.get('precompile')) else f"{'-':>14}"))
 PY

@@ -105,3 +105,15 @@ def test_bad_dataset_line(tiny_checkpoints, tmp_path):
     data.write_text(json.dumps({"text": "no prompt"}) + "\n")
     with pytest.raises(SystemExit, match='bad.jsonl:1 needs "prompt" or "prompt_token_ids"'):
         main(["bench", "throughput", "--model", str(tiny_checkpoints["llama3"]), "--dataset", str(data)])
+
+
+def test_precompile_flag(tiny_checkpoints, tmp_path, capsys):
+    """--precompile-max-len compiles the greedy step programs before the warm-up and reports them."""
+    common = ["throughput", "--model", str(tiny_checkpoints["llama3"]), "--num-requests", "3", "--input-len", "6",
+              "--output-len", "3", "--max-batch-size", "2"]
+    r = _report(tmp_path, common + ["--precompile-max-len", "16"])
+    assert r["precompile"]["programs"] > 0 and r["precompile"]["seconds"] > 0
+    assert "precompiled" in capsys.readouterr().err
+    assert _report(tmp_path, common)["precompile"] is None
+    with pytest.raises(SystemExit, match="--precompile-max-len must be >= 0"):
+        main(["bench", *common, "--precompile-max-len", "-1"])

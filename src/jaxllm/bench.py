@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--peak-tbps", type=float, default=None, help="override the device's memory bandwidth")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--report-json", default=None, help="write the report here")
+        p.add_argument("--precompile-max-len", type=int, default=0,
+                       help="before the warm-up, compile every greedy step program for requests of up to this "
+                            "many tokens, in parallel (LLM.precompile; 0: off) -- the warm-up then compiles "
+                            "nothing, which matters for large models whose programs compile for many seconds")
         if mode == "throughput":
             p.add_argument("--num-requests", type=int, default=100)
             p.add_argument("--dataset", default=None,
@@ -217,12 +221,18 @@ def run(args) -> dict:
         _positive("--warmup-requests", args.warmup_requests, allow_none=True)
     else:
         _positive("--iterations", args.iterations)
+    if args.precompile_max_len < 0:
+        raise SystemExit(f"jaxllm bench: --precompile-max-len must be >= 0 (0: off), got {args.precompile_max_len}")
     rng = np.random.default_rng(args.seed)
     t_start = time.perf_counter()
     llm = make_llm(args)
     try:
         load_s = time.perf_counter() - t_start
         _progress(f"LLM() ready in {load_s:.1f} s")
+        precompiled = None
+        if args.precompile_max_len:
+            precompiled = llm.precompile(max_len=min(args.precompile_max_len, llm.max_seq_len), sampled=False)
+            _progress(f"precompiled {precompiled['programs']} step programs in {precompiled['seconds']:.1f} s")
         vocab = llm.model_config.vocab_size
         if args.mode == "throughput" and args.dataset:
             requests = _load_dataset(args.dataset, llm.tokenizer, args.output_len)
@@ -309,6 +319,7 @@ def run(args) -> dict:
         load_s=load_s,
         startup_to_first_token_s=first_token_s,
         startup_breakdown_s=dict(startup, first_generate=first_token_s - load_s),
+        precompile=precompiled,
         attention_backend=args.attention_backend,
         max_batch_size=args.max_batch_size,
     )
