@@ -17,7 +17,7 @@ import pytest
 
 from conftest import write_tiny_checkpoint
 from jaxllm import LLM, SamplingParams
-from jaxllm.models.quant import dequantize_weight, qeinsum, quantize_weight
+from jaxllm.models.quant import dequantize_weight, k_minor_order, qeinsum, quantize_weight
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -68,14 +68,57 @@ def test_quantize_weight_per_output_channel(mode, axes, out_axes):
         assert np.abs(np.asarray(q).astype(np.int32)).max() == 127
     else:  # e4m3: 3 mantissa bits, so within 2^-4 relative above the subnormals
         assert np.all(np.abs(deq - w) <= np.maximum(2.0**-4 * np.abs(w), 2.0**-9 * s) * (1 + 1e-5))
-    # the dequantizing matmul equals the matmul with the dequantized weight
+    # the dequantizing matmul equals the matmul with the dequantized weight (fp8: stored K-minor)
     rng = np.random.default_rng(1)
     if axes[0] == "embed":
         spec, xs = "bte,ehd->bthd", rng.normal(size=(2, 3, 16)).astype(np.float32)
     else:
         spec, xs = "bthd,hde->bte", rng.normal(size=(2, 3, 16, 4)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(qeinsum(spec, jnp.asarray(xs), q, scale)),
+    stored = jnp.transpose(q, k_minor_order(axes, out_axes)) if mode == "fp8" else q
+    np.testing.assert_allclose(np.asarray(qeinsum(spec, jnp.asarray(xs), stored, scale)),
                                np.einsum(spec, xs, deq), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,x_shape,axes,out_axes", [
+    ("bte,ehd->bthd", (4, 32, 16), ("embed", "heads", "head_dim"), ("heads", "head_dim")),
+    ("bthd,hde->bte", (4, 32, 4, 8), ("heads", "head_dim", "embed"), ("embed",)),
+    ("...e,ef->...f", (128, 16), ("embed", "mlp"), ("mlp",)),
+])
+def test_fp8_w8a8_matmul(spec, x_shape, axes, out_axes):
+    """Calls of FP8_MATMUL_MIN_TOKENS tokens or more multiply FP8 x FP8 (activations quantized per
+    token): the dot's operands are both float8_e4m3fn in the traced program, the weight K-minor
+    (contracting dims innermost, no transpose), and the result is the dequantized product within
+    fp8's activation rounding; fewer tokens multiply weight-only, exactly."""
+    import jax
+
+    from jaxllm.models.quant import FP8_MATMUL_MIN_TOKENS
+
+    rng = np.random.default_rng(2)
+    w_shape = {"bte,ehd->bthd": (16, 4, 8), "bthd,hde->bte": (4, 8, 16), "...e,ef->...f": (16, 24)}[spec]
+    w = rng.normal(size=w_shape).astype(np.float32)
+    q, scale = quantize_weight(jnp.asarray(w), "fp8", axes, out_axes)
+    deq = np.asarray(dequantize_weight(q, scale, axes, out_axes))
+    stored = jnp.transpose(q, k_minor_order(axes, out_axes))
+    x = rng.normal(size=x_shape).astype(np.float32)
+    x[0] *= 30.0  # tokens of very different ranges: the activation scale must be per token
+    assert int(np.prod(x_shape[: len(x_shape) - (2 if spec.startswith("bthd") else 1)])) >= FP8_MATMUL_MIN_TOKENS
+    got = np.asarray(qeinsum(spec, jnp.asarray(x), stored, scale, w8a8=True))
+    # exactly the W8A8 recipe: x quantized per token (amax / 448 over the contracting dims) ...
+    n_in = 2 if spec.startswith("bthd") else 1
+    x_scale = np.abs(x).max(axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True) / 448.0
+    xq = np.asarray(jnp.asarray(x / x_scale).astype(jnp.float8_e4m3fn)).astype(np.float32) * x_scale
+    np.testing.assert_allclose(got, np.einsum(spec, xq, deq), rtol=1e-4, atol=1e-4)
+    # ... which stays near the unquantized product
+    assert _rel(got, np.einsum(spec, x, deq)) < 0.03
+    hlo = jax.jit(lambda a, b, c: qeinsum(spec, a, b, c, w8a8=True)).lower(jnp.asarray(x), stored, scale).as_text()
+    dots = [l for l in hlo.splitlines() if "dot_general" in l]
+    assert len(dots) == 1 and dots[0].count("f8E4M3FN") >= 2, dots
+    np.testing.assert_allclose(np.asarray(qeinsum(spec, jnp.asarray(x), stored, scale)), np.einsum(spec, x, deq),
+                               rtol=1e-5, atol=1e-4)  # plain "fp8": weight-only at any size
+    # decode-sized calls: weight-only, the same numbers as the dequantized weight
+    small = jnp.asarray(x[:1, :1] if spec != "...e,ef->...f" else x[:1])
+    np.testing.assert_allclose(np.asarray(qeinsum(spec, small, stored, scale, w8a8=True)),
+                               np.einsum(spec, np.asarray(small), deq), rtol=1e-5, atol=1e-5)
 
 
 # -- LLM(quantization=...) -----------------------------------------------------------------------
@@ -94,6 +137,8 @@ def test_quantization_at_load(tiny, plain, mode, tol):
             "attn.o": (("heads", "head_dim", "embed"), ("embed",)), "mlp.down": (("mlp", "embed"), ("embed",))}
     for name, (ax, out) in axes.items():
         q, s = quantize_weight(jnp.asarray(plain["params"][f"layers.0.{name}"]), mode, ax, out)
+        if mode == "fp8":  # stored K-minor: [out..., in...]
+            q = jnp.transpose(q, k_minor_order(ax, out))
         np.testing.assert_array_equal(np.asarray(params[f"layers.0.{name}"]).astype(np.float32), np.asarray(q).astype(np.float32))
         np.testing.assert_allclose(np.asarray(params[f"layers.0.{name}_scale"]), np.asarray(s), rtol=1e-7)
     for name in ("embed", "lm_head", "norm.weight", "layers.0.input_norm.weight"):  # not quantized
@@ -112,7 +157,7 @@ def test_quantization_with_dummy_weights(tiny):
 
 
 def test_bad_quantization_is_refused_before_loading():
-    with pytest.raises(ValueError, match=r"quantization must be one of \[None, 'fp8', 'int8'\], got 'fp4'"):
+    with pytest.raises(ValueError, match=r"quantization must be one of \[None, 'fp8', 'int8', 'fp8-w8a8'\], got 'fp4'"):
         LLM("/no/such/model", quantization="fp4")
 
 
@@ -366,10 +411,11 @@ def _teacher_forced_logits(llm, seqs) -> np.ndarray:
 # under the issue's 0.95 here; the bar below is 0.94 for fp8, and a quantization bug (a wrong scale
 # axis, a transposed weight) would show as disagreements at confident positions, which the margin
 # check refuses.
-MIN_AGREEMENT = {"fp8": 0.94, "int8": 0.95}
+# fp8-w8a8 (activations quantized per token too, in these calls of >= 64 tokens): 0.919.
+MIN_AGREEMENT = {"fp8": 0.94, "int8": 0.95, "fp8-w8a8": 0.91}
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("mode", ["fp8", "int8", "fp8-w8a8"])
 def test_smollm2_quantized_agrees_with_unquantized_and_answers_paris(smollm2_path, smol_reference, mode):
     seqs, ref = smol_reference
     ref_top = ref.argmax(-1)
@@ -421,3 +467,28 @@ def test_checkpoint_kv_cache_scales_reach_an_fp8_pool(prequantized, tmp_path, st
         assert set(llm._engine.runner.kv_scales) == {(1.0, 1.0)}
     with pytest.raises(ValueError, match="KV-cache scales for some layers but not both for layers"):
         LLM(write(tmp_path / "partial", only_first=True), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec,x_shape,w_shape,axes,out_axes", [
+    ("...e,ef->...f", (256, 4096), (4096, 14336), ("embed", "mlp"), ("mlp",)),
+    ("bte,ehd->bthd", (2, 128, 4096), (4096, 32, 128), ("embed", "heads", "head_dim"), ("heads", "head_dim")),
+    ("bthd,hde->bte", (2, 128, 32, 128), (32, 128, 4096), ("heads", "head_dim", "embed"), ("embed",)),
+])
+def test_fp8_w8a8_reaches_cublaslt_fp8_on_gpu(spec, x_shape, w_shape, axes, out_axes):
+    """On Hopper the W8A8 dot compiles to cuBLASLt's FP8 GEMM with the K-minor weight as it is
+    stored (no transpose of the weight per call), and the result matches the dequantized product."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=w_shape).astype(np.float32) * 0.02)
+    q, scale = quantize_weight(w, "fp8", axes, out_axes)
+    stored = jnp.transpose(q, k_minor_order(axes, out_axes))
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+    f = jax.jit(lambda a, b, c: qeinsum(spec, a, b, c, w8a8=True))
+    hlo = f.lower(x, stored, scale).compile().as_text()
+    assert "cublas$lt$matmul$f8" in hlo, [l for l in hlo.splitlines() if "custom-call" in l or "dot(" in l][:8]
+    assert not any("transpose" in l and "f8e4m3fn" in l.lower() for l in hlo.splitlines()), "weight transposed per call"
+    got = np.asarray(f(x, stored, scale), np.float32)
+    want = np.einsum(spec, np.asarray(x, np.float32), np.asarray(dequantize_weight(q, scale, axes, out_axes)))
+    assert _rel(got, want) < 0.05

@@ -72,8 +72,9 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens-per-block", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default=None, help='KvCacheConfig(dtype=...): "auto", "bfloat16", "fp8", ...')
     p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--quantization", default=None, choices=["fp8", "int8"],
-                   help="weight-only quantization of the projections at load (default: none, or the checkpoint's)")
+    p.add_argument("--quantization", default=None, choices=["fp8", "int8", "fp8-w8a8"],
+                   help="quantization of the projections at load: weight-only fp8 / int8, or fp8 weights with "
+                        "FP8 x FP8 matmuls in calls of >= 64 tokens (default: none, or the checkpoint's)")
 
 
 def _positive(name: str, value, allow_none=False):
@@ -315,7 +316,7 @@ def run(args) -> dict:
         weight_bytes=cost["weight_bytes"],
         kv_bytes_per_token=cost["kv_bytes_per_token"],
         kv_cache_dtype=cost["kv_cache_dtype"],
-        quantization=llm.model_config.quantization,
+        quantization="fp8-w8a8" if llm.model_config.fp8_activations else llm.model_config.quantization,
         load_s=load_s,
         startup_to_first_token_s=first_token_s,
         startup_breakdown_s=dict(startup, first_generate=first_token_s - load_s),

@@ -88,9 +88,12 @@ class LLM:
         quantization: weight-only quantization of the attention and MLP projections (not the
             embedding or lm_head), done on the devices at load: None, "fp8" (float8_e4m3fn) or
             "int8", with a float32 scale per output channel; the matmuls dequantize inside the dot.
+            "fp8-w8a8": fp8 weights, and calls of 64 tokens or more (prefill, large decode batches)
+            also quantize the activations per token and multiply FP8 x FP8 (cuBLASLt's FP8 GEMM on
+            Hopper; less accurate than weight-only: see BENCHMARKS.md).
             A pre-quantized checkpoint (compressed-tensors or ModelOpt FP8) is detected from the
-            checkpoint itself and loads as "fp8" with None; FP4 and other quantized formats are
-            refused. ``LLM.save`` keeps the quantized weights.
+            checkpoint itself and loads as "fp8" with None (or "fp8-w8a8"); FP4 and other quantized
+            formats are refused. ``LLM.save`` keeps the quantized weights.
         coordinator_address, num_processes, process_id: start ``jax.distributed`` for several
             processes ("HOST:PORT" of process 0's coordinator, the process count >= 1, this
             process's id in [0, num_processes - 1]); unset ones come from $JAXLLM_COORDINATOR_ADDRESS,

@@ -25,7 +25,7 @@ from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATIONS = (None, "fp8", "int8")
+QUANTIZATIONS = (None, "fp8", "int8", "fp8-w8a8")
 
 
 @dataclass
@@ -103,7 +103,11 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     hf_config = _hf_config(src)
     arch = get_architecture(architecture_name(hf_config))  # before reading fields it may not have
     orbax = not src.is_gguf and is_jaxllm_checkpoint(src.path)
-    cfg = replace(ModelConfig.from_hf(hf_config), quantization=resolve_quantization(quantization, src, orbax))
+    w8a8 = quantization == "fp8-w8a8"  # fp8 weights; the activations too in large calls
+    stored = resolve_quantization("fp8" if w8a8 else quantization, src, orbax)
+    if w8a8 and stored != "fp8":
+        raise ValueError(f"quantization='fp8-w8a8' needs fp8 weights; this checkpoint holds {stored} weights")
+    cfg = replace(ModelConfig.from_hf(hf_config), quantization=stored, fp8_activations=w8a8)
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)

@@ -195,6 +195,8 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
                 f"checkpoint tensor {hf_name!r} maps to {dotted!r}, which this config does not have"
             )
         var = flat[by_dotted[dotted]]
+        if var.get_metadata().get("k_minor"):  # an fp8 weight stored [out..., in...]
+            layout = layout.k_minor()
         target = var.get_value()
         shape = tuple(target.shape)
         if layout.param_shape(tensor.shape, cfg) != shape:

@@ -48,6 +48,9 @@ class ModelConfig:
     # weight-only quantization of the linear projections: None, "fp8" or "int8" (models/quant.py);
     # set by the loader (LLM(quantization=...) or a pre-quantized checkpoint), never read from HF
     quantization: str | None = None
+    # fp8 weights only: calls of at least quant.FP8_MATMUL_MIN_TOKENS tokens multiply FP8 x FP8 with
+    # the activations quantized per token (LLM(quantization="fp8-w8a8"))
+    fp8_activations: bool = False
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, RopeConfig
-from .quant import qeinsum, scale_param, weight_dtype
+from .quant import is_k_minor, k_minor_order, qeinsum, scale_param, weight_dtype
 
 Attend = Callable  # (layer: int, q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,H,D], cache)
 
@@ -41,9 +41,18 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
 
 
 def _projection(rngs: nnx.Rngs, shape, axes, out_axes, dtype, quantization: str | None):
-    """A projection's weight and, when quantized (see ``models/quant.py``), its scale (else None)."""
-    weight = _param(rngs, shape, axes, weight_dtype(quantization, dtype))
-    return weight, (scale_param(shape, axes, out_axes) if quantization else None)
+    """A projection's weight and, when quantized (see ``models/quant.py``), its scale (else None).
+
+    shape / axes are the plain layout's ([in..., out...]); an fp8 weight is stored K-minor
+    ([out..., in...], metadata ``k_minor=True``, which the loaders read)."""
+    scale = scale_param(shape, axes, out_axes) if quantization else None
+    if is_k_minor(quantization):
+        order = k_minor_order(axes, out_axes)
+        shape, axes = tuple(shape[i] for i in order), tuple(axes[i] for i in order)
+        weight = _param(rngs, shape, axes, weight_dtype(quantization, dtype))
+        weight.set_metadata("k_minor", True)
+        return weight, scale
+    return _param(rngs, shape, axes, weight_dtype(quantization, dtype)), scale
 
 
 def _value(p):
@@ -108,6 +117,7 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
+        self.w8a8 = cfg.fp8_activations
         self.has_bias = cfg.attention_bias
         self.has_o_bias = cfg.o_bias
         self.qk_norm = cfg.qk_norm
@@ -115,9 +125,9 @@ class Attention(nnx.Module):
         self.head_dim = d
 
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
-        q = qeinsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale))
-        k = qeinsum("bte,ehd->bthd", x, self.k[...], _value(self.k_scale))
-        v = qeinsum("bte,ehd->bthd", x, self.v[...], _value(self.v_scale))
+        q = qeinsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8)
+        k = qeinsum("bte,ehd->bthd", x, self.k[...], _value(self.k_scale), self.w8a8)
+        v = qeinsum("bte,ehd->bthd", x, self.v[...], _value(self.v_scale), self.w8a8)
         if self.has_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
@@ -126,7 +136,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
-        y = qeinsum("bthd,hde->bte", out.astype(x.dtype), self.o[...], _value(self.o_scale))
+        y = qeinsum("bthd,hde->bte", out.astype(x.dtype), self.o[...], _value(self.o_scale), self.w8a8)
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
@@ -139,6 +149,7 @@ class MLP(nnx.Module):
         self.gate, self.gate_scale = _projection(rngs, (e, f), ("embed", "mlp"), ("mlp",), dtype, qz)
         self.up, self.up_scale = _projection(rngs, (e, f), ("embed", "mlp"), ("mlp",), dtype, qz)
         self.down, self.down_scale = _projection(rngs, (f, e), ("mlp", "embed"), ("embed",), dtype, qz)
+        self.w8a8 = cfg.fp8_activations
         self.has_bias = cfg.mlp_bias
         if cfg.mlp_bias:
             self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
@@ -146,11 +157,11 @@ class MLP(nnx.Module):
             self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
 
     def __call__(self, x):
-        g = qeinsum("...e,ef->...f", x, self.gate[...], _value(self.gate_scale))
-        u = qeinsum("...e,ef->...f", x, self.up[...], _value(self.up_scale))
+        g = qeinsum("...e,ef->...f", x, self.gate[...], _value(self.gate_scale), self.w8a8)
+        u = qeinsum("...e,ef->...f", x, self.up[...], _value(self.up_scale), self.w8a8)
         if self.has_bias:
             g, u = g + self.gate_bias[...], u + self.up_bias[...]
-        y = qeinsum("...f,fe->...e", jax.nn.silu(g) * u, self.down[...], _value(self.down_scale))
+        y = qeinsum("...f,fe->...e", jax.nn.silu(g) * u, self.down[...], _value(self.down_scale), self.w8a8)
         if self.has_bias:
             y = y + self.down_bias[...]
         return y

@@ -1,11 +1,21 @@
-"""Weight-only quantized projections: how one is stored, made and multiplied.
+"""Quantized projections: how one is stored, made and multiplied.
 
-A quantized projection keeps its weight in the layout and logical axes of the plain one (so the
-weight map and the sharding rules are unchanged), in ``float8_e4m3fn`` or ``int8``, beside a float32
+A quantized projection keeps its weight in ``float8_e4m3fn`` or ``int8`` beside a float32
 ``<name>_scale`` of one value per output channel, whose logical axes are the weight's output axes.
-The matmul dequantizes inside the dot: ``einsum(x, w.astype(x.dtype)) * scale``, which XLA fuses
-into one kernel (the weight is read from memory in 8 bits: the point of weight-only quantization
-at decode sizes). Both casts are exact: every float8_e4m3fn and int8 value is a bfloat16 value.
+
+int8 weights keep the layout and logical axes of the plain ones (``[in..., out...]``) and multiply
+weight-only: ``einsum(x, w.astype(x.dtype)) * scale`` (the cast is exact: every int8 value is a
+bfloat16 value).
+
+fp8 weights are stored **K-minor**, ``[out..., in...]`` (PyTorch's own ``[out, in]`` layout, so a
+pre-quantized checkpoint's tensor is placed as it is): cuBLASLt's FP8 GEMM takes both operands with
+the contracting dimension innermost, and a weight in the other layout makes XLA transpose it on
+every call (measured here earlier: slower than bf16). fp8 weights multiply weight-only as int8
+does, unless the model asks for W8A8 (``LLM(quantization="fp8-w8a8")``): then calls of at least
+``FP8_MATMUL_MIN_TOKENS`` tokens quantize the activations per token on the fly (amax / 448,
+float8_e4m3fn) and multiply FP8 x FP8 with a float32 result before the per-token and per-channel
+scales -- the path that doubles the matmul rate on Hopper; smaller (decode-sized) calls, where
+reading the weight is the cost, stay weight-only.
 
 Scales are symmetric per output channel: amax over the contracting dims / 448 (float8_e4m3fn's
 largest finite value) or / 127 (int8, rounded to nearest). A per-tensor scale of a pre-quantized
@@ -13,6 +23,8 @@ checkpoint is the same scale repeated over the channels.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 from flax import nnx
@@ -32,17 +44,56 @@ def scale_param(shape, axes, out_axes) -> nnx.Param:
     return nnx.Param(jnp.ones(scale_shape, jnp.float32), axes=tuple(out_axes), init="ones")
 
 
-def qeinsum(spec: str, x, w, scale=None):
-    """einsum(spec, x, w) for a plain or a quantized weight (dequantized inside the dot); the
-    scale's dims are the trailing (output) dims of the result."""
+# Calls of at least this many tokens (rows x positions) run FP8 x FP8 (W8A8); fewer, weight-only.
+FP8_MATMUL_MIN_TOKENS = 64
+
+
+def is_k_minor(quantization: str | None) -> bool:
+    """Whether a projection quantized this way stores its weight [out..., in...] (see above)."""
+    return quantization == "fp8"
+
+
+def k_minor_order(axes, out_axes) -> tuple[int, ...]:
+    """The permutation of a [in..., out...] weight's dims that puts it K-minor: out dims first."""
+    return tuple(i for i, a in enumerate(axes) if a in out_axes) + tuple(i for i, a in enumerate(axes) if a not in out_axes)
+
+
+def _k_minor_spec(spec: str) -> str:
+    """An einsum spec "x,w->y" rewritten for w stored K-minor (its output letters first)."""
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    return f"{xs},{''.join(c for c in ws if c not in xs) + ''.join(c for c in ws if c in xs)}->{out}"
+
+
+def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False):
+    """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
+
+    x's contracting dims are its trailing ones and the scale's dims the trailing (output) dims of
+    the result, as in every projection of the models here. int8: dequantized inside the dot; fp8
+    (stored K-minor): with `w8a8`, FP8 x FP8 for calls of FP8_MATMUL_MIN_TOKENS tokens or more,
+    else weight-only."""
     if scale is None:
         return jnp.einsum(spec, x, w)
-    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return (y * scale).astype(x.dtype)
+    if w.dtype != jnp.float8_e4m3fn:
+        y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * scale).astype(x.dtype)
+    spec = _k_minor_spec(spec)
+    n_in = sum(c in spec.split(",")[0] for c in spec.split(",")[1].split("->")[0])  # contracting dims
+    batch = x.shape[: x.ndim - n_in]
+    if not w8a8 or math.prod(batch) < FP8_MATMUL_MIN_TOKENS:
+        y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * scale).astype(x.dtype)
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
+    x_scale = jnp.maximum(amax, 1e-12) / QMAX["fp8"]  # per token
+    xq = jnp.clip(xf / x_scale, -QMAX["fp8"], QMAX["fp8"]).astype(jnp.float8_e4m3fn)
+    y = jnp.einsum(spec, xq, w, preferred_element_type=jnp.float32)
+    x_scale = x_scale.reshape(batch + (1,) * (y.ndim - len(batch)))
+    return (y * x_scale * scale).astype(x.dtype)
 
 
 def quantize_weight(w, quantization: str, axes, out_axes):
-    """(quantized weight, float32 scale per output channel) of a full-precision weight.
+    """(quantized weight, float32 scale per output channel) of a full-precision weight, in w's layout.
 
     The amax is taken over the contracting dims (the axes not in out_axes); under jit on a sharded
     weight that is a max over the whole (global) dims, whatever the sharding."""

@@ -62,6 +62,15 @@ class Layout:
         return tuple(reversed(idx)) if self.transpose else tuple(idx)
 
 
+    def k_minor(self) -> "Layout":
+        """The layout of the same 2-D HF projection stored K-minor ([out..., in...]: PyTorch's own
+        order, so no transpose; see ``models/quant.py``)."""
+        if not self.transpose:
+            raise ValueError("only a transposed projection layout has a K-minor twin")
+        split = None if self.split_axis is None else 1 - self.split_axis
+        return Layout(transpose=False, split_axis=split, heads_attr=self.heads_attr)
+
+
 identity = Layout()
 transpose = Layout(transpose=True)
 
