@@ -31,6 +31,18 @@ for name, over in {"8b": {}, "8b-kv2": dict(num_key_value_heads=2), "70b": big,
     cfg = json.loads((base / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, **over}, indent=1))
 PY
+# bench_each MODE PREFIX TIMEOUT "name shapes tp|..." ARGS...: one jaxllm bench run per variant
+bench_each() {
+  local mode=$1 prefix=$2 limit=$3 v; local -a variants; IFS='|' read -ra variants <<< "$4"; shift 4
+  for v in "${variants[@]}"; do
+    set -- $v "$@"
+    echo "== $mode $1" >&2
+    timeout $limit python -m jaxllm bench $mode --model $S/$2 --load-format dummy --dtype bfloat16 \
+      --tensor-parallel-size $3 "${@:4}" --report-json "$OUT/${prefix}_$1.json" > "$OUT/${prefix}_$1.txt" 2>&1 \
+      || { echo "$mode $1 failed"; tail -5 "$OUT/${prefix}_$1.txt"; }
+    shift 3
+  done
+}
 STEPS=${STEPS:-match allreduce latency throughput}
 for s in $STEPS; do case $s in
 match)
@@ -48,25 +60,10 @@ allreduce)
   done ;;
 latency)
   LAT=${LAT:-"8b_tp1 8b 1|8b_tp2 8b 2|8b_tp$TP 8b $TP|70b_tp$TP 70b $TP"}
-  IFS='|' read -ra variants <<< "$LAT"
-  for v in "${variants[@]}"; do
-    set -- $v
-    echo "== latency $1" >&2
-    timeout 400 python -m jaxllm bench latency --model $S/$2 --load-format dummy --dtype bfloat16 --max-batch-size 1 \
-      --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5 --tensor-parallel-size $3 \
-      --report-json "$OUT/lat_$1.json" > "$OUT/lat_$1.txt" 2>&1 || { echo "latency $1 failed"; tail -5 "$OUT/lat_$1.txt"; }
-  done ;;
+  bench_each latency lat 400 "$LAT" --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5 ;;
 throughput)
-  TPUT=${TPUT:-"70b_tp$TP 70b $TP"}
-  IFS='|' read -ra variants <<< "$TPUT"
-  for v in "${variants[@]}"; do
-    set -- $v
-    echo "== throughput $1" >&2
-    timeout 560 python -m jaxllm bench throughput --model $S/$2 --load-format dummy --dtype bfloat16 \
-      --num-requests $NREQ --max-batch-size $NREQ --input-len 1000 --output-len 1000 --max-seq-len 2048 \
-      --tensor-parallel-size $3 --precompile-max-len ${PRECOMPILE:-2000} --report-json "$OUT/tput_$1.json" > "$OUT/tput_$1.txt" 2>&1 \
-      || { echo "throughput $1 failed"; tail -5 "$OUT/tput_$1.txt"; }
-  done ;;
+  bench_each throughput tput 560 "${TPUT:-"70b_tp$TP 70b $TP"}" --num-requests $NREQ --max-batch-size $NREQ \
+    --input-len 1000 --output-len 1000 --max-seq-len 2048 --precompile-max-len ${PRECOMPILE:-2000} ;;
 esac; done
 python - "$OUT" <<'PY'
 import json, sys, pathlib
