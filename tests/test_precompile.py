@@ -41,6 +41,31 @@ def test_no_compilation_while_serving_precompiled_shapes(tiny_checkpoints):
     assert got == expected  # and the warm-up changed nothing the requests see
 
 
+def test_min_len_leaves_out_shorter_shapes_only(tiny_checkpoints):
+    """precompile(min_len=40): fewer programs, and prompts of 40+ tokens still compile nothing new
+    (counted by JAX's compile events: jit's dispatch cache may add an entry for an executable it
+    already has)."""
+    import jax
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, _secs, **_: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    path = str(tiny_checkpoints["llama3"])
+    rng = np.random.default_rng(5)
+    prompts = [{"prompt_token_ids": rng.integers(5, 200, int(n)).tolist()}  # no shared prefixes
+               for n in (40, 47, 60, 41, 52, 44, 58, 40)]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with LLM(path, **KW) as llm:
+        engine = llm._engine
+        assert len(engine._warmup_calls(96, [True], 40)) < len(engine._warmup_calls(96, [True]))
+        llm.precompile(max_len=96, sampled=False, min_len=40)
+        assert compiles  # the listener sees compilations
+        compiles.clear()
+        for batch in (prompts[:5], prompts[5:7], prompts[7:]):
+            llm.generate(batch, greedy, use_tqdm=False)
+        assert compiles == []
+
+
 def test_precompile_drops_the_prefix_cache_it_overwrites(tiny_checkpoints):
     """Blocks of a finished request stay reusable as a prefix; the warm-up writes into free blocks,
     so it must forget them -- a later request with the same prefix recomputes, with the same tokens."""
@@ -63,6 +88,8 @@ def test_precompile_arguments_are_checked(tiny_llm):
         tiny_llm.precompile(max_len=10**9)
     with pytest.raises(ValueError, match="greedy=True or sampled=True"):
         tiny_llm.precompile(greedy=False, sampled=False)
+    with pytest.raises(ValueError, match=r"min_len must be an int in \[1, max_len=64\], got 65"):
+        tiny_llm.precompile(max_len=64, min_len=65)
     engine = tiny_llm._engine  # one program per shape and per greedy / sampling variant asked for
     one, both = engine._warmup_calls(64, [True]), engine._warmup_calls(64, [True, False])
     assert len(both) == 2 * len(one) > 0

@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--report-json", default=None, help="write the report here")
         p.add_argument("--precompile-max-len", type=int, default=0,
                        help="before the warm-up, compile every greedy step program for requests of up to this "
-                            "many tokens, in parallel (LLM.precompile; 0: off) -- the warm-up then compiles "
-                            "nothing, which matters for large models whose programs compile for many seconds")
+                            "many tokens with prompts of --input-len or more, in parallel (LLM.precompile; 0: "
+                            "off) -- the warm-up then compiles nothing, which matters for large models whose "
+                            "programs compile for many seconds")
         if mode == "throughput":
             p.add_argument("--num-requests", type=int, default=100)
             p.add_argument("--dataset", default=None,
@@ -232,7 +233,9 @@ def run(args) -> dict:
         _progress(f"LLM() ready in {load_s:.1f} s")
         precompiled = None
         if args.precompile_max_len:
-            precompiled = llm.precompile(max_len=min(args.precompile_max_len, llm.max_seq_len), sampled=False)
+            max_len = min(args.precompile_max_len, llm.max_seq_len)
+            shortest = 1 if args.mode == "throughput" and args.dataset else args.input_len
+            precompiled = llm.precompile(max_len=max_len, sampled=False, min_len=max(1, min(shortest, max_len)))
             _progress(f"precompiled {precompiled['programs']} step programs in {precompiled['seconds']:.1f} s")
         vocab = llm.model_config.vocab_size
         if args.mode == "throughput" and args.dataset:

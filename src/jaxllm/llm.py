@@ -245,22 +245,27 @@ class LLM:
         save_checkpoint(Path(path), engine.runner.params, self.hf_config, self.tokenizer, self.dtype,
                         self.model_config.quantization)
 
-    def precompile(self, max_len: int | None = None, *, greedy: bool = True, sampled: bool = True) -> dict:
+    def precompile(self, max_len: int | None = None, *, greedy: bool = True, sampled: bool = True,
+                   min_len: int = 1) -> dict:
         """Compile now, before any request, the step programs that requests of up to `max_len`
         tokens (prompt + output; default max_seq_len) will need -- decode for every batch bucket and
         block-table width, whole-prompt prefill for every batch x prompt-length bucket -- for
         all-greedy batches (`greedy`) and sampling ones (`sampled`). Serving then never waits on a
         compilation for those shapes (``jaxllm serve --precompile-max-len``). Costly the first time
         (many programs; they compile in parallel), cheap once the persistent compilation cache
-        holds them. Returns {"programs": n, "seconds": s}."""
+        holds them. `min_len`: a lower bound on every prompt's length, which leaves out the shorter
+        shapes (a benchmark of fixed-length prompts needs a fraction of the programs).
+        Returns {"programs": n, "seconds": s}."""
         if max_len is None:
             max_len = self.max_seq_len
         if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= self.max_seq_len:
             raise ValueError(f"max_len must be an int in [1, max_seq_len={self.max_seq_len}], got {max_len!r}")
         if not (greedy or sampled):
             raise ValueError("precompile needs greedy=True or sampled=True (or both)")
+        if isinstance(min_len, bool) or not isinstance(min_len, int) or not 1 <= min_len <= max_len:
+            raise ValueError(f"min_len must be an int in [1, max_len={max_len}], got {min_len!r}")
         self._require_engine()
-        done = [e.precompile(max_len, greedy, sampled) for e in self._engines]
+        done = [e.precompile(max_len, greedy, sampled, min_len=min_len) for e in self._engines]
         return {"programs": sum(d["programs"] for d in done), "seconds": sum(d["seconds"] for d in done)}
 
     def get_stats(self) -> list[dict]:

@@ -96,7 +96,8 @@ class Engine:
         if self._stop:
             raise EngineDeadError("the engine has been shut down; create a new LLM")
 
-    def precompile(self, max_len: int, greedy: bool = True, sampled: bool = True, workers: int | None = None) -> dict:
+    def precompile(self, max_len: int, greedy: bool = True, sampled: bool = True, workers: int | None = None,
+                   min_len: int = 1) -> dict:
         """Compile, before any request, the step programs that requests of up to `max_len` tokens
         (prompt + output) will need: decode for every batch-row bucket x block-table width, and
         whole-prompt prefill for every row bucket x prompt-length bucket that fits the token
@@ -106,8 +107,9 @@ class Engine:
         then each is called once on inputs that change nothing; a later start with the same cache
         only loads them. Returns {"programs": n, "seconds": s}.
         (Chunked prefill, prefix-cache hits, logprobs, penalties and bad words still compile on
-        first use.)"""
-        calls = self._warmup_calls(max_len, [g for g, on in ((True, greedy), (False, sampled)) if on])
+        first use.) `min_len`: every prompt will have at least this many tokens, so shorter
+        prompt-length buckets and narrower block tables are left out."""
+        calls = self._warmup_calls(max_len, [g for g, on in ((True, greedy), (False, sampled)) if on], min_len)
         t0 = time.perf_counter()
         with self._lock:  # the engine thread waits (and submissions queue) until this is done
             self._check_alive()
@@ -120,14 +122,15 @@ class Engine:
             jax.block_until_ready(out)
         return {"programs": len(calls), "seconds": time.perf_counter() - t0}
 
-    def _warmup_calls(self, max_len: int, greedy_variants: list[bool]) -> list[tuple]:
+    def _warmup_calls(self, max_len: int, greedy_variants: list[bool], min_len: int = 1) -> list[tuple]:
         """The (kind, statics, args) of every step shape `precompile` covers, on inputs that change
         nothing a request can see: decode rows are all done (the loop runs no step), prefill rows
         write into free blocks."""
         sched, bs = self.scheduler, self.block_size
         rows_buckets = sorted({bucket(n, 1, sched.max_batch_size) for n in range(1, sched.max_batch_size + 1)})
         max_blocks = min(self.max_blocks_per_seq, -(-max_len // bs))
-        widths = sorted({bucket(n, 1, self.max_blocks_per_seq) for n in range(1, max_blocks + 1)})
+        min_blocks = min(max_blocks, -(-min_len // bs))  # a row holds its prompt at least
+        widths = sorted({bucket(n, 1, self.max_blocks_per_seq) for n in range(min_blocks, max_blocks + 1)})
         calls = []
         for rows in rows_buckets:
             state = self._row_state([], rows)  # every row done
@@ -136,9 +139,9 @@ class Engine:
                 for g in greedy_variants:
                     calls.append(self.runner.decode_call(tables, state, sched.decode_steps, None, g))
         t_max = min(max_len, sched.max_num_tokens)
-        t_buckets = sorted({bucket(n, 16, sched.max_num_tokens) for n in range(1, t_max + 1)})
+        t_buckets = sorted({bucket(n, 16, sched.max_num_tokens) for n in range(min(min_len, t_max), t_max + 1)})
         for t in t_buckets:
-            lengths = range(t // 2 + 1 if t > 16 else 1, min(t, t_max) + 1)  # the prompts this bucket serves
+            lengths = range(max(t // 2 + 1 if t > 16 else 1, min_len), min(t, t_max) + 1)  # the prompts it serves
             p_widths = sorted({bucket(-(-n // bs), 1, self.max_blocks_per_seq) for n in lengths})
             for rows in rows_buckets:
                 if rows > 1 and (rows // 2 + 1) * (t // 2 + 1) > sched.max_num_tokens:
