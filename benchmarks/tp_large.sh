@@ -7,8 +7,9 @@
 #   allreduce   one small all-reduce over 2 and over all GPUs (the per-layer cost of tensor parallelism)
 #   latency     jaxllm bench latency, batch 1, 128/128: variants in $LAT ("name model tp" separated by |)
 #   throughput  jaxllm bench throughput 1000/1000, $NREQ requests, batch $NREQ: variants in $TPUT; every
-#               greedy step program for 2000 tokens ($PRECOMPILE) compiles first, in parallel (at 70B one
-#               program compiles for ~16 s, and the warm-up alone compiled past a 540 s limit on 2026-11-26)
+#               greedy step program for 1000-token prompts and up to 2000 tokens ($PRECOMPILE; 27 programs
+#               at batch 256) compiles first, 8 at a time (at 70B one program compiles for ~16 s, and the
+#               warm-up alone compiled past a 540 s limit on 2026-11-26)
 #   PYTHONPATH=src OUT=/tmp/out TP=4 STEPS="match latency" bash benchmarks/tp_large.sh
 set -u
 BASE=${BASE:-.models/llama-3.1-8b-shapes}
