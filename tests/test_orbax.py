@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -26,6 +28,16 @@ def test_orbax_round_trip_gives_identical_outputs(tiny_llm, tmp_path):
             assert p1 == p2
             np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
     assert after == before
+    # an unquantized save of the first format (same layout) still loads; an unknown format does not
+    marker = path / "jaxllm.json"
+    meta = json.loads(marker.read_text())
+    assert meta["format_version"] == 2
+    marker.write_text(json.dumps({**meta, "format_version": 1}))
+    with LLM(str(path), max_seq_len=256) as old:
+        assert [o.outputs[0].token_ids for o in old.generate(PROMPTS, sp, use_tqdm=False)] == before
+    marker.write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(ValueError, match=r"format 3; this jaxllm reads formats \[1, 2\]"):
+        LLM(str(path), max_seq_len=256)
 
 
 def test_save_refuses_a_non_empty_folder(tiny_llm, tmp_path):

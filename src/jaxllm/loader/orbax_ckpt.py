@@ -20,7 +20,10 @@ from flax import nnx
 from ..sharding import named_sharding
 
 MARKER = "jaxllm.json"
-FORMAT_VERSION = 1
+# 1: the first format; 2: fp8 projection weights are stored K-minor ([out..., in...], models/quant.py).
+# Format 1 checkpoints still load, except fp8 ones (their weights are in the old [in..., out...] order).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def is_jaxllm_checkpoint(folder: Path) -> bool:
@@ -58,8 +61,14 @@ def restore_params(folder: Path, abstract_state: nnx.State, mesh) -> nnx.State:
     import orbax.checkpoint as ocp
 
     meta = json.loads((folder / MARKER).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder} holds a jaxllm checkpoint of format {meta.get('format_version')}; this jaxllm reads {FORMAT_VERSION}")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{folder} holds a jaxllm checkpoint of format {version}; this jaxllm reads formats "
+                         f"{list(READABLE_VERSIONS)}")
+    if version == 1 and meta.get("quantization") == "fp8":
+        raise ValueError(f"{folder} holds fp8 weights in jaxllm checkpoint format 1 ([in, out] order); this jaxllm "
+                         "stores fp8 weights [out, in] (format 2): load the original checkpoint with "
+                         "quantization='fp8' and save it again")
     flat = nnx.to_flat_state(abstract_state)
     for _, var in flat:
         target = var.get_value()
