@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.config import ModelConfig
-from ..models.quant import WEIGHT_DTYPES, quantize_weight
+from ..models.quant import WEIGHT_DTYPES, is_k_minor, quantize_weight
 from ..models.weight_map import WeightMap
 from ..sharding import named_sharding
 
@@ -195,7 +195,8 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
                 f"checkpoint tensor {hf_name!r} maps to {dotted!r}, which this config does not have"
             )
         var = flat[by_dotted[dotted]]
-        if var.get_metadata().get("k_minor"):  # an fp8 weight stored [out..., in...]
+        quantization = _quantization_of(vars_by_dotted, dotted)
+        if is_k_minor(quantization):  # an fp8 weight, stored [out..., in...]
             layout = layout.k_minor()
         target = var.get_value()
         shape = tuple(target.shape)
@@ -205,7 +206,6 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
                 f"after layout conversion (config mismatch?)"
             )
         sharding = named_sharding(var.get_metadata()["axes"], mesh, shape)
-        quantization = _quantization_of(vars_by_dotted, dotted)
         stored_8bit = tensor.dtype is not None and jnp.dtype(tensor.dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
         if stored_8bit and (quantization is None or jnp.dtype(tensor.dtype) != jnp.dtype(target.dtype)):
             raise ValueError(

@@ -44,14 +44,11 @@ def _projection(rngs: nnx.Rngs, shape, axes, out_axes, dtype, quantization: str 
     """A projection's weight and, when quantized (see ``models/quant.py``), its scale (else None).
 
     shape / axes are the plain layout's ([in..., out...]); an fp8 weight is stored K-minor
-    ([out..., in...], metadata ``k_minor=True``, which the loaders read)."""
+    ([out..., in...]; the loader places it so by its quantization)."""
     scale = scale_param(shape, axes, out_axes) if quantization else None
     if is_k_minor(quantization):
         order = k_minor_order(axes, out_axes)
         shape, axes = tuple(shape[i] for i in order), tuple(axes[i] for i in order)
-        weight = _param(rngs, shape, axes, weight_dtype(quantization, dtype))
-        weight.set_metadata("k_minor", True)
-        return weight, scale
     return _param(rngs, shape, axes, weight_dtype(quantization, dtype)), scale
 
 

@@ -58,11 +58,13 @@ def k_minor_order(axes, out_axes) -> tuple[int, ...]:
     return tuple(i for i, a in enumerate(axes) if a in out_axes) + tuple(i for i, a in enumerate(axes) if a not in out_axes)
 
 
-def _k_minor_spec(spec: str) -> str:
-    """An einsum spec "x,w->y" rewritten for w stored K-minor (its output letters first)."""
+def _k_minor_spec(spec: str) -> tuple[str, int]:
+    """An einsum spec "x,w->y" rewritten for w stored K-minor (its output letters first), and the
+    number of contracting dims."""
     ins, out = spec.split("->")
     xs, ws = ins.split(",")
-    return f"{xs},{''.join(c for c in ws if c not in xs) + ''.join(c for c in ws if c in xs)}->{out}"
+    contracting = "".join(c for c in ws if c in xs)
+    return f"{xs},{''.join(c for c in ws if c not in xs)}{contracting}->{out}", len(contracting)
 
 
 def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False):
@@ -74,15 +76,18 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False):
     else weight-only."""
     if scale is None:
         return jnp.einsum(spec, x, w)
-    if w.dtype != jnp.float8_e4m3fn:
-        y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-        return (y * scale).astype(x.dtype)
-    spec = _k_minor_spec(spec)
-    n_in = sum(c in spec.split(",")[0] for c in spec.split(",")[1].split("->")[0])  # contracting dims
+    if w.dtype == jnp.float8_e4m3fn:
+        spec, n_in = _k_minor_spec(spec)
+        if w8a8 and math.prod(x.shape[: x.ndim - n_in]) >= FP8_MATMUL_MIN_TOKENS:
+            return _fp8_matmul(spec, x, w, scale, n_in)
+    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # weight-only
+    return (y * scale).astype(x.dtype)
+
+
+def _fp8_matmul(spec: str, x, w, scale, n_in: int):
+    """FP8 x FP8 einsum of x (its last n_in dims contracting), quantized per token, and a K-minor
+    fp8 weight with per-output-channel scale."""
     batch = x.shape[: x.ndim - n_in]
-    if not w8a8 or math.prod(batch) < FP8_MATMUL_MIN_TOKENS:
-        y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-        return (y * scale).astype(x.dtype)
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
     x_scale = jnp.maximum(amax, 1e-12) / QMAX["fp8"]  # per token
