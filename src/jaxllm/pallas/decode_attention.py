@@ -132,6 +132,16 @@ def softmax_finish(acc, l_i):
     return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), empty
 
 
+def page_copy(tables_ref, seq, first, j, rows, block_size, width):
+    """(pool rows, stage rows) of the j-th TMA copy of the K/V tile starting at token `first` of
+    row `seq`: each copy moves `rows` tokens (<= block_size) that sit in one page."""
+    import jax.experimental.pallas as pl
+
+    token = first + j * rows
+    page = tables_ref[seq, jnp.minimum(lax.div(token, block_size), width - 1)]
+    return pl.ds(page * block_size + lax.rem(token, block_size), rows), pl.ds(j * rows, rows)
+
+
 def fill_ring(stages, n_steps, issue):
     """Start the TMA copies of the first `stages` steps (those that exist)."""
     import jax.experimental.pallas as pl
@@ -293,10 +303,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
 
         def issue(step, slot):
             for j in range(copies):
-                token = start + step * tile + j * rows_per_copy
-                page = tables_ref[seq, jnp.minimum(lax.div(token, block_size), w - 1)]
-                src = pl.ds(page * block_size + lax.rem(token, block_size), rows_per_copy)
-                dst = pl.ds(j * rows_per_copy, rows_per_copy)
+                src, dst = page_copy(tables_ref, seq, start + step * tile, j, rows_per_copy, block_size, w)
                 at = (head, src) if heads_major else (src, head)
                 plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot, dst], v_bar.at[slot])

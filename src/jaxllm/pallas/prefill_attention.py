@@ -54,6 +54,7 @@ from .decode_attention import (
     SMEM_BYTES,
     fill_ring,
     log2_scores,
+    page_copy,
     qk_scores,
     refill_previous,
     softmax_finish,
@@ -191,10 +192,7 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
 
         def issue(step, slot):
             for j in range(copies):
-                token = start + step * tile + j * rows_per_copy
-                page = tables_ref[seq, jnp.minimum(lax.div(token, block_size), w - 1)]
-                src = pl.ds(page * block_size + lax.rem(token, block_size), rows_per_copy)
-                dst = pl.ds(j * rows_per_copy, rows_per_copy)
+                src, dst = page_copy(tables_ref, seq, start + step * tile, j, rows_per_copy, block_size, w)
                 plgpu.copy_gmem_to_smem(k_ref.at[src, kv_head], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[src, kv_head], v_smem.at[slot, dst], v_bar.at[slot])
 
