@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from ..kv_cache_config import FP8_MAX
 from ..models import ModelConfig
 from ..pallas.decode_attention import FP8, KV_DTYPES
-from ..sharding import named_sharding
+from ..sharding import named_sharding, tensor_parallel_size
 
 
 def pool_kv_heads(cfg: ModelConfig, tp: int = 1) -> int:
@@ -59,11 +59,7 @@ POOL_AXES = ("kv_slots", "kv_heads", "head_dim")
 
 def pool_sharding(cfg: ModelConfig, mesh):
     """Pools split over KV heads across "model" (replicated where the heads do not divide)."""
-    return named_sharding(POOL_AXES, mesh, (1, pool_kv_heads(cfg, _tp(mesh)), cfg.head_dim))
-
-
-def _tp(mesh) -> int:
-    return mesh.shape.get("model", 1)
+    return named_sharding(POOL_AXES, mesh, (1, pool_kv_heads(cfg, tensor_parallel_size(mesh)), cfg.head_dim))
 
 
 def pool_bytes_per_token(cfg: ModelConfig, dtype, tp: int = 1) -> int:
@@ -132,7 +128,7 @@ def pallas_decode_supported(cfg: ModelConfig, kv_dtype, mesh, block_size: int) -
         return f"head_dim {cfg.head_dim} is not a multiple of 64"
     if block_size % 8:
         return f"tokens_per_block {block_size} is not a multiple of 8"
-    tp = _tp(mesh)
+    tp = tensor_parallel_size(mesh)
     if pool_kv_heads(cfg, tp) % tp:
         return f"{cfg.num_kv_heads} KV heads are replicated over tensor_parallel_size {tp}"
     return None
@@ -182,7 +178,7 @@ def prefill_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
 def _per_device(run, mesh, in_specs, out_specs):
     """`run(*arrays, k_scale, v_scale)` on each device's KV heads (shard_map over "model"); the
     scales, static floats, are bound before the map. One device: `run` itself."""
-    if mesh.shape.get("model", 1) == 1:
+    if tensor_parallel_size(mesh) == 1:
         return run
 
     def sharded(*args):
@@ -266,7 +262,7 @@ def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, mesh) -
     for axis in pool_sharding(cfg, mesh).spec:
         if axis is not None:
             shards *= mesh.shape[axis]
-    per_token = pool_bytes_per_token(cfg, dtype, _tp(mesh)) // shards  # on each device
+    per_token = pool_bytes_per_token(cfg, dtype, tensor_parallel_size(mesh)) // shards  # on each device
     device = mesh.devices.flat[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:

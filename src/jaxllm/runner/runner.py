@@ -25,6 +25,7 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays, sample, token_info
+from ..sharding import tensor_parallel_size
 from .multihost import Mirror, local_tree, spans_processes
 from .paged import (
     ATTENTION_BACKENDS,
@@ -81,7 +82,7 @@ class ModelRunner:
         self.kv_scales = self._check_kv_scales(kv_scales)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.tp = mesh.shape.get("model", 1)
+        self.tp = tensor_parallel_size(mesh)
         self.graphdef, self.params = nnx.split(model)
         self.attention_backend = self._choose_backend(attention_backend, mesh)
         self._mirror = Mirror() if spans_processes(mesh) else None
@@ -93,7 +94,7 @@ class ModelRunner:
             if use_pallas and cfg.head_dim <= 256 else None
         )
         # whole-prompt prefill attention: cuDNN's flash attention beside the Pallas decode kernel
-        self._fresh_impl = "cudnn" if use_pallas and mesh.shape.get("model", 1) == 1 else None
+        self._fresh_impl = "cudnn" if use_pallas and self.tp == 1 else None
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(

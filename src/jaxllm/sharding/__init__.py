@@ -30,6 +30,11 @@ DEFAULT_RULES: dict[str, str | None] = {
 }
 
 
+def tensor_parallel_size(mesh: Mesh) -> int:
+    """How many devices the model is split over on this mesh (its "model" axis)."""
+    return mesh.shape.get("model", 1)
+
+
 def make_mesh(devices) -> Mesh:
     """A ("data", "model") mesh of 1 x len(devices): one model replica, tensor parallel over devices."""
     return Mesh(np.asarray(devices).reshape(1, len(devices)), ("data", "model"))
