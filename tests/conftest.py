@@ -97,6 +97,28 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
+def write_kernel_sized_config(path: Path, **overrides) -> Path:
+    """Config and tokenizer (no weights: load_format="dummy") of a random Llama the Pallas kernels
+    accept: by default head_dim 64, 4 query / 2 KV heads, 2 layers (`overrides`: LlamaConfig fields)."""
+    import transformers as tf
+
+    fields = dict(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256)
+    tf.LlamaConfig(**{**fields, **overrides}).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def counting(fn, shapes: list):
+    """fn, appending the shape of its first argument to `shapes` at each call (trace)."""
+
+    def counted(*args):
+        shapes.append(args[0].shape)
+        return fn(*args)
+
+    return counted
+
+
 def write_tiny_checkpoint(variant: str, path: Path, *, max_shard_size=None, seed=0) -> Path:
     import torch
     import transformers as tf

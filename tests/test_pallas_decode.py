@@ -9,7 +9,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import tiny_tokenizer
+from conftest import counting, write_kernel_sized_config
 from jaxllm.pallas.decode_attention import paged_decode_attention, reference_decode_attention
 
 TOL = 2e-2  # bf16 kernel vs float32 reference, relative L2 error
@@ -204,15 +204,10 @@ def test_bad_arguments_are_refused():
 def test_engine_decodes_through_the_kernel(tmp_path, kv):
     """The runner's decode path with the (interpreted) kernel gives the reference path's tokens
     (fp8: over an fp8 pool with per-layer scales that are not 1)."""
-    import transformers as tf
-
     from jaxllm import LLM, KvCacheConfig, SamplingParams
     from jaxllm.runner.paged import decode_kernel_for
 
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256)
-    cfg.save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
+    write_kernel_sized_config(tmp_path)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=2, decode_steps=3, compilation_cache=False,
@@ -228,14 +223,9 @@ def test_engine_decodes_through_the_kernel(tmp_path, kv):
         assert runner.pool[0][0].dtype == (jnp.float8_e4m3fn if kv == "fp8" else jnp.bfloat16)
         if scales:
             runner.kv_scales = scales
-        kernel = decode_kernel_for(runner.block_size, None, llm._mesh, interpret=_interpret())
         traced = []
-
-        def counted(*args):
-            traced.append(args[0].shape)
-            return kernel(*args)
-
-        runner._decode_kernel = counted
+        runner._decode_kernel = counting(decode_kernel_for(runner.block_size, None, llm._mesh, interpret=_interpret()),
+                                         traced)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
     assert got == expected
@@ -331,14 +321,9 @@ def test_fp8_kernel_variants_on_gpu(kw):
 def test_llm_with_fp8_kv_uses_the_kernel_on_gpu(tmp_path):
     """On a GPU "auto" serves an fp8 pool with the kernel, and its tokens follow the reference
     backend's over the same fp8 pool."""
-    import transformers as tf
-
     from jaxllm import LLM, KvCacheConfig, SamplingParams
 
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=1024)
-    cfg.save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
+    write_kernel_sized_config(tmp_path, hidden_size=512, intermediate_size=512, num_attention_heads=8, head_dim=128, max_position_embeddings=1024)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 300, 40)]
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
     kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=4, compilation_cache=False,

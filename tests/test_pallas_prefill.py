@@ -10,7 +10,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import tiny_tokenizer
+from conftest import counting, write_kernel_sized_config
 from jaxllm.pallas.prefill_attention import paged_prefill_attention, reference_prefill_attention
 
 TOL = 2e-2  # bf16 kernel vs float32 reference, relative L2 error
@@ -213,15 +213,10 @@ def test_kernel_variants_on_gpu(kw):
 def test_engine_prefills_through_the_kernel(tmp_path):
     """Chunked and prefix-cached prefill through the (interpreted) kernel give the reference path's
     tokens; whole fresh prompts keep their own path."""
-    import transformers as tf
-
     from jaxllm import LLM, SamplingParams
     from jaxllm.runner.paged import prefill_kernel_for
 
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256)
-    cfg.save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
+    write_kernel_sized_config(tmp_path)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=2, max_num_tokens=32, decode_steps=2,
@@ -230,14 +225,9 @@ def test_engine_prefills_through_the_kernel(tmp_path):
         expected = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, sp, use_tqdm=False)]
     with LLM(str(tmp_path), **kw) as llm:
         runner = llm._engine.runner
-        kernel = prefill_kernel_for(runner.block_size, None, llm._mesh, interpret=_interpret())
         traced = []
-
-        def counted(*args):
-            traced.append(args[0].shape)
-            return kernel(*args)
-
-        runner._prefill_kernel = counted
+        runner._prefill_kernel = counting(prefill_kernel_for(runner.block_size, None, llm._mesh, interpret=_interpret()),
+                                          traced)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
         again = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]  # cached prefixes
     assert traced and all(shape[2:] == (4, 64) and shape[1] > 1 for shape in traced)
@@ -248,14 +238,9 @@ def test_engine_prefills_through_the_kernel(tmp_path):
 def test_llm_chunked_prefill_uses_the_kernel_on_gpu(tmp_path):
     """On a GPU the Pallas backend serves chunked and prefix-cached prefill with the kernel; tokens
     and logprobs follow the reference backend's (up to a near-tie)."""
-    import transformers as tf
-
     from jaxllm import LLM, SamplingParams
 
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=2048)
-    cfg.save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
+    write_kernel_sized_config(tmp_path, hidden_size=512, intermediate_size=512, num_attention_heads=8, head_dim=128, max_position_embeddings=2048)
     prompts = [{"prompt_token_ids": [3 + i % 200 for i in range(n)]} for n in (5, 700, 300)]
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
     kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=4, max_num_tokens=256, compilation_cache=False)
