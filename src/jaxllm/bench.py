@@ -235,7 +235,7 @@ def run(args) -> dict:
         if args.precompile_max_len:
             max_len = min(args.precompile_max_len, llm.max_seq_len)
             shortest = 1 if args.mode == "throughput" and args.dataset else args.input_len
-            precompiled = llm.precompile(max_len=max_len, sampled=False, min_len=max(1, min(shortest, max_len)))
+            precompiled = llm.precompile(max_len=max_len, sampled=False, min_len=min(shortest, max_len))
             _progress(f"precompiled {precompiled['programs']} step programs in {precompiled['seconds']:.1f} s")
         vocab = llm.model_config.vocab_size
         if args.mode == "throughput" and args.dataset:
