@@ -416,3 +416,30 @@ def test_kernel_serves_kv_heads_fewer_than_devices():
     # 8 query heads over 16 devices: replicated, and so is the pool: the kernel cannot split it
     assert pool_kv_heads(shapes, 16) == kv
     assert "replicated" in pallas_decode_supported(shapes, jnp.bfloat16, gpu(16), 16)
+
+
+@pytest.mark.parametrize("which", ["decode", "prefill"])
+def test_layers_share_one_lowering_of_the_kernel(which):
+    """The runner's kernel wrappers are jitted, so the layers of one step program share one
+    lowering of the kernel (one Mosaic GPU module in a function each layer calls). Lowered inline,
+    every layer lowered and compiled a copy of its own: 42 s per 8B decode program instead of 7 s."""
+    from jaxllm.runner.paged import decode_kernel_for, prefill_kernel_for
+    from jaxllm.sharding import make_mesh
+
+    mesh = make_mesh(jax.devices()[:1])
+    pool = jax.ShapeDtypeStruct((64 * 16, 2, 64), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((2,), jnp.int32)
+    tables = jax.ShapeDtypeStruct((2, 4), jnp.int32)
+    if which == "decode":
+        kernel = decode_kernel_for(16, None, mesh)
+        args = (jax.ShapeDtypeStruct((2, 8, 64), jnp.bfloat16), pool, pool, tables, rows)
+    else:
+        kernel = prefill_kernel_for(16, None, mesh)
+        args = (jax.ShapeDtypeStruct((2, 16, 8, 64), jnp.bfloat16), pool, pool, tables, rows, rows)
+
+    def three_layers(q, *rest):
+        return sum(kernel(q + i, *rest, 1.0, 1.0).astype(jnp.float32) for i in range(3))
+
+    text = jax.jit(three_layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+    assert text.count("call @") >= 3 + 1  # three calls of the kernel's function, plus its custom call

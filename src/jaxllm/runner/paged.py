@@ -144,6 +144,7 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
 
     from ..pallas.decode_attention import paged_decode_attention
 
+    @functools.partial(jax.jit, static_argnames=("k_scale", "v_scale"))  # lowered once: see _per_device
     def run(q, k_pool, v_pool, tables, lengths, k_scale=1.0, v_scale=1.0):
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
@@ -165,6 +166,7 @@ def prefill_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
 
     from ..pallas.prefill_attention import paged_prefill_attention
 
+    @functools.partial(jax.jit, static_argnames=("k_scale", "v_scale"))  # lowered once: see _per_device
     def run(q, k_pool, v_pool, tables, q_start, q_lens, k_scale=1.0, v_scale=1.0):
         return paged_prefill_attention(
             q, k_pool, v_pool, tables, q_start, q_lens, block_size, sliding_window=sliding_window, k_scale=k_scale,
@@ -177,7 +179,12 @@ def prefill_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
 
 def _per_device(run, mesh, in_specs, out_specs):
     """`run(*arrays, k_scale, v_scale)` on each device's KV heads (shard_map over "model"); the
-    scales, static floats, are bound before the map. One device: `run` itself."""
+    scales, static floats, are bound before the map. One device: `run` itself.
+
+    `run` is a jitted function, so that every layer's call of it in one step program shares one
+    lowering (one private function, one Mosaic GPU module): lowered inline, each of the 32 layers
+    of an 8B model lowered and compiled its own copy of the kernel (~0.55 s of Python and ~0.5 s
+    of compilation each, 42 s per decode program instead of 7 s on the H200)."""
     if tensor_parallel_size(mesh) == 1:
         return run
 
