@@ -94,3 +94,37 @@ def test_precompile_arguments_are_checked(tiny_llm):
     one, both = engine._warmup_calls(64, [True]), engine._warmup_calls(64, [True, False])
     assert len(both) == 2 * len(one) > 0
     assert {c[1]["all_greedy"] for c in one} == {True} and {c[1]["all_greedy"] for c in both} == {True, False}
+
+
+def test_cached_prefixes_and_later_chunks_compile_nothing_new(tiny_checkpoints):
+    """precompile() also covers prefill calls that do not start at position 0 -- prompts that
+    continue a cached prefix (a shared system prompt) and the later chunks of prompts longer than the
+    token budget: such calls get tables of one width (Engine.cached_prefill_width), so rows and chunk
+    length are all their programs depend on. (On an H100 the uncovered ones stalled a server for
+    seconds each.)"""
+    import jax
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, _secs, **_: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    path = str(tiny_checkpoints["llama3"])
+    rng = np.random.default_rng(7)
+    system = rng.integers(5, 200, 40).tolist()  # two and a half blocks, shared
+    first = [{"prompt_token_ids": system + [7, 8, 9]}]
+    more = [{"prompt_token_ids": system + rng.integers(5, 200, int(n)).tolist()} for n in (20, 9, 31)]
+    long = [{"prompt_token_ids": rng.integers(5, 200, 90).tolist()}]  # three chunks of <= 32 tokens
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    kw = dict(KW, max_num_tokens=32)
+
+    def run(llm):
+        return [[o.outputs[0].token_ids for o in llm.generate(p, sp, use_tqdm=False)] for p in (first, more, long)]
+
+    with LLM(path, **kw) as plain:
+        expected = run(plain)
+    with LLM(path, **kw) as llm:
+        llm.precompile(max_len=128, sampled=False)
+        compiles.clear()
+        got = run(llm)
+        assert llm._engine.scheduler.prefix_hit_tokens >= 3 * 32  # `more` continued the cached system prompt
+        assert compiles == []
+    assert got == expected

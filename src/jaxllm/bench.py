@@ -235,7 +235,11 @@ def run(args) -> dict:
         if args.precompile_max_len:
             max_len = min(args.precompile_max_len, llm.max_seq_len)
             shortest = 1 if args.mode == "throughput" and args.dataset else args.input_len
-            precompiled = llm.precompile(max_len=max_len, sampled=False, min_len=min(shortest, max_len))
+            # random prompts share no prefix; a dataset's may, and prompts longer than the token
+            # budget run in chunks, which continue where the last one stopped
+            chunked = args.input_len > llm._engine.scheduler.max_num_tokens
+            precompiled = llm.precompile(max_len=max_len, sampled=False, min_len=min(shortest, max_len),
+                                         cached_prefixes=bool(getattr(args, "dataset", None)) or chunked)
             _progress(f"precompiled {precompiled['programs']} step programs in {precompiled['seconds']:.1f} s")
         vocab = llm.model_config.vocab_size
         if args.mode == "throughput" and args.dataset:

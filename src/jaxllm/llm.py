@@ -246,7 +246,7 @@ class LLM:
                         self.model_config.quantization)
 
     def precompile(self, max_len: int | None = None, *, greedy: bool = True, sampled: bool = True,
-                   min_len: int = 1) -> dict:
+                   min_len: int = 1, cached_prefixes: bool = True) -> dict:
         """Compile now, before any request, the step programs that requests of up to `max_len`
         tokens (prompt + output; default max_seq_len) will need -- decode for every batch bucket and
         block-table width, whole-prompt prefill for every batch x prompt-length bucket -- for
@@ -255,6 +255,9 @@ class LLM:
         (many programs; they compile in parallel), cheap once the persistent compilation cache
         holds them. `min_len`: a lower bound on every prompt's length, which leaves out the shorter
         shapes (a benchmark of fixed-length prompts needs a fraction of the programs).
+        `cached_prefixes`: also the prefill programs of prompts that continue a cached prefix (and
+        of later chunks of long prompts) -- what serving with shared system prompts needs; a
+        benchmark of random prompts can leave them out.
         Returns {"programs": n, "seconds": s}."""
         if max_len is None:
             max_len = self.max_seq_len
@@ -265,7 +268,8 @@ class LLM:
         if isinstance(min_len, bool) or not isinstance(min_len, int) or not 1 <= min_len <= max_len:
             raise ValueError(f"min_len must be an int in [1, max_len={max_len}], got {min_len!r}")
         self._require_engine()
-        done = [e.precompile(max_len, greedy, sampled, min_len=min_len) for e in self._engines]
+        done = [e.precompile(max_len, greedy, sampled, min_len=min_len, cached_prefixes=cached_prefixes)
+                for e in self._engines]
         return {"programs": sum(d["programs"] for d in done), "seconds": sum(d["seconds"] for d in done)}
 
     def get_stats(self) -> list[dict]:

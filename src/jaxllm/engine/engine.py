@@ -26,6 +26,9 @@ from .block_manager import BlockManager
 from .request import Request, RequestHandle
 from .scheduler import Plan, Scheduler
 
+# Prefill calls past position 0 (cached prefixes, later chunks) get block tables at least this wide
+# (Engine.cached_prefill_width), so their programs depend on rows and chunk length only.
+CACHED_PREFILL_MIN_TOKENS = 4096
 
 _build_penalties = jax.jit(PenaltyState.build, static_argnums=0)
 
@@ -97,7 +100,7 @@ class Engine:
             raise EngineDeadError("the engine has been shut down; create a new LLM")
 
     def precompile(self, max_len: int, greedy: bool = True, sampled: bool = True, workers: int | None = None,
-                   min_len: int = 1) -> dict:
+                   min_len: int = 1, cached_prefixes: bool = True) -> dict:
         """Compile, before any request, the step programs that requests of up to `max_len` tokens
         (prompt + output) will need: decode for every batch-row bucket x block-table width, and
         whole-prompt prefill for every row bucket x prompt-length bucket that fits the token
@@ -106,10 +109,13 @@ class Engine:
         GPU at 8B). Programs compile on several threads into the persistent compilation cache,
         then each is called once on inputs that change nothing; a later start with the same cache
         only loads them. Returns {"programs": n, "seconds": s}.
-        (Chunked prefill, prefix-cache hits, logprobs, penalties and bad words still compile on
-        first use.) `min_len`: every prompt will have at least this many tokens, so shorter
-        prompt-length buckets and narrower block tables are left out."""
-        calls = self._warmup_calls(max_len, [g for g, on in ((True, greedy), (False, sampled)) if on], min_len)
+        `cached_prefixes`: also the prefill programs of prompts past a cached prefix and of later
+        chunks of long prompts (every row x chunk-length bucket, at the tables of
+        `cached_prefill_width`). (Logprobs, penalties and bad words still compile on first use.)
+        `min_len`: every prompt will have at least this many tokens, so shorter prompt-length
+        buckets and narrower block tables are left out."""
+        calls = self._warmup_calls(max_len, [g for g, on in ((True, greedy), (False, sampled)) if on], min_len,
+                                   cached_prefixes)
         t0 = time.perf_counter()
         with self._lock:  # the engine thread waits (and submissions queue) until this is done
             self._check_alive()
@@ -122,7 +128,8 @@ class Engine:
             jax.block_until_ready(out)
         return {"programs": len(calls), "seconds": time.perf_counter() - t0}
 
-    def _warmup_calls(self, max_len: int, greedy_variants: list[bool], min_len: int = 1) -> list[tuple]:
+    def _warmup_calls(self, max_len: int, greedy_variants: list[bool], min_len: int = 1,
+                      cached_prefixes: bool = False) -> list[tuple]:
         """The (kind, statics, args) of every step shape `precompile` covers, on inputs that change
         nothing a request can see: decode rows are all done (the loop runs no step), prefill rows
         write into free blocks."""
@@ -140,12 +147,21 @@ class Engine:
                     calls.append(self.runner.decode_call(tables, state, sched.decode_steps, None, g))
         t_max = min(max_len, sched.max_num_tokens)
         t_buckets = sorted({bucket(n, 16, sched.max_num_tokens) for n in range(min(min_len, t_max), t_max + 1)})
+        # (chunk length bucket, table widths, fresh): whole prompts, then chunks past a cached prefix
+        kinds = []
         for t in t_buckets:
             lengths = range(max(t // 2 + 1 if t > 16 else 1, min_len), min(t, t_max) + 1)  # the prompts it serves
-            p_widths = sorted({bucket(-(-n // bs), 1, self.max_blocks_per_seq) for n in lengths})
+            kinds.append((t, sorted({bucket(-(-n // bs), 1, self.max_blocks_per_seq) for n in lengths}), True))
+        if cached_prefixes:
+            c_widths = sorted({self.cached_prefill_width(n) for n in range(min_blocks, max_blocks + 1)})
+            kinds += [(t, c_widths, False) for t in sorted({bucket(n, 16, sched.max_num_tokens) for n in range(1, t_max + 1)})]
+        seen = set()
+        for t, p_widths, fresh in kinds:
             for rows in rows_buckets:
-                if rows > 1 and (rows // 2 + 1) * (t // 2 + 1) > sched.max_num_tokens:
-                    break  # more rows of such prompts than the token budget lets into one step
+                if rows > 1 and (t // 2 + 1) + rows // 2 > sched.max_num_tokens:
+                    # fewest tokens of such a call: one chunk longer than t/2, the others (more than
+                    # rows/2 in all) one token each -- over the budget, no step makes it
+                    break
                 state = self._row_state([], rows)
                 tok = jnp.asarray(np.zeros((rows, t), np.int32))
                 pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy())
@@ -155,7 +171,11 @@ class Engine:
                     # table rows of free blocks, so the writes land where nothing lives
                     tables = jnp.asarray(np.arange(rows * width, dtype=np.int32).reshape(rows, width) % self.runner.num_blocks)
                     for g in greedy_variants:
-                        calls.append(self.runner.prefill_call(tok, pos, valid, tables, last, state, None, g, fresh=True))
+                        call = self.runner.prefill_call(tok, pos, valid, tables, last, state, None, g, fresh=fresh)
+                        key = (rows, t, width, tuple(sorted(call[1].items())))  # fresh and not: one program
+                        if key not in seen:  # where the runner has no separate whole-prompt path
+                            seen.add(key)
+                            calls.append(call)
         return calls
 
     # -- engine thread ---------------------------------------------------------------------
@@ -246,11 +266,25 @@ class Engine:
         )
 
     # -- device calls ------------------------------------------------------------------------
-    def _tables(self, reqs: list[Request], rows: int) -> jax.Array:
-        width = bucket(max(len(r.blocks) for r in reqs), 1, self.max_blocks_per_seq)
+    def cached_prefill_width(self, blocks: int) -> int:
+        """Block-table width of a prefill call that does not start every row at position 0 (a
+        cached prefix, a later chunk): at least the width of CACHED_PREFILL_MIN_TOKENS, so such
+        calls vary in rows and chunk length only and `precompile` can cover them (their query
+        length says nothing about their context). The Pallas prefill kernel reads only each row's
+        own pages, so the wider table costs it nothing; the jnp reference masks the rest."""
+        floor = min(self.max_blocks_per_seq, -(-CACHED_PREFILL_MIN_TOKENS // self.block_size))
+        return bucket(blocks, floor, self.max_blocks_per_seq)
+
+    def _tables(self, reqs: list[Request], rows: int, width: int | None = None,
+                num_blocks: list[int] | None = None) -> jax.Array:
+        """Block tables [rows, width]: each request's blocks (its first num_blocks[i] only, if given)."""
+        if num_blocks is None:
+            num_blocks = [len(r.blocks) for r in reqs]
+        if width is None:
+            width = bucket(max(num_blocks), 1, self.max_blocks_per_seq)
         tables = np.zeros((rows, width), np.int32)
-        for i, r in enumerate(reqs):
-            tables[i, : len(r.blocks)] = r.blocks
+        for i, (r, n) in enumerate(zip(reqs, num_blocks)):
+            tables[i, :n] = r.blocks[:n]
         return jnp.asarray(tables)
 
     def _row_state(self, reqs: list[Request], rows: int) -> RowState:
@@ -365,18 +399,23 @@ class Engine:
             positions[i, n:] = end  # padding: masked out of the KV write, harmless as queries
             valid[i, :n] = True
             last_idx[i] = n - 1
+        fresh = all(start == 0 for _, start, _ in plan.prefill)
+        # a chunk reads and writes its row's pages up to its own end only: the table covers those
+        # (a first chunk of a long prompt then has a whole prompt's shape, which precompile knows)
+        need = [-(-end // self.block_size) for _, _, end in plan.prefill]
+        width = bucket(max(need), 1, self.max_blocks_per_seq) if fresh else self.cached_prefill_width(max(need))
         return self.runner.prefill(
             jnp.asarray(tokens),
             jnp.asarray(positions),
             jnp.asarray(valid),
-            self._tables(reqs, rows),
+            self._tables(reqs, rows, width, need),
             jnp.asarray(last_idx),
             self._row_state(reqs, rows),
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
             targets=jnp.asarray(targets) if targets is not None else None,
             prompt_logprobs=self._top_count(asked),
-            fresh=all(start == 0 for _, start, _ in plan.prefill),
+            fresh=fresh,
         )
 
     @staticmethod
