@@ -173,6 +173,19 @@ def refill_previous(step, stages, n_steps, issue):
     pl.when((step > 0) & (prev + stages < n_steps))(lambda: issue(prev + stages, lax.rem(prev, stages)))
 
 
+def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, rows, tile, scale, soft_cap):
+    """The start of one ring step, the same in both kernels: wait for this step's K stage, Q K^T on
+    the tensor cores, refill the stage the previous step freed, then scale (base 2, soft cap).
+    Returns (the step's ring slot, the scores [rows, tile])."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    slot = lax.rem(step, stages)
+    plgpu.barrier_wait(k_bar.at[slot])
+    s = qk_scores(q_smem, operand(k_smem, slot, 0), rows, tile)
+    refill_previous(step, stages, n_steps, issue)
+    return slot, log2_scores(s, scale, soft_cap)
+
+
 def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size, *, sm_scale=None,
                                soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0):
     """The same function in plain jnp, float32 throughout: q [B, H, D] -> [B, H, D] float32.
@@ -316,14 +329,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
 
         def body(step, carry):
             acc, m_i, l_i = carry
-            slot = lax.rem(step, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
-            k_op = operand(k_smem, slot, 0)
-
-            s = qk_scores(q_smem, k_op, ROWS, tile)
-            refill_previous(step, stages, n_steps, issue)
-
-            s = log2_scores(s, scale, soft_cap)
+            slot, s = step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
+                                  soft_cap)
             pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
             pos = pos + (start + step * tile)
             valid = pos < hi

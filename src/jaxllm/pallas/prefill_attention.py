@@ -53,14 +53,12 @@ from .decode_attention import (
     KV_DTYPES,
     SMEM_BYTES,
     fill_ring,
-    log2_scores,
     page_copy,
-    qk_scores,
-    refill_previous,
     softmax_finish,
     softmax_start,
     softmax_step,
     staged_operand,
+    step_scores,
     swizzled,
     tensor_core_q,
 )
@@ -204,14 +202,8 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
 
         def body(step, carry, masked):
             acc, m_i, l_i = carry
-            slot = lax.rem(step, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
-            k_op = operand(k_smem, slot, 0)
-
-            s = qk_scores(qo_smem, k_op, BLOCK_Q, tile)
-            refill_previous(step, stages, n_steps, issue)
-
-            s = log2_scores(s, scale, soft_cap)
+            slot, s = step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, qo_smem, BLOCK_Q, tile,
+                                  scale, soft_cap)
             if masked:
                 kpos = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, tile), 1, layout=plgpu.Layout.WGMMA)
                 qpos = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, tile), 0, layout=plgpu.Layout.WGMMA)
