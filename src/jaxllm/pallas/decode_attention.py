@@ -173,6 +173,21 @@ def refill_previous(step, stages, n_steps, issue):
     pl.when((step > 0) & (prev + stages < n_steps))(lambda: issue(prev + stages, lax.rem(prev, stages)))
 
 
+def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
+    """The checks both kernels make on heads, pages, pools and KV tiles; returns kvh."""
+    if h % kvh:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
+    if block_size % 8 or not 8 <= block_size <= 256:
+        raise ValueError(f"block_size must be a multiple of 8 in [8, 256], got {block_size}")
+    kv_dtype = jnp.dtype(k_pool.dtype)
+    if kv_dtype not in KV_DTYPES or v_pool.dtype != kv_dtype:
+        raise ValueError(f"KV pool dtype must be bfloat16, float16 or float8_e4m3fn (both pools alike), got "
+                         f"{kv_dtype} and {jnp.dtype(v_pool.dtype)}")
+    if block_kv % 64 or not (block_kv % block_size == 0 or block_size % block_kv == 0):
+        raise ValueError(f"block_kv must be a multiple of 64 that divides or is divided by block_size, got {block_kv}")
+    return kvh
+
+
 def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, rows, tile, scale, soft_cap):
     """The start of one ring step, the same in both kernels: wait for this step's K stage, Q K^T on
     the tensor cores, refill the stage the previous step freed, then scale (base 2, soft cap).
@@ -252,24 +267,15 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     b, h, d = q.shape
     kvh = k_pool.shape[0 if heads_major else 1]
     w = block_tables.shape[1]
-    if h % kvh:
-        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
-    g = h // kvh
+    g = h // check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool)
     if g > ROWS:
         raise ValueError(f"at most {ROWS} query heads per KV head, got {g}")
     if d % 64:
         raise ValueError(f"head_dim must be a multiple of 64, got {d}")
-    if block_size % 8 or not 8 <= block_size <= 256:
-        raise ValueError(f"block_size must be a multiple of 8 in [8, 256], got {block_size}")
     kv_dtype = jnp.dtype(k_pool.dtype)
-    if kv_dtype not in KV_DTYPES or v_pool.dtype != kv_dtype:
-        raise ValueError(f"KV pool dtype must be bfloat16, float16 or float8_e4m3fn (both pools alike), got "
-                         f"{kv_dtype} and {jnp.dtype(v_pool.dtype)}")
     fp8 = kv_dtype == FP8
     dtype = jnp.dtype(jnp.float16) if fp8 else kv_dtype  # what the tensor cores read (see above)
     tile = block_kv
-    if tile % 64 or not (tile % block_size == 0 or block_size % tile == 0):
-        raise ValueError(f"block_kv must be a multiple of 64 that divides or is divided by block_size, got {tile}")
     rows_per_copy = min(block_size, tile)
     copies = tile // rows_per_copy
     total_steps = -(-w * block_size // tile)

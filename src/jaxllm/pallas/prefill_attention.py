@@ -50,8 +50,8 @@ from jax import lax
 
 from .decode_attention import (
     FP8,
-    KV_DTYPES,
     SMEM_BYTES,
+    check_paged_args,
     fill_ring,
     page_copy,
     softmax_finish,
@@ -125,24 +125,15 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
     b, t, h, d = q.shape
     kvh = k_pool.shape[1]
     w = block_tables.shape[1]
-    if h % kvh:
-        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
-    g = h // kvh
+    g = h // check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool)
     if d % 64 or d > 256:
         raise ValueError(f"head_dim must be 64, 128, 192 or 256, got {d}")
-    if block_size % 8 or not 8 <= block_size <= 256:
-        raise ValueError(f"block_size must be a multiple of 8 in [8, 256], got {block_size}")
-    kv_dtype = jnp.dtype(k_pool.dtype)
-    if kv_dtype not in KV_DTYPES or v_pool.dtype != kv_dtype:
-        raise ValueError(f"KV pool dtype must be bfloat16, float16 or float8_e4m3fn (both pools alike), got "
-                         f"{kv_dtype} and {jnp.dtype(v_pool.dtype)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    kv_dtype = jnp.dtype(k_pool.dtype)
     fp8 = kv_dtype == FP8
     dtype = jnp.dtype(jnp.float16) if fp8 else kv_dtype  # what the tensor cores read
     tile = block_kv
-    if tile % 64 or not (tile % block_size == 0 or block_size % tile == 0):
-        raise ValueError(f"block_kv must be a multiple of 64 that divides or is divided by block_size, got {tile}")
     rows_per_copy = min(block_size, tile)
     copies = tile // rows_per_copy
     fit = _max_stages(d, tile, kv_dtype.itemsize)
