@@ -2,11 +2,8 @@
 # Batch-1 latency, TTFT and start-up on one GPU through `jaxllm bench latency` (Llama-3.1-8B shapes,
 # random bf16 weights), with XLA command-buffer variants and HF transformers eager in the same run.
 #   PYTHONPATH=src OUT=/tmp/out bash benchmarks/latency_h100.sh
-set -u
-M=${MODEL:-.models/llama-3.1-8b-shapes}
-OUT=${OUT:-/tmp/jaxllm-latency}
-mkdir -p "$OUT"
-export JAXLLM_CACHE_DIR=$(mktemp -d)  # an empty persistent compilation cache: the first run is cold
+source "$(dirname "$0")/common.sh" /tmp/jaxllm-latency
+export JAXLLM_CACHE_DIR=$(mktemp -d)  # always an empty persistent compilation cache: the first run is cold
 common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096"
 run() {  # name, extra env, args...
   local name=$1 envs=$2; shift 2

@@ -3,12 +3,7 @@
 # weights), each against bf16 in the same run; the GPU suites of the kernels not yet run on a GPU
 # (fp8 decode, the ragged prefill kernel: runner.UNVERIFIED_ON_GPU) and the prefill kernel's timings.
 #   PYTHONPATH=src OUT=/tmp/out bash benchmarks/quant_h100.sh      (STEPS to pick: tests kernel prefill latency throughput)
-set -u
-M=${MODEL:-.models/llama-3.1-8b-shapes}
-OUT=${OUT:-/tmp/jaxllm-quant}
-mkdir -p "$OUT"
-export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
+source "$(dirname "$0")/common.sh" /tmp/jaxllm-quant
 STEPS=${STEPS:-tests kernel prefill latency throughput}
 for s in $STEPS; do case $s in
 tests)

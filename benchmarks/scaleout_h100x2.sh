@@ -5,13 +5,7 @@
 # $LAT), load (load_time.py: safetensors vs Orbax at tp 1 and 2), serving (jaxllm serve on GPU 0
 # driven by jaxllm bench serving at two request rates).
 #   PYTHONPATH=src OUT=/tmp/out STEPS="match latency" bash benchmarks/scaleout_h100x2.sh
-set -u
-M=${MODEL:-.models/llama-3.1-8b-shapes}
-OUT=${OUT:-/tmp/jaxllm-scaleout}
-mkdir -p "$OUT"
-export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
-nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
+source "$(dirname "$0")/common.sh" /tmp/jaxllm-scaleout
 STEPS=${STEPS:-match allreduce latency load serving}
 for s in $STEPS; do case $s in
 match)

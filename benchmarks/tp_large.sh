@@ -11,17 +11,12 @@
 #               at batch 256) compiles first, 8 at a time (at 70B one program compiles for ~16 s, and the
 #               warm-up alone compiled past a 540 s limit on 2026-11-26)
 #   PYTHONPATH=src OUT=/tmp/out TP=4 STEPS="match latency" bash benchmarks/tp_large.sh
-set -u
-BASE=${BASE:-.models/llama-3.1-8b-shapes}
-OUT=${OUT:-/tmp/jaxllm-tp}
+source "$(dirname "$0")/common.sh" /tmp/jaxllm-tp
+BASE=${BASE:-$M}
 TP=${TP:-$(nvidia-smi -L | wc -l)}
 # 192 x 2000 tokens of 70B KV (82 KB per token per device at tp=4) fit beside 35 GB of weights on an
 # 80 GB H100; 256 would preempt there
 NREQ=${NREQ:-192}
-mkdir -p "$OUT"
-export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
-nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
 S=/tmp/jaxllm-shapes
 python - "$BASE" "$S" <<'PY'
 import json, pathlib, shutil, sys
