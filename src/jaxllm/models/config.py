@@ -51,6 +51,9 @@ class ModelConfig:
     # fp8 weights only: calls of at least quant.FP8_MATMUL_MIN_TOKENS tokens multiply FP8 x FP8 with
     # the activations quantized per token (LLM(quantization="fp8-w8a8"))
     fp8_activations: bool = False
+    # fp8 weights only: weight-only calls of at most fp8_gemv.MAX_ROWS tokens run jaxllm's Pallas
+    # fp8 GEMV kernel, which reads the fp8 bytes (one NVIDIA GPU; set by the loader)
+    fp8_gemv: bool = False
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":

@@ -115,6 +115,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
         self.w8a8 = cfg.fp8_activations
+        self.gemv = cfg.fp8_gemv
         self.has_bias = cfg.attention_bias
         self.has_o_bias = cfg.o_bias
         self.qk_norm = cfg.qk_norm
@@ -122,9 +123,9 @@ class Attention(nnx.Module):
         self.head_dim = d
 
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
-        q = qeinsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8)
-        k = qeinsum("bte,ehd->bthd", x, self.k[...], _value(self.k_scale), self.w8a8)
-        v = qeinsum("bte,ehd->bthd", x, self.v[...], _value(self.v_scale), self.w8a8)
+        q = qeinsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8, self.gemv)
+        k = qeinsum("bte,ehd->bthd", x, self.k[...], _value(self.k_scale), self.w8a8, self.gemv)
+        v = qeinsum("bte,ehd->bthd", x, self.v[...], _value(self.v_scale), self.w8a8, self.gemv)
         if self.has_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
@@ -133,7 +134,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
-        y = qeinsum("bthd,hde->bte", out.astype(x.dtype), self.o[...], _value(self.o_scale), self.w8a8)
+        y = qeinsum("bthd,hde->bte", out.astype(x.dtype), self.o[...], _value(self.o_scale), self.w8a8, self.gemv)
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
@@ -147,6 +148,7 @@ class MLP(nnx.Module):
         self.up, self.up_scale = _projection(rngs, (e, f), ("embed", "mlp"), ("mlp",), dtype, qz)
         self.down, self.down_scale = _projection(rngs, (f, e), ("mlp", "embed"), ("embed",), dtype, qz)
         self.w8a8 = cfg.fp8_activations
+        self.gemv = cfg.fp8_gemv
         self.has_bias = cfg.mlp_bias
         if cfg.mlp_bias:
             self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
@@ -154,11 +156,11 @@ class MLP(nnx.Module):
             self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
 
     def __call__(self, x):
-        g = qeinsum("...e,ef->...f", x, self.gate[...], _value(self.gate_scale), self.w8a8)
-        u = qeinsum("...e,ef->...f", x, self.up[...], _value(self.up_scale), self.w8a8)
+        g = qeinsum("...e,ef->...f", x, self.gate[...], _value(self.gate_scale), self.w8a8, self.gemv)
+        u = qeinsum("...e,ef->...f", x, self.up[...], _value(self.up_scale), self.w8a8, self.gemv)
         if self.has_bias:
             g, u = g + self.gate_bias[...], u + self.up_bias[...]
-        y = qeinsum("...f,fe->...e", jax.nn.silu(g) * u, self.down[...], _value(self.down_scale), self.w8a8)
+        y = qeinsum("...f,fe->...e", jax.nn.silu(g) * u, self.down[...], _value(self.down_scale), self.w8a8, self.gemv)
         if self.has_bias:
             y = y + self.down_bias[...]
         return y

@@ -67,19 +67,24 @@ def _k_minor_spec(spec: str) -> tuple[str, int]:
     return f"{xs},{''.join(c for c in ws if c not in xs)}{contracting}->{out}", len(contracting)
 
 
-def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False):
+def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool = False):
     """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
 
     x's contracting dims are its trailing ones and the scale's dims the trailing (output) dims of
     the result, as in every projection of the models here. int8: dequantized inside the dot; fp8
     (stored K-minor): with `w8a8`, FP8 x FP8 for calls of FP8_MATMUL_MIN_TOKENS tokens or more,
-    else weight-only."""
+    else weight-only -- with `gemv`, through the Pallas fp8 GEMV kernel where it serves the shape."""
     if scale is None:
         return jnp.einsum(spec, x, w)
     if w.dtype == jnp.float8_e4m3fn:
         spec, n_in = _k_minor_spec(spec)
-        if w8a8 and math.prod(x.shape[: x.ndim - n_in]) >= FP8_MATMUL_MIN_TOKENS:
+        tokens = math.prod(x.shape[: x.ndim - n_in])
+        if w8a8 and tokens >= FP8_MATMUL_MIN_TOKENS:
             return _fp8_matmul(spec, x, w, scale, n_in)
+        if gemv:
+            y = _fp8_gemv(spec, x, w, scale, n_in)
+            if y is not None:
+                return y
     y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # weight-only
     return (y * scale).astype(x.dtype)
 
@@ -95,6 +100,24 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int):
     y = jnp.einsum(spec, xq, w, preferred_element_type=jnp.float32)
     x_scale = x_scale.reshape(batch + (1,) * (y.ndim - len(batch)))
     return (y * x_scale * scale).astype(x.dtype)
+
+
+def _fp8_gemv(spec: str, x, w, scale, n_in: int):
+    """The weight-only product through ``pallas.fp8_gemv`` (x's batch and contracting dims, and w's
+    output and contracting dims, flattened), or None where the kernel does not serve the shape."""
+    from ..pallas.fp8_gemv import fp8_gemv, gemv_supported
+
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    n_out = len(ws) - n_in
+    if out != xs[: len(xs) - n_in] + ws[:n_out]:  # result = x's batch dims, then w's output dims
+        return None
+    batch, out_dims = x.shape[: x.ndim - n_in], w.shape[:n_out]
+    m, k, n = math.prod(batch), math.prod(x.shape[x.ndim - n_in:]), math.prod(out_dims)
+    if not gemv_supported(m, n, k):
+        return None
+    y = fp8_gemv(x.reshape(m, k), w.reshape(n, k), scale.reshape(n))
+    return y.reshape(batch + out_dims)
 
 
 def quantize_weight(w, quantization: str, axes, out_axes):
