@@ -1,6 +1,6 @@
 """The Pallas fp8 GEMV against XLA's weight-only fp8 path and a bf16 matmul, at Llama-3.1-8B projection shapes.
 
-    python benchmarks/fp8_gemv.py [--rows 1 8 32] [--iters 200]
+    python benchmarks/fp8_gemv.py [--rows 1 8 32] [--iters 200] [--sweep]
 
 For each projection shape (N outputs x K inputs) and batch rows M: the kernel's error against the
 float32 reference, then microseconds per call and the weight bytes read per second for
@@ -13,6 +13,7 @@ Several copies of each weight rotate so that no call finds its weight in L2. Pri
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--sweep", action="store_true", help="also time block_k / stages / splits at batch 1")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     kernel = jax.jit(fp8_gemv)
@@ -53,6 +55,26 @@ def main():
             }
             rows.append((name, n, k, m, err, t))
             print(name, n, k, m, f"err {err:.2e}", {v: round(s * 1e6, 1) for v, s in t.items()}, flush=True)
+    if args.sweep:  # kernel configurations at batch 1 on the two large shapes
+        print("\nsweep (M=1): us per call")
+        for name in ("gate/up", "down"):
+            n, k = SHAPES[name]
+            ws = [jnp.asarray(np.clip(rng.standard_normal((n, k)) * 60, -448, 448), jnp.float32).astype(jnp.float8_e4m3fn)
+                  for _ in range(3)]
+            scale = jnp.ones((n,), jnp.float32)
+            x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+            for bk in (128, 256, 512):
+                for st in (2, 4, 6):
+                    for splits in (None, "x2"):
+                        kw = dict(block_k=bk, max_concurrent_steps=st)
+                        if splits:
+                            kw["num_splits"] = min(k // bk, 2 * -(-264 // (n // 64)))
+                        try:
+                            f = jax.jit(functools.partial(fp8_gemv, **kw))
+                            t = timeit(f, [(x, w, scale) for w in ws], args.iters)
+                            print(f"  {name:<8} {kw}: {t * 1e6:.1f} us, {n * k / t / 1e9:.0f} GB/s", flush=True)
+                        except Exception as e:  # noqa: BLE001 - a configuration that does not fit is reported
+                            print(f"  {name:<8} {kw}: {type(e).__name__}: {str(e)[:120]}", flush=True)
     print(f"\n{'proj':<8} {'N':>6} {'K':>6} {'M':>3} {'rel err':>8}  {'pallas us':>9} {'GB/s':>6}  {'xla us':>8} "
           f"{'GB/s':>6}  {'bf16 us':>8} {'GB/s':>6}")
     for name, n, k, m, err, t in rows:

@@ -15,7 +15,7 @@ kernel)
   timeout 300 python benchmarks/decode_kernel.py --contexts 2048,8192 --batch 64 > "$OUT/kernel.txt" 2>&1 \
     || { echo "kernel bench failed"; tail -5 "$OUT/kernel.txt"; } ;;
 gemv)
-  timeout 300 python benchmarks/fp8_gemv.py > "$OUT/gemv.txt" 2>&1 || { echo "gemv bench failed"; tail -5 "$OUT/gemv.txt"; } ;;
+  timeout 400 python benchmarks/fp8_gemv.py --sweep > "$OUT/gemv.txt" 2>&1 || { echo "gemv bench failed"; tail -5 "$OUT/gemv.txt"; } ;;
 prefill)
   timeout 300 python benchmarks/prefill_kernel.py --json "$OUT/prefill.json" > "$OUT/prefill.txt" 2>&1 \
     || { echo "prefill bench failed"; tail -5 "$OUT/prefill.txt"; } ;;
