@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Batch-1 latency, TTFT and start-up on one GPU through `jaxllm bench latency` (Llama-3.1-8B shapes,
-# random bf16 weights), with XLA command-buffer variants and HF transformers eager in the same run.
-#   PYTHONPATH=src OUT=/tmp/out bash benchmarks/latency_h100.sh
+# random bf16 weights), with XLA command-buffer variants and HF transformers eager in the same run;
+# VARIANTS "fused" times a synthetic decode step with fused q/k/v and gate/up matmuls against 7 per layer.
+#   PYTHONPATH=src OUT=/tmp/out [VARIANTS="cold warm fused"] bash benchmarks/latency_h100.sh
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-latency
 export JAXLLM_CACHE_DIR=$(mktemp -d)  # always an empty persistent compilation cache: the first run is cold
 common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096"
@@ -19,6 +20,12 @@ for v in $VARIANTS; do
       --input-len 128 --output-len 128 --iterations 5 ;;
     cmdbuf_off) run $v "XLA_FLAGS=--xla_gpu_enable_command_buffer=" --input-len 128 --output-len 128 --iterations 5 ;;
     ttft2048) run $v "" --input-len 2048 --output-len 2 --iterations 5 ;;
+    fused)  # seven matmuls per layer vs four (q/k/v and gate/up fused) in a synthetic 8B decode step
+      for layout in unrolled fused; do
+        timeout 200 python benchmarks/decode_step_variants.py --variant $layout --batch 1 64 >> "$OUT/fused.txt" 2>&1 \
+          || echo "decode_step_variants $layout failed"
+      done
+      grep '^{' "$OUT/fused.txt" ;;
   esac
 done
 timeout 150 python benchmarks/decode_baseline.py --model "$M" --batch-sizes 1 --backends hf --repeats 2 --timeout 140 \

@@ -1,14 +1,17 @@
-"""Compile time and step time of a decode step with its layers unrolled vs a `lax.scan` over stacked layers.
+"""Compile time and step time of an 8B-shaped decode step in three program layouts.
 
-    python benchmarks/scan_layers.py --variant unrolled|scan [--batch 1 64] [--layers 32] [--dump DIR]
+    python benchmarks/decode_step_variants.py --variant unrolled|scan|fused [--batch 1 64] [--layers 32] [--dump DIR]
 
 A Llama-3.1-8B-shaped decoder (random bf16 weights; attention over a small contiguous KV cache per
 layer, whose cost is negligible next to the weights), 16 decode steps per jitted call in a while
-loop, as the runner does. `scan` stacks every layer's weights along a leading axis and runs one
-traced layer in a `lax.scan`; the question is whether XLA:GPU then reads each layer's weights in
-place (as the unrolled program does) or copies the slice first, and how much compile time it
-saves. Prints one JSON line per batch size: compile seconds, ms per step, weight bytes per ms.
-Run each variant in its own process (XLA_FLAGS are per process).
+loop, as the runner does. Variants:
+  unrolled  the layers unrolled, seven projections per layer (jaxllm's model today)
+  scan      every layer's weights stacked along a leading axis, one traced layer in a `lax.scan`
+            (does XLA:GPU read each layer's weights in place, or copy the slice first?)
+  fused     unrolled, with q/k/v as one [E, (H + 2 KV) D] projection and gate/up as one [E, 2F]:
+            four matmuls per layer instead of seven (does it pay at batch 1 / 64?)
+Prints one JSON line per batch size: compile seconds, ms per step, weight bytes per ms. Run each
+variant in its own process (XLA_FLAGS are per process).
 """
 
 from __future__ import annotations
@@ -54,13 +57,34 @@ def layer(p, x, kc, vc, pos):
     return x, kc, vc
 
 
+def fused_layer(p, x, kc, vc, pos):
+    """`layer` with q/k/v and gate/up each one matmul (p["qkv"] [E, (H + 2 KV) D], p["gate_up"] [E, 2F])."""
+    b = x.shape[0]
+    h = rms(x, p["ln1"])
+    qkv = h @ p["qkv"]
+    q = qkv[:, : H * D].reshape(b, KV, H // KV, D)
+    k = qkv[:, H * D : (H + KV) * D].reshape(b, 1, KV, D)
+    v = qkv[:, (H + KV) * D :].reshape(b, 1, KV, D)
+    kc = jax.lax.dynamic_update_slice(kc, k, (0, pos, 0, 0))
+    vc = jax.lax.dynamic_update_slice(vc, v, (0, pos, 0, 0))
+    s = jnp.einsum("bkgd,bskd->bkgs", q, kc, preferred_element_type=jnp.float32) / D**0.5
+    s = jnp.where(jnp.arange(CTX) <= pos, s, -jnp.inf)
+    a = jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(s, -1).astype(x.dtype), vc).reshape(b, H * D)
+    x = x + a @ p["o"]
+    h = rms(x, p["ln2"])
+    gu = h @ p["gate_up"]
+    x = x + (jax.nn.silu(gu[:, :F]) * gu[:, F:]) @ p["down"]
+    return x, kc, vc
+
+
 def make_step(variant, n_layers):
     def step(params, caches, tok, pos):
         x = jnp.take(params["embed"], tok, axis=0)
-        if variant == "unrolled":
+        if variant in ("unrolled", "fused"):
+            one = fused_layer if variant == "fused" else layer
             new = []
             for i in range(n_layers):
-                x, kc, vc = layer(params["layers"][i], x, *caches[i], pos)
+                x, kc, vc = one(params["layers"][i], x, *caches[i], pos)
                 new.append((kc, vc))
             caches = new
         else:
@@ -99,8 +123,11 @@ def init(variant, n_layers, batch):
         key, sub = jax.random.split(key)
         return (0.02 * jax.random.normal(sub, shape, jnp.float32)).astype(jnp.bfloat16)
 
-    if variant == "unrolled":
-        layers = [{n: rnd(s) for n, s in layer_shapes().items()} for _ in range(n_layers)]
+    if variant in ("unrolled", "fused"):
+        shapes = layer_shapes()
+        if variant == "fused":
+            shapes = dict(ln1=(E,), qkv=(E, (H + 2 * KV) * D), o=(H * D, E), ln2=(E,), gate_up=(E, 2 * F), down=(F, E))
+        layers = [{n: rnd(s) for n, s in shapes.items()} for _ in range(n_layers)]
         caches = [tuple(jnp.zeros((batch, CTX, KV, D), jnp.bfloat16) for _ in range(2)) for _ in range(n_layers)]
     else:
         layers = {n: rnd((n_layers,) + s) for n, s in layer_shapes().items()}
@@ -111,7 +138,7 @@ def init(variant, n_layers, batch):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", choices=["unrolled", "scan"], required=True)
+    ap.add_argument("--variant", choices=["unrolled", "scan", "fused"], required=True)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=16)
