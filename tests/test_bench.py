@@ -35,8 +35,17 @@ def test_throughput_report(tiny_checkpoints, tmp_path, capsys):
     assert 1 <= r["peak_kv_blocks"] <= r["kv_capacity_blocks"]
     assert r["mfu"] is None and r["mbu"] is None  # no peak rates known for a CPU
     assert r["startup_to_first_token_s"] >= r["load_s"] > 0
+    # where the engine thread's time went in the timed run, phase by phase
+    phases = r["engine_phases"]
+    assert {"prefill_inputs", "prefill_call", "prefill_fetch", "decode_inputs", "decode_call", "decode_fetch",
+            "schedule", "text"} <= set(phases)
+    assert all(v["calls"] >= 1 and v["seconds"] >= 0 for v in phases.values())
+    assert phases["decode_call"]["calls"] == phases["decode_fetch"]["calls"]  # one fetch per decode call
+    assert phases["decode_call"]["ms_per_call"] == pytest.approx(
+        1e3 * phases["decode_call"]["seconds"] / phases["decode_call"]["calls"], rel=1e-3, abs=1e-3)
+    assert sum(v["seconds"] for v in phases.values()) <= r["seconds"]  # the timed run's steps, nothing else
     out = capsys.readouterr().out
-    assert "output tok/s" in out and "TTFT ms" in out
+    assert "output tok/s" in out and "TTFT ms" in out and "engine decode_call ms" in out
 
 
 def test_peak_rates_give_mfu_and_mbu(tiny_checkpoints, tmp_path):

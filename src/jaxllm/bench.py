@@ -18,6 +18,7 @@ H200) or --peak-tflops / --peak-tbps; elsewhere MFU and MBU are left out.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -118,6 +119,17 @@ def _stats(xs) -> dict:
     if xs.size == 0:
         return {"mean": None, "p50": None, "p99": None}
     return {"mean": float(xs.mean()), "p50": float(np.percentile(xs, 50)), "p99": float(np.percentile(xs, 99))}
+
+
+def _phases(llm) -> dict:
+    """Where the engine thread's time went in the timed run: per phase of its step (Engine.
+    phase_seconds; over all replicas) the seconds, the times it ran and the ms per time, slowest first."""
+    total, calls = collections.Counter(), collections.Counter()
+    for e in llm._engines:
+        total.update(e.phase_seconds)
+        calls.update(e.phase_calls)
+    return {p: {"seconds": round(s, 6), "calls": calls[p], "ms_per_call": round(1e3 * s / calls[p], 4)}
+            for p, s in total.most_common()}
 
 
 def model_cost(llm) -> dict:
@@ -262,6 +274,9 @@ def run(args) -> dict:
         warm_outs, warm_s = _run(llm, warm)
         first_token_s = min(o.metrics.first_token_time for o in warm_outs) - t_start
         _progress(f"warm-up done in {warm_s:.1f} s; timed run")
+        for e in llm._engines:  # the engine's host phases, counted over the timed run only
+            e.phase_seconds.clear()
+            e.phase_calls.clear()
 
         if args.mode == "throughput":
             outs, elapsed = _run(llm, requests)
@@ -275,6 +290,7 @@ def run(args) -> dict:
                 elapsed += t
             stats = []
         cost = model_cost(llm)
+        phases = _phases(llm)
         startup = dict(llm.startup_seconds)
         kv_capacity_blocks = llm.kv_capacity_tokens // llm._engine.runner.block_size
     finally:
@@ -328,6 +344,7 @@ def run(args) -> dict:
         startup_to_first_token_s=first_token_s,
         startup_breakdown_s=dict(startup, first_generate=first_token_s - load_s),
         precompile=precompiled,
+        engine_phases=phases,
         attention_backend=args.attention_backend,
         max_batch_size=args.max_batch_size,
     )
@@ -357,6 +374,7 @@ def print_report(r: dict, file=None) -> None:
         ("LLM() s", _fmt(r["load_s"])),
         ("LLM() to first token s", _fmt(r["startup_to_first_token_s"])),
     ]
+    rows += [(f"engine {p} ms", f"{v['ms_per_call']:.3f} x {v['calls']}") for p, v in r.get("engine_phases", {}).items()]
     print(f"jaxllm bench {r['mode']}: {r['model']}", file=file)
     for name, value in rows:
         print(f"  {name:<24} {value}", file=file)

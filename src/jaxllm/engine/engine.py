@@ -56,6 +56,13 @@ class Engine:
         self.max_blocks_per_seq = -(-max_seq_len // self.block_size)
         self.blocks = BlockManager(runner.num_blocks, self.block_size, enable_block_reuse)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_num_tokens, decode_steps)
+        # seconds spent in each part of the engine step, and how many times (bench reports them):
+        # text, schedule, {prefill,decode}_{inputs,call,fetch,collect}. A phase's time includes any wait on
+        # the device it blocks on: on a GPU a decode call's includes its device time (dispatching a
+        # while loop blocks until it ends); a prefill's device time falls where its result is read.
+        self.phase_seconds: collections.Counter = collections.Counter()
+        self.phase_calls: collections.Counter = collections.Counter()
+        self._mark_time = 0.0
         self.stats: collections.deque[dict] = collections.deque(maxlen=stats_history)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -235,18 +242,22 @@ class Engine:
         ends (not after the next decode call), and requests ended by a stop string free their
         slots before the scheduler runs.
         """
-        t0 = time.perf_counter()
+        t0 = self._mark_time = time.perf_counter()
         self._apply_text()
+        self._mark("text")
         if not self.scheduler.has_work:
             return
         plan = self.scheduler.schedule()
+        self._mark("schedule")
         prefill = self._dispatch_prefill(plan) if plan.prefill else None
         decode = self._dispatch_decode(plan) if plan.decode else None
         new_tokens = 0
         if prefill is not None:
             new_tokens += self._collect_prefill(plan, prefill)
+            self._mark("prefill_collect")
         if decode is not None:
             new_tokens += self._collect_decode(plan, decode)
+            self._mark("decode_collect")
         elapsed = time.perf_counter() - t0
         self.stats.append(
             dict(
@@ -264,6 +275,13 @@ class Engine:
                 tokens_per_second=new_tokens / elapsed if elapsed > 0 else 0.0,
             )
         )
+
+    def _mark(self, phase: str) -> None:
+        """Add the time since the last mark to `phase` (see phase_seconds)."""
+        now = time.perf_counter()
+        self.phase_seconds[phase] += now - self._mark_time
+        self.phase_calls[phase] += 1
+        self._mark_time = now
 
     # -- device calls ------------------------------------------------------------------------
     def cached_prefill_width(self, blocks: int) -> int:
@@ -404,19 +422,20 @@ class Engine:
         # (a first chunk of a long prompt then has a whole prompt's shape, which precompile knows)
         need = [-(-end // self.block_size) for _, _, end in plan.prefill]
         width = bucket(max(need), 1, self.max_blocks_per_seq) if fresh else self.cached_prefill_width(max(need))
-        return self.runner.prefill(
-            jnp.asarray(tokens),
-            jnp.asarray(positions),
-            jnp.asarray(valid),
-            self._tables(reqs, rows, width, need),
-            jnp.asarray(last_idx),
-            self._row_state(reqs, rows),
+        args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid), self._tables(reqs, rows, width, need),
+                jnp.asarray(last_idx), self._row_state(reqs, rows))
+        targets = jnp.asarray(targets) if targets is not None else None
+        self._mark("prefill_inputs")
+        out = self.runner.prefill(
+            *args,
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
-            targets=jnp.asarray(targets) if targets is not None else None,
+            targets=targets,
             prompt_logprobs=self._top_count(asked),
             fresh=fresh,
         )
+        self._mark("prefill_call")
+        return out
 
     @staticmethod
     def _top_count(asked: list[int]) -> int | None:
@@ -429,6 +448,7 @@ class Engine:
 
     def _collect_prefill(self, plan: Plan, result) -> int:
         tok, info, prompt_info = jax.device_get(result)
+        self._mark("prefill_fetch")
         produced = 0
         for i, (r, start, end) in enumerate(plan.prefill):
             if r.finished:  # ended (stop string, abort) while this call ran
@@ -447,17 +467,22 @@ class Engine:
     def _dispatch_decode(self, plan: Plan):
         reqs = plan.decode
         rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
-        return self.runner.decode(
-            self._tables(reqs, rows),
-            self._row_state(reqs, rows),
+        tables, state = self._tables(reqs, rows), self._row_state(reqs, rows)
+        self._mark("decode_inputs")
+        out = self.runner.decode(
+            tables,
+            state,
             self.scheduler.decode_steps,
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
         )
+        self._mark("decode_call")
+        return out
 
     def _collect_decode(self, plan: Plan, result) -> int:
         state, toks, info = result
         toks, info, done = jax.device_get((toks, info, state.done))
+        self._mark("decode_fetch")  # waits for the device where the call did not
         produced = 0
         for i, r in enumerate(plan.decode):
             if r.finished:
