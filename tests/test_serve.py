@@ -205,6 +205,8 @@ def test_logprobs_and_metrics(client, server, tiny_llm):
         assert name in text, name
     done = [line for line in text.splitlines() if line.startswith('jaxllm_requests_total{outcome="length"}')]
     assert done and float(done[0].split()[-1]) >= 2
+    decode = [line for line in text.splitlines() if line.startswith('jaxllm_engine_phase_seconds{phase="decode_call"}')]
+    assert decode and float(decode[0].split()[-1]) > 0  # the engine's time, part by part
 
 
 def test_sigterm_stops_the_server(tiny_checkpoints):

@@ -18,7 +18,6 @@ H200) or --peak-tflops / --peak-tbps; elsewhere MFU and MBU are left out.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import time
@@ -122,14 +121,9 @@ def _stats(xs) -> dict:
 
 
 def _phases(llm) -> dict:
-    """Where the engine thread's time went in the timed run: per phase of its step (Engine.
-    phase_seconds; over all replicas) the seconds, the times it ran and the ms per time, slowest first."""
-    total, calls = collections.Counter(), collections.Counter()
-    for e in llm._engines:
-        total.update(e.phase_seconds)
-        calls.update(e.phase_calls)
-    return {p: {"seconds": round(s, 6), "calls": calls[p], "ms_per_call": round(1e3 * s / calls[p], 4)}
-            for p, s in total.most_common()}
+    """Where the engine thread's time went in the timed run (LLM.get_phase_times), with ms per call."""
+    return {p: {"seconds": round(v["seconds"], 6), "calls": v["calls"],
+                "ms_per_call": round(1e3 * v["seconds"] / v["calls"], 4)} for p, v in llm.get_phase_times().items()}
 
 
 def model_cost(llm) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import os
 import threading
 import time
@@ -279,6 +280,17 @@ class LLM:
         self._require_engine()
         records = [dict(r, replica=i) for i, e in enumerate(self._engines) for r in list(e.stats)]
         return sorted(records, key=lambda r: r["time"])
+
+    def get_phase_times(self) -> dict[str, dict]:
+        """Where the engine thread's time went since start (over all replicas): per part of its step
+        (text, schedule, prefill / decode inputs, call, fetch, collect; see Engine.phase_seconds)
+        {"seconds": total, "calls": times}, slowest first."""
+        self._require_engine()
+        total, calls = collections.Counter(), collections.Counter()
+        for e in self._engines:
+            total.update(e.phase_seconds)
+            calls.update(e.phase_calls)
+        return {p: {"seconds": s, "calls": calls[p]} for p, s in total.most_common()}
 
     @property
     def _engine(self) -> Engine | None:

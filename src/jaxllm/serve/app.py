@@ -286,6 +286,9 @@ class _Metrics:
         self.waiting = Gauge("jaxllm_requests_waiting", "Requests waiting in the engine", registry=r)
         self.kv_used = Gauge("jaxllm_kv_blocks_used", "KV blocks in use", registry=r)
         self.kv_free = Gauge("jaxllm_kv_blocks_free", "KV blocks free", registry=r)
+        self.phase_seconds = Gauge("jaxllm_engine_phase_seconds", "Engine thread seconds in each part of its step "
+                                   "since start (a device wait counts where the host blocks on it)", ["phase"],
+                                   registry=r)
 
     def record(self, outs, failed: int = 0) -> None:
         if failed:
@@ -312,4 +315,7 @@ class _Metrics:
             self.waiting.set(last["waiting"])
             self.kv_used.set(last["kv_blocks_used"])
             self.kv_free.set(last["kv_blocks_free"])
+        if hasattr(self.llm, "get_phase_times"):
+            for phase, v in self.llm.get_phase_times().items():
+                self.phase_seconds.labels(phase).set(v["seconds"])
         return generate_latest(self.registry)
