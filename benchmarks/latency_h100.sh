@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Batch-1 latency, TTFT and start-up on one GPU through `jaxllm bench latency` (Llama-3.1-8B shapes,
 # random bf16 weights), with XLA command-buffer variants and HF transformers eager in the same run;
-# VARIANTS "fused" times a synthetic decode step with fused q/k/v and gate/up matmuls against 7 per layer.
+# VARIANTS "fused" times a synthetic decode step with fused q/k/v and gate/up matmuls against 7 per layer;
+# "profile" traces one batch-1 request (benchmarks/profile_decode.py) at 16 and 64 decode steps per call.
 #   PYTHONPATH=src OUT=/tmp/out [VARIANTS="cold warm fused"] bash benchmarks/latency_h100.sh
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-latency
 export JAXLLM_CACHE_DIR=$(mktemp -d)  # always an empty persistent compilation cache: the first run is cold
@@ -20,6 +21,12 @@ for v in $VARIANTS; do
       --input-len 128 --output-len 128 --iterations 5 ;;
     cmdbuf_off) run $v "XLA_FLAGS=--xla_gpu_enable_command_buffer=" --input-len 128 --output-len 128 --iterations 5 ;;
     ttft2048) run $v "" --input-len 2048 --output-len 2 --iterations 5 ;;
+    profile)  # a profiler trace of one batch-1 request: GPU busy vs idle, host work in the gaps, engine phases
+      for steps in 16 64; do
+        timeout 240 python benchmarks/profile_decode.py --model "$M" --decode-steps $steps --trace-dir /tmp/trace_$steps \
+          > "$OUT/profile_$steps.txt" 2>&1 || echo "profile $steps failed"
+        grep -v "^\[" "$OUT/profile_$steps.txt" | tail -40
+      done ;;
     fused)  # seven matmuls per layer vs four (q/k/v and gate/up fused) in a synthetic 8B decode step
       for layout in unrolled fused; do
         timeout 200 python benchmarks/decode_step_variants.py --variant $layout --batch 1 64 >> "$OUT/fused.txt" 2>&1 \

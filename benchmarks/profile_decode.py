@@ -1,0 +1,125 @@
+"""Where a batch-1 decode's time goes: a JAX profiler trace of the engine, summarized.
+
+    python benchmarks/profile_decode.py --model .models/llama-3.1-8b-shapes [--output-len 64] [--decode-steps 16]
+        [--trace-dir DIR]
+
+Warms up, then traces one request (128 prompt tokens, --output-len new ones) and reads the Perfetto
+trace back: the wall time, how long the GPU streams were busy (the union of their kernels), the
+idle gaps between kernels longer than --gap-us, and which host events overlap those gaps (by
+total overlap) -- the host work nothing hides. Also prints the engine's own phase times
+(LLM.get_phase_times). Issue 4: batch-1 ITL carries ~6.6 ms per 16-step decode call that the
+decode-steps sweep could not attribute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import time
+
+
+def load_trace(trace_dir: str):
+    """(events, process names, thread names) of the newest Perfetto trace under trace_dir."""
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise SystemExit(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1]) as f:
+        tr = json.load(f)
+    events = tr["traceEvents"] if isinstance(tr, dict) else tr
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e["tid"])] = e["args"]["name"]
+    return [e for e in events if e.get("ph") == "X" and "dur" in e], procs, threads
+
+
+def union(intervals):
+    """Merged [start, end) intervals, sorted."""
+    out = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: int = 12,
+              thread_pattern: str = "Stream") -> dict:
+    """Device busy time, idle gaps and the host events in them (times in microseconds). Device
+    events: those of processes named like device_pattern, on threads named like thread_pattern."""
+    def is_device(e):
+        return (device_pattern in procs.get(e["pid"], "")
+                and thread_pattern in threads.get((e["pid"], e["tid"]), thread_pattern))
+
+    dev = [(e["ts"], e["ts"] + e["dur"]) for e in events if is_device(e)]
+    host = [e for e in events if "/host" in procs.get(e["pid"], "")]
+    if not dev:
+        return {"device_events": 0}
+    busy = union(dev)
+    t0, t1 = busy[0][0], busy[-1][1]
+    gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] > gap_us]
+    overlap = collections.Counter()
+    for e in host:
+        s, t = e["ts"], e["ts"] + e["dur"]
+        for g0, g1 in gaps:
+            o = min(t, g1) - max(s, g0)
+            if o > 0:
+                overlap[e["name"]] += o
+    return {
+        "device_events": len(dev),
+        "span_us": t1 - t0,
+        "busy_us": sum(e - s for s, e in busy),
+        "gaps": len(gaps),
+        "gap_us": sum(g1 - g0 for g0, g1 in gaps),
+        "longest_gaps_us": sorted((round(g1 - g0, 1) for g0, g1 in gaps), reverse=True)[:top],
+        "host_in_gaps_us": {k: round(v, 1) for k, v in overlap.most_common(top)},
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--trace-dir", default="/tmp/jaxllm-trace")
+    ap.add_argument("--device-pattern", default="/device:GPU", help="process names of the device's streams")
+    ap.add_argument("--gap-us", type=float, default=20.0)
+    args = ap.parse_args()
+    import jax
+
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_batch_size=1, max_seq_len=1024,
+              decode_steps=args.decode_steps)
+    sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
+    llm.generate(prompt, sp, use_tqdm=False)  # compiles
+    llm.generate([{"prompt_token_ids": list(range(2000, 2128))}], sp, use_tqdm=False)
+    for e in llm._engines:
+        e.phase_seconds.clear()
+        e.phase_calls.clear()
+    with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+        t = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": list(range(3000, 3128))}], sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+    phases = llm.get_phase_times()
+    llm.shutdown()
+    n = len(out[0].outputs[0].token_ids)
+    print(f"one request, 128 + {n} tokens, decode_steps {args.decode_steps}: {1e3 * wall:.1f} ms "
+          f"({1e3 * wall / n:.2f} ms per token, prefill included)")
+    print("engine phases (ms per call x calls):")
+    for p, v in phases.items():
+        print(f"  {p:<16} {1e3 * v['seconds'] / v['calls']:9.3f} x {v['calls']}")
+    s = summarize(*load_trace(args.trace_dir), args.device_pattern, args.gap_us)
+    print(json.dumps(s, indent=1))
+
+
+if __name__ == "__main__":
+    main()
