@@ -128,3 +128,18 @@ def test_cached_prefixes_and_later_chunks_compile_nothing_new(tiny_checkpoints):
         assert llm._engine.scheduler.prefix_hit_tokens >= 3 * 32  # `more` continued the cached system prompt
         assert compiles == []
     assert got == expected
+
+
+def test_cached_prefill_tables_are_wide_only_for_the_kernel(tiny_llm, monkeypatch):
+    """Past-position-0 prefills get the wide fixed table only where the Pallas prefill kernel reads
+    them (it visits a row's own pages only); the jnp reference, which gathers every page of the
+    table, keeps the bucketed width."""
+    from jaxllm.engine.engine import CACHED_PREFILL_MIN_TOKENS
+
+    engine = tiny_llm._engine
+    assert not engine.runner.prefill_reads_own_pages  # CPU: the reference
+    assert [engine.cached_prefill_width(n) for n in (1, 3, 5)] == [1, 4, 8]
+    monkeypatch.setattr(engine.runner, "_prefill_kernel", lambda *a: None)
+    floor = min(engine.max_blocks_per_seq, -(-CACHED_PREFILL_MIN_TOKENS // engine.block_size))
+    assert engine.runner.prefill_reads_own_pages and floor > 1
+    assert [engine.cached_prefill_width(n) for n in (1, 3)] == [floor, floor]

@@ -26,8 +26,9 @@ from .block_manager import BlockManager
 from .request import Request, RequestHandle
 from .scheduler import Plan, Scheduler
 
-# Prefill calls past position 0 (cached prefixes, later chunks) get block tables at least this wide
-# (Engine.cached_prefill_width), so their programs depend on rows and chunk length only.
+# Prefill calls past position 0 (cached prefixes, later chunks) through the Pallas prefill kernel get
+# block tables at least this wide (Engine.cached_prefill_width), so their programs depend on rows and
+# chunk length only.
 CACHED_PREFILL_MIN_TOKENS = 4096
 
 _build_penalties = jax.jit(PenaltyState.build, static_argnums=0)
@@ -286,11 +287,14 @@ class Engine:
     # -- device calls ------------------------------------------------------------------------
     def cached_prefill_width(self, blocks: int) -> int:
         """Block-table width of a prefill call that does not start every row at position 0 (a
-        cached prefix, a later chunk): at least the width of CACHED_PREFILL_MIN_TOKENS, so such
-        calls vary in rows and chunk length only and `precompile` can cover them (their query
-        length says nothing about their context). The Pallas prefill kernel reads only each row's
-        own pages, so the wider table costs it nothing; the jnp reference masks the rest."""
-        floor = min(self.max_blocks_per_seq, -(-CACHED_PREFILL_MIN_TOKENS // self.block_size))
+        cached prefix, a later chunk). Through the Pallas prefill kernel, which reads only each
+        row's own pages (so a wider table costs it nothing), at least the width of
+        CACHED_PREFILL_MIN_TOKENS: such calls then vary in rows and chunk length only, and
+        `precompile` covers them with few programs (their query length says nothing about their
+        context). The jnp reference gathers every page of the table, so it keeps the bucketed width."""
+        floor = 1
+        if self.runner.prefill_reads_own_pages:
+            floor = min(self.max_blocks_per_seq, -(-CACHED_PREFILL_MIN_TOKENS // self.block_size))
         return bucket(blocks, floor, self.max_blocks_per_seq)
 
     def _tables(self, reqs: list[Request], rows: int, width: int | None = None,

@@ -109,6 +109,12 @@ class ModelRunner:
             self._decode_impl, static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",)
         )
 
+    @property
+    def prefill_reads_own_pages(self) -> bool:
+        """Whether chunked / prefix-cached prefill runs the Pallas kernel, whose cost does not grow
+        with the block table's width (the jnp reference gathers every page of it)."""
+        return self._prefill_kernel is not None
+
     def _check_kv_scales(self, kv_scales):
         """Per layer (k_scale, v_scale) of an fp8 pool as static floats (compiled in: the K scale
         folds into the softmax scale); default 1.0 each, as vLLM without calibrated scales."""
