@@ -14,7 +14,10 @@ match)
     || { echo "tp_match failed/differs"; tail -5 "$OUT/tp_match.txt"; } ;;
 allreduce)
   # variants: "name|env assignments" (XLA_FLAGS / NCCL_* / ...); NCCL_DEBUG=INFO shows the transport
-  AR=${AR:-"default|X=1;;one-shot|XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true;;nccl-LL|NCCL_PROTO=LL;;nccl-p2p-nvl|NCCL_P2P_LEVEL=NVL"}
+  # (kernels: XLA's own collective kernels (Triton one-shot inside an NVLink domain) instead of NCCL;
+  # sync: the all-reduce on the compute stream, no cross-stream events; graphs: collectives captured
+  # in the command buffers too; one-queue: one hardware queue for all streams)
+  AR=${AR:-"default|X=1;;one-shot|XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true;;nccl-LL|NCCL_PROTO=LL;;nccl-p2p-nvl|NCCL_P2P_LEVEL=NVL;;kernels|XLA_FLAGS=--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE;;sync|XLA_FLAGS=--xla_gpu_disable_async_collectives=ALLREDUCE;;graphs|XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES;;one-queue|CUDA_DEVICE_MAX_CONNECTIONS=1"}
   IFS=';;' read -ra ars <<< "$AR"
   for a in "${ars[@]}"; do
     [ -z "$a" ] && continue
@@ -28,7 +31,7 @@ allreduce)
 latency)
   common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
   # name tp decode-steps attention-backend XLA_FLAGS
-  LAT=${LAT:-"tp1 1 16 auto -|tp2 2 16 auto -|tp2_s64 2 64 auto -|tp1_s64 1 64 auto -"}
+  LAT=${LAT:-"tp1 1 16 auto -|tp2 2 16 auto -|tp2_kernels 2 16 auto --xla_gpu_experimental_use_collective_kernels=ALL_REDUCE|tp2_sync 2 16 auto --xla_gpu_disable_async_collectives=ALLREDUCE|tp2_graphs 2 16 auto --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES"}
   IFS='|' read -ra variants <<< "$LAT"
   for v in "${variants[@]}"; do
     set -- $v
