@@ -128,3 +128,30 @@ def test_kernel_variants_on_gpu():
                {"accumulate_in_place": False}):
         got = jax.jit(functools.partial(fp8_gemv, **kw))(x, w, scale)
         assert _rel_err(got, want) <= TOL, kw
+
+
+@pytest.mark.gpu
+def test_fp8_model_with_the_kernel_on_gpu(tmp_path, monkeypatch):
+    """On a GPU, JAXLLM_FP8_GEMV=1 turns the kernel on for an fp8 model, whose greedy tokens and
+    logprobs then follow the XLA weight-only path's (up to a near-tie)."""
+    from jaxllm import LLM, SamplingParams
+
+    write_kernel_sized_config(tmp_path, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                              num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    prompts = [{"prompt_token_ids": [3 + i % 200 for i in range(n)]} for n in (5, 40, 300)]
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
+    kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=4, quantization="fp8", compilation_cache=False)
+    monkeypatch.setenv("JAXLLM_FP8_GEMV", "0")
+    with LLM(str(tmp_path), **kw) as ref_llm:
+        assert not ref_llm.model_config.fp8_gemv
+        expected = ref_llm.generate(prompts, sp, use_tqdm=False)
+    monkeypatch.setenv("JAXLLM_FP8_GEMV", "1")
+    with LLM(str(tmp_path), **kw) as llm:
+        assert llm.model_config.fp8_gemv
+        got = llm.generate(prompts, sp, use_tqdm=False)
+    for e, g in zip(expected, got):
+        et, gt = e.outputs[0].token_ids, g.outputs[0].token_ids
+        n = next((i for i, (x, y) in enumerate(zip(et, gt)) if x != y), len(et))
+        lp = [x[t].logprob for x, t in zip(g.outputs[0].logprobs, gt)][: n + 1]
+        ref = [x[t].logprob for x, t in zip(e.outputs[0].logprobs, et)][: n + 1]
+        assert lp == pytest.approx(ref, abs=0.05), (n, et, gt)
