@@ -44,3 +44,32 @@ def test_pool_is_donated_and_never_copied(tiny_llm, program):
     assert pool_type in hlo  # the check below looks for the right type
     copies = [line for line in hlo.splitlines() if " copy(" in line and pool_type in line.split("=")[1][:80]]
     assert not copies, f"the program copies a pool buffer: {copies[:2]}"
+
+
+def test_layers_share_one_trace_and_all_compile(tiny_llm, monkeypatch):
+    """The layers of a step program go through one jitted layer function: traced once per program,
+    not once per layer, while the compiled program still holds every layer (XLA inlines the calls):
+    as many dots as with each layer traced on its own."""
+    from jaxllm.models import llama
+
+    runner = tiny_llm._engine.runner
+    reqs = [tiny_llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4))]
+    state = tiny_llm._engine._row_state(reqs, 2)
+    tables = jnp.zeros((2, 3), jnp.int32)
+    traced = []
+    real = llama.DecoderLayer.__call__
+    monkeypatch.setattr(llama.DecoderLayer, "__call__", lambda self, *a: traced.append(1) or real(self, *a))
+
+    def compiled_dots():
+        jax.clear_caches()
+        traced.clear()
+        hlo = runner._decode.lower(runner.params, runner.pool, tables, state, steps=3, num_logprobs=None,
+                                   all_greedy=True).compile().as_text()
+        return len(re.findall(r" dot\(", hlo)), len(traced)
+
+    shared_dots, shared_traces = compiled_dots()
+    monkeypatch.setattr(llama, "_call_layer", lambda layer, i, x, positions, cache, attend: layer(i, x, positions, cache, attend))
+    own_dots, own_traces = compiled_dots()
+    layers = runner.cfg.num_layers
+    assert layers > 1 and shared_traces == 1 and own_traces == layers
+    assert shared_dots == own_dots >= 7 * layers

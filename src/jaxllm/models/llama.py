@@ -17,6 +17,7 @@ now, paged later) and the kernel (jnp reference or Pallas) can change without to
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -180,6 +181,26 @@ class DecoderLayer(nnx.Module):
         return x, cache
 
 
+def _call_layer(layer: DecoderLayer, i: int, x, positions, cache, attend: Attend):
+    """layer(i, x, positions, cache, attend), through one jitted function that every layer of the same
+    structure shares when `attend` can be passed to it (a pytree with ``for_layer``, as the runner's
+    is): the step program then traces and lowers one layer, not each of them -- 32x less Python per
+    program at 8B (its layers still compile unrolled: XLA inlines the calls)."""
+    if not hasattr(attend, "for_layer"):
+        return layer(i, x, positions, cache, attend)
+    graphdef, state = nnx.split(layer)
+    x, kv = _shared_layer(graphdef, state, x, positions, cache[i], attend.for_layer(i))
+    cache = list(cache)
+    cache[i] = kv
+    return x, cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _shared_layer(graphdef, state, x, positions, kv, attend):
+    x, cache = nnx.merge(graphdef, state)(0, x, positions, [kv], attend)
+    return x, cache[0]
+
+
 class LlamaForCausalLM(nnx.Module):
     """Decoder-only transformer; ``__call__`` returns final hidden states, ``logits`` projects them."""
 
@@ -195,7 +216,7 @@ class LlamaForCausalLM(nnx.Module):
         """tokens, positions: [B, T] int32. Returns (hidden [B, T, E] after the final norm, cache)."""
         x = jnp.take(self.embed[...], tokens, axis=0)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(i, x, positions, cache, attend)
+            x, cache = _call_layer(layer, i, x, positions, cache, attend)
         return self.norm(x), cache
 
     def logits(self, hidden):

@@ -22,6 +22,7 @@ softmax scale for K and into the output for V, so no dequantized copy of the poo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -199,8 +200,10 @@ def _per_device(run, mesh, in_specs, out_specs):
 
 def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None,
                 decode_kernel=None, fresh_impl: str | None = None, kv_scales=None,
-                prefill_kernel=None):
-    """`decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls.
+                prefill_kernel=None) -> "PagedAttend":
+    """The attend function a model calls, ``attend(layer, q, k, v, cache) -> (out, cache)``.
+
+    `decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls.
 
     `prefill_kernel` (from `prefill_kernel_for`), when given, serves multi-token calls that are not
     fresh (chunked prefill, prompts past a cached prefix): each row's queries run on contiguously
@@ -214,24 +217,53 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
     ``jax.nn.dot_product_attention`` with that implementation (cuDNN's fused flash attention on
     NVIDIA GPUs) instead of gathering through the block tables.
     """
-    flat_slots = slots.reshape(-1)
-    use_kernel = decode_kernel is not None and positions.shape[1] == 1
-    use_fresh = fresh_impl is not None and positions.shape[1] > 1
-    use_prefill = prefill_kernel is not None and positions.shape[1] > 1 and not use_fresh
+    scales = None if kv_scales is None else tuple((float(k), float(v)) for k, v in kv_scales)
+    return PagedAttend(positions, slots, block_tables, block_size, sliding_window, decode_kernel, fresh_impl,
+                       scales, prefill_kernel)
 
-    def attend(layer, q, k, v, cache):
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedAttend:
+    """`make_attend`'s function, as a pytree: the call's arrays are its leaves and the rest (block
+    size, window, kernels, scales) its static structure, so a jitted layer can take it as an
+    argument and every layer of a step program can share one trace (``models.llama``)."""
+
+    positions: jax.Array
+    slots: jax.Array
+    block_tables: jax.Array
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+    sliding_window: int | None = dataclasses.field(metadata=dict(static=True))
+    decode_kernel: object = dataclasses.field(metadata=dict(static=True))
+    fresh_impl: str | None = dataclasses.field(metadata=dict(static=True))
+    kv_scales: tuple | None = dataclasses.field(metadata=dict(static=True))
+    prefill_kernel: object = dataclasses.field(metadata=dict(static=True))
+
+    def for_layer(self, layer: int) -> "PagedAttend":
+        """The attend of one layer's call with a one-layer cache (its scales at index 0)."""
+        scales = None if self.kv_scales is None else (self.kv_scales[layer],)
+        return dataclasses.replace(self, kv_scales=scales)
+
+    def __call__(self, layer, q, k, v, cache):
+        positions, slots, block_tables, block_size = self.positions, self.slots, self.block_tables, self.block_size
+        sliding_window = self.sliding_window
+        use_kernel = self.decode_kernel is not None and positions.shape[1] == 1
+        use_fresh = self.fresh_impl is not None and positions.shape[1] > 1
+        use_prefill = self.prefill_kernel is not None and positions.shape[1] > 1 and not use_fresh
         k_pool, v_pool = cache[layer]
-        k_scale, v_scale = (1.0, 1.0) if kv_scales is None else kv_scales[layer]
+        k_scale, v_scale = (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer]
         if k_pool.shape[1] != k.shape[2]:  # one copy of each KV head per device that reads it
             k, v = (jnp.repeat(x, k_pool.shape[1] // x.shape[2], axis=2) for x in (k, v))
         n = k_pool.shape[0]
+        flat_slots = slots.reshape(-1)
         idx = jnp.where(flat_slots < 0, n, flat_slots)  # padding -> out of range -> dropped
         k_new = to_pool(k, k_pool.dtype, k_scale)
         v_new = to_pool(v, v_pool.dtype, v_scale)
         k_pool = k_pool.at[idx].set(k_new.reshape(-1, *k.shape[2:]), mode="drop")
         v_pool = v_pool.at[idx].set(v_new.reshape(-1, *v.shape[2:]), mode="drop")
         if use_kernel:
-            out = decode_kernel(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0] + 1, k_scale, v_scale)[:, None]
+            out = self.decode_kernel(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0] + 1, k_scale,
+                                     v_scale)[:, None]
         elif use_fresh:
             lens = jnp.sum(slots >= 0, axis=1).astype(jnp.int32)
             window = (sliding_window - 1, 0) if sliding_window is not None else None
@@ -239,21 +271,19 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
             out = jax.nn.dot_product_attention(
                 q, (k_new if fp8 else k).astype(q.dtype), (v_new if fp8 else v).astype(q.dtype), is_causal=True,
                 query_seq_lengths=lens, key_value_seq_lengths=lens, local_window_size=window,
-                scale=k_scale / q.shape[-1] ** 0.5, implementation=fresh_impl,
+                scale=k_scale / q.shape[-1] ** 0.5, implementation=self.fresh_impl,
             ).astype(jnp.float32)
             if v_scale != 1.0:
                 out = out * v_scale
         elif use_prefill:
             q_lens = jnp.sum(slots >= 0, axis=1).astype(jnp.int32)
-            out = prefill_kernel(q, k_pool, v_pool, block_tables, positions[:, 0], q_lens, k_scale, v_scale)
+            out = self.prefill_kernel(q, k_pool, v_pool, block_tables, positions[:, 0], q_lens, k_scale, v_scale)
         else:
             out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window,
                                             k_scale, v_scale)
         cache = list(cache)
         cache[layer] = (k_pool, v_pool)
         return out, cache
-
-    return attend
 
 
 def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, mesh) -> int:
