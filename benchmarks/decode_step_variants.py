@@ -39,42 +39,41 @@ def rms(x, w):
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-5) * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def layer(p, x, kc, vc, pos):
-    """x [B, E]; kc / vc [B, CTX, KV, D] (this layer's cache); pos: scalar position."""
+def _decoder_layer(p, x, kc, vc, pos, qkv, gate_up):
+    """x [B, E]; kc / vc [B, CTX, KV, D] (this layer's cache); pos: scalar position. qkv(h) gives
+    q, k, v as [B, heads * D]; gate_up(h) gives gate and up [B, F]."""
     b = x.shape[0]
-    h = rms(x, p["ln1"])
-    q = (h @ p["q"]).reshape(b, KV, H // KV, D)
-    k = (h @ p["k"]).reshape(b, 1, KV, D)
-    v = (h @ p["v"]).reshape(b, 1, KV, D)
-    kc = jax.lax.dynamic_update_slice(kc, k, (0, pos, 0, 0))
-    vc = jax.lax.dynamic_update_slice(vc, v, (0, pos, 0, 0))
+    q, k, v = qkv(rms(x, p["ln1"]))
+    q = q.reshape(b, KV, H // KV, D)
+    kc = jax.lax.dynamic_update_slice(kc, k.reshape(b, 1, KV, D), (0, pos, 0, 0))
+    vc = jax.lax.dynamic_update_slice(vc, v.reshape(b, 1, KV, D), (0, pos, 0, 0))
     s = jnp.einsum("bkgd,bskd->bkgs", q, kc, preferred_element_type=jnp.float32) / D**0.5
     s = jnp.where(jnp.arange(CTX) <= pos, s, -jnp.inf)
     a = jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(s, -1).astype(x.dtype), vc).reshape(b, H * D)
     x = x + a @ p["o"]
-    h = rms(x, p["ln2"])
-    x = x + (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
+    g, u = gate_up(rms(x, p["ln2"]))
+    x = x + (jax.nn.silu(g) * u) @ p["down"]
     return x, kc, vc
+
+
+def layer(p, x, kc, vc, pos):
+    """Seven matmuls: q, k, v, o, gate, up, down."""
+    return _decoder_layer(p, x, kc, vc, pos, lambda h: (h @ p["q"], h @ p["k"], h @ p["v"]),
+                          lambda h: (h @ p["gate"], h @ p["up"]))
 
 
 def fused_layer(p, x, kc, vc, pos):
-    """`layer` with q/k/v and gate/up each one matmul (p["qkv"] [E, (H + 2 KV) D], p["gate_up"] [E, 2F])."""
-    b = x.shape[0]
-    h = rms(x, p["ln1"])
-    qkv = h @ p["qkv"]
-    q = qkv[:, : H * D].reshape(b, KV, H // KV, D)
-    k = qkv[:, H * D : (H + KV) * D].reshape(b, 1, KV, D)
-    v = qkv[:, (H + KV) * D :].reshape(b, 1, KV, D)
-    kc = jax.lax.dynamic_update_slice(kc, k, (0, pos, 0, 0))
-    vc = jax.lax.dynamic_update_slice(vc, v, (0, pos, 0, 0))
-    s = jnp.einsum("bkgd,bskd->bkgs", q, kc, preferred_element_type=jnp.float32) / D**0.5
-    s = jnp.where(jnp.arange(CTX) <= pos, s, -jnp.inf)
-    a = jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(s, -1).astype(x.dtype), vc).reshape(b, H * D)
-    x = x + a @ p["o"]
-    h = rms(x, p["ln2"])
-    gu = h @ p["gate_up"]
-    x = x + (jax.nn.silu(gu[:, :F]) * gu[:, F:]) @ p["down"]
-    return x, kc, vc
+    """Four: q/k/v as one (p["qkv"] [E, (H + 2 KV) D]), o, gate/up as one (p["gate_up"] [E, 2F]), down."""
+
+    def qkv(h):
+        y = h @ p["qkv"]
+        return y[:, : H * D], y[:, H * D : (H + KV) * D], y[:, (H + KV) * D :]
+
+    def gate_up(h):
+        y = h @ p["gate_up"]
+        return y[:, :F], y[:, F:]
+
+    return _decoder_layer(p, x, kc, vc, pos, qkv, gate_up)
 
 
 def make_step(variant, n_layers):
