@@ -102,9 +102,7 @@ def main():
     prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
     llm.generate(prompt, sp, use_tqdm=False)  # compiles
     llm.generate([{"prompt_token_ids": list(range(2000, 2128))}], sp, use_tqdm=False)
-    for e in llm._engines:
-        e.phase_seconds.clear()
-        e.phase_calls.clear()
+    llm.reset_phase_times()
     with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
         t = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": list(range(3000, 3128))}], sp, use_tqdm=False)

@@ -268,9 +268,7 @@ def run(args) -> dict:
         warm_outs, warm_s = _run(llm, warm)
         first_token_s = min(o.metrics.first_token_time for o in warm_outs) - t_start
         _progress(f"warm-up done in {warm_s:.1f} s; timed run")
-        for e in llm._engines:  # the engine's host phases, counted over the timed run only
-            e.phase_seconds.clear()
-            e.phase_calls.clear()
+        llm.reset_phase_times()  # the engine's phases, counted over the timed run only
 
         if args.mode == "throughput":
             outs, elapsed = _run(llm, requests)

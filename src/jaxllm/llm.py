@@ -292,6 +292,13 @@ class LLM:
             calls.update(e.phase_calls)
         return {p: {"seconds": s, "calls": calls[p]} for p, s in total.most_common()}
 
+    def reset_phase_times(self) -> None:
+        """Start get_phase_times' counts afresh (a benchmark's timed run, say)."""
+        self._require_engine()
+        for e in self._engines:
+            e.phase_seconds.clear()
+            e.phase_calls.clear()
+
     @property
     def _engine(self) -> Engine | None:
         """The first replica's engine (the only one without data parallelism)."""

@@ -174,7 +174,8 @@ def refill_previous(step, stages, n_steps, issue):
 
 
 def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
-    """The checks both kernels make on heads, pages, pools and KV tiles; returns kvh."""
+    """The checks both kernels make on heads, pages, pools and KV tiles; returns G, the query heads
+    per KV head."""
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
     if block_size % 8 or not 8 <= block_size <= 256:
@@ -185,7 +186,7 @@ def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
                          f"{kv_dtype} and {jnp.dtype(v_pool.dtype)}")
     if block_kv % 64 or not (block_kv % block_size == 0 or block_size % block_kv == 0):
         raise ValueError(f"block_kv must be a multiple of 64 that divides or is divided by block_size, got {block_kv}")
-    return kvh
+    return h // kvh
 
 
 def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, rows, tile, scale, soft_cap):
@@ -267,7 +268,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     b, h, d = q.shape
     kvh = k_pool.shape[0 if heads_major else 1]
     w = block_tables.shape[1]
-    g = h // check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool)
+    g = check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool)
     if g > ROWS:
         raise ValueError(f"at most {ROWS} query heads per KV head, got {g}")
     if d % 64:

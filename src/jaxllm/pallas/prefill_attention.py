@@ -125,7 +125,7 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
     b, t, h, d = q.shape
     kvh = k_pool.shape[1]
     w = block_tables.shape[1]
-    g = h // check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool)
+    g = check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool)
     if d % 64 or d > 256:
         raise ValueError(f"head_dim must be 64, 128, 192 or 256, got {d}")
     if sliding_window is not None and sliding_window < 1:
