@@ -9,7 +9,8 @@
 #   throughput  jaxllm bench throughput 1000/1000, $NREQ requests, batch $NREQ: variants in $TPUT; every
 #               greedy step program for 1000-token prompts and up to 2000 tokens ($PRECOMPILE; 27 programs
 #               at batch 256) compiles first, 8 at a time (at 70B one program compiles for ~16 s, and the
-#               warm-up alone compiled past a 540 s limit on 2026-11-26)
+#               warm-up alone compiled past a 540 s limit on 2026-11-26); the warm-up is $WARMUP (16)
+#               requests, since precompile already compiled the batch-$NREQ programs
 #   PYTHONPATH=src OUT=/tmp/out TP=4 STEPS="match latency" bash benchmarks/tp_large.sh
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-tp
 BASE=${BASE:-$M}
@@ -60,8 +61,8 @@ latency)
   LAT=${LAT:-"8b_tp1 8b 1|8b_tp2 8b 2|8b_tp$TP 8b $TP|70b_tp$TP 70b $TP"}
   bench_each latency lat 400 "$LAT" --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5 ;;
 throughput)
-  bench_each throughput tput 560 "${TPUT:-"70b_tp$TP 70b $TP"}" --num-requests $NREQ --max-batch-size $NREQ \
-    --input-len 1000 --output-len 1000 --max-seq-len 2048 --precompile-max-len ${PRECOMPILE:-2000} ;;
+  bench_each throughput tput ${TPUT_LIMIT:-560} "${TPUT:-"70b_tp$TP 70b $TP"}" --num-requests $NREQ --max-batch-size $NREQ \
+    --warmup-requests ${WARMUP:-16} --input-len 1000 --output-len 1000 --max-seq-len 2048 --precompile-max-len ${PRECOMPILE:-2000} ;;
 esac; done
 python - "$OUT" <<'PY'
 import json, sys, pathlib
