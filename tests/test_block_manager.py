@@ -267,6 +267,34 @@ def test_prefill_is_chunked_within_max_num_tokens():
     assert plan.decode == [long, short] and plan.prefill == []
 
 
+def test_prefill_call_padded_shape_stays_within_max_num_tokens():
+    """A prefill call is padded to (row bucket) x (chunk-length bucket): one long chunk beside many
+    short ones must not make a call of rows x long positions (128 x 1024 at 70B overflowed an H200)."""
+    bm = BlockManager(4096, 16)
+    sched = Scheduler(bm, max_batch_size=64, max_num_tokens=1024, decode_steps=4)
+    reqs = [_req(0, 1000, 3)] + [_req(i, 8, 3) for i in range(1, 60)] + [_req(60, 200, 3)]
+    for r in reqs:
+        sched.add(r)
+    shapes, steps = [], 0
+    while any(r.num_computed < len(r.all_ids) - 1 for r in reqs) and steps < 20:
+        plan = sched.schedule()
+        steps += 1
+        if plan.prefill:
+            rows = _pow2(len(plan.prefill))
+            length = max(16, _pow2(max(e - s for _, s, e in plan.prefill)))
+            assert rows * length <= max(1024, 16 * rows), (rows, length)
+            assert sum(e - s for _, s, e in plan.prefill) <= 1024
+            shapes.append((rows, length))
+        _apply(sched, plan)
+    assert shapes[0] == (1, 1024), "the long prompt alone first: nothing else fits beside 1024 positions"
+    assert shapes[1] == (64, 16), "then the short prompts batch together (64 x 16 positions)"
+    assert all(r.num_computed >= len(r.prompt_token_ids) for r in reqs), "every prompt was prefilled"
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def test_preemption_takes_the_newest_request_and_requeues_it_at_the_head():
     bm = BlockManager(9, 4)
     sched = Scheduler(bm, max_batch_size=3, max_num_tokens=100, decode_steps=4)

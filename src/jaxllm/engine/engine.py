@@ -24,7 +24,7 @@ from ..runner import ModelRunner, RowState, bucket
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays
 from .block_manager import BlockManager
 from .request import Request, RequestHandle
-from .scheduler import Plan, Scheduler
+from .scheduler import Plan, Scheduler, prefill_length_cap
 
 # Prefill calls past position 0 (cached prefixes, later chunks) through the Pallas prefill kernel get
 # block tables at least this wide (Engine.cached_prefill_width), so their programs depend on rows and
@@ -166,10 +166,8 @@ class Engine:
         seen = set()
         for t, p_widths, fresh in kinds:
             for rows in rows_buckets:
-                if rows > 1 and (t // 2 + 1) + rows // 2 > sched.max_num_tokens:
-                    # fewest tokens of such a call: one chunk longer than t/2, the others (more than
-                    # rows/2 in all) one token each -- over the budget, no step makes it
-                    break
+                if t > prefill_length_cap(rows, sched.max_num_tokens):
+                    break  # the scheduler keeps a prefill call's padded shape within the budget
                 state = self._row_state([], rows)
                 tok = jnp.asarray(np.zeros((rows, t), np.int32))
                 pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy())

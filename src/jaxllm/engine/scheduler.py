@@ -4,7 +4,9 @@ Each engine step the scheduler decides, on the host and without touching the dev
 
 1. For every running request, oldest admission first, its work this step: a **decode** run of up
    to ``decode_steps`` tokens, or the next **prefill chunk** of its prompt within the step's token
-   budget (``max_num_tokens``). Blocks for that work are allocated now. When the pool is short, the
+   budget (``max_num_tokens``). A prefill call is padded to (row bucket) x (chunk-length bucket)
+   positions, and that padded shape stays within ``max_num_tokens`` too: a chunk that would widen
+   it past the budget waits for the next step (the first chunk of a step always fits). Blocks for that work are allocated now. When the pool is short, the
    most recently admitted running request is **preempted**: its blocks are freed (they stay in the
    prefix cache) and it goes back to the head of the waiting queue, to be recomputed from its
    prompt plus what it has generated so far. The oldest request can therefore always progress,
@@ -18,8 +20,19 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..runner import bucket
 from .block_manager import BlockManager
 from .request import Request, Status
+
+
+def prefill_length_cap(rows: int, max_num_tokens: int) -> int:
+    """The longest chunk-length bucket a prefill call of `rows` rows (a row bucket) may have: its
+    padded shape rows x length stays within max_num_tokens, except that the shortest bucket (16)
+    is always allowed, so short chunks batch even under a tiny budget."""
+    if rows == 1:
+        return max_num_tokens
+    cap = max_num_tokens // rows
+    return max(16, 1 << (cap.bit_length() - 1) if cap else 0)  # chunk-length buckets are powers of two
 
 
 @dataclass
@@ -73,6 +86,18 @@ class Scheduler:
         self.num_preemptions += 1
         plan.preempted.append(req)
 
+    def _prefill_room(self, plan: Plan) -> int:
+        """The longest chunk one more prefill row may have this step (0: none fits). The call is
+        padded to (row bucket) x (chunk-length bucket) positions, which must stay within
+        max_num_tokens (see `prefill_length_cap`): one long chunk beside many short ones would otherwise compute (and hold
+        activations for) rows x long positions -- 128 x 1024 at 70B overflowed an H200."""
+        rows = bucket(len(plan.prefill) + 1, 1, self.max_batch_size)
+        if rows == 1:
+            return self.max_num_tokens
+        fit = prefill_length_cap(rows, self.max_num_tokens)
+        longest = max((end - start for _, start, end in plan.prefill), default=0)
+        return fit if bucket(longest, 16, self.max_num_tokens) <= fit else 0
+
     def _reserve(self, req: Request, num_tokens: int, plan: Plan) -> bool:
         """Allocate for req, preempting the newest running requests as needed; False if req itself went."""
         while not self._grow(req, num_tokens):
@@ -102,21 +127,24 @@ class Scheduler:
                 want = min(req.num_computed + self.decode_steps, req.max_kv_tokens)
                 if self._reserve(req, want, plan):
                     plan.decode.append(req)
-            elif budget > 0:
-                chunk = min(remaining, budget)
+            elif budget > 0 and (room := self._prefill_room(plan)):
+                chunk = min(remaining, budget, room)
                 if self._reserve(req, req.num_computed + chunk, plan):
                     plan.prefill.append((req, req.num_computed, req.num_computed + chunk))
                     budget -= chunk
         # No admission in a step that had to preempt: the pool is short, and the preempted request
         # would only be re-admitted at once.
         while not plan.preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            room = self._prefill_room(plan)
+            if not room:
+                break
             req = self.waiting[0]
             # a request still owed prompt logprobs computes its whole prompt
             cached = [] if req.needs_prompt_logprobs else self.blocks.match_prefix(req.all_ids)
             self.blocks.take(cached)
             req.blocks = list(cached)
             req.num_computed = len(cached) * self.blocks.block_size
-            chunk = min(len(req.all_ids) - req.num_computed, budget)
+            chunk = min(len(req.all_ids) - req.num_computed, budget, room)
             if not self._grow(req, req.num_computed + chunk):
                 self.blocks.release(req.blocks)
                 req.reset_kv()
