@@ -3,7 +3,7 @@
 # weights. Shapes are derived from the Llama-3.1-8B shapes folder ($BASE): "8b", "8b-kv2" (2 KV heads:
 # replicated over 4 devices), "70b" (Llama-3.1-70B: 80 layers, hidden 8192, 64 / 8 heads, intermediate
 # 28672), "70b-kv4" (4 KV heads: replicated at tp=8). Steps ($STEPS):
-#   match       tp_match.py: greedy tokens at tp=$TP vs tp=1, float32, 8b and 8b-kv2
+#   match       tp_match.py: greedy tokens at tp=$TP vs tp=1, float32, the shapes in $MATCH (8b 8b-kv2)
 #   allreduce   one small all-reduce over 2 and over all GPUs (the per-layer cost of tensor parallelism)
 #   latency     jaxllm bench latency, batch 1, 128/128: variants in $LAT ("name model tp" separated by |)
 #   throughput  jaxllm bench throughput 1000/1000, $NREQ requests, batch $NREQ: variants in $TPUT; every
@@ -45,7 +45,7 @@ bench_each() {
 STEPS=${STEPS:-match allreduce latency throughput}
 for s in $STEPS; do case $s in
 match)
-  for m in 8b 8b-kv2; do
+  for m in ${MATCH:-8b 8b-kv2}; do
     echo "== tp match $m" | tee -a "$OUT/tp_match.txt" >&2
     JAX_DEFAULT_MATMUL_PRECISION=highest timeout 500 python benchmarks/tp_match.py --model $S/$m --tp 1 $TP \
       --dtype float32 --prompts 8 --max-tokens 64 >> "$OUT/tp_match.txt" 2>&1 || echo "tp_match $m failed/differs"

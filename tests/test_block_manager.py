@@ -291,6 +291,40 @@ def test_prefill_call_padded_shape_stays_within_max_num_tokens():
     assert all(r.num_computed >= len(r.prompt_token_ids) for r in reqs), "every prompt was prefilled"
 
 
+def test_prefill_first_while_requests_wait_for_slots():
+    """Admission steps hold the running rows' decode back while requests still wait for a slot, so
+    a burst fills the batch in as many steps as its prompts need -- not one decode call per step --
+    and the decode rows run once the batch is full; a streak of such steps is bounded."""
+    bm = BlockManager(256, 4)
+    sched = Scheduler(bm, max_batch_size=4, max_num_tokens=16, decode_steps=4)
+    first = _req(0, 8, 20)
+    sched.add(first)
+    _apply(sched, sched.schedule())  # first prefilled, now decoding
+    for i in range(1, 6):
+        sched.add(_req(i, 16, 20))  # each fills a step's budget alone
+    kinds = []
+    for _ in range(4):
+        plan = sched.schedule()
+        kinds.append(([r.request_id for r, _, _ in plan.prefill], [r.request_id for r in plan.decode]))
+        _apply(sched, plan)
+    assert kinds == [([1], []), ([2], []), ([3], [0, 1, 2]), ([], [0, 1, 2, 3])], kinds
+    assert sched.num_deferred_decodes == 3  # request 0 twice, request 1 once; 4 and 5 wait
+
+    # the streak is bounded: the decode rows run after max_prefill_streak prefill-only steps
+    sched = Scheduler(BlockManager(4096, 4), max_batch_size=64, max_num_tokens=16, decode_steps=4)
+    sched.max_prefill_streak = 2
+    sched.add(_req(0, 4, 50))
+    _apply(sched, sched.schedule())
+    for i in range(1, 10):
+        sched.add(_req(i, 16, 4))
+    decoded = []
+    for _ in range(6):
+        plan = sched.schedule()
+        decoded.append(bool(plan.decode))
+        _apply(sched, plan)
+    assert decoded == [False, False, True, False, False, True]
+
+
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -375,6 +409,7 @@ def test_random_workload_through_a_small_pool_finishes_everything(seed):
         reqs.append(_req(i, plen, mt))
     pending = list(reqs)
     finished = []
+    stalled = 0
     for step in range(5000):
         while pending and rng.random() < 0.5:  # requests keep arriving while others run
             sched.add(pending.pop(0))
@@ -385,9 +420,15 @@ def test_random_workload_through_a_small_pool_finishes_everything(seed):
         oldest = sched.running[0] if sched.running else None
         plan = sched.schedule()
         assert not plan.empty, "a step with work must plan something (no deadlock)"
-        if oldest is not None:  # the oldest running request always progresses
+        if oldest is not None:  # the oldest running request progresses, waiting at most a prefill-first streak
             assert oldest not in plan.preempted
-            assert oldest in plan.decode or any(r is oldest for r, _, _ in plan.prefill)
+            if oldest in plan.decode or any(r is oldest for r, _, _ in plan.prefill):
+                stalled = 0
+            else:
+                stalled += 1
+                assert stalled <= Scheduler.max_prefill_streak and plan.prefill and sched.waiting
+        else:
+            stalled = 0
         for r in plan.preempted:
             if r in sched.waiting:
                 assert r.blocks == [] and r.num_computed == 0 and r.status is Status.WAITING

@@ -13,6 +13,10 @@ Each engine step the scheduler decides, on the host and without touching the dev
    and nothing is lost or generated twice.
 2. Unless step 1 preempted, waiting requests are admitted in arrival order while batch slots,
    budget and blocks last (reusing cached prefix blocks); admission never preempts.
+3. Prefill first: while requests are still waiting for a free slot after this step's admissions,
+   the step runs its prefill chunks only and the decode rows wait (as vLLM's prefill-priority
+   scheduling); they decode once the batch is full or nobody waits, or after
+   ``max_prefill_streak`` such steps in a row.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class Plan:
 
 
 class Scheduler:
+    # Prefill-first steps in a row before the decode rows run anyway: bounds their stall to this
+    # many prefill calls (each at most max_num_tokens positions).
+    max_prefill_streak = 32
+
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, decode_steps: int):
         self.blocks = blocks
         self.max_batch_size = max_batch_size
@@ -56,6 +64,8 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache, cumulative
+        self.num_deferred_decodes = 0  # decode rows held back by prefill-first steps, cumulative
+        self._prefill_streak = 0  # prefill-first steps since the last decode
         self._admissions = 0
 
     def add(self, req: Request) -> None:
@@ -157,4 +167,16 @@ class Scheduler:
             self.prefix_hit_tokens += req.num_computed
             plan.prefill.append((req, req.num_computed, req.num_computed + chunk))
             budget -= chunk
+        deferrable = plan.decode and plan.prefill and self.waiting and len(self.running) < self.max_batch_size
+        if deferrable and not plan.preempted and self._prefill_streak < self.max_prefill_streak:
+            # Prefill first: requests still wait for free slots, so this step only prefills and the
+            # running requests decode (with their blocks already reserved) once admission stops.
+            # Otherwise every admission step would also run a whole decode call (decode_steps
+            # tokens for the running rows) and the batch would fill decode_steps times slower.
+            # At most max_prefill_streak such steps in a row: the decode rows always progress.
+            self._prefill_streak += 1
+            self.num_deferred_decodes += len(plan.decode)
+            plan.decode = []
+        elif plan.decode:
+            self._prefill_streak = 0
         return plan
