@@ -15,7 +15,7 @@ kernel)
   timeout 300 python benchmarks/decode_kernel.py --contexts 2048,8192 --batch 64 > "$OUT/kernel.txt" 2>&1 \
     || { echo "kernel bench failed"; tail -5 "$OUT/kernel.txt"; } ;;
 gemv)
-  timeout 400 python benchmarks/fp8_gemv.py --sweep > "$OUT/gemv.txt" 2>&1 || { echo "gemv bench failed"; tail -5 "$OUT/gemv.txt"; } ;;
+  timeout 400 python benchmarks/fp8_gemv.py ${GEMV_ARGS:---sweep} > "$OUT/gemv.txt" 2>&1 || { echo "gemv bench failed"; tail -5 "$OUT/gemv.txt"; } ;;
 prefill)
   timeout 300 python benchmarks/prefill_kernel.py --json "$OUT/prefill.json" > "$OUT/prefill.txt" 2>&1 \
     || { echo "prefill bench failed"; tail -5 "$OUT/prefill.txt"; } ;;
@@ -25,6 +25,7 @@ latency)
   for v in "bf16|||" "fp8|--quantization fp8||" "fp8_gemv|--quantization fp8||JAXLLM_FP8_GEMV=1" \
            "int8|--quantization int8||" "fp8_kvfp8|--quantization fp8|--kv-cache-dtype fp8|" "w8a8|--quantization fp8-w8a8||"; do
     IFS='|' read -r name q kv envs <<< "$v"
+    [[ " ${LATV:-$name} " == *" $name "* ]] || continue  # $LATV: the variants to run (default all)
     env $envs timeout 200 python -m jaxllm bench latency $common $q $kv --report-json "$OUT/lat_$name.json" > "$OUT/lat_$name.txt" 2>&1 \
       || { echo "latency $name failed"; tail -5 "$OUT/lat_$name.txt"; }
   done ;;
