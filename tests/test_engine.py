@@ -108,3 +108,38 @@ def test_first_token_is_published_before_the_next_device_call(small_pool_llm, mo
     m = out.metrics
     assert dispatches, "the request was meant to decode"
     assert m.arrival_time < m.first_token_time < dispatches[0] < m.finished_time
+
+
+def test_first_token_of_a_prompt_arriving_mid_decode_precedes_that_steps_decode(small_pool_llm, monkeypatch):
+    """A step with a prefill and a decode collects the prefill and publishes its first tokens before
+    it dispatches the decode (which blocks on a GPU until its loop ends): under load an arriving
+    prompt's TTFT must not include the running rows' decode call."""
+    import time
+
+    engine = small_pool_llm._engine
+    events = []
+    orig_prefill, orig_decode = engine._dispatch_prefill, engine._dispatch_decode
+
+    def prefill(plan):
+        events.append(("prefill", time.perf_counter(), [r.request_id for r, _, _ in plan.prefill]))
+        return orig_prefill(plan)
+
+    def decode(plan, *a):
+        events.append(("decode", time.perf_counter(), [r.request_id for r in plan.decode]))
+        return orig_decode(plan, *a)
+
+    monkeypatch.setattr(engine, "_dispatch_prefill", prefill)
+    monkeypatch.setattr(engine, "_dispatch_decode", decode)
+    greedy = dict(ignore_eos=True, temperature=0)
+    a = small_pool_llm.generate_async("a long answer", SamplingParams(max_tokens=300, **greedy))
+    deadline = time.time() + 60
+    while not any(kind == "decode" for kind, _, _ in events) and time.time() < deadline:
+        time.sleep(0.001)
+    b = small_pool_llm.generate_async("a late prompt", SamplingParams(max_tokens=4, **greedy))
+    out_b, out_a = b.result(timeout=120), a.result(timeout=120)
+    assert len(out_a.outputs[0].token_ids) == 300 and len(out_b.outputs[0].token_ids) == 4
+    b_id = b.request_id
+    i = next(i for i, (kind, _, ids) in enumerate(events) if kind == "prefill" and b_id in ids)
+    same_step = events[i + 1]
+    assert same_step[0] == "decode" and a.request_id in same_step[2], "b's prefill shared a step with a's decode"
+    assert out_b.metrics.first_token_time < same_step[1], "b's first token waited for a's decode call"

@@ -239,7 +239,9 @@ class Engine:
         host, so dispatching the decode loop blocks until it has finished and no host work could
         overlap it anyway. Done this way a first token reaches its caller as soon as its prefill
         ends (not after the next decode call), and requests ended by a stop string free their
-        slots before the scheduler runs.
+        slots before the scheduler runs. For the same reason a step with both kinds of work
+        collects its prefill, and publishes those first tokens, before dispatching its decode
+        (whose inputs are built while the prefill runs).
         """
         t0 = self._mark_time = time.perf_counter()
         self._apply_text()
@@ -249,11 +251,17 @@ class Engine:
         plan = self.scheduler.schedule()
         self._mark("schedule")
         prefill = self._dispatch_prefill(plan) if plan.prefill else None
-        decode = self._dispatch_decode(plan) if plan.decode else None
+        decode_inputs = self._decode_inputs(plan) if plan.decode else None  # built while the prefill runs
         new_tokens = 0
         if prefill is not None:
             new_tokens += self._collect_prefill(plan, prefill)
             self._mark("prefill_collect")
+            if decode_inputs is not None:
+                # the decode dispatch below blocks until its loop ends: the prefilled requests'
+                # first tokens go out now, not a whole decode call later
+                self._apply_text()
+                self._mark("text")
+        decode = self._dispatch_decode(plan, *decode_inputs) if decode_inputs is not None else None
         if decode is not None:
             new_tokens += self._collect_decode(plan, decode)
             self._mark("decode_collect")
@@ -466,11 +474,14 @@ class Engine:
                 produced += 1
         return produced
 
-    def _dispatch_decode(self, plan: Plan):
-        reqs = plan.decode
-        rows = bucket(len(reqs), 1, self.scheduler.max_batch_size)
-        tables, state = self._tables(reqs, rows), self._row_state(reqs, rows)
+    def _decode_inputs(self, plan: Plan):
+        rows = bucket(len(plan.decode), 1, self.scheduler.max_batch_size)
+        tables, state = self._tables(plan.decode, rows), self._row_state(plan.decode, rows)
         self._mark("decode_inputs")
+        return tables, state
+
+    def _dispatch_decode(self, plan: Plan, tables, state):
+        reqs = plan.decode
         out = self.runner.decode(
             tables,
             state,
