@@ -129,12 +129,14 @@ def test_quantization_at_load(tiny, plain, mode, tol):
         params = _params(llm)
         logits = _logits(llm)
     wdtype = jnp.float8_e4m3fn if mode == "fp8" else jnp.int8
-    for name in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"):
+    for name in ("attn.q", "attn.kv", "attn.o", "mlp.gate_up", "mlp.down"):
         p = f"layers.1.{name}"
         assert params[p].dtype == wdtype and params[p + "_scale"].dtype == jnp.float32
     # exactly the quantization of the unquantized model's weights
     axes = {"attn.q": (("embed", "heads", "head_dim"), ("heads", "head_dim")),
-            "attn.o": (("heads", "head_dim", "embed"), ("embed",)), "mlp.down": (("mlp", "embed"), ("embed",))}
+            "attn.o": (("heads", "head_dim", "embed"), ("embed",)), "mlp.down": (("mlp", "embed"), ("embed",)),
+            "mlp.gate_up": (("embed", "stack", "mlp"), ("stack", "mlp")),
+            "attn.kv": (("embed", "stack", "kv_heads", "head_dim"), ("stack", "kv_heads", "head_dim"))}
     for name, (ax, out) in axes.items():
         q, s = quantize_weight(jnp.asarray(plain["params"][f"layers.0.{name}"]), mode, ax, out)
         if mode == "fp8":  # stored K-minor: [out..., in...]
@@ -152,7 +154,7 @@ def test_quantization_at_load(tiny, plain, mode, tol):
 def test_quantization_with_dummy_weights(tiny):
     with LLM(str(tiny), max_seq_len=64, compilation_cache=False, quantization="int8", load_format="dummy") as llm:
         p = _params(llm)
-        assert p["layers.0.mlp.up"].dtype == jnp.int8 and np.abs(np.asarray(p["layers.0.mlp.up"])).max() == 127
+        assert p["layers.0.mlp.gate_up"].dtype == jnp.int8 and np.abs(np.asarray(p["layers.0.mlp.gate_up"])).max() == 127
         assert np.isfinite(_logits(llm)).all()
 
 

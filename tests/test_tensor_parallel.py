@@ -80,7 +80,7 @@ def _check(res, num_heads, num_kv_heads):
         q = r["params"]["layers.0.attn.q"]
         expect = q["total"] // tp if num_heads % tp == 0 else q["total"]
         assert q["per_device"] == [expect] and q["devices"] == tp, (tp, q)
-        for name in ("layers.0.mlp.gate", "layers.0.mlp.down", "embed", "lm_head"):
+        for name in ("layers.0.mlp.gate_up", "layers.0.mlp.down", "embed", "lm_head"):
             p = r["params"][name]
             assert p["per_device"] == [p["total"] // tp], (tp, name, p)
         norm = r["params"]["norm.weight"]

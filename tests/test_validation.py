@@ -200,3 +200,28 @@ def test_bad_llm_arguments(tiny_checkpoints, kwargs, name):
 def test_max_seq_len_over_max_position_embeddings(tiny_checkpoints):
     with pytest.raises(ValueError, match="max_seq_len.*512"):
         LLM(str(tiny_checkpoints["llama_tied"]), max_seq_len=513)
+
+
+def test_checkpoint_lacking_one_part_of_a_fused_projection(tiny_checkpoints, tmp_path):
+    """k/v and gate/up are one parameter each (two HF tensors stacked): a checkpoint with only one
+    of the two is refused, naming the parameter and the tensor that is there."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = tiny_checkpoints["llama3"]
+    shutil.copytree(src, tmp_path / "ckpt")
+    name = "model.layers.0.mlp.up_proj.weight"
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    if index.exists():  # sharded: drop it from its file and from the index
+        meta = json.loads(index.read_text())
+        file = tmp_path / "ckpt" / meta["weight_map"].pop(name)
+        index.write_text(json.dumps(meta))
+    else:
+        (file,) = (tmp_path / "ckpt").glob("*.safetensors")
+    tensors = load_file(str(file))
+    del tensors[name]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"only part\(s\) \[0\] of the fused parameter 'layers.0.mlp.gate_up'.*gate_proj"):
+        LLM(str(tmp_path / "ckpt"), compilation_cache=False)

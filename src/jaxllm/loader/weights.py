@@ -5,7 +5,9 @@ Sources yield ``(hf_name, LazyTensor)``: safetensors (single file or sharded thr
 are dequantized whole by the ``gguf`` package, one at a time. ``place_weights`` runs a model's
 declarative weight map over any source (it knows no model) and builds each parameter with
 ``jax.make_array_from_callback``: every device's shard is read as the one HF slice it needs, so a
-host reads only what its devices hold and no full copy of a split tensor is made.
+host reads only what its devices hold and no full copy of a split tensor is made. A fused
+parameter (k | v, gate | up: ``Rule.part``) is placed once all its HF tensors have been seen, each
+shard stacked from the parts' slices.
 
 Quantized projections (``models/quant.py``): a checkpoint tensor already in float8_e4m3fn (a
 pre-quantized checkpoint) is placed as it is, its scale by its own weight-map rule; a
@@ -58,6 +60,7 @@ class LazyTensor:
     shape: tuple[int, ...]
     read: Callable[[tuple[slice, ...] | None], np.ndarray]
     dtype: object = None  # the stored dtype (numpy / ml_dtypes), where the source says
+    parts: tuple = ()  # a fused parameter's tensors (see _StackLayout); read is None then
 
 
 # safetensors' own numpy and flax readers cannot return float8 tensors (they look the dtype up on
@@ -182,6 +185,7 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
             )
         filled[dotted] = hf_name
 
+    parts_of: dict[str, dict[int, tuple[str, LazyTensor, object]]] = {}  # fused params being gathered
     for hf_name, tensor in tensors:
         try:
             m = weight_map.match(hf_name)
@@ -189,7 +193,7 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
             raise ValueError(f"checkpoint tensor {hf_name!r} is not part of {cfg.architecture}") from None
         if m is None:
             continue
-        dotted, layout = m
+        dotted, layout, part = m
         if dotted not in by_dotted:
             raise ValueError(
                 f"checkpoint tensor {hf_name!r} maps to {dotted!r}, which this config does not have"
@@ -198,6 +202,21 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
         quantization = _quantization_of(vars_by_dotted, dotted)
         if is_k_minor(quantization):  # an fp8 weight, stored [out..., in...]
             layout = layout.k_minor()
+        if part is not None:  # one part of a fused parameter: placed once all its parts are here
+            axis = list(var.get_metadata()["axes"]).index("stack")
+            parts = parts_of.setdefault(dotted, {})
+            if part in parts:
+                raise ValueError(f"checkpoint tensors {parts[part][0]!r} and {hf_name!r} both set part {part} of {dotted!r}")
+            parts[part] = (hf_name, tensor, layout)
+            if len(parts) < var.get_value().shape[axis]:
+                continue
+            del parts_of[dotted]
+            group = [parts[i] for i in range(len(parts))]
+            hf_name = " + ".join(n for n, _, _ in group)
+            dtypes = {None if t.dtype is None else jnp.dtype(t.dtype) for _, t, _ in group}
+            tensor = LazyTensor(tuple(t.shape for _, t, _ in group), None, dtypes.pop() if len(dtypes) == 1 else None,
+                                parts=tuple(t for _, t, _ in group))
+            layout = _StackLayout(tuple(lay for _, _, lay in group), axis)
         target = var.get_value()
         shape = tuple(target.shape)
         if layout.param_shape(tensor.shape, cfg) != shape:
@@ -223,15 +242,41 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
         shard = partial(_read_shard, tensor=tensor, layout=layout, cfg=cfg, shape=shape, dtype=target.dtype)
         var.set_value(jax.make_array_from_callback(shape, sharding, shard))
         fill(dotted, hf_name)
+    for dotted, parts in parts_of.items():
+        raise ValueError(
+            f"checkpoint has only part(s) {sorted(parts)} of the fused parameter {dotted!r} "
+            f"({', '.join(n for n, _, _ in parts.values())}); its other part(s) are missing"
+        )
     missing = sorted(set(by_dotted) - set(filled))
     if missing:
         raise ValueError(f"checkpoint lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return nnx.from_flat_state(flat)
 
 
+@dataclass(frozen=True)
+class _StackLayout:
+    """A fused parameter (``Rule.part``): its parts' layouts, stacked along axis `axis`. Its tensor
+    is a LazyTensor whose shape is the tuple of the parts' shapes and whose `parts` are theirs."""
+
+    parts: tuple
+    axis: int
+
+    def param_shape(self, hf_shapes, cfg) -> tuple[int, ...] | None:
+        shapes = {lay.param_shape(s, cfg) for lay, s in zip(self.parts, hf_shapes)}
+        if len(shapes) != 1 or None in shapes:
+            return None
+        sub = shapes.pop()
+        return sub[: self.axis] + (len(self.parts),) + sub[self.axis :]
+
+
 def _read_shard(index, *, tensor: LazyTensor, layout, cfg, shape, dtype) -> np.ndarray:
     """The shard param[index] of one parameter, read as the HF slice that holds it."""
     index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+    if isinstance(layout, _StackLayout):  # each part's slice, read as a parameter of its own
+        a = layout.axis
+        sub, sub_shape = index[:a] + index[a + 1 :], shape[:a] + shape[a + 1 :]
+        return np.stack([_read_shard(sub, tensor=tensor.parts[p], layout=layout.parts[p], cfg=cfg, shape=sub_shape,
+                                     dtype=dtype) for p in range(index[a].start, index[a].stop)], axis=a)
     hf_index = layout.hf_index(index, cfg)
     if hf_index is None:  # not one rectangular HF slice: read the whole tensor
         return np.asarray(layout(tensor.read(None), cfg))[index].astype(dtype)

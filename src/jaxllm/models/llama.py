@@ -6,9 +6,14 @@ RMSNorm on q and k per head (Qwen3), tied embeddings (Llama 3.2), the rope frequ
 
 Weights are stored in the layout the matmuls want, with a logical axis name per dimension
 (``axes`` metadata) that ``jaxllm.sharding`` maps to mesh axes: a projection into heads is
-``[embed, heads, head_dim]``, out of heads ``[heads, head_dim, embed]``. With
-``cfg.quantization`` ("fp8" / "int8") the seven projections hold 8-bit weights and a ``<name>_scale``
-per output channel (``models/quant.py``); the embedding, lm_head and norms stay in ``dtype``.
+``[embed, heads, head_dim]``, out of heads ``[heads, head_dim, embed]``. k and v are one
+projection (``kv``, ``[embed, 2, kv_heads, head_dim]``), and so are gate and up (``gate_up``,
+``[embed, 2, mlp]``): one matmul each instead of two -- measured on an H100 at 8B shapes, fewer,
+larger decode GEMVs made a step 7-17% faster. Their "stack" axis is never sharded, so every tensor-
+parallel shard holds its own k and v heads (gate and up columns) side by side; the loader stacks
+the two HF tensors (``Rule.part``). With ``cfg.quantization`` ("fp8" / "int8") the projections
+hold 8-bit weights and a ``<name>_scale`` per output channel (``models/quant.py``); the embedding,
+lm_head and norms stay in ``dtype``.
 
 Attention itself (writing K/V into the cache and reading it back) is not done here: the caller
 passes an ``attend(layer, q, k, v, cache) -> (out, cache)`` function, so the cache layout (contiguous
@@ -103,13 +108,13 @@ class Attention(nnx.Module):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qz = cfg.quantization
         self.q, self.q_scale = _projection(rngs, (e, h, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), dtype, qz)
-        self.k, self.k_scale = _projection(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), dtype, qz)
-        self.v, self.v_scale = _projection(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), dtype, qz)
+        # k and v as one matmul: [embed, 2, kv_heads, head_dim] (the "stack" axis is never sharded)
+        self.kv, self.kv_scale = _projection(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
+                                             ("stack", "kv_heads", "head_dim"), dtype, qz)
         self.o, self.o_scale = _projection(rngs, (h, d, e), ("heads", "head_dim", "embed"), ("embed",), dtype, qz)
         if cfg.attention_bias:
             self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), dtype, init="zeros")
-            self.k_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), dtype, init="zeros")
-            self.v_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.kv_bias = _param(rngs, (2, kv, d), ("stack", "kv_heads", "head_dim"), dtype, init="zeros")
         if cfg.o_bias:
             self.o_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
         if cfg.qk_norm:
@@ -125,10 +130,10 @@ class Attention(nnx.Module):
 
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
         q = qeinsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8, self.gemv)
-        k = qeinsum("bte,ehd->bthd", x, self.k[...], _value(self.k_scale), self.w8a8, self.gemv)
-        v = qeinsum("bte,ehd->bthd", x, self.v[...], _value(self.v_scale), self.w8a8, self.gemv)
+        kv = qeinsum("bte,eshd->btshd", x, self.kv[...], _value(self.kv_scale), self.w8a8, self.gemv)
         if self.has_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
+        k, v = kv[:, :, 0], kv[:, :, 1]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.rope, self.head_dim)  # a numpy constant, folded at trace time
@@ -145,22 +150,21 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
         qz = cfg.quantization
-        self.gate, self.gate_scale = _projection(rngs, (e, f), ("embed", "mlp"), ("mlp",), dtype, qz)
-        self.up, self.up_scale = _projection(rngs, (e, f), ("embed", "mlp"), ("mlp",), dtype, qz)
+        # gate and up as one matmul: [embed, 2, mlp] (the "stack" axis is never sharded)
+        self.gate_up, self.gate_up_scale = _projection(rngs, (e, 2, f), ("embed", "stack", "mlp"), ("stack", "mlp"), dtype, qz)
         self.down, self.down_scale = _projection(rngs, (f, e), ("mlp", "embed"), ("embed",), dtype, qz)
         self.w8a8 = cfg.fp8_activations
         self.gemv = cfg.fp8_gemv
         self.has_bias = cfg.mlp_bias
         if cfg.mlp_bias:
-            self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
-            self.up_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
+            self.gate_up_bias = _param(rngs, (2, f), ("stack", "mlp"), dtype, init="zeros")
             self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
 
     def __call__(self, x):
-        g = qeinsum("...e,ef->...f", x, self.gate[...], _value(self.gate_scale), self.w8a8, self.gemv)
-        u = qeinsum("...e,ef->...f", x, self.up[...], _value(self.up_scale), self.w8a8, self.gemv)
+        gu = qeinsum("...e,esf->...sf", x, self.gate_up[...], _value(self.gate_up_scale), self.w8a8, self.gemv)
         if self.has_bias:
-            g, u = g + self.gate_bias[...], u + self.up_bias[...]
+            gu = gu + self.gate_up_bias[...]
+        g, u = gu[..., 0, :], gu[..., 1, :]
         y = qeinsum("...f,fe->...e", jax.nn.silu(g) * u, self.down[...], _value(self.down_scale), self.w8a8, self.gemv)
         if self.has_bias:
             y = y + self.down_bias[...]

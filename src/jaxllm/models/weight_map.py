@@ -131,6 +131,9 @@ class Rule:
     param: str
     transform: Transform = identity
     optional: bool = False  # present only with some config switches
+    # a fused parameter (axis "stack" in its metadata) is built from several HF tensors: this one
+    # is its part `part` along that axis, laid out by `transform` like a parameter of its own
+    part: int | None = None
 
 
 @dataclass
@@ -144,8 +147,9 @@ class WeightMap:
         ]
         self._ignore = [re.compile(p) for p in self.ignore]
 
-    def match(self, hf_name: str) -> tuple[str, Transform] | None:
-        """The parameter path and transform for an HF tensor name; None if it is to be ignored.
+    def match(self, hf_name: str) -> tuple[str, Transform, int | None] | None:
+        """The parameter path, transform and part (see ``Rule.part``) for an HF tensor name; None if
+        it is to be ignored.
 
         Raises KeyError for a tensor the map does not know: a checkpoint with unexpected weights is
         more likely a different architecture than something to skip silently.
@@ -154,7 +158,7 @@ class WeightMap:
             m = pattern.match(hf_name)
             if m:
                 path = rule.param.replace("{i}", m.group(1)) if m.groups() else rule.param
-                return path, rule.transform
+                return path, rule.transform, rule.part
         if any(p.search(hf_name) for p in self._ignore):
             return None
         raise KeyError(hf_name)
@@ -178,28 +182,28 @@ LLAMA_WEIGHT_MAP = WeightMap(
         Rule("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight"),
         Rule("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attn_norm.weight"),
         Rule("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q", in_to_heads("num_heads")),
-        Rule("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k", in_to_heads("num_kv_heads")),
-        Rule("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v", in_to_heads("num_kv_heads")),
+        Rule("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.kv", in_to_heads("num_kv_heads"), part=0),
+        Rule("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.kv", in_to_heads("num_kv_heads"), part=1),
         Rule("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o", heads_to_out),
         Rule("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q_bias", bias_to_heads("num_heads"), True),
-        Rule("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k_bias", bias_to_heads("num_kv_heads"), True),
-        Rule("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v_bias", bias_to_heads("num_kv_heads"), True),
+        Rule("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.kv_bias", bias_to_heads("num_kv_heads"), True, 0),
+        Rule("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.kv_bias", bias_to_heads("num_kv_heads"), True, 1),
         Rule("model.layers.{i}.self_attn.o_proj.bias", "layers.{i}.attn.o_bias", optional=True),
         Rule("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.weight", optional=True),
         Rule("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.weight", optional=True),
-        Rule("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate", transpose),
-        Rule("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up", transpose),
+        Rule("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_up", transpose, part=0),
+        Rule("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.gate_up", transpose, part=1),
         Rule("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down", transpose),
-        Rule("model.layers.{i}.mlp.gate_proj.bias", "layers.{i}.mlp.gate_bias", optional=True),
-        Rule("model.layers.{i}.mlp.up_proj.bias", "layers.{i}.mlp.up_bias", optional=True),
+        Rule("model.layers.{i}.mlp.gate_proj.bias", "layers.{i}.mlp.gate_up_bias", optional=True, part=0),
+        Rule("model.layers.{i}.mlp.up_proj.bias", "layers.{i}.mlp.gate_up_bias", optional=True, part=1),
         Rule("model.layers.{i}.mlp.down_proj.bias", "layers.{i}.mlp.down_bias", optional=True),
         # pre-quantized FP8 checkpoints (compressed-tensors, ModelOpt): the projections' weight scales
         Rule("model.layers.{i}.self_attn.q_proj.weight_scale", "layers.{i}.attn.q_scale", weight_scale("num_heads"), True),
-        Rule("model.layers.{i}.self_attn.k_proj.weight_scale", "layers.{i}.attn.k_scale", weight_scale("num_kv_heads"), True),
-        Rule("model.layers.{i}.self_attn.v_proj.weight_scale", "layers.{i}.attn.v_scale", weight_scale("num_kv_heads"), True),
+        Rule("model.layers.{i}.self_attn.k_proj.weight_scale", "layers.{i}.attn.kv_scale", weight_scale("num_kv_heads"), True, 0),
+        Rule("model.layers.{i}.self_attn.v_proj.weight_scale", "layers.{i}.attn.kv_scale", weight_scale("num_kv_heads"), True, 1),
         Rule("model.layers.{i}.self_attn.o_proj.weight_scale", "layers.{i}.attn.o_scale", weight_scale(size_attr="hidden_size"), True),
-        Rule("model.layers.{i}.mlp.gate_proj.weight_scale", "layers.{i}.mlp.gate_scale", weight_scale(size_attr="intermediate_size"), True),
-        Rule("model.layers.{i}.mlp.up_proj.weight_scale", "layers.{i}.mlp.up_scale", weight_scale(size_attr="intermediate_size"), True),
+        Rule("model.layers.{i}.mlp.gate_proj.weight_scale", "layers.{i}.mlp.gate_up_scale", weight_scale(size_attr="intermediate_size"), True, 0),
+        Rule("model.layers.{i}.mlp.up_proj.weight_scale", "layers.{i}.mlp.gate_up_scale", weight_scale(size_attr="intermediate_size"), True, 1),
         Rule("model.layers.{i}.mlp.down_proj.weight_scale", "layers.{i}.mlp.down_scale", weight_scale(size_attr="hidden_size"), True),
     ],
     # static activation scales (input_scale) of pre-quantized checkpoints: the weight-only path

@@ -27,6 +27,7 @@ DEFAULT_RULES: dict[str, str | None] = {
     "mlp": "model",
     "norm": None,
     "kv_slots": None,
+    "stack": None,  # fused projections' parts (k | v, gate | up): each shard holds all of them
 }
 
 
