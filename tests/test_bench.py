@@ -123,6 +123,7 @@ def test_precompile_flag(tiny_checkpoints, tmp_path, capsys):
     r = _report(tmp_path, common + ["--precompile-max-len", "16"])
     assert r["precompile"]["programs"] > 0 and r["precompile"]["seconds"] > 0
     assert "precompiled" in capsys.readouterr().err
-    assert _report(tmp_path, common)["precompile"] is None
+    assert _report(tmp_path, common + ["--precompile-max-len", "0"])["precompile"] is None
+    assert _report(tmp_path, common)["precompile"]["programs"] > 0, "on by default: the longest request's length"
     with pytest.raises(SystemExit, match="--precompile-max-len must be >= 0"):
         main(["bench", *common, "--precompile-max-len", "-1"])
