@@ -124,6 +124,29 @@ def test_precompile_flag(tiny_checkpoints, tmp_path, capsys):
     assert r["precompile"]["programs"] > 0 and r["precompile"]["seconds"] > 0
     assert "precompiled" in capsys.readouterr().err
     assert _report(tmp_path, common + ["--precompile-max-len", "0"])["precompile"] is None
-    assert _report(tmp_path, common)["precompile"]["programs"] > 0, "on by default: the longest request's length"
+    r = _report(tmp_path, common)
+    assert r["precompile"]["programs"] > 0, "on by default: the longest request's length"
+    assert r["timed_run_compiles"]["programs"] == 0, "precompile covered every program of the timed run"
     with pytest.raises(SystemExit, match="--precompile-max-len must be >= 0"):
         main(["bench", *common, "--precompile-max-len", "-1"])
+
+
+def test_compile_counter_sees_compiles_on_any_thread():
+    """bench's CompileCounter counts each XLA program compiled inside it (here one on another thread)."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.bench import CompileCounter
+
+    x = jnp.arange(5)
+    f = jax.jit(lambda x: x * 3 + 1)
+    with CompileCounter() as c:
+        t = threading.Thread(target=lambda: f(x).block_until_ready())
+        t.start()
+        t.join()
+        f(x).block_until_ready()  # compiled already: not counted again
+    assert c.count == 1 and c.seconds > 0
+    jax.jit(lambda x: x - 1)(x)  # outside the block: not counted
+    assert c.count == 1

@@ -191,6 +191,33 @@ def make_llm(args):
     )
 
 
+class CompileCounter:
+    """Counts the XLA programs compiled (or loaded from the persistent cache) inside a `with` block,
+    on any thread, through JAX's monitoring events."""
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+
+    def _listen(self, event: str, duration: float, **_) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            self.count += 1
+            self.seconds += duration
+
+    def __enter__(self):
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's event name
+
+
 def _run(llm, requests) -> tuple[list, float]:
     """Submit every (prompt ids, output len) at once; wait for all; (outputs, wall seconds)."""
     from . import SamplingParams
@@ -273,17 +300,21 @@ def run(args) -> dict:
         _progress(f"warm-up done in {warm_s:.1f} s; timed run")
         llm.reset_phase_times()  # the engine's phases, counted over the timed run only
 
-        if args.mode == "throughput":
-            outs, elapsed = _run(llm, requests)
-            stats = llm.get_stats()
-        else:
-            outs, elapsed = [], 0.0
-            for _ in range(args.iterations):
-                ids = _random_ids(rng, args.input_len, vocab)
-                o, t = _run(llm, [(ids, args.output_len)])
-                outs += o
-                elapsed += t
-            stats = []
+        with CompileCounter() as compiles:  # a compile in the timed run makes its figures wrong
+            if args.mode == "throughput":
+                outs, elapsed = _run(llm, requests)
+                stats = llm.get_stats()
+            else:
+                outs, elapsed = [], 0.0
+                for _ in range(args.iterations):
+                    ids = _random_ids(rng, args.input_len, vocab)
+                    o, t = _run(llm, [(ids, args.output_len)])
+                    outs += o
+                    elapsed += t
+                stats = []
+        if compiles.count:
+            _progress(f"WARNING: {compiles.count} program(s) compiled during the timed run ({compiles.seconds:.1f} s): "
+                      "its figures include compilation (raise --precompile-max-len, or precompile is off)")
         cost = model_cost(llm)
         phases = _phases(llm)
         startup = dict(llm.startup_seconds)
@@ -339,6 +370,7 @@ def run(args) -> dict:
         startup_to_first_token_s=first_token_s,
         startup_breakdown_s=dict(startup, first_generate=first_token_s - load_s),
         precompile=precompiled,
+        timed_run_compiles=dict(programs=compiles.count, seconds=compiles.seconds),
         engine_phases=phases,
         attention_backend=args.attention_backend,
         max_batch_size=args.max_batch_size,
@@ -369,6 +401,8 @@ def print_report(r: dict, file=None) -> None:
         ("LLM() s", _fmt(r["load_s"])),
         ("LLM() to first token s", _fmt(r["startup_to_first_token_s"])),
     ]
+    if (c := r.get("timed_run_compiles")) is not None:
+        rows.append(("compiles in timed run", f"{c['programs']} ({c['seconds']:.1f} s)"))
     rows += [(f"engine {p} ms", f"{v['ms_per_call']:.3f} x {v['calls']}") for p, v in r.get("engine_phases", {}).items()]
     print(f"jaxllm bench {r['mode']}: {r['model']}", file=file)
     for name, value in rows:
