@@ -143,3 +143,37 @@ def test_first_token_of_a_prompt_arriving_mid_decode_precedes_that_steps_decode(
     same_step = events[i + 1]
     assert same_step[0] == "decode" and a.request_id in same_step[2], "b's prefill shared a step with a's decode"
     assert out_b.metrics.first_token_time < same_step[1], "b's first token waited for a's decode call"
+
+
+def test_decode_state_passed_on_between_calls_is_the_host_built_one(small_pool_llm):
+    """Consecutive decode calls of the same rows pass the device state on (no host rebuild): through
+    preemption, penalties, banned words, seeded sampling and stop strings, every reused state equals
+    the one the host would build, and the outputs equal those of a run that always rebuilds."""
+    engine = small_pool_llm._engine
+    rng = np.random.default_rng(5)
+    vocab = small_pool_llm.model_config.vocab_size
+    prompts = [{"prompt_token_ids": rng.integers(3, vocab, size=int(rng.integers(1, 200))).tolist()} for _ in range(40)]
+    kinds = [dict(temperature=0), dict(temperature=0.8, seed=3, top_k=20), dict(temperature=0, repetition_penalty=1.3,
+             presence_penalty=0.5), dict(temperature=0.7, seed=9, bad_token_ids=[5, 7], bad=["ab cd"]),
+             dict(temperature=0, stop=["ab"], min_tokens=3)]
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 90)), ignore_eos=True, **kinds[i % len(kinds)])
+              for i in range(len(prompts))]
+
+    # a steady batch (the same rows call after call), then a churning one through a too-small pool
+    steady = [SamplingParams(max_tokens=80, ignore_eos=True, **kinds[i]) for i in range(len(kinds))]
+
+    def run(reuse):
+        engine.reuse_decode_state, engine.check_reused_state = reuse, reuse
+        before = engine.num_reused_decode_states
+        outs = small_pool_llm.generate(prompts[:5], steady, use_tqdm=False)
+        outs += small_pool_llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], engine.num_reused_decode_states - before
+
+    try:
+        reused_out, reused = run(True)
+        rebuilt_out, none = run(False)
+    finally:
+        engine.reuse_decode_state, engine.check_reused_state = True, False
+    assert reused >= 3 and none == 0, (reused, none)
+    assert reused_out == rebuilt_out
+    assert engine.scheduler.num_preemptions > 0
