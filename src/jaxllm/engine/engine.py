@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ..runner import ModelRunner, RowState, bucket
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays
@@ -75,6 +76,7 @@ class Engine:
         # (_decode_inputs); not across processes, where process 0 sends every call's inputs
         self._last_decode = None
         self.reuse_decode_state = self.runner._mirror is None
+        self._replicated = NamedSharding(self.runner.mesh, PartitionSpec()) if self.runner._mirror is None else None
         self.check_reused_state = False  # tests: compare each reused state with the host-built one
         self.num_reused_decode_states = 0
         self._stop = False
@@ -156,7 +158,7 @@ class Engine:
         for rows in rows_buckets:
             state = self._row_state([], rows)  # every row done
             for width in widths:
-                tables = jnp.asarray(np.zeros((rows, width), np.int32))  # as the engine stages its inputs
+                tables = self._put(np.zeros((rows, width), np.int32))  # as the engine stages its inputs
                 for g in greedy_variants:
                     calls.append(self.runner.decode_call(tables, state, sched.decode_steps, None, g))
         t_max = min(max_len, sched.max_num_tokens)
@@ -175,13 +177,12 @@ class Engine:
                 if t > prefill_length_cap(rows, sched.max_num_tokens):
                     break  # the scheduler keeps a prefill call's padded shape within the budget
                 state = self._row_state([], rows)
-                tok = jnp.asarray(np.zeros((rows, t), np.int32))
-                pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy())
-                valid = jnp.asarray(np.ones((rows, t), np.bool_))
-                last = jnp.asarray(np.full((rows,), t - 1, np.int32))
+                tok, pos, valid, last = self._put((np.zeros((rows, t), np.int32),
+                                                   np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy(),
+                                                   np.ones((rows, t), np.bool_), np.full((rows,), t - 1, np.int32)))
                 for width in p_widths:
                     # table rows of free blocks, so the writes land where nothing lives
-                    tables = jnp.asarray(np.arange(rows * width, dtype=np.int32).reshape(rows, width) % self.runner.num_blocks)
+                    tables = self._put(np.arange(rows * width, dtype=np.int32).reshape(rows, width) % self.runner.num_blocks)
                     for g in greedy_variants:
                         call = self.runner.prefill_call(tok, pos, valid, tables, last, state, None, g, fresh=fresh)
                         key = (rows, t, width, tuple(sorted(call[1].items())))  # fresh and not: one program
@@ -313,6 +314,16 @@ class Engine:
             floor = min(self.max_blocks_per_seq, -(-CACHED_PREFILL_MIN_TOKENS // self.block_size))
         return bucket(blocks, floor, self.max_blocks_per_seq)
 
+    def _put(self, tree):
+        """Host arrays (a pytree) onto the devices in one batched transfer, committed and replicated
+        on the mesh: the sharding the decode program's outputs have, so a decode state passed on
+        from the last call (see _decode_inputs) and a host-built one are the same program's inputs
+        (an uncommitted input would make each shape compile twice). Where process 0 announces
+        every call to the others (several hosts), uncommitted local arrays as before."""
+        if self._replicated is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.device_put(tree, self._replicated)
+
     def _tables(self, reqs: list[Request], rows: int, width: int | None = None,
                 num_blocks: list[int] | None = None) -> jax.Array:
         """Block tables [rows, width]: each request's blocks (its first num_blocks[i] only, if given)."""
@@ -323,7 +334,7 @@ class Engine:
         tables = np.zeros((rows, width), np.int32)
         for i, (r, n) in enumerate(zip(reqs, num_blocks)):
             tables[i, :n] = r.blocks[:n]
-        return jnp.asarray(tables)
+        return self._put(tables)
 
     def _row_state(self, reqs: list[Request], rows: int) -> RowState:
         vocab = self.runner.cfg.vocab_size
@@ -343,18 +354,18 @@ class Engine:
             max_t[i] = r.params.max_tokens
             min_t[i] = r.params.min_tokens or 0
             done[i] = False
-        return RowState(
-            tokens=jnp.asarray(last),
-            positions=jnp.asarray(pos),
-            num_generated=jnp.asarray(num),
-            max_tokens=jnp.asarray(max_t),
-            min_tokens=jnp.asarray(min_t),
-            stop_ids=jnp.asarray(stop_ids),
-            done=jnp.asarray(done),
+        return self._put(RowState(
+            tokens=last,
+            positions=pos,
+            num_generated=num,
+            max_tokens=max_t,
+            min_tokens=min_t,
+            stop_ids=stop_ids,
+            done=done,
             sampling=SamplingArrays.from_requests([r.params for r in reqs], [r.key_data for r in reqs], rows),
             penalty=self._penalty_state(reqs, rows),
             bad_words=self._bad_words_state(reqs, rows),
-        )
+        ))
 
     def _bad_words_state(self, reqs: list[Request], rows: int) -> BadWordsState | None:
         if not any(r.bad_ids or r.bad_seqs for r in reqs):
@@ -442,9 +453,8 @@ class Engine:
         # (a first chunk of a long prompt then has a whole prompt's shape, which precompile knows)
         need = [-(-end // self.block_size) for _, _, end in plan.prefill]
         width = bucket(max(need), 1, self.max_blocks_per_seq) if fresh else self.cached_prefill_width(max(need))
-        args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid), self._tables(reqs, rows, width, need),
-                jnp.asarray(last_idx), self._row_state(reqs, rows))
-        targets = jnp.asarray(targets) if targets is not None else None
+        tokens, positions, valid, last_idx, targets = self._put((tokens, positions, valid, last_idx, targets))
+        args = (tokens, positions, valid, self._tables(reqs, rows, width, need), last_idx, self._row_state(reqs, rows))
         self._mark("prefill_inputs")
         out = self.runner.prefill(
             *args,

@@ -83,6 +83,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.tp = tensor_parallel_size(mesh)
+        self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
         self.attention_backend = self._choose_backend(attention_backend, mesh)
         self._mirror = Mirror() if spans_processes(mesh) else None
