@@ -20,10 +20,11 @@ from flax import nnx
 from ..sharding import named_sharding
 
 MARKER = "jaxllm.json"
-# 1: the first format; 2: fp8 projection weights are stored K-minor ([out..., in...], models/quant.py).
-# Format 1 checkpoints still load, except fp8 ones (their weights are in the old [in..., out...] order).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 1: the first format; 2: fp8 projection weights are stored K-minor ([out..., in...], models/quant.py);
+# 3: k/v and gate/up are fused parameters (attn.kv, mlp.gate_up; models/llama.py). Formats 1 and 2
+# hold them as separate arrays and are refused with the way out (save again from the HF checkpoint).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (3,)
 
 
 def is_jaxllm_checkpoint(folder: Path) -> bool:
@@ -62,13 +63,13 @@ def restore_params(folder: Path, abstract_state: nnx.State, mesh) -> nnx.State:
 
     meta = json.loads((folder / MARKER).read_text())
     version = meta.get("format_version")
+    if version in (1, 2):
+        raise ValueError(f"{folder} holds a jaxllm checkpoint of format {version}, saved before k/v and gate/up "
+                         "became fused parameters (format 3): load the original HF checkpoint with LLM(...) and "
+                         "save it again with LLM.save")
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{folder} holds a jaxllm checkpoint of format {version}; this jaxllm reads formats "
                          f"{list(READABLE_VERSIONS)}")
-    if version == 1 and meta.get("quantization") == "fp8":
-        raise ValueError(f"{folder} holds fp8 weights in jaxllm checkpoint format 1 ([in, out] order); this jaxllm "
-                         "stores fp8 weights [out, in] (format 2): load the original checkpoint with "
-                         "quantization='fp8' and save it again")
     flat = nnx.to_flat_state(abstract_state)
     for _, var in flat:
         target = var.get_value()
