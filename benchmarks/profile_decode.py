@@ -1,12 +1,13 @@
-"""Where a batch-1 decode's time goes: a JAX profiler trace of the engine, summarized.
+"""Where a decode's time goes: a JAX profiler trace of the engine, summarized.
 
     python benchmarks/profile_decode.py --model .models/llama-3.1-8b-shapes [--output-len 64] [--decode-steps 16]
-        [--trace-dir DIR]
+        [--batch 1] [--trace-dir DIR]
 
-Warms up, then traces one request (128 prompt tokens, --output-len new ones) and reads the Perfetto
+Warms up, then traces --batch requests at once (128 prompt tokens each, --output-len new ones;
+batch 256 shows a throughput run's decode step) and reads the Perfetto
 trace back: the wall time, how long the GPU streams were busy (the union of their kernels), the
-idle gaps between kernels longer than --gap-us, and which host events overlap those gaps (by
-total overlap) -- the host work nothing hides. Also prints the engine's own phase times
+idle gaps between kernels longer than --gap-us, which host events overlap those gaps (by
+total overlap) -- the host work nothing hides -- and the device time by kernel name (the top ones). Also prints the engine's own phase times
 (LLM.get_phase_times). Issue 4: batch-1 ITL carries ~6.6 ms per 16-step decode call that the
 decode-steps sweep could not attribute.
 """
@@ -65,6 +66,10 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
     busy = union(dev)
     t0, t1 = busy[0][0], busy[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] > gap_us]
+    by_kernel = collections.Counter()
+    for e in events:
+        if is_device(e):
+            by_kernel[e["name"]] += e["dur"]
     overlap = collections.Counter()
     for e in host:
         s, t = e["ts"], e["ts"] + e["dur"]
@@ -80,6 +85,7 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
         "gap_us": sum(g1 - g0 for g0, g1 in gaps),
         "longest_gaps_us": sorted((round(g1 - g0, 1) for g0, g1 in gaps), reverse=True)[:top],
         "host_in_gaps_us": {k: round(v, 1) for k, v in overlap.most_common(top)},
+        "device_us_by_kernel": {k: round(v, 1) for k, v in by_kernel.most_common(top)},
     }
 
 
@@ -88,6 +94,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1, help="requests decoded together")
     ap.add_argument("--trace-dir", default="/tmp/jaxllm-trace")
     ap.add_argument("--device-pattern", default="/device:GPU", help="process names of the device's streams")
     ap.add_argument("--gap-us", type=float, default=20.0)
@@ -96,22 +103,28 @@ def main():
 
     from jaxllm import LLM, SamplingParams
 
-    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_batch_size=1, max_seq_len=1024,
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_batch_size=args.batch,
+              max_seq_len=128 + args.output_len + args.decode_steps,
               decode_steps=args.decode_steps)
     sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
-    llm.generate(prompt, sp, use_tqdm=False)  # compiles
-    llm.generate([{"prompt_token_ids": list(range(2000, 2128))}], sp, use_tqdm=False)
+
+    vocab = llm.model_config.vocab_size
+
+    def prompts(first):  # args.batch prompts of 128 tokens, none sharing a prefix with another call's
+        return [{"prompt_token_ids": [(first + 7919 * i + j) % vocab for j in range(128)]} for i in range(args.batch)]
+
+    llm.generate(prompts(1000), sp, use_tqdm=False)  # compiles
+    llm.generate(prompts(2000), sp, use_tqdm=False)
     llm.reset_phase_times()
     with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
         t = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": list(range(3000, 3128))}], sp, use_tqdm=False)
+        out = llm.generate(prompts(3000), sp, use_tqdm=False)
         wall = time.perf_counter() - t
     phases = llm.get_phase_times()
     llm.shutdown()
     n = len(out[0].outputs[0].token_ids)
-    print(f"one request, 128 + {n} tokens, decode_steps {args.decode_steps}: {1e3 * wall:.1f} ms "
-          f"({1e3 * wall / n:.2f} ms per token, prefill included)")
+    print(f"{args.batch} request(s), 128 + {n} tokens each, decode_steps {args.decode_steps}: {1e3 * wall:.1f} ms "
+          f"({1e3 * wall / n:.2f} ms per step, prefill included)")
     print("engine phases (ms per call x calls):")
     for p, v in phases.items():
         print(f"  {p:<16} {1e3 * v['seconds'] / v['calls']:9.3f} x {v['calls']}")
