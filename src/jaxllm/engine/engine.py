@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,24 @@ _build_penalties = jax.jit(PenaltyState.build, static_argnums=0)
 
 class EngineDeadError(RuntimeError):
     """The engine failed (or was shut down) and takes no more work."""
+
+
+class _DecodeCarry(NamedTuple):
+    """What a decode call leaves for the next one of the same rows (Engine._decode_inputs)."""
+
+    rows: list  # per row: where the call left its request (`where`)
+    state: RowState  # the call's output state, on the devices
+    tables: jax.Array  # the block tables it ran with
+    blocks: list  # a copy of each row's blocks then
+
+    @staticmethod
+    def where(r: Request) -> tuple:
+        """A request's identity, newest token, length and generated count: what its row state follows."""
+        return r, r.all_ids[-1], len(r.all_ids), r.num_generated
+
+    @classmethod
+    def after(cls, reqs: list[Request], state: RowState, tables) -> "_DecodeCarry":
+        return cls([cls.where(r) for r in reqs], state, tables, [list(r.blocks) for r in reqs])
 
 
 class Engine:
@@ -72,9 +91,9 @@ class Engine:
         self._aborts: set[int] = set()
         self._live: dict[int, Request] = {}  # every accepted, unfinished request (engine thread)
         self._text_pending: set[Request] = set()  # requests with tokens not yet turned into text
-        # the last decode call's rows, state, tables and blocks, for the next call to pass on
-        # (_decode_inputs); not across processes, where process 0 sends every call's inputs
-        self._last_decode = None
+        # what the last decode call left for the next one to pass on (_decode_inputs); not across
+        # processes, where process 0 sends every call's inputs
+        self._last_decode: _DecodeCarry | None = None
         self.reuse_decode_state = self.runner._mirror is None
         self._replicated = NamedSharding(self.runner.mesh, PartitionSpec()) if self.runner._mirror is None else None
         self.check_reused_state = False  # tests: compare each reused state with the host-built one
@@ -272,9 +291,7 @@ class Engine:
         if decode is not None:
             new_tokens += self._collect_decode(plan, decode)
             if self.reuse_decode_state:  # what the next decode call may pass on (see _decode_inputs)
-                self._last_decode = ([(r, r.all_ids[-1], len(r.all_ids), r.num_generated) for r in plan.decode],
-                                     decode_inputs[0].shape[0], decode[0], decode_inputs[0],
-                                     [list(r.blocks) for r in plan.decode])
+                self._last_decode = _DecodeCarry.after(plan.decode, decode[0], decode_inputs[0])
             self._mark("decode_collect")
         elapsed = time.perf_counter() - t0
         self.stats.append(
@@ -362,7 +379,7 @@ class Engine:
             min_tokens=min_t,
             stop_ids=stop_ids,
             done=done,
-            sampling=SamplingArrays.from_requests([r.params for r in reqs], [r.key_data for r in reqs], rows),
+            sampling=SamplingArrays.from_requests([r.params for r in reqs], [r.key_data for r in reqs], rows, on_host=True),
             penalty=self._penalty_state(reqs, rows),
             bad_words=self._bad_words_state(reqs, rows),
         ))
@@ -387,7 +404,7 @@ class Engine:
             if width:
                 tail = r.all_ids[-width:]
                 history[i, width - len(tail) :] = tail
-        return BadWordsState(*map(jnp.asarray, (banned, prefixes, lasts, history)))
+        return BadWordsState(banned, prefixes, lasts, history)  # host arrays: _row_state moves them
 
     def _penalty_state(self, reqs: list[Request], rows: int) -> PenaltyState | None:
         if not any(r.params.has_penalties for r in reqs):
@@ -499,17 +516,12 @@ class Engine:
         requests, in the same order, each exactly where that call left it (same newest token,
         position and count: nothing but that call changed them), the state that call returned
         is still on the device and is passed on as it is, and so are the tables if no row gained
-        a block: no host-to-device copies (~14 of them otherwise) between decode calls."""
+        a block: nothing is built on the host or copied to the devices between such calls."""
         reqs, rows = plan.decode, bucket(len(plan.decode), 1, self.scheduler.max_batch_size)
         last, self._last_decode = self._last_decode, None
-        same = last is not None and last[1] == rows and len(last[0]) == len(reqs) and all(
-            r is q and r.all_ids[-1] == tok and len(r.all_ids) == n and r.num_generated == g
-            for r, (q, tok, n, g) in zip(reqs, last[0]))
-        if same and all(r.blocks == b for r, b in zip(reqs, last[4])):
-            tables = last[3]
-        else:
-            tables = self._tables(reqs, rows)
-        state = last[2] if same else self._row_state(reqs, rows)
+        same = last is not None and last.tables.shape[0] == rows and last.rows == [_DecodeCarry.where(r) for r in reqs]
+        tables = last.tables if same and last.blocks == [r.blocks for r in reqs] else self._tables(reqs, rows)
+        state = last.state if same else self._row_state(reqs, rows)
         if same and self.check_reused_state:  # tests: the reused state is the one the host would build
             fresh = self._row_state(reqs, rows)
             for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state), strict=True):

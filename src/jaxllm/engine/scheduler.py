@@ -6,10 +6,11 @@ Each engine step the scheduler decides, on the host and without touching the dev
    to ``decode_steps`` tokens, or the next **prefill chunk** of its prompt within the step's token
    budget (``max_num_tokens``). A prefill call is padded to (row bucket) x (chunk-length bucket)
    positions, and that padded shape stays within ``max_num_tokens`` too: a chunk that would widen
-   it past the budget waits for the next step (the first chunk of a step always fits). Blocks for that work are allocated now. When the pool is short, the
-   most recently admitted running request is **preempted**: its blocks are freed (they stay in the
-   prefix cache) and it goes back to the head of the waiting queue, to be recomputed from its
-   prompt plus what it has generated so far. The oldest request can therefore always progress,
+   it past the budget waits for the next step (the first chunk of a step always fits). Blocks for
+   that work are allocated now. When the pool is short, the most recently admitted running
+   request is **preempted**: its blocks are freed (they stay in the prefix cache) and it goes back
+   to the head of the waiting queue, to be recomputed from its prompt plus what it has generated
+   so far. The oldest request can therefore always progress,
    and nothing is lost or generated twice.
 2. Unless step 1 preempted, waiting requests are admitted in arrival order while batch slots,
    budget and blocks last (reusing cached prefix blocks); admission never preempts.
@@ -99,8 +100,9 @@ class Scheduler:
     def _prefill_room(self, plan: Plan) -> int:
         """The longest chunk one more prefill row may have this step (0: none fits). The call is
         padded to (row bucket) x (chunk-length bucket) positions, which must stay within
-        max_num_tokens (see `prefill_length_cap`): one long chunk beside many short ones would otherwise compute (and hold
-        activations for) rows x long positions -- 128 x 1024 at 70B overflowed an H200."""
+        max_num_tokens (see `prefill_length_cap`): one long chunk beside many short ones would
+        otherwise compute (and hold activations for) rows x long positions -- 128 x 1024 at 70B
+        overflowed an H200."""
         rows = bucket(len(plan.prefill) + 1, 1, self.max_batch_size)
         if rows == 1:
             return self.max_num_tokens

@@ -29,8 +29,9 @@ class SamplingArrays:
     keys: jax.Array
 
     @classmethod
-    def from_requests(cls, params: list, key_data: list[np.ndarray], rows: int) -> "SamplingArrays":
-        """Arrays for SamplingParams `params` (with their rows' raw keys), padded to `rows` (greedy)."""
+    def from_requests(cls, params: list, key_data: list[np.ndarray], rows: int, on_host: bool = False) -> "SamplingArrays":
+        """Arrays for SamplingParams `params` (with their rows' raw keys), padded to `rows` (greedy).
+        `on_host`: numpy arrays, for a caller that moves a whole call's inputs to the devices at once."""
         n = len(params)
         greedy = np.ones((rows,), np.bool_)
         temperature = np.ones((rows,), np.float32)
@@ -46,7 +47,8 @@ class SamplingArrays:
             min_p[i] = p.min_p or 0.0
         if n:
             keys[:n] = np.stack(key_data)
-        return cls(*(jnp.asarray(a) for a in (greedy, temperature, top_k, top_p, min_p, keys)))
+        arrays = (greedy, temperature, top_k, top_p, min_p, keys)
+        return cls(*(arrays if on_host else map(jnp.asarray, arrays)))
 
 
 def key_data_for_seed(seed: int) -> np.ndarray:
