@@ -546,15 +546,20 @@ class Engine:
         state, toks, info = result
         toks, info, done = jax.device_get((toks, info, state.done))
         self._mark("decode_fetch")  # waits for the device where the call did not
+        toks, done = toks.tolist(), done.tolist()  # Python values: per-token numpy indexing is slow at 256 rows
+        info = {k: v.tolist() for k, v in info.items()}
         produced = 0
         for i, r in enumerate(plan.decode):
             if r.finished:
                 continue
-            steps = [j for j in range(toks.shape[1]) if toks[i, j] >= 0]
-            for n, j in enumerate(steps):
-                produced += 1
+            row = [(j, t) for j, t in enumerate(toks[i]) if t >= 0]
+            for n, (j, t) in enumerate(row):
+                r.receive(t, {k: v[i][j] for k, v in info.items()}, bool(done[i]) and n == len(row) - 1)
+            if row:
+                produced += len(row)
                 # the KV of every token but the newest is now written
-                self._after_compute(r, len(r.all_ids))
-                last = bool(done[i]) and n == len(steps) - 1
-                self._receive(r, int(toks[i, j]), {k: v[i, j] for k, v in info.items()}, last)
+                self._after_compute(r, len(r.all_ids) - 1)
+                self._text_pending.add(r)
+                if done[i]:  # no more device work: give back the slot and the blocks now
+                    self.scheduler.release(r)
         return produced
