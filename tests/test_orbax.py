@@ -28,16 +28,16 @@ def test_orbax_round_trip_gives_identical_outputs(tiny_llm, tmp_path):
             assert p1 == p2
             np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
     assert after == before
-    # saves of the formats before the fused projections are refused with the way out; so is an unknown format
+    # saves of the formats before the fused k/v took its layout are refused with the way out; so is an unknown format
     marker = path / "jaxllm.json"
     meta = json.loads(marker.read_text())
-    assert meta["format_version"] == 3
-    for version in (1, 2):
+    assert meta["format_version"] == 4
+    for version in (1, 2, 3):
         marker.write_text(json.dumps({**meta, "format_version": version}))
-        with pytest.raises(ValueError, match=rf"format {version}, saved before k/v and gate/up became fused.*save it again"):
+        with pytest.raises(ValueError, match=rf"format {version}, saved before the fused k/v .*save it again"):
             LLM(str(path), max_seq_len=256)
-    marker.write_text(json.dumps({**meta, "format_version": 4}))
-    with pytest.raises(ValueError, match=r"format 4; this jaxllm reads formats \[3\]"):
+    marker.write_text(json.dumps({**meta, "format_version": 5}))
+    with pytest.raises(ValueError, match=r"format 5; this jaxllm reads formats \[4\]"):
         LLM(str(path), max_seq_len=256)
 
 

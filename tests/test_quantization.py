@@ -136,7 +136,7 @@ def test_quantization_at_load(tiny, plain, mode, tol):
     axes = {"attn.q": (("embed", "heads", "head_dim"), ("heads", "head_dim")),
             "attn.o": (("heads", "head_dim", "embed"), ("embed",)), "mlp.down": (("mlp", "embed"), ("embed",)),
             "mlp.gate_up": (("embed", "stack", "mlp"), ("stack", "mlp")),
-            "attn.kv": (("embed", "stack", "kv_heads", "head_dim"), ("stack", "kv_heads", "head_dim"))}
+            "attn.kv": (("embed", "kv_heads", "stack", "head_dim"), ("kv_heads", "stack", "head_dim"))}
     for name, (ax, out) in axes.items():
         q, s = quantize_weight(jnp.asarray(plain["params"][f"layers.0.{name}"]), mode, ax, out)
         if mode == "fp8":  # stored K-minor: [out..., in...]

@@ -12,7 +12,7 @@ import numpy as np
 from conftest import write_tiny_checkpoint
 
 SCRIPT = r"""
-import json, os, sys
+import json, os, re, sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -34,6 +34,12 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
         sorted(d.id for d in jax.tree.leaves(e.runner.params)[0].sharding.device_set) for e in llm._engines
     ]
     served = sorted({s["replica"] for s in llm.get_stats() if s["new_tokens"]})
+    # the collectives of a decode program (2 rows): their kind and result shape
+    e = llm._engine
+    reqs = [llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4))]
+    hlo = e.runner._decode.lower(e.runner.params, e.runner.pool, e._put(jnp.zeros((2, 4), jnp.int32)),
+                                 e._row_state(reqs, 2), steps=4, num_logprobs=None, all_greedy=True).compile().as_text()
+    collectives = re.findall(r"= \w+\[([\d,]*)\][^ ]* (all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
     params = {}
     for path, var in nnx.to_flat_state(llm._engine.runner.params):
         arr = var.get_value()
@@ -44,7 +50,7 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     pool = llm._engine.runner.pool[0][0]
     out[f"{tp}x{dp}" + ("-orbax" if source == "orbax" else "")] = dict(
         tokens=[o.outputs[0].token_ids for o in outs], logits=logits, params=params,
-        replica_devices=replica_devices, served=served,
+        replica_devices=replica_devices, served=served, collectives=collectives,
         pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards}),
                   heads=pool.shape[1]),
     )
@@ -83,6 +89,10 @@ def _check(res, num_heads, num_kv_heads):
         for name in ("layers.0.mlp.gate_up", "layers.0.mlp.down", "embed", "lm_head"):
             p = r["params"][name]
             assert p["per_device"] == [p["total"] // tp], (tp, name, p)
+        # a decode program moves no weights or activations between devices beyond its all-reduces:
+        # the only gathers are sampling's per-shard best candidates, [rows, tp] (the attention
+        # projections run as 2-D matmuls over flattened head dims, models/llama.py: _flat_einsum)
+        assert r["collectives"] and all(c == [f"2,{tp}", "all-gather"] for c in r["collectives"]), (tp, r["collectives"])
         norm = r["params"]["norm.weight"]
         assert norm["per_device"] == [norm["total"]], "norms are replicated"
         # KV pool: split over KV heads when they divide tp; with fewer KV heads than devices (and the
@@ -135,7 +145,7 @@ def test_data_parallel_is_refused_across_processes(tiny_checkpoints, monkeypatch
 
 
 READS = r"""
-import json, os, sys
+import json, os, re, sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 from pathlib import Path
 from flax import nnx

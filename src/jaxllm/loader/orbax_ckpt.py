@@ -21,10 +21,11 @@ from ..sharding import named_sharding
 
 MARKER = "jaxllm.json"
 # 1: the first format; 2: fp8 projection weights are stored K-minor ([out..., in...], models/quant.py);
-# 3: k/v and gate/up are fused parameters (attn.kv, mlp.gate_up; models/llama.py). Formats 1 and 2
-# hold them as separate arrays and are refused with the way out (save again from the HF checkpoint).
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (3,)
+# 3: k/v and gate/up are fused parameters (attn.kv, mlp.gate_up; models/llama.py); 4: the fused k/v
+# is [embed, kv_heads, 2, head_dim] (was [embed, 2, kv_heads, head_dim]). Formats 1-3 hold other
+# arrays and are refused with the way out (save again from the HF checkpoint).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (4,)
 
 
 def is_jaxllm_checkpoint(folder: Path) -> bool:
@@ -63,10 +64,10 @@ def restore_params(folder: Path, abstract_state: nnx.State, mesh) -> nnx.State:
 
     meta = json.loads((folder / MARKER).read_text())
     version = meta.get("format_version")
-    if version in (1, 2):
-        raise ValueError(f"{folder} holds a jaxllm checkpoint of format {version}, saved before k/v and gate/up "
-                         "became fused parameters (format 3): load the original HF checkpoint with LLM(...) and "
-                         "save it again with LLM.save")
+    if version in (1, 2, 3):
+        raise ValueError(f"{folder} holds a jaxllm checkpoint of format {version}, saved before the fused k/v "
+                         f"parameter took its layout of format {FORMAT_VERSION} ([embed, kv_heads, 2, head_dim]): "
+                         "load the original HF checkpoint with LLM(...) and save it again with LLM.save")
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{folder} holds a jaxllm checkpoint of format {version}; this jaxllm reads formats "
                          f"{list(READABLE_VERSIONS)}")

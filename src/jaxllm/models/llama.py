@@ -7,11 +7,15 @@ RMSNorm on q and k per head (Qwen3), tied embeddings (Llama 3.2), the rope frequ
 Weights are stored in the layout the matmuls want, with a logical axis name per dimension
 (``axes`` metadata) that ``jaxllm.sharding`` maps to mesh axes: a projection into heads is
 ``[embed, heads, head_dim]``, out of heads ``[heads, head_dim, embed]``. k and v are one
-projection (``kv``, ``[embed, 2, kv_heads, head_dim]``), and so are gate and up (``gate_up``,
+projection (``kv``, ``[embed, kv_heads, 2, head_dim]``), and so are gate and up (``gate_up``,
 ``[embed, 2, mlp]``): one matmul each instead of two -- measured on an H100 at 8B shapes, fewer,
 larger decode GEMVs made a step 7-17% faster. Their "stack" axis is never sharded, so every tensor-
 parallel shard holds its own k and v heads (gate and up columns) side by side; the loader stacks
-the two HF tensors (``Rule.part``). With ``cfg.quantization`` ("fp8" / "int8") the projections
+the two HF tensors (``Rule.part``). The attention projections run as 2-D matmuls over their
+flattened head dims (``_flat_einsum``): the sharded axis (heads, kv_heads) is the major one of each
+flattened group, so a shard's slice stays contiguous. Written as einsums over [embed, 2, kv_heads,
+head_dim], XLA:GPU (JAX 0.11.2) turned the k/v matmul into a reduction at batch 1 and transposed
+its weight on every call (H100 profile, BENCHMARKS.md). With ``cfg.quantization`` ("fp8" / "int8") the projections
 hold 8-bit weights and a ``<name>_scale`` per output channel (``models/quant.py``); the embedding,
 lm_head and norms stay in ``dtype``.
 
@@ -23,6 +27,7 @@ now, paged later) and the kernel (jnp reference or Pallas) can change without to
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -60,6 +65,21 @@ def _projection(rngs: nnx.Rngs, shape, axes, out_axes, dtype, quantization: str 
 
 def _value(p):
     return None if p is None else p[...]
+
+
+def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool = False):
+    """qeinsum(spec, ...) of a projection whose weight is [in..., out...] (x's trailing dims contract
+    with w's leading ones) as one 2-D matmul over the flattened in and out dims, for a plain weight
+    (quantized ones keep qeinsum's own paths). Each flattened group's sharded axis must be its major
+    one (heads, kv_heads), which keeps a shard's slice contiguous: no resharding under SPMD."""
+    if scale is not None:
+        return qeinsum(spec, x, w, scale, w8a8, gemv)
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    n_in = sum(c in xs for c in ws)  # w's leading, contracting dims
+    batch = x.shape[: x.ndim - n_in]
+    y = jnp.matmul(x.reshape(batch + (-1,)), w.reshape(math.prod(w.shape[:n_in]), -1))
+    return y.reshape(batch + w.shape[n_in:])
 
 
 class RMSNorm(nnx.Module):
@@ -108,13 +128,13 @@ class Attention(nnx.Module):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qz = cfg.quantization
         self.q, self.q_scale = _projection(rngs, (e, h, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), dtype, qz)
-        # k and v as one matmul: [embed, 2, kv_heads, head_dim] (the "stack" axis is never sharded)
-        self.kv, self.kv_scale = _projection(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
-                                             ("stack", "kv_heads", "head_dim"), dtype, qz)
+        # k and v as one matmul: [embed, kv_heads, 2, head_dim] (the "stack" axis is never sharded)
+        self.kv, self.kv_scale = _projection(rngs, (e, kv, 2, d), ("embed", "kv_heads", "stack", "head_dim"),
+                                             ("kv_heads", "stack", "head_dim"), dtype, qz)
         self.o, self.o_scale = _projection(rngs, (h, d, e), ("heads", "head_dim", "embed"), ("embed",), dtype, qz)
         if cfg.attention_bias:
             self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), dtype, init="zeros")
-            self.kv_bias = _param(rngs, (2, kv, d), ("stack", "kv_heads", "head_dim"), dtype, init="zeros")
+            self.kv_bias = _param(rngs, (kv, 2, d), ("kv_heads", "stack", "head_dim"), dtype, init="zeros")
         if cfg.o_bias:
             self.o_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
         if cfg.qk_norm:
@@ -129,18 +149,18 @@ class Attention(nnx.Module):
         self.head_dim = d
 
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
-        q = qeinsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8, self.gemv)
-        kv = qeinsum("bte,eshd->btshd", x, self.kv[...], _value(self.kv_scale), self.w8a8, self.gemv)
+        q = _flat_einsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8, self.gemv)
+        kv = _flat_einsum("bte,eksd->btksd", x, self.kv[...], _value(self.kv_scale), self.w8a8, self.gemv)
         if self.has_bias:
             q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        k, v = kv[:, :, :, 0], kv[:, :, :, 1]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.rope, self.head_dim)  # a numpy constant, folded at trace time
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
-        y = qeinsum("bthd,hde->bte", out.astype(x.dtype), self.o[...], _value(self.o_scale), self.w8a8, self.gemv)
+        y = _flat_einsum("bthd,hde->bte", out.astype(x.dtype), self.o[...], _value(self.o_scale), self.w8a8, self.gemv)
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
