@@ -2,7 +2,7 @@
 # Batch-1 latency, TTFT and start-up on one GPU through `jaxllm bench latency` (Llama-3.1-8B shapes,
 # random bf16 weights), with XLA command-buffer variants and HF transformers eager in the same run;
 # VARIANTS "fused" times a synthetic decode step with fused q/k/v and gate/up matmuls against 7 per layer;
-# "profile" traces one batch-1 request (benchmarks/profile_decode.py) at 16 and 64 decode steps per call.
+# "cublas" turns XLA's Triton GEMM fusions off (cuBLAS GEMMs); "profile" traces one batch-1 request (benchmarks/profile_decode.py) at 16 and 64 decode steps per call.
 #   PYTHONPATH=src OUT=/tmp/out [VARIANTS="cold warm fused"] bash benchmarks/latency_h100.sh
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-latency
 export JAXLLM_CACHE_DIR=$(mktemp -d)  # always an empty persistent compilation cache: the first run is cold
@@ -19,6 +19,7 @@ for v in $VARIANTS; do
     cold|warm) run $v "" --input-len 128 --output-len 128 --iterations 5 ;;
     cmdbuf_while) run $v "XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
       --input-len 128 --output-len 128 --iterations 5 ;;
+    cublas) run $v "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false" --input-len 128 --output-len 128 --iterations 5 ;;
     cmdbuf_off) run $v "XLA_FLAGS=--xla_gpu_enable_command_buffer=" --input-len 128 --output-len 128 --iterations 5 ;;
     ttft2048) run $v "" --input-len 2048 --output-len 2 --iterations 5 ;;
     profile)  # a profiler trace of one batch-1 request: GPU busy vs idle, host work in the gaps, engine phases
@@ -41,7 +42,7 @@ python - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 print(f"{'run':<14} {'ITL ms p50':>10} {'TTFT ms p50':>11} {'MBU':>6} {'LLM() s':>8} {'to 1st tok s':>12}  breakdown")
-for name in ("cold", "warm", "cmdbuf_while", "cmdbuf_off", "ttft2048"):
+for name in ("cold", "warm", "cmdbuf_while", "cmdbuf_off", "cublas", "ttft2048"):
     p = out / f"{name}.json"
     if not p.exists():
         print(f"{name:<14} (no report)"); continue

@@ -66,10 +66,11 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
     busy = union(dev)
     t0, t1 = busy[0][0], busy[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] > gap_us]
-    by_kernel = collections.Counter()
+    by_kernel, launches = collections.Counter(), collections.Counter()
     for e in events:
         if is_device(e):
             by_kernel[e["name"]] += e["dur"]
+            launches[e["name"]] += 1
     overlap = collections.Counter()
     for e in host:
         s, t = e["ts"], e["ts"] + e["dur"]
@@ -86,6 +87,8 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
         "longest_gaps_us": sorted((round(g1 - g0, 1) for g0, g1 in gaps), reverse=True)[:top],
         "host_in_gaps_us": {k: round(v, 1) for k, v in overlap.most_common(top)},
         "device_us_by_kernel": {k: round(v, 1) for k, v in by_kernel.most_common(top)},
+        "launches_by_kernel": {k: launches[k] for k, _ in by_kernel.most_common(top)},
+        "kernel_launches": sum(launches.values()),
     }
 
 
@@ -98,6 +101,7 @@ def main():
     ap.add_argument("--trace-dir", default="/tmp/jaxllm-trace")
     ap.add_argument("--device-pattern", default="/device:GPU", help="process names of the device's streams")
     ap.add_argument("--gap-us", type=float, default=20.0)
+    ap.add_argument("--top", type=int, default=12, help="how many kernels / gaps / host events to list")
     args = ap.parse_args()
     import jax
 
@@ -128,7 +132,7 @@ def main():
     print("engine phases (ms per call x calls):")
     for p, v in phases.items():
         print(f"  {p:<16} {1e3 * v['seconds'] / v['calls']:9.3f} x {v['calls']}")
-    s = summarize(*load_trace(args.trace_dir), args.device_pattern, args.gap_us)
+    s = summarize(*load_trace(args.trace_dir), args.device_pattern, args.gap_us, args.top)
     print(json.dumps(s, indent=1))
 
 

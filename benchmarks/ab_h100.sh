@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A/B of two source trees in one call, same card: `jaxllm bench latency` (batch 1, 128 in / 128 out)
+# and `jaxllm bench throughput` (1000 x 128/128) at Llama-3.1-8B shapes, random bf16 weights.
+#   OUT=/tmp/out TREES="base:.base/src new:src" RUNS="latency throughput" bash benchmarks/ab_h100.sh
+# A tree is NAME:PATH of a `src` folder (e.g. `git archive REV src | tar -x -C .base`, carried to
+# the device). QUANT (e.g. "fp8 fp8-w8a8") adds throughput runs of the last tree with those
+# quantization modes; BATCH sets throughput's --max-batch-size (default 256).
+source "$(dirname "$0")/common.sh" /tmp/jaxllm-ab
+TREES=${TREES:-new:src}
+RUNS=${RUNS:-latency throughput}
+BATCH=${BATCH:-256}
+lat="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
+tput="--model $M --load-format dummy --dtype bfloat16 --num-requests 1000 --input-len 128 --output-len 128 --max-batch-size $BATCH --max-seq-len 512"
+bench() {  # name, src path, kind, args...
+  local name=$1 src=$2 kind=$3; shift 3
+  echo "== $name" >&2
+  PYTHONPATH=$src timeout 300 python -m jaxllm bench $kind "$@" --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
+    || { echo "$name failed"; tail -5 "$OUT/$name.txt"; }
+}
+last=""
+for run in $RUNS; do
+  for t in $TREES; do
+    name=${t%%:*}; src=${t#*:}; last=$src
+    case $run in
+      latency) bench "lat_$name" "$src" latency $lat ;;
+      throughput) bench "tput_$name" "$src" throughput $tput ;;
+    esac
+  done
+done
+for q in ${QUANT:-}; do bench "tput_${q}" "${last:-src}" throughput $tput --quantization "$q"; done
+python - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print(f"{'run':<18} {'ITL/TPOT p50 ms':>15} {'TTFT p50 ms':>11} {'out tok/s':>10} {'MFU':>5} {'compiles':>8}  phases (s)")
+for p in sorted(out.glob("*.json")):
+    r = json.loads(p.read_text())
+    itl = r.get("itl_s") or r.get("tpot_s") or {}
+    ph = r.get("engine_phases") or {}
+    phs = " ".join(f"{k} {v['seconds']:.2f}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1]["seconds"])[:5])
+    print(f"{p.stem:<18} {1e3*itl.get('p50', 0):>15.2f} {1e3*r['ttft_s']['p50']:>11.1f} {r['output_tok_s']:>10.0f} "
+          f"{100*(r.get('mfu') or 0):>4.0f}% {r.get('timed_run_compiles', '-'):>8}  {phs}")
+PY
