@@ -4,7 +4,8 @@
 # 2048/128) at Llama-3.1-8B shapes, random bf16 weights.
 #   OUT=/tmp/out TREES="base:.base/src new:src" RUNS="latency throughput" bash benchmarks/ab_h100.sh
 # A tree is NAME:PATH of a `src` folder (e.g. `git archive REV src | tar -x -C .base`, carried to
-# the device). QUANT (e.g. "fp8 fp8-w8a8") adds throughput runs of the last tree with those
+# the device), optionally NAME:PATH:VAR=value for an environment switch, e.g.
+# TREES="apart:src:JAXLLM_FUSED_QKV=0 fused:src" (q and k/v as separate matmuls vs one). QUANT (e.g. "fp8 fp8-w8a8") adds throughput runs of the last tree with those
 # quantization modes; BATCH sets throughput's --max-batch-size (default 256).
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-ab
 TREES=${TREES:-new:src}
@@ -14,16 +15,17 @@ lat="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-se
 long="--model $M --load-format dummy --dtype bfloat16 --num-requests 1000 --input-len 1000 --output-len 1000 --max-batch-size $BATCH --max-seq-len 2048"
 prefill_heavy="--model $M --load-format dummy --dtype bfloat16 --num-requests 1000 --input-len 2048 --output-len 128 --max-batch-size $BATCH --max-seq-len 2304"
 tput="--model $M --load-format dummy --dtype bfloat16 --num-requests 1000 --input-len 128 --output-len 128 --max-batch-size $BATCH --max-seq-len 512"
-bench() {  # name, src path, kind, args...
+bench() {  # name, src path, kind, args...  ($envs: extra environment, VAR=value ...)
   local name=$1 src=$2 kind=$3; shift 3
   echo "== $name" >&2
-  PYTHONPATH=$src timeout ${BENCH_TIMEOUT:-300} python -m jaxllm bench $kind "$@" --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
+  env ${envs:-} PYTHONPATH=$src timeout ${BENCH_TIMEOUT:-300} python -m jaxllm bench $kind "$@" --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
     || { echo "$name failed"; tail -5 "$OUT/$name.txt"; }
 }
 last=""
 for run in $RUNS; do
   for t in $TREES; do
-    name=${t%%:*}; src=${t#*:}; last=$src
+    name=${t%%:*}; rest=${t#*:}; src=${rest%%:*}; last=$src
+    envs=""; [[ $rest == *:* ]] && envs=${rest#*:}
     case $run in
       latency) bench "lat_$name" "$src" latency $lat ;;
       throughput) bench "tput_$name" "$src" throughput $tput ;;
@@ -32,6 +34,7 @@ for run in $RUNS; do
     esac
   done
 done
+envs=""
 for q in ${QUANT:-}; do bench "tput_${q}" "${last:-src}" throughput $tput --quantization "$q"; done
 python - "$OUT" <<'PY'
 import json, sys, pathlib

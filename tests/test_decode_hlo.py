@@ -72,4 +72,4 @@ def test_layers_share_one_trace_and_all_compile(tiny_llm, monkeypatch):
     own_dots, own_traces = compiled_dots()
     layers = runner.cfg.num_layers
     assert layers > 1 and shared_traces == 1 and own_traces == layers
-    assert shared_dots == own_dots >= 7 * layers
+    assert shared_dots == own_dots >= 6 * layers  # q/k/v, o, gate/up, down, and attention's two

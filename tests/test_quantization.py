@@ -4,6 +4,7 @@ parallelism, and the real SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,10 +44,25 @@ def tiny(tmp_path_factory):
     return write_tiny_checkpoint("llama3", tmp_path_factory.mktemp("q") / "tiny")
 
 
+@contextlib.contextmanager
+def _unfused():
+    """q and k/v as separate parameters (JAXLLM_FUSED_QKV=0), for the checks that read them by name
+    (their fusion is tested in test_fused_qkv.py)."""
+    old = os.environ.get("JAXLLM_FUSED_QKV")
+    os.environ["JAXLLM_FUSED_QKV"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["JAXLLM_FUSED_QKV"]
+        else:
+            os.environ["JAXLLM_FUSED_QKV"] = old
+
+
 @pytest.fixture(scope="module")
 def plain(tiny):
-    with LLM(str(tiny), max_seq_len=128, compilation_cache=False) as llm:
-        yield dict(logits=_logits(llm), params=_params(llm))
+    with _unfused(), LLM(str(tiny), max_seq_len=128, compilation_cache=False) as llm:
+        return dict(logits=_logits(llm), params=_params(llm))
 
 
 # -- the arithmetic ------------------------------------------------------------------------------
@@ -124,7 +140,7 @@ def test_fp8_w8a8_matmul(spec, x_shape, axes, out_axes):
 # -- LLM(quantization=...) -----------------------------------------------------------------------
 @pytest.mark.parametrize("mode,tol", [("fp8", 0.08), ("int8", 0.03)])
 def test_quantization_at_load(tiny, plain, mode, tol):
-    with LLM(str(tiny), max_seq_len=128, compilation_cache=False, quantization=mode) as llm:
+    with _unfused(), LLM(str(tiny), max_seq_len=128, compilation_cache=False, quantization=mode) as llm:
         assert llm.model_config.quantization == mode
         params = _params(llm)
         logits = _logits(llm)
@@ -237,7 +253,7 @@ def test_prequantized_checkpoint_matches_its_dequantized_twin(prequantized, kind
     with LLM(str(path), max_seq_len=128, compilation_cache=False) as llm:
         assert llm.model_config.quantization == "fp8"
         p = _params(llm)
-        assert p["layers.0.attn.q"].dtype == jnp.float8_e4m3fn and p["lm_head"].dtype == jnp.float32
+        assert p["layers.0.attn.qkv"].dtype == jnp.float8_e4m3fn and p["lm_head"].dtype == jnp.float32
         logits = _logits(llm)
         toks = llm.generate(["The capital of France is"], SamplingParams(max_tokens=12, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids

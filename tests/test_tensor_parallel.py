@@ -83,7 +83,10 @@ def _check(res, num_heads, num_kv_heads):
         assert len(devs) == len(set(devs)) == tp * dp, r["replica_devices"]
         assert r["served"] == list(range(dp)), r["served"]
         # each device holds only its shard: split tensors take 1/tp of their bytes per device
-        q = r["params"]["layers.0.attn.q"]
+        # q/k/v are one parameter where the KV heads split evenly (split with them), else q apart
+        fused = "layers.0.attn.qkv" in r["params"]
+        assert fused == (num_kv_heads % tp == 0), (tp, fused)
+        q = r["params"]["layers.0.attn.qkv" if fused else "layers.0.attn.q"]
         expect = q["total"] // tp if num_heads % tp == 0 else q["total"]
         assert q["per_device"] == [expect] and q["devices"] == tp, (tp, q)
         for name in ("layers.0.mlp.gate_up", "layers.0.mlp.down", "embed", "lm_head"):

@@ -6,6 +6,7 @@ jaxllm's own Orbax checkpoints written by ``LLM.save``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 from functools import partial
@@ -17,6 +18,8 @@ from flax import nnx
 
 from ..models import ModelConfig, get_architecture
 from ..models.config import architecture_name
+from ..models.llama import can_fuse_qkv, fuse_qkv
+from ..sharding import tensor_parallel_size
 from ..pallas.fp8_gemv import gemv_wanted
 from .resolve import ResolvedModel, resolve_model
 from .orbax_ckpt import is_jaxllm_checkpoint, restore_params, saved_dtype, saved_quantization, save_checkpoint
@@ -98,6 +101,12 @@ def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool)
     return found if found is not None else requested
 
 
+def fused_qkv_wanted() -> bool:
+    """q/k/v run as one projection where the tensor-parallel layout allows (models/llama.py:
+    can_fuse_qkv) unless JAXLLM_FUSED_QKV=0 (for A/B measurements and tests)."""
+    return os.environ.get("JAXLLM_FUSED_QKV", "1") != "0"
+
+
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
                quantization=None) -> LoadedModel:
     src = resolve_model(model, revision)
@@ -131,6 +140,11 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
         found: dict[int, dict[str, float]] = {}
         state = place_weights(abstract_state, _take_kv_scales(tensors, found), cfg, arch.weight_map, mesh)
         kv_scales = _kv_scales(found, cfg.num_layers)
+    if fused_qkv_wanted() and can_fuse_qkv(cfg, tensor_parallel_size(mesh)):
+        # loaded as q and kv (the checkpoints' and Orbax's layout), run as one q/k/v projection
+        cfg = replace(cfg, fused_qkv=True)
+        graphdef, fused_abstract = nnx.split(nnx.eval_shape(lambda: arch.module(cfg, jdtype, rngs=nnx.Rngs(0))))
+        state = fuse_qkv(state, fused_abstract, cfg, mesh)
     module = nnx.merge(graphdef, state)
     tok = load_tokenizer(src, tokenizer, revision)
     return LoadedModel(module, cfg, hf_config, tok, jdtype, src, kv_scales)

@@ -41,7 +41,9 @@ def saved_quantization(folder: Path) -> str | None:
     return json.loads((folder / MARKER).read_text()).get("quantization")
 
 
-def save_checkpoint(path: Path, params: nnx.State, hf_config, tokenizer, dtype, quantization=None) -> None:
+def save_checkpoint(path: Path, params: dict, hf_config, tokenizer, dtype, quantization=None) -> None:
+    """Write `params` (a pure dict of arrays in the canonical layout: q and kv apart, see
+    models/llama.py: unfused_qkv_dict), the HF config and the tokenizer into a new folder."""
     import orbax.checkpoint as ocp
 
     path = Path(path).expanduser().resolve()
@@ -49,7 +51,7 @@ def save_checkpoint(path: Path, params: nnx.State, hf_config, tokenizer, dtype, 
         raise ValueError(f"path={str(path)!r} exists and is not empty; save into a new folder")
     path.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path / "params", nnx.to_pure_dict(params))
+    ckptr.save(path / "params", params)
     ckptr.wait_until_finished()
     hf_config.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))

@@ -13,9 +13,12 @@ larger decode GEMVs made a step 7-17% faster. Their "stack" axis is never sharde
 parallel shard holds its own k and v heads (gate and up columns) side by side; the loader stacks
 the two HF tensors (``Rule.part``). The attention projections run as 2-D matmuls over their
 flattened head dims (``_flat_einsum``): the sharded axis (heads, kv_heads) is the major one of each
-flattened group, so a shard's slice stays contiguous. Written as einsums over [embed, 2, kv_heads,
-head_dim], XLA:GPU (JAX 0.11.2) turned the k/v matmul into a reduction at batch 1 and transposed
-its weight on every call (H100 profile, BENCHMARKS.md). With ``cfg.quantization`` ("fp8" / "int8") the projections
+flattened group, so a shard's slice stays contiguous. A batch-1 k/v matmul alone (4096 x 2048 at
+8B shapes, under the 10M elements of XLA:GPU's DotStrengthReduction) runs as multiply + reduce,
+with its weight transposed on every call (JAX 0.11.2; H100 profile, BENCHMARKS.md). So, where the KV heads split evenly over
+the tensor-parallel devices, the loader fuses q into it (``fuse_qkv``: ``qkv``, ``[embed, kv_heads,
+G + 2, head_dim]``, each KV head's G query heads then its k and v), one 4096 x 6144 GEMM at 8B
+shapes; checkpoints keep q and kv apart (``unfused_qkv_dict``), so any tensor-parallel size loads them. With ``cfg.quantization`` ("fp8" / "int8") the projections
 hold 8-bit weights and a ``<name>_scale`` per output channel (``models/quant.py``); the embedding,
 lm_head and norms stay in ``dtype``.
 
@@ -65,6 +68,84 @@ def _projection(rngs: nnx.Rngs, shape, axes, out_axes, dtype, quantization: str 
 
 def _value(p):
     return None if p is None else p[...]
+
+
+QKV_AXES = ("embed", "kv_heads", "stack", "head_dim")  # the fused k/v (and q/k/v) projection's axes
+# the parameters a fused q/k/v is made of: fused name -> (q part, k/v part)
+_QKV_PARTS = {"qkv": ("q", "kv"), "qkv_scale": ("q_scale", "kv_scale"), "qkv_bias": ("q_bias", "kv_bias")}
+
+
+def can_fuse_qkv(cfg: ModelConfig, tp: int) -> bool:
+    """Whether q/k/v can be one parameter on tp devices: the KV heads must split evenly, so that
+    each shard holds its KV heads' query heads, k and v side by side."""
+    return cfg.num_kv_heads % tp == 0 and cfg.num_heads % cfg.num_kv_heads == 0
+
+
+def _split_heads(axes: tuple, shape: tuple, kv_heads: int) -> tuple[tuple, tuple]:
+    """A q part's axes and shape with its "heads" axis split into ("kv_heads", "stack")."""
+    i = axes.index("heads")
+    return (axes[:i] + ("kv_heads", "stack") + axes[i + 1 :],
+            shape[:i] + (kv_heads, shape[i] // kv_heads) + shape[i + 1 :])
+
+
+def fuse_qkv(state: nnx.State, fused_abstract: nnx.State, cfg: ModelConfig, mesh) -> nnx.State:
+    """The parameters of the fused model (``fused_abstract``, cfg.fused_qkv) from those of the
+    unfused one: per layer q / kv (and their scales and biases) become one qkv, q's heads grouped
+    under their KV head ahead of k and v along the "stack" axis. Each fused array is made on the
+    devices (one small jitted concatenation per shape) with its own sharding; nothing moves between
+    devices (the KV heads are sharded, the stack axis never). Works on any layout the weights are
+    stored in (fp8's K-minor ones included): the axes metadata says where heads and stack are."""
+    from ..sharding import named_sharding
+
+    flat = dict(nnx.to_flat_state(state))
+    out = []
+    for path, var in nnx.to_flat_state(fused_abstract):
+        name = path[-1]
+        if name not in _QKV_PARTS:
+            out.append((path, flat[path]))
+            continue
+        qv, kvv = (flat[path[:-1] + (part,)] for part in _QKV_PARTS[name])
+        q_axes, q_shape = _split_heads(tuple(qv.get_metadata()["axes"]), tuple(qv.get_value().shape), cfg.num_kv_heads)
+        axes = tuple(var.get_metadata()["axes"])
+        if q_axes != axes or tuple(kvv.get_metadata()["axes"]) != axes:
+            raise ValueError(f"cannot fuse {path}: q axes {q_axes}, kv axes {kvv.get_metadata()['axes']}, fused {axes}")
+        target = var.get_value()
+        sharding = named_sharding(axes, mesh, tuple(target.shape))
+        var.set_value(_concat_stack(q_shape, axes.index("stack"), sharding)(qv.get_value(), kvv.get_value()))
+        for part in (qv, kvv):  # freed as we go: at most one layer's q/k/v is held twice
+            part.get_value().delete()
+        out.append((path, var))
+    return nnx.from_flat_state(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _concat_stack(q_shape: tuple, axis: int, sharding):
+    return jax.jit(lambda q, kv: jnp.concatenate([q.reshape(q_shape), kv], axis=axis), out_shardings=sharding)
+
+
+def unfused_qkv_dict(params: dict, cfg: ModelConfig) -> dict:
+    """A pure dict of parameters (nnx.to_pure_dict) with every fused qkv split back into q and kv
+    (and their scales and biases): the canonical layout an Orbax checkpoint holds, restorable at
+    any tensor-parallel size."""
+    g = cfg.num_heads // cfg.num_kv_heads
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: walk(v) for k, v in node.items()}
+        for fused, (q_name, kv_name) in _QKV_PARTS.items():
+            if fused in node:
+                w = node.pop(fused)
+                axes = QKV_AXES if fused == "qkv" else QKV_AXES[1:]
+                if fused == "qkv" and is_k_minor(cfg.quantization):  # stored [out..., in...]
+                    axes = tuple(axes[i] for i in k_minor_order(QKV_AXES, QKV_AXES[1:]))
+                k_axis, s_axis = axes.index("kv_heads"), axes.index("stack")
+                q = jax.lax.slice_in_dim(w, 0, g, axis=s_axis)
+                node[q_name] = q.reshape(q.shape[:k_axis] + (q.shape[k_axis] * g,) + q.shape[s_axis + 1 :])
+                node[kv_name] = jax.lax.slice_in_dim(w, g, g + 2, axis=s_axis)
+        return node
+
+    return walk(params)
 
 
 def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool = False):
@@ -127,14 +208,22 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qz = cfg.quantization
-        self.q, self.q_scale = _projection(rngs, (e, h, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"), dtype, qz)
-        # k and v as one matmul: [embed, kv_heads, 2, head_dim] (the "stack" axis is never sharded)
-        self.kv, self.kv_scale = _projection(rngs, (e, kv, 2, d), ("embed", "kv_heads", "stack", "head_dim"),
-                                             ("kv_heads", "stack", "head_dim"), dtype, qz)
+        self.fused = cfg.fused_qkv
+        self.group = h // kv  # query heads per KV head
+        if self.fused:  # q, k, v as one matmul: per KV head its G query heads, then k, then v
+            self.qkv, self.qkv_scale = _projection(rngs, (e, kv, self.group + 2, d), QKV_AXES,
+                                                   QKV_AXES[1:], dtype, qz)
+        else:
+            self.q, self.q_scale = _projection(rngs, (e, h, d), ("embed", "heads", "head_dim"), ("heads", "head_dim"),
+                                               dtype, qz)
+            # k and v as one matmul: [embed, kv_heads, 2, head_dim] (the "stack" axis is never sharded)
+            self.kv, self.kv_scale = _projection(rngs, (e, kv, 2, d), QKV_AXES, QKV_AXES[1:], dtype, qz)
         self.o, self.o_scale = _projection(rngs, (h, d, e), ("heads", "head_dim", "embed"), ("embed",), dtype, qz)
-        if cfg.attention_bias:
+        if cfg.attention_bias and self.fused:
+            self.qkv_bias = _param(rngs, (kv, self.group + 2, d), QKV_AXES[1:], dtype, init="zeros")
+        elif cfg.attention_bias:
             self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), dtype, init="zeros")
-            self.kv_bias = _param(rngs, (kv, 2, d), ("kv_heads", "stack", "head_dim"), dtype, init="zeros")
+            self.kv_bias = _param(rngs, (kv, 2, d), QKV_AXES[1:], dtype, init="zeros")
         if cfg.o_bias:
             self.o_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
         if cfg.qk_norm:
@@ -149,11 +238,19 @@ class Attention(nnx.Module):
         self.head_dim = d
 
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
-        q = _flat_einsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8, self.gemv)
-        kv = _flat_einsum("bte,eksd->btksd", x, self.kv[...], _value(self.kv_scale), self.w8a8, self.gemv)
-        if self.has_bias:
-            q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
-        k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+        if self.fused:
+            qkv = _flat_einsum("bte,eksd->btksd", x, self.qkv[...], _value(self.qkv_scale), self.w8a8, self.gemv)
+            if self.has_bias:
+                qkv = qkv + self.qkv_bias[...]
+            b, t, kvh, _, d = qkv.shape
+            q = qkv[:, :, :, : self.group].reshape(b, t, kvh * self.group, d)  # query head h: KV head h // G
+            k, v = qkv[:, :, :, self.group], qkv[:, :, :, self.group + 1]
+        else:
+            q = _flat_einsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8, self.gemv)
+            kv = _flat_einsum("bte,eksd->btksd", x, self.kv[...], _value(self.kv_scale), self.w8a8, self.gemv)
+            if self.has_bias:
+                q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
+            k, v = kv[:, :, :, 0], kv[:, :, :, 1]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.rope, self.head_dim)  # a numpy constant, folded at trace time
