@@ -24,7 +24,7 @@ for v in $VARIANTS; do
     ttft2048) run $v "" --input-len 2048 --output-len 2 --iterations 5 ;;
     profile)  # a profiler trace of one batch-1 request: GPU busy vs idle, host work in the gaps, engine phases
       for steps in 16 64; do
-        timeout 240 python benchmarks/profile_decode.py --model "$M" --decode-steps $steps --trace-dir /tmp/trace_$steps \
+        timeout 240 python benchmarks/profile_decode.py --model "$M" --decode-steps $steps --trace-dir /tmp/trace_$steps --top 30 --hlo-dir /tmp/hlo_$steps \
           > "$OUT/profile_$steps.txt" 2>&1 || echo "profile $steps failed"
         grep -v "^\[" "$OUT/profile_$steps.txt" | tail -40
       done ;;

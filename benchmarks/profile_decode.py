@@ -1,7 +1,7 @@
 """Where a decode's time goes: a JAX profiler trace of the engine, summarized.
 
     python benchmarks/profile_decode.py --model .models/llama-3.1-8b-shapes [--output-len 64] [--decode-steps 16]
-        [--batch 1] [--trace-dir DIR]
+        [--batch 1] [--trace-dir DIR] [--top 30] [--hlo-dir DIR]
 
 Warms up, then traces --batch requests at once (128 prompt tokens each, --output-len new ones;
 batch 256 shows a throughput run's decode step) and reads the Perfetto
@@ -102,7 +102,12 @@ def main():
     ap.add_argument("--device-pattern", default="/device:GPU", help="process names of the device's streams")
     ap.add_argument("--gap-us", type=float, default=20.0)
     ap.add_argument("--top", type=int, default=12, help="how many kernels / gaps / host events to list")
+    ap.add_argument("--hlo-dir", default=None,
+                    help="dump the decode programs' optimized HLO here and name what each top kernel computes")
     args = ap.parse_args()
+    if args.hlo_dir:  # before JAX starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.hlo_dir}"
+                                   " --xla_dump_hlo_module_re=.*decode_impl.*").strip()
     import jax
 
     from jaxllm import LLM, SamplingParams
@@ -133,7 +138,31 @@ def main():
     for p, v in phases.items():
         print(f"  {p:<16} {1e3 * v['seconds'] / v['calls']:9.3f} x {v['calls']}")
     s = summarize(*load_trace(args.trace_dir), args.device_pattern, args.gap_us, args.top)
+    if args.hlo_dir:
+        s["kernel_hlo"] = kernel_hlo(args.hlo_dir, s.get("device_us_by_kernel", {}))
     print(json.dumps(s, indent=1))
+
+
+def kernel_hlo(hlo_dir: str, kernels) -> dict:
+    """{kernel name: its HLO instruction's result type and the jnp op it came from}, read from the
+    newest optimized decode program dumped in hlo_dir (a kernel named like ``gemm_fusion_dot_387``
+    is the fusion ``%gemm_fusion_dot.387``; XLA reuses one kernel for identical fusions, so a name
+    may stand for several instructions of the same shape)."""
+    import re
+
+    files = sorted(glob.glob(os.path.join(hlo_dir, "*decode_impl*after_optimizations.txt")), key=os.path.getmtime)
+    if not files:
+        return {}
+    text = open(files[-1]).read()
+    out = {}
+    for name in kernels:
+        for cand in (name, re.sub(r"_(\d+)$", r".\1", name)):
+            m = re.search(rf"^\s*%{re.escape(cand)} = (.+?) ([\w-]+)\((.*)$", text, re.M)
+            if m:
+                op = re.search(r'op_name="([^"]*)"', m.group(3))
+                out[name] = " ".join(x for x in (m.group(1), m.group(2), op.group(1)[-80:] if op else "") if x)
+                break
+    return out
 
 
 if __name__ == "__main__":
