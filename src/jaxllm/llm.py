@@ -243,11 +243,9 @@ class LLM:
         """Write the converted parameters (Orbax), config and tokenizer into a new folder;
         ``LLM(model=path)`` restores them onto any tensor-parallel layout, skipping conversion."""
         engine = self._require_engine()
-        from flax import nnx
-
         from .models.llama import unfused_qkv_dict
 
-        params = unfused_qkv_dict(nnx.to_pure_dict(engine.runner.params), self.model_config)
+        params = unfused_qkv_dict(engine.runner.params, self.model_config)
         save_checkpoint(Path(path), params, self.hf_config, self.tokenizer, self.dtype, self.model_config.quantization)
 
     def precompile(self, max_len: int | None = None, *, greedy: bool = True, sampled: bool = True,

@@ -432,8 +432,13 @@ class Engine:
 
     def _receive(self, req: Request, tid: int, info: dict, device_end: bool) -> None:
         req.receive(tid, info, device_end)
+        self._received(req, device_end)
+
+    def _received(self, req: Request, device_end: bool) -> None:
+        """req got tokens (Request.receive): its text is made next step; `device_end`: the device
+        ended it, so its slot and blocks go back now."""
         self._text_pending.add(req)
-        if device_end:  # no more device work: give back the slot and the blocks now
+        if device_end:
             self.scheduler.release(req)
 
     def _apply_text(self) -> None:
@@ -559,7 +564,5 @@ class Engine:
                 produced += len(row)
                 # the KV of every token but the newest is now written
                 self._after_compute(r, len(r.all_ids) - 1)
-                self._text_pending.add(r)
-                if done[i]:  # no more device work: give back the slot and the blocks now
-                    self.scheduler.release(r)
+                self._received(r, bool(done[i]))
         return produced

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -122,9 +121,10 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)
-    factory = partial(arch.module, cfg, jdtype)
+    def abstract(cfg):  # the module's graph and its parameters' shapes, axes and dtypes (no arrays)
+        return nnx.split(nnx.eval_shape(lambda: arch.module(cfg, jdtype, rngs=nnx.Rngs(0))))
 
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0))))
+    graphdef, abstract_state = abstract(cfg)
     kv_scales = None
     if load_format == "dummy":
         state = random_weights(abstract_state, mesh)
@@ -143,7 +143,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     if fused_qkv_wanted() and can_fuse_qkv(cfg, tensor_parallel_size(mesh)):
         # loaded as q and kv (the checkpoints' and Orbax's layout), run as one q/k/v projection
         cfg = replace(cfg, fused_qkv=True)
-        graphdef, fused_abstract = nnx.split(nnx.eval_shape(lambda: arch.module(cfg, jdtype, rngs=nnx.Rngs(0))))
+        graphdef, fused_abstract = abstract(cfg)
         state = fuse_qkv(state, fused_abstract, cfg, mesh)
     module = nnx.merge(graphdef, state)
     tok = load_tokenizer(src, tokenizer, revision)

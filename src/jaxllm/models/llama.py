@@ -123,29 +123,24 @@ def _concat_stack(q_shape: tuple, axis: int, sharding):
     return jax.jit(lambda q, kv: jnp.concatenate([q.reshape(q_shape), kv], axis=axis), out_shardings=sharding)
 
 
-def unfused_qkv_dict(params: dict, cfg: ModelConfig) -> dict:
-    """A pure dict of parameters (nnx.to_pure_dict) with every fused qkv split back into q and kv
-    (and their scales and biases): the canonical layout an Orbax checkpoint holds, restorable at
-    any tensor-parallel size."""
+def unfused_qkv_dict(params: nnx.State, cfg: ModelConfig) -> dict:
+    """The parameters as a pure dict (nnx.to_pure_dict) with every fused qkv split back into q and
+    kv (and their scales and biases), the inverse of ``fuse_qkv``, read from the same axes
+    metadata: the canonical layout an Orbax checkpoint holds, restorable at any tensor-parallel size."""
     g = cfg.num_heads // cfg.num_kv_heads
-
-    def walk(node):
-        if not isinstance(node, dict):
-            return node
-        node = {k: walk(v) for k, v in node.items()}
-        for fused, (q_name, kv_name) in _QKV_PARTS.items():
-            if fused in node:
-                w = node.pop(fused)
-                axes = QKV_AXES if fused == "qkv" else QKV_AXES[1:]
-                if fused == "qkv" and is_k_minor(cfg.quantization):  # stored [out..., in...]
-                    axes = tuple(axes[i] for i in k_minor_order(QKV_AXES, QKV_AXES[1:]))
-                k_axis, s_axis = axes.index("kv_heads"), axes.index("stack")
-                q = jax.lax.slice_in_dim(w, 0, g, axis=s_axis)
-                node[q_name] = q.reshape(q.shape[:k_axis] + (q.shape[k_axis] * g,) + q.shape[s_axis + 1 :])
-                node[kv_name] = jax.lax.slice_in_dim(w, g, g + 2, axis=s_axis)
-        return node
-
-    return walk(params)
+    pure = nnx.to_pure_dict(params)
+    for path, var in nnx.to_flat_state(params):
+        if path[-1] not in _QKV_PARTS:
+            continue
+        node = functools.reduce(lambda d, key: d[key], path[:-1], pure)
+        del node[path[-1]]
+        axes, w = tuple(var.get_metadata()["axes"]), var.get_value()
+        k_axis, s_axis = axes.index("kv_heads"), axes.index("stack")  # adjacent: q's heads split in two
+        q_name, kv_name = _QKV_PARTS[path[-1]]
+        q = jax.lax.slice_in_dim(w, 0, g, axis=s_axis)
+        node[q_name] = q.reshape(q.shape[:k_axis] + (q.shape[k_axis] * g,) + q.shape[s_axis + 1 :])
+        node[kv_name] = jax.lax.slice_in_dim(w, g, g + 2, axis=s_axis)
+    return pure
 
 
 def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool = False):
