@@ -73,3 +73,40 @@ def test_layers_share_one_trace_and_all_compile(tiny_llm, monkeypatch):
     layers = runner.cfg.num_layers
     assert layers > 1 and shared_traces == 1 and own_traces == layers
     assert shared_dots == own_dots >= 6 * layers  # q/k/v, o, gate/up, down, and attention's two
+
+
+def test_padding_rows_write_the_padding_page_only():
+    """With the padding page, a padding row's K/V land in the pool's last slot and nowhere else; a
+    single-row write matches the scatter it replaces; without the page, padding is dropped."""
+    from jaxllm.runner.paged import write_slots
+
+    pool = jnp.arange(6 * 2 * 3, dtype=jnp.float32).reshape(6, 2, 3)  # 5 real slots + the padding slot
+    rows = -jnp.ones((2, 1, 2, 3), jnp.float32)
+    out = write_slots(pool, jnp.array([[2], [-1]]), rows, padding_page=True)
+    assert (out[2] == -1).all() and (out[5] == -1).all()
+    keep = jnp.array([0, 1, 3, 4])
+    assert (out[keep] == pool[keep]).all()
+    one = write_slots(pool, jnp.array([[4]]), rows[:1], padding_page=True)
+    assert (one == pool.at[4].set(-1)).all()
+    pad_one = write_slots(pool, jnp.array([[-1]]), rows[:1], padding_page=True)
+    assert (pad_one[:5] == pool[:5]).all() and (pad_one[5] == -1).all()
+    dropped = write_slots(pool, jnp.array([[2], [-1]]), rows, padding_page=False)
+    assert (dropped == pool.at[2].set(-1)).all()
+
+
+def test_batch1_decode_writes_kv_by_dynamic_update_slice(tiny_llm):
+    """At batch 1 the decode step stores its K/V row with a dynamic-update-slice into the pool (no
+    scatter, no read-back of the old row for an out-of-bounds select): on the GPU XLA then fuses the
+    row's computation (RoPE) into the in-place update, two kernels fewer per layer."""
+    engine = tiny_llm._engine
+    runner = engine.runner
+    reqs = [tiny_llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4))]
+    state = engine._row_state(reqs, 1)
+    tables = jnp.zeros((1, 4), jnp.int32)
+    text = runner._decode.lower(runner.params, runner.pool, tables, state, steps=2, num_logprobs=None,
+                                all_greedy=True).as_text()
+    k = jax.tree.leaves(runner.pool)[0]
+    pool_type = "tensor<{}x{}>".format("x".join(map(str, k.shape)), str(k.dtype).replace("float", "f"))
+    updates = [ln for ln in text.splitlines() if "dynamic_update_slice" in ln and pool_type in ln]
+    scatters = [ln for ln in text.splitlines() if "stablehlo.scatter" in ln and pool_type in ln]
+    assert len(updates) >= 2 and not scatters, (len(updates), scatters[:1])  # K and V (the layers share one trace)

@@ -180,6 +180,18 @@ def test_no_races_in_the_stage_ring():
         assert not get_races().races_found
 
 
+def test_split_choice():
+    """Splits fill the SMs at batch 1 on long contexts, but none is shorter than MIN_SPLIT_STEPS
+    steps (a short context is one split: no merge); a full batch needs no split at all."""
+    from jaxllm.pallas.decode_attention import MIN_SPLIT_STEPS, _choose_splits
+
+    assert _choose_splits(1, 8, 5) == 1  # ~300 tokens at batch 1
+    assert _choose_splits(1, 8, 2 * MIN_SPLIT_STEPS) == 2
+    assert _choose_splits(1, 8, 128) == 128 // MIN_SPLIT_STEPS  # 8k tokens: 16 splits x 8 KV heads
+    assert _choose_splits(1, 8, 4096) == 33  # 2 x 132 SMs / 8 programs
+    assert _choose_splits(64, 8, 128) == 1
+
+
 def test_bad_arguments_are_refused():
     q, k, v, tables, lens = _inputs(0, 1, 6, 4, 64, 16, 32)
     with pytest.raises(ValueError, match="multiple of KV heads"):

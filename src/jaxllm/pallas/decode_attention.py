@@ -240,11 +240,18 @@ def _max_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2) -> i
     return (SMEM_BYTES - fixed) // (2 * tile * d * kv_bytes)
 
 
+MIN_SPLIT_STEPS = 8  # see _choose_splits
+
+
 def _choose_splits(batch: int, kv_heads: int, steps: int, num_sms: int = 132) -> int:
-    """Enough programs to fill the SMs twice, never splits shorter than two steps."""
+    """Enough programs to fill the SMs twice, never splits shorter than MIN_SPLIT_STEPS steps.
+
+    A split has a fixed cost (its Q load, filling the pipeline, and a share of the merge kernel,
+    which a single split does not need): on the H100 at batch 1, a ~200-token context ran 0.04 ms
+    per token faster as one split than as two (BENCHMARKS.md, sixth session)."""
     programs = batch * kv_heads
     want = max(1, -(-2 * num_sms // programs))
-    most = max(1, steps // 2)
+    most = max(1, steps // MIN_SPLIT_STEPS)
     return int(min(want, most, 64))
 
 

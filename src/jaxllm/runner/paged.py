@@ -1,14 +1,15 @@
 """The paged KV pool and the attention that reads it, behind the ``attend`` interface models call.
 
 KV lives in fixed-size blocks: per layer one K pool and one V pool of shape
-``[num_blocks * block_size, kv_heads, head_dim]`` (blocks flattened into slots). A sequence owns a
+``[(num_blocks + 1) * block_size, kv_heads, head_dim]`` (blocks flattened into slots; the last
+block is padding's, see ``init_pool``). A sequence owns a
 row of block ids (its block table); the token at position p lives in slot
 ``table[p // block_size] * block_size + p % block_size``. The host's block manager decides which
 blocks a sequence owns; the device only ever sees tables and slot numbers.
 
 ``make_attend(positions, slots, block_tables)`` returns the function a model calls as
 ``attend(layer, q, k, v, cache) -> (out, cache)``: it writes the new K/V into their slots (slot
-``-1`` or past the pool: padding, dropped) and attends each query at position p over positions
+``-1``: padding, written to the pool's padding page or dropped) and attends each query at position p over positions
 0..p of its sequence, gathered through the table. One path serves prefill, chunked prefill,
 prefix-cached prefill and decode. The attention here is the pure-jnp reference (scores in
 float32), the CPU path and the oracle for the Pallas kernels that plug in behind the same interface.
@@ -50,8 +51,14 @@ def pool_kv_heads(cfg: ModelConfig, tp: int = 1) -> int:
 
 
 def init_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, tp: int = 1):
-    """One (K, V) pool pair per layer, each [num_blocks * block_size, pool_kv_heads, head_dim]."""
-    shape = (num_blocks * block_size, pool_kv_heads(cfg, tp), cfg.head_dim)
+    """One (K, V) pool pair per layer, each [(num_blocks + 1) * block_size, pool_kv_heads, head_dim].
+
+    The last block is the padding page: no block table holds it, and padding rows write their K/V
+    there (``make_attend(padding_page=True)``), so every write is in bounds. A single-row write (batch-1
+    decode) is then a plain dynamic-update-slice, which XLA fuses with the computation of the row;
+    a dropped out-of-bounds write instead reads the old row back and selects (two more kernels per
+    layer on the GPU)."""
+    shape = ((num_blocks + 1) * block_size, pool_kv_heads(cfg, tp), cfg.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
 
@@ -200,7 +207,7 @@ def _per_device(run, mesh, in_specs, out_specs):
 
 def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None,
                 decode_kernel=None, fresh_impl: str | None = None, kv_scales=None,
-                prefill_kernel=None) -> "PagedAttend":
+                prefill_kernel=None, padding_page: bool = False) -> "PagedAttend":
     """The attend function a model calls, ``attend(layer, q, k, v, cache) -> (out, cache)``.
 
     `decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls.
@@ -216,10 +223,13 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
     (whole prompts, nothing cached): attention then needs only this call's K/V, and runs as
     ``jax.nn.dot_product_attention`` with that implementation (cuDNN's fused flash attention on
     NVIDIA GPUs) instead of gathering through the block tables.
+
+    `padding_page`: the pools end with `init_pool`'s padding page, where padding rows (slot -1) write;
+    otherwise their writes are dropped.
     """
     scales = None if kv_scales is None else tuple((float(k), float(v)) for k, v in kv_scales)
     return PagedAttend(positions, slots, block_tables, block_size, sliding_window, decode_kernel, fresh_impl,
-                       scales, prefill_kernel)
+                       scales, prefill_kernel, padding_page)
 
 
 @jax.tree_util.register_dataclass
@@ -238,6 +248,7 @@ class PagedAttend:
     fresh_impl: str | None = dataclasses.field(metadata=dict(static=True))
     kv_scales: tuple | None = dataclasses.field(metadata=dict(static=True))
     prefill_kernel: object = dataclasses.field(metadata=dict(static=True))
+    padding_page: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def for_layer(self, layer: int) -> "PagedAttend":
         """The attend of one layer's call with a one-layer cache (its scales at index 0)."""
@@ -254,13 +265,9 @@ class PagedAttend:
         k_scale, v_scale = (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer]
         if k_pool.shape[1] != k.shape[2]:  # one copy of each KV head per device that reads it
             k, v = (jnp.repeat(x, k_pool.shape[1] // x.shape[2], axis=2) for x in (k, v))
-        n = k_pool.shape[0]
-        flat_slots = slots.reshape(-1)
-        idx = jnp.where(flat_slots < 0, n, flat_slots)  # padding -> out of range -> dropped
         k_new = to_pool(k, k_pool.dtype, k_scale)
         v_new = to_pool(v, v_pool.dtype, v_scale)
-        k_pool = k_pool.at[idx].set(k_new.reshape(-1, *k.shape[2:]), mode="drop")
-        v_pool = v_pool.at[idx].set(v_new.reshape(-1, *v.shape[2:]), mode="drop")
+        k_pool, v_pool = (write_slots(pool, slots, x, self.padding_page) for pool, x in ((k_pool, k_new), (v_pool, v_new)))
         if use_kernel:
             out = self.decode_kernel(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0] + 1, k_scale,
                                      v_scale)[:, None]
@@ -286,6 +293,20 @@ class PagedAttend:
         return out, cache
 
 
+def write_slots(pool, slots, rows, padding_page: bool):
+    """``pool`` [S, KVH, D] with ``rows`` [B, T, KVH, D] stored at ``slots`` [B, T]. Slot -1 (padding)
+    goes to the pool's last slot when it ends with a padding page, else the write is dropped."""
+    n = pool.shape[0]
+    flat = slots.reshape(-1)
+    rows = rows.reshape(-1, *pool.shape[1:])
+    if not padding_page:
+        return pool.at[jnp.where(flat < 0, n, flat)].set(rows, mode="drop")  # padding -> past the pool
+    idx = jnp.where((flat < 0) | (flat >= n), n - 1, flat)
+    if flat.shape[0] == 1:  # one row (batch-1 decode): a dynamic-update-slice XLA fuses with its producer
+        return jax.lax.dynamic_update_slice(pool, rows, (idx[0], 0, 0))
+    return pool.at[idx].set(rows, mode="promise_in_bounds")
+
+
 def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, mesh) -> int:
     """How many KV blocks to allocate (see KvCacheConfig).
 
@@ -302,13 +323,14 @@ def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, mesh) -
     per_token = pool_bytes_per_token(cfg, dtype, tensor_parallel_size(mesh)) // shards  # on each device
     device = mesh.devices.flat[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
+    # a budget of bytes holds init_pool's padding page too; a budget of tokens counts usable ones
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        tokens = int(free * kv_config.free_gpu_memory_fraction) // per_token
+        blocks = int(free * kv_config.free_gpu_memory_fraction) // per_token // block_size - 1
         if kv_config.max_tokens is not None:
-            tokens = min(tokens, kv_config.max_tokens)
+            blocks = min(blocks, kv_config.max_tokens // block_size)
     elif kv_config.max_tokens is not None:
-        tokens = kv_config.max_tokens
+        blocks = kv_config.max_tokens // block_size
     else:
-        tokens = min(CPU_DEFAULT_MAX_TOKENS, CPU_DEFAULT_MAX_BYTES // per_token)
-    return max(1, tokens // block_size)
+        blocks = min(CPU_DEFAULT_MAX_TOKENS // block_size, CPU_DEFAULT_MAX_BYTES // per_token // block_size - 1)
+    return max(1, blocks)

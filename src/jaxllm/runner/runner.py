@@ -150,6 +150,7 @@ class ModelRunner:
         attend = make_attend(
             positions, slots, block_tables, self.block_size, self.cfg.sliding_window, self._decode_kernel,
             self._fresh_impl if fresh else None, self.kv_scales, prefill_kernel=self._prefill_kernel,
+            padding_page=True,
         )
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
