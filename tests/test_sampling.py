@@ -30,6 +30,30 @@ def _seeded(seed):
     return SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=seed, ignore_eos=True)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 42, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**40 + 7, 2**63 - 1])
+def test_seed_key_made_on_the_host_is_jaxs(seed):
+    """key_data_for_seed builds PRNGKey(seed)'s raw key without a device program (see its doc)."""
+    import jax
+
+    from jaxllm.sampling import key_data_for_seed
+
+    got = key_data_for_seed(seed)
+    assert got.dtype == np.uint32 and got.tolist() == np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))).tolist()
+
+
+def test_seed_key_needs_no_device_program(monkeypatch):
+    """A request's key is made without running JAX (on a GPU that would wait behind the engine's step)."""
+    import jax
+
+    from jaxllm.sampling import key_data_for_seed
+
+    def no_device(*a, **k):
+        raise AssertionError("key_data_for_seed ran a JAX program")
+
+    monkeypatch.setattr(jax.random, "PRNGKey", no_device)
+    assert key_data_for_seed(7).tolist() == [0, 7]
+
+
 def test_same_seed_same_output_different_seeds_differ(tiny_llm):
     a = _gen(tiny_llm, PROMPT, _seeded(123)).outputs[0]
     b = _gen(tiny_llm, PROMPT, _seeded(123)).outputs[0]

@@ -52,7 +52,14 @@ class SamplingArrays:
 
 
 def key_data_for_seed(seed: int) -> np.ndarray:
-    """The raw PRNG key a request with this seed samples with."""
+    """The raw PRNG key a request with this seed samples with: ``jax.random.PRNGKey(seed)``'s.
+
+    With JAX's default key (threefry2x32, 64-bit types off) that key is ``[0, seed mod 2**32]``,
+    made here on the host: through JAX it is a device program whose result the caller waits for,
+    and on a GPU that wait queues behind whatever step the engine is running (a whole decode call
+    added to a request submitted meanwhile). Other configurations ask JAX."""
+    if 0 <= seed < 2**63 and not jax.config.jax_enable_x64 and jax.config.jax_default_prng_impl == "threefry2x32":
+        return np.array([0, seed % 2**32], np.uint32)
     return np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32)
 
 
