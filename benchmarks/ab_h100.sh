@@ -5,7 +5,7 @@
 #   OUT=/tmp/out TREES="base:.base/src new:src" RUNS="latency throughput" bash benchmarks/ab_h100.sh
 # A tree is NAME:PATH of a `src` folder (e.g. `git archive REV src | tar -x -C .base`, carried to
 # the device), optionally NAME:PATH:VAR=value for an environment switch, e.g.
-# TREES="apart:src:JAXLLM_FUSED_QKV=0 fused:src" (q and k/v as separate matmuls vs one). QUANT (e.g. "fp8 fp8-w8a8") adds throughput runs of the last tree with those
+# TREES="apart:src fused:src:JAXLLM_FUSED_QKV=1" (q and k/v as separate matmuls vs one). QUANT (e.g. "fp8 fp8-w8a8") adds throughput runs of the last tree with those
 # quantization modes; BATCH sets throughput's --max-batch-size (default 256).
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-ab
 TREES=${TREES:-new:src}

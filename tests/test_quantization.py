@@ -253,7 +253,7 @@ def test_prequantized_checkpoint_matches_its_dequantized_twin(prequantized, kind
     with LLM(str(path), max_seq_len=128, compilation_cache=False) as llm:
         assert llm.model_config.quantization == "fp8"
         p = _params(llm)
-        assert p["layers.0.attn.qkv"].dtype == jnp.float8_e4m3fn and p["lm_head"].dtype == jnp.float32
+        assert p["layers.0.attn.q"].dtype == jnp.float8_e4m3fn and p["lm_head"].dtype == jnp.float32
         logits = _logits(llm)
         toks = llm.generate(["The capital of France is"], SamplingParams(max_tokens=12, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids

@@ -60,7 +60,7 @@ print("RESULT " + json.dumps(out))
 
 
 def _run(path, tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXLLM_FUSED_QKV": "1"}  # the opt-in fused q/k/v where tp allows
     cmd = [sys.executable, "-c", SCRIPT, str(path), str(tmp_path / "orbax")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -177,7 +177,7 @@ print("RESULT " + json.dumps(reads))
 
 
 def test_each_device_reads_only_its_slice(tiny_checkpoints):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXLLM_FUSED_QKV": "1"}  # the opt-in fused q/k/v where tp allows
     res = subprocess.run(
         [sys.executable, "-c", READS, str(tiny_checkpoints["llama3"])], capture_output=True, text=True, timeout=300, env=env
     )
