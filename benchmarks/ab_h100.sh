@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B of two source trees in one call, same card: `jaxllm bench latency` (batch 1, 128 in / 128 out)
-# and `jaxllm bench throughput` (1000 x 128/128; RUNS long: 1000 x 1000/1000, prefill_heavy: 1000 x
+# and `jaxllm bench throughput` (1000 x 128/128; RUNS ttft: batch-1 TTFT of a 2048-token prompt, long: 1000 x 1000/1000, prefill_heavy: 1000 x
 # 2048/128) at Llama-3.1-8B shapes, random bf16 weights.
 #   OUT=/tmp/out TREES="base:.base/src new:src" RUNS="latency throughput" bash benchmarks/ab_h100.sh
 # A tree is NAME:PATH of a `src` folder (e.g. `git archive REV src | tar -x -C .base`, carried to
@@ -11,6 +11,7 @@ source "$(dirname "$0")/common.sh" /tmp/jaxllm-ab
 TREES=${TREES:-new:src}
 RUNS=${RUNS:-latency throughput}
 BATCH=${BATCH:-256}
+ttft="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 2048 --output-len 2 --iterations 5"
 lat="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
 long="--model $M --load-format dummy --dtype bfloat16 --num-requests 1000 --input-len 1000 --output-len 1000 --max-batch-size $BATCH --max-seq-len 2048"
 prefill_heavy="--model $M --load-format dummy --dtype bfloat16 --num-requests 1000 --input-len 2048 --output-len 128 --max-batch-size $BATCH --max-seq-len 2304"
@@ -28,6 +29,7 @@ for run in $RUNS; do
     envs=""; [[ $rest == *:* ]] && envs=${rest#*:}
     case $run in
       latency) bench "lat_$name" "$src" latency $lat ;;
+      ttft) bench "ttft_$name" "$src" latency $ttft ;;  # TTFT of a 2048-token prompt
       throughput) bench "tput_$name" "$src" throughput $tput ;;
       long) bench "long_$name" "$src" throughput $long ;;  # 1000 x 1000/1000
       prefill_heavy) bench "ph_$name" "$src" throughput $prefill_heavy ;;  # 1000 x 2048/128

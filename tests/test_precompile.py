@@ -143,3 +143,25 @@ def test_cached_prefill_tables_are_wide_only_for_the_kernel(tiny_llm, monkeypatc
     floor = min(engine.max_blocks_per_seq, -(-CACHED_PREFILL_MIN_TOKENS // engine.block_size))
     assert engine.runner.prefill_reads_own_pages and floor > 1
     assert [engine.cached_prefill_width(n) for n in (1, 3)] == [floor, floor]
+
+
+def test_decode_min_rows_pads_batch_one_and_precompile_follows(tiny_checkpoints, monkeypatch):
+    """JAXLLM_DECODE_MIN_ROWS=2 (an A/B switch: see Engine.min_decode_rows): a lone request decodes in
+    a 2-row call, with the same tokens, and precompile covers exactly those shapes."""
+    path = str(tiny_checkpoints["llama3"])
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
+    with LLM(path, **KW) as plain:
+        expected = [o.outputs[0].token_ids for sp in (greedy, sampled) for o in plain.generate(_prompts(1), sp, use_tqdm=False)]
+    monkeypatch.setenv("JAXLLM_DECODE_MIN_ROWS", "2")
+    with LLM(path, **KW) as llm:
+        llm.precompile(max_len=64)
+        before = _programs(llm)
+        runner, rows = llm._engine.runner, []
+        real = runner.decode
+        monkeypatch.setattr(runner, "decode", lambda tables, *a, **k: rows.append(tables.shape[0]) or real(tables, *a, **k))
+        got = [o.outputs[0].token_ids for sp in (greedy, sampled) for o in llm.generate(_prompts(1), sp, use_tqdm=False)]
+        assert _programs(llm) == before
+        assert rows and set(rows) == {2}, rows
+        assert llm._engine._decode_rows(3) == 4
+    assert got == expected

@@ -13,6 +13,7 @@ submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from typing import NamedTuple
@@ -97,6 +98,10 @@ class Engine:
         self.reuse_decode_state = self.runner._mirror is None
         self._replicated = NamedSharding(self.runner.mesh, PartitionSpec()) if self.runner._mirror is None else None
         self.check_reused_state = False  # tests: compare each reused state with the host-built one
+        # Decode calls run at least this many rows (padding rows are done from the start), for A/B runs:
+        # on the H100 a batch-1 step's RMSNorm is three kernels ([1, E] reduces to a scalar) where
+        # several rows get one row-reduction fusion, and a 2-row GEMV reads the same weight bytes.
+        self.min_decode_rows = max(1, int(os.environ.get("JAXLLM_DECODE_MIN_ROWS", "1")))
         self.num_reused_decode_states = 0
         self._stop = False
         self._dead: BaseException | None = None
@@ -170,11 +175,12 @@ class Engine:
         write into free blocks."""
         sched, bs = self.scheduler, self.block_size
         rows_buckets = sorted({bucket(n, 1, sched.max_batch_size) for n in range(1, sched.max_batch_size + 1)})
+        decode_rows = sorted({self._decode_rows(n) for n in range(1, sched.max_batch_size + 1)})
         max_blocks = min(self.max_blocks_per_seq, -(-max_len // bs))
         min_blocks = min(max_blocks, -(-min_len // bs))  # a row holds its prompt at least
         widths = sorted({bucket(n, 1, self.max_blocks_per_seq) for n in range(min_blocks, max_blocks + 1)})
         calls = []
-        for rows in rows_buckets:
+        for rows in decode_rows:
             state = self._row_state([], rows)  # every row done
             for width in widths:
                 tables = self._put(np.zeros((rows, width), np.int32))  # as the engine stages its inputs
@@ -522,7 +528,7 @@ class Engine:
         position and count: nothing but that call changed them), the state that call returned
         is still on the device and is passed on as it is, and so are the tables if no row gained
         a block: nothing is built on the host or copied to the devices between such calls."""
-        reqs, rows = plan.decode, bucket(len(plan.decode), 1, self.scheduler.max_batch_size)
+        reqs, rows = plan.decode, self._decode_rows(len(plan.decode))
         last, self._last_decode = self._last_decode, None
         same = last is not None and last.tables.shape[0] == rows and last.rows == [_DecodeCarry.where(r) for r in reqs]
         tables = last.tables if same and last.blocks == [r.blocks for r in reqs] else self._tables(reqs, rows)
@@ -534,6 +540,10 @@ class Engine:
         self.num_reused_decode_states += int(same)
         self._mark("decode_inputs")
         return tables, state
+
+    def _decode_rows(self, n: int) -> int:
+        """Rows of a decode call for n requests: their bucket, at least min_decode_rows."""
+        return max(self.min_decode_rows, bucket(n, 1, self.scheduler.max_batch_size))
 
     def _dispatch_decode(self, plan: Plan, tables, state):
         reqs = plan.decode
