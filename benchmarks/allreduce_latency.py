@@ -1,10 +1,11 @@
 """Latency of one small all-reduce between the local GPUs, as tensor-parallel decode issues them.
 
-    python benchmarks/allreduce_latency.py [--sizes 8192 16384 1048576] [--iters 500]
+    python benchmarks/allreduce_latency.py [--sizes 8192 16384 1048576] [--iters 500] [--devices N]
 
 A jitted loop (unrolled by 25) of --iters dependent psums (shard_map over all local devices) of bf16 vectors of each
 size in bytes; prints microseconds per all-reduce, and per iteration of the same loop without it. Run it under different XLA_FLAGS to compare
-collective implementations.
+collective implementations. `--devices 1` runs the loop on the first GPU alone: is the per-iteration
+cost of the loop without a collective (53-77 us on a 2x H200 VM) the two-device launch, or the VM?
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 1 << 20])
     ap.add_argument("--iters", type=int, default=500)
+    ap.add_argument("--devices", type=int, default=None, help="the first N local devices (default all)")
     args = ap.parse_args()
-    devs = jax.local_devices()
+    devs = jax.local_devices()[: args.devices]
     mesh = Mesh(np.asarray(devs), ("model",))
     for size, reduce in [(s, True) for s in args.sizes] + [(args.sizes[0], False)]:
         n = size // 2
