@@ -53,11 +53,11 @@ def pool_kv_heads(cfg: ModelConfig, tp: int = 1) -> int:
 def init_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, tp: int = 1):
     """One (K, V) pool pair per layer, each [(num_blocks + 1) * block_size, pool_kv_heads, head_dim].
 
-    The last block is the padding page: no block table holds it, and padding rows write their K/V
-    there (``make_attend(padding_page=True)``), so every write is in bounds. A single-row write (batch-1
-    decode) is then a plain dynamic-update-slice, which XLA fuses with the computation of the row;
-    a dropped out-of-bounds write instead reads the old row back and selects (two more kernels per
-    layer on the GPU)."""
+    The last block is the padding page: no block table holds it. A single-row write (batch-1 decode,
+    ``make_attend(padding_page=True)``) sends a padding row there, so it is always in bounds and a
+    plain dynamic-update-slice, which XLA fuses with the computation of the row; a dropped
+    out-of-bounds write instead reads the old row back and selects (two more kernels per layer on
+    the GPU). Several-row writes still drop their padding (``write_slots``)."""
     shape = ((num_blocks + 1) * block_size, pool_kv_heads(cfg, tp), cfg.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
