@@ -54,6 +54,21 @@ def test_seed_key_needs_no_device_program(monkeypatch):
     assert key_data_for_seed(7).tolist() == [0, 7]
 
 
+def test_sequence_keys_are_folded_on_the_cpu(monkeypatch):
+    """n / best_of sequences' keys are folded on the CPU backend, not the default (GPU) device, and
+    equal JAX's fold_in of the request's key."""
+    import jax
+
+    from jaxllm.sampling import fold_key_data
+
+    where, real = [], jax.random.fold_in
+    monkeypatch.setattr(jax.random, "fold_in", lambda k, i: where.append(jax.config.jax_default_device) or real(k, i))
+    got = fold_key_data(np.array([0, 7], np.uint32), 3)
+    assert where and all(d is not None and d.platform == "cpu" for d in where), where
+    want = jax.random.key_data(real(jax.random.wrap_key_data(jax.numpy.asarray([0, 7], jax.numpy.uint32)), 3))
+    assert got.tolist() == np.asarray(want).tolist()
+
+
 def test_same_seed_same_output_different_seeds_differ(tiny_llm):
     a = _gen(tiny_llm, PROMPT, _seeded(123)).outputs[0]
     b = _gen(tiny_llm, PROMPT, _seeded(123)).outputs[0]

@@ -8,6 +8,7 @@ many device steps it is split into.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -57,16 +58,27 @@ def key_data_for_seed(seed: int) -> np.ndarray:
     With JAX's default key (threefry2x32, 64-bit types off) that key is ``[0, seed mod 2**32]``,
     made here on the host: through JAX it is a device program whose result the caller waits for,
     and on a GPU that wait queues behind whatever step the engine is running (a whole decode call
-    added to a request submitted meanwhile). Other configurations ask JAX."""
+    added to a request submitted meanwhile). Other configurations ask JAX, on the host (_on_host)."""
     if 0 <= seed < 2**63 and not jax.config.jax_enable_x64 and jax.config.jax_default_prng_impl == "threefry2x32":
         return np.array([0, seed % 2**32], np.uint32)
-    return np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32)
+    with _on_host():
+        return np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32)
 
 
 def fold_key_data(key_data: np.ndarray, i: int) -> np.ndarray:
-    """The raw key of a request's sequence i (of n / best_of): its key folded with i."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(key_data)), i)
-    return np.asarray(jax.random.key_data(key), np.uint32)
+    """The raw key of a request's sequence i (of n / best_of): its key folded with i (on the host)."""
+    with _on_host():
+        key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(key_data)), i)
+        return np.asarray(jax.random.key_data(key), np.uint32)
+
+
+def _on_host():
+    """A context that runs JAX work on the CPU backend where there is one: a request's keys are made
+    when it is submitted, and a program on the GPU would wait behind the engine's running step."""
+    try:
+        return jax.default_device(jax.devices("cpu")[0])
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu): the default device
+        return contextlib.nullcontext()
 
 
 def _filtered_sample(logits, s: SamplingArrays, positions):
