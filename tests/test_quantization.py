@@ -48,15 +48,9 @@ def tiny(tmp_path_factory):
 def _unfused():
     """q and k/v as separate parameters (JAXLLM_FUSED_QKV=0), for the checks that read them by name
     (their fusion is tested in test_fused_qkv.py)."""
-    old = os.environ.get("JAXLLM_FUSED_QKV")
-    os.environ["JAXLLM_FUSED_QKV"] = "0"
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXLLM_FUSED_QKV", "0")
         yield
-    finally:
-        if old is None:
-            del os.environ["JAXLLM_FUSED_QKV"]
-        else:
-            os.environ["JAXLLM_FUSED_QKV"] = old
 
 
 @pytest.fixture(scope="module")

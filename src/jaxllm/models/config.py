@@ -55,7 +55,8 @@ class ModelConfig:
     # fp8 GEMV kernel, which reads the fp8 bytes (one NVIDIA GPU; set by the loader)
     fp8_gemv: bool = False
     # q, k and v as one projection (attn.qkv, [embed, kv_heads, G + 2, head_dim]): set by the loader
-    # when the KV heads split evenly over the tensor-parallel devices (models/llama.py: fuse_qkv)
+    # with JAXLLM_FUSED_QKV=1 when the KV heads split evenly over the tensor-parallel devices
+    # (loader.fused_qkv_wanted, models/llama.py: fuse_qkv)
     fused_qkv: bool = False
 
     @classmethod

@@ -15,11 +15,13 @@ the two HF tensors (``Rule.part``). The attention projections run as 2-D matmuls
 flattened head dims (``_flat_einsum``): the sharded axis (heads, kv_heads) is the major one of each
 flattened group, so a shard's slice stays contiguous. A batch-1 k/v matmul alone (4096 x 2048 at
 8B shapes, under the 10M elements of XLA:GPU's DotStrengthReduction) runs as multiply + reduce,
-with its weight transposed on every call (JAX 0.11.2; H100 profile, BENCHMARKS.md). So, where the KV heads split evenly over
-the tensor-parallel devices, the loader can fuse q into it (``fuse_qkv``: ``qkv``, ``[embed, kv_heads,
-G + 2, head_dim]``, each KV head's G query heads then its k and v), one 4096 x 6144 GEMM at 8B
-shapes -- opt-in (``JAXLLM_FUSED_QKV=1``): on the H100 it gained 0.03 ms per token at batch 1 and
-lost ~8% of throughput at 256 rows (``loader.fused_qkv_wanted``); checkpoints keep q and kv apart (``unfused_qkv_dict``), so any tensor-parallel size loads them. With ``cfg.quantization`` ("fp8" / "int8") the projections
+with its weight transposed on every call (JAX 0.11.2; H100 profile, BENCHMARKS.md). So, where the
+KV heads split evenly over the tensor-parallel devices, the loader can fuse q into it
+(``fuse_qkv``: ``qkv``, ``[embed, kv_heads, G + 2, head_dim]``, each KV head's G query heads then
+its k and v), one 4096 x 6144 GEMM at 8B shapes -- opt-in (``JAXLLM_FUSED_QKV=1``): on the H100 it
+gained 0.03 ms per token at batch 1 and lost ~8% of throughput at 256 rows
+(``loader.fused_qkv_wanted``). Checkpoints keep q and kv apart (``unfused_qkv_dict``), so any
+tensor-parallel size loads them. With ``cfg.quantization`` ("fp8" / "int8") the projections
 hold 8-bit weights and a ``<name>_scale`` per output channel (``models/quant.py``); the embedding,
 lm_head and norms stay in ``dtype``.
 
