@@ -98,6 +98,8 @@ def main():
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1, help="requests decoded together")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (--device-pattern /device:GPU:0: one GPU's streams)")
+    ap.add_argument("--quantization", default=None)
     ap.add_argument("--trace-dir", default="/tmp/jaxllm-trace")
     ap.add_argument("--device-pattern", default="/device:GPU", help="process names of the device's streams")
     ap.add_argument("--gap-us", type=float, default=20.0)
@@ -113,6 +115,7 @@ def main():
     from jaxllm import LLM, SamplingParams
 
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_batch_size=args.batch,
+              tensor_parallel_size=args.tp, quantization=args.quantization,
               max_seq_len=128 + args.output_len + args.decode_steps,
               decode_steps=args.decode_steps)
     sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)

@@ -30,14 +30,15 @@ allreduce)
   grep -E "via|Channel|NCCL version|P2P|SHM" "$OUT/nccl_debug.txt" | head -20 >> "$OUT/allreduce.txt" ;;
 latency)
   common="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
-  # name tp decode-steps attention-backend XLA_FLAGS
-  LAT=${LAT:-"tp1 1 16 auto -|tp2 2 16 auto -|tp2_kernels 2 16 auto --xla_gpu_experimental_use_collective_kernels=ALL_REDUCE|tp2_sync 2 16 auto --xla_gpu_disable_async_collectives=ALLREDUCE|tp2_graphs 2 16 auto --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES"}
+  # name tp decode-steps attention-backend XLA_FLAGS [VAR=value,...] (e.g. JAXLLM_ROW_PARALLEL=oneshot)
+  LAT=${LAT:-"tp1 1 16 auto -|tp2 2 16 auto -|tp2_oneshot 2 16 auto - JAXLLM_ROW_PARALLEL=oneshot|tp2_psum 2 16 auto - JAXLLM_ROW_PARALLEL=psum"}
   IFS='|' read -ra variants <<< "$LAT"
   for v in "${variants[@]}"; do
     set -- $v
     flags=$5; [ "$flags" = "-" ] && flags=""
+    envs=${6:-}; envs=${envs//,/ }
     echo "== latency $1" >&2
-    XLA_FLAGS="$flags" timeout 200 python -m jaxllm bench latency $common --tensor-parallel-size $2 --decode-steps $3 \
+    env $envs XLA_FLAGS="$flags" timeout ${LAT_TIMEOUT:-200} python -m jaxllm bench latency $common --tensor-parallel-size $2 --decode-steps $3 \
       --attention-backend $4 --report-json "$OUT/lat_$1.json" > "$OUT/lat_$1.txt" 2>&1 || { echo "latency $1 failed"; tail -5 "$OUT/lat_$1.txt"; }
   done ;;
 load)

@@ -17,10 +17,18 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jaxllm import LLM, SamplingParams
+import jaxllm.sharding as shd
+
+traced = []  # the row-parallel projections the runner's TensorParallel traced in a shard_map
+_rp = shd.TensorParallel.row_parallel
+shd.TensorParallel.row_parallel = lambda self, f, x, xa, w, wa, s=None: (self.mode != "xla" and traced.append(wa)) or _rp(self, f, x, xa, w, wa, s)
+_embed = shd.TensorParallel.embed
+shd.TensorParallel.embed = lambda self, t, ta, tok: traced.append(("embed",) + tuple(ta)) or _embed(self, t, ta, tok)
 
 out = {}
 for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (2, 2, "hf"), (4, 1, "orbax")):
     path = sys.argv[1] if source == "hf" else sys.argv[2]  # the Orbax checkpoint saved at tp=1
+    traced.clear()
     llm = LLM(path, tensor_parallel_size=tp, data_parallel_size=dp, max_seq_len=128, compilation_cache=False)
     if tp == 1:
         llm.save(sys.argv[2])
@@ -50,7 +58,7 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     pool = llm._engine.runner.pool[0][0]
     out[f"{tp}x{dp}" + ("-orbax" if source == "orbax" else "")] = dict(
         tokens=[o.outputs[0].token_ids for o in outs], logits=logits, params=params,
-        replica_devices=replica_devices, served=served, collectives=collectives,
+        replica_devices=replica_devices, served=served, collectives=collectives, row_parallel=sorted(set(map(tuple, traced))),
         pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards}),
                   heads=pool.shape[1]),
     )
@@ -59,8 +67,8 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _run(path, tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXLLM_FUSED_QKV": "1"}  # the opt-in fused q/k/v where tp allows
+def _run(path, tmp_path, **extra_env):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXLLM_FUSED_QKV": "1", **extra_env}  # the opt-in fused q/k/v where tp allows
     cmd = [sys.executable, "-c", SCRIPT, str(path), str(tmp_path / "orbax")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -75,6 +83,9 @@ def _check(res, num_heads, num_kv_heads):
         r = res[key]
         tp, dp = map(int, key.removesuffix("-orbax").split("x"))
         assert r["tokens"] == base["tokens"], f"tp={tp} dp={dp}: greedy tokens differ from tp=1"
+        # the embedding lookup is the vocabulary-parallel one of sharding.TensorParallel (left to
+        # XLA, a decode step all-gathered the whole table on two H100s)
+        assert ["embed", "vocab", "embed"] in r["row_parallel"], (key, r["row_parallel"])
         for logits in r["logits"]:  # every replica
             err = np.linalg.norm(np.asarray(logits) - ref) / np.linalg.norm(ref)
             assert err <= 1e-5, f"tp={tp} dp={dp}: float32 logits differ by {err:.2e}"
@@ -111,6 +122,17 @@ def test_tensor_parallel_kv_heads_do_not_divide(tiny_checkpoints, tmp_path):
     # 4 query / 2 KV heads: KV split at tp=2, one copy per device at tp=4 (4 pool heads), replicated at
     # tp=8 (query heads replicated there too)
     _check(_run(tiny_checkpoints["llama3"], tmp_path), num_heads=4, num_kv_heads=2)
+
+
+def test_tensor_parallel_row_parallel_sums_in_shard_map(tiny_checkpoints, tmp_path):
+    # the runner adds the row-parallel projections' partial sums itself (shard_map + psum: the path
+    # the one-shot GPU all-reduce takes at tp=2) instead of XLA's partitioner: same tokens and logits
+    res = _run(tiny_checkpoints["llama3"], tmp_path, JAXLLM_ROW_PARALLEL="psum")
+    _check(res, num_heads=4, num_kv_heads=2)
+    assert res["1x1"]["row_parallel"] == []  # one device: nothing to add
+    for key in ("2x1", "4x1", "8x1", "2x2"):  # o and down (plain layout) and the lookup went through it
+        assert res[key]["row_parallel"] == [["embed", "vocab", "embed"], ["heads", "head_dim", "embed"], ["mlp", "embed"]], (
+            key, res[key]["row_parallel"])
 
 
 def test_tensor_parallel_kv_heads_divide(tmp_path):
@@ -190,3 +212,31 @@ def test_each_device_reads_only_its_slice(tiny_checkpoints):
     # down_proj [64, 128] (columns = the MLP dim, split over 4 devices)
     down = sorted(tuple(map(tuple, index)) for name, index in reads if name == "model.layers.0.mlp.down_proj.weight")
     assert down == [((0, 64), (i * 32, (i + 1) * 32)) for i in range(4)], down
+
+
+EMBED_SCRIPT = r"""
+import os, re, sys
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxllm.sharding import TensorParallel, make_mesh
+
+for tp in (2, 4, 8):
+    mesh = make_mesh(jax.devices()[:tp])
+    table = jax.device_put(jax.random.normal(jax.random.key(0), (64, 16), jnp.float32), NamedSharding(mesh, P("model", None)))
+    tokens = jnp.asarray([[0, 63, 17], [31, 32, 8]], jnp.int32)
+    for mode in ("xla", "psum"):
+        f = jax.jit(lambda t, tok: TensorParallel(mesh, mode).embed(t, ("vocab", "embed"), tok))
+        np.testing.assert_array_equal(np.asarray(f(table, tokens)), np.asarray(table)[np.asarray(tokens)])
+        hlo = f.lower(table, tokens).compile().as_text()
+        # one all-reduce of the looked-up rows, never a gather of the table
+        assert not re.search(r"all-gather|all-to-all|collective-permute", hlo), hlo
+        assert re.findall(r"= f32\[([\d,]*)\][^ ]* all-reduce(?:-start)?\(", hlo) == ["2,3,16"], hlo
+print("OK")
+"""
+
+
+def test_vocab_parallel_embedding_is_one_all_reduce_of_the_rows():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", EMBED_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]

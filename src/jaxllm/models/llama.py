@@ -73,6 +73,20 @@ def _value(p):
     return None if p is None else p[...]
 
 
+def _axes(p: nnx.Param) -> tuple:
+    return tuple(p.get_metadata()["axes"])
+
+
+def _row_parallel(attend, f, x, x_axes, w: nnx.Param, scale: nnx.Param | None):
+    """f(x, w, scale) of a row-parallel projection (its contracting dim split over the devices),
+    through the step's ``sharding.TensorParallel`` when `attend` carries one (the runner's does
+    under tensor parallelism), else as it is (XLA's partitioner adds the partial sums)."""
+    tp = getattr(attend, "tensor_parallel", None)
+    if tp is None:
+        return f(x, w[...], _value(scale))
+    return tp.row_parallel(f, x, x_axes, w[...], _axes(w), _value(scale))
+
+
 QKV_AXES = ("embed", "kv_heads", "stack", "head_dim")  # the fused k/v (and q/k/v) projection's axes
 # the parameters a fused q/k/v is made of: fused name -> (q part, k/v part)
 _QKV_PARTS = {"qkv": ("q", "kv"), "qkv_scale": ("q_scale", "kv_scale"), "qkv_bias": ("q_bias", "kv_bias")}
@@ -255,7 +269,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
-        y = _flat_einsum("bthd,hde->bte", out.astype(x.dtype), self.o[...], _value(self.o_scale), self.w8a8, self.gemv)
+        y = _row_parallel(attend, lambda o, w, s: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8, self.gemv),
+                          out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale)
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
@@ -275,12 +290,15 @@ class MLP(nnx.Module):
             self.gate_up_bias = _param(rngs, (2, f), ("stack", "mlp"), dtype, init="zeros")
             self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
 
-    def __call__(self, x):
+    def __call__(self, x, attend=None):
+        """`attend`: the step's, for its row-parallel all-reduce (see _row_parallel)."""
         gu = qeinsum("...e,esf->...sf", x, self.gate_up[...], _value(self.gate_up_scale), self.w8a8, self.gemv)
         if self.has_bias:
             gu = gu + self.gate_up_bias[...]
         g, u = gu[..., 0, :], gu[..., 1, :]
-        y = qeinsum("...f,fe->...e", jax.nn.silu(g) * u, self.down[...], _value(self.down_scale), self.w8a8, self.gemv)
+        h = jax.nn.silu(g) * u
+        y = _row_parallel(attend, lambda h, w, s: qeinsum("...f,fe->...e", h, w, s, self.w8a8, self.gemv),
+                          h, (None,) * (h.ndim - 1) + ("mlp",), self.down, self.down_scale)
         if self.has_bias:
             y = y + self.down_bias[...]
         return y
@@ -296,7 +314,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
         h, cache = self.attn(layer, self.input_norm(x), positions, cache, attend)
         x = x + h
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), attend)
         return x, cache
 
 
@@ -333,7 +351,8 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, tokens, positions, cache, attend: Attend):
         """tokens, positions: [B, T] int32. Returns (hidden [B, T, E] after the final norm, cache)."""
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        tp = getattr(attend, "tensor_parallel", None)  # the vocabulary-parallel lookup under tensor parallelism
+        x = jnp.take(self.embed[...], tokens, axis=0) if tp is None else tp.embed(self.embed[...], _axes(self.embed), tokens)
         for i, layer in enumerate(self.layers):
             x, cache = _call_layer(layer, i, x, positions, cache, attend)
         return self.norm(x), cache

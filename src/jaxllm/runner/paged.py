@@ -207,7 +207,7 @@ def _per_device(run, mesh, in_specs, out_specs):
 
 def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None,
                 decode_kernel=None, fresh_impl: str | None = None, kv_scales=None,
-                prefill_kernel=None, padding_page: bool = False) -> "PagedAttend":
+                prefill_kernel=None, padding_page: bool = False, tensor_parallel=None) -> "PagedAttend":
     """The attend function a model calls, ``attend(layer, q, k, v, cache) -> (out, cache)``.
 
     `decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls.
@@ -226,10 +226,13 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
 
     `padding_page`: the pools end with `init_pool`'s padding page, where padding rows (slot -1) write;
     otherwise their writes are dropped.
+
+    `tensor_parallel` (``sharding.tensor_parallel_for``): the step's own tensor-parallel
+    collectives (embedding lookup, row-parallel all-reduces), which the model reads from here.
     """
     scales = None if kv_scales is None else tuple((float(k), float(v)) for k, v in kv_scales)
     return PagedAttend(positions, slots, block_tables, block_size, sliding_window, decode_kernel, fresh_impl,
-                       scales, prefill_kernel, padding_page)
+                       scales, prefill_kernel, padding_page, tensor_parallel)
 
 
 @jax.tree_util.register_dataclass
@@ -249,6 +252,7 @@ class PagedAttend:
     kv_scales: tuple | None = dataclasses.field(metadata=dict(static=True))
     prefill_kernel: object = dataclasses.field(metadata=dict(static=True))
     padding_page: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    tensor_parallel: object = dataclasses.field(default=None, metadata=dict(static=True))
 
     def for_layer(self, layer: int) -> "PagedAttend":
         """The attend of one layer's call with a one-layer cache (its scales at index 0)."""

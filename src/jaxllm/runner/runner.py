@@ -25,7 +25,7 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays, sample, token_info
-from ..sharding import tensor_parallel_size
+from ..sharding import tensor_parallel_for, tensor_parallel_size
 from .multihost import Mirror, local_tree, spans_processes
 from .paged import (
     ATTENTION_BACKENDS,
@@ -96,6 +96,8 @@ class ModelRunner:
         )
         # whole-prompt prefill attention: cuDNN's flash attention beside the Pallas decode kernel
         self._fresh_impl = "cudnn" if use_pallas and self.tp == 1 else None
+        # the collectives the step writes itself under tensor parallelism (None on one device)
+        self._tensor_parallel = tensor_parallel_for(mesh)
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -150,7 +152,7 @@ class ModelRunner:
         attend = make_attend(
             positions, slots, block_tables, self.block_size, self.cfg.sliding_window, self._decode_kernel,
             self._fresh_impl if fresh else None, self.kv_scales, prefill_kernel=self._prefill_kernel,
-            padding_page=True,
+            padding_page=True, tensor_parallel=self._tensor_parallel,
         )
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
