@@ -25,6 +25,7 @@ checkpoint is the same scale repeated over the channels.
 from __future__ import annotations
 
 import math
+import os
 
 import jax.numpy as jnp
 from flax import nnx
@@ -45,7 +46,8 @@ def scale_param(shape, axes, out_axes) -> nnx.Param:
 
 
 # Calls of at least this many tokens (rows x positions) run FP8 x FP8 (W8A8); fewer, weight-only.
-FP8_MATMUL_MIN_TOKENS = 64
+# Environment switch JAXLLM_FP8_MATMUL_MIN_TOKENS for A/B runs (1: batch-1 decode FP8 x FP8 too).
+FP8_MATMUL_MIN_TOKENS = int(os.environ.get("JAXLLM_FP8_MATMUL_MIN_TOKENS", "64"))
 
 
 def is_k_minor(quantization: str | None) -> bool:
