@@ -20,6 +20,7 @@ from ..models.config import architecture_name
 from ..models.llama import can_fuse_qkv, fuse_qkv
 from ..sharding import tensor_parallel_size
 from ..pallas.fp8_gemv import gemv_wanted
+from ..pallas.gemv import gemv_wanted as triton_gemv_wanted
 from .resolve import ResolvedModel, resolve_model
 from .orbax_ckpt import is_jaxllm_checkpoint, restore_params, saved_dtype, saved_quantization, save_checkpoint
 from .quant_config import checkpoint_quantization
@@ -119,7 +120,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     if w8a8 and stored != "fp8":
         raise ValueError(f"quantization='fp8-w8a8' needs fp8 weights; this checkpoint holds {stored} weights")
     cfg = replace(ModelConfig.from_hf(hf_config), quantization=stored, fp8_activations=w8a8,
-                  fp8_gemv=stored == "fp8" and gemv_wanted(mesh))
+                  fp8_gemv=stored == "fp8" and gemv_wanted(mesh), triton_gemv=triton_gemv_wanted(mesh))
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, RopeConfig
-from .quant import is_k_minor, k_minor_order, qeinsum, scale_param, weight_dtype
+from .quant import is_k_minor, k_minor_order, plain_gemv, qeinsum, scale_param, weight_dtype
 
 Attend = Callable  # (layer: int, q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,H,D], cache)
 
@@ -160,13 +160,15 @@ def unfused_qkv_dict(params: nnx.State, cfg: ModelConfig) -> dict:
     return pure
 
 
-def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool = False):
+def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False):
     """qeinsum(spec, ...) of a projection whose weight is [in..., out...] (x's trailing dims contract
     with w's leading ones) as one 2-D matmul over the flattened in and out dims, for a plain weight
     (quantized ones keep qeinsum's own paths). Each flattened group's sharded axis must be its major
     one (heads, kv_heads), which keeps a shard's slice contiguous: no resharding under SPMD."""
     if scale is not None:
         return qeinsum(spec, x, w, scale, w8a8, gemv)
+    if gemv == "triton" and (y := plain_gemv(spec, x, w, None, k_minor=False)) is not None:
+        return y
     ins, out = spec.split("->")
     xs, ws = ins.split(",")
     n_in = sum(c in xs for c in ws)  # w's leading, contracting dims
@@ -242,7 +244,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
         self.w8a8 = cfg.fp8_activations
-        self.gemv = cfg.fp8_gemv
+        self.gemv = "triton" if cfg.triton_gemv else cfg.fp8_gemv  # decode-sized matmuls' kernel
         self.has_bias = cfg.attention_bias
         self.has_o_bias = cfg.o_bias
         self.qk_norm = cfg.qk_norm
@@ -284,7 +286,7 @@ class MLP(nnx.Module):
         self.gate_up, self.gate_up_scale = _projection(rngs, (e, 2, f), ("embed", "stack", "mlp"), ("stack", "mlp"), dtype, qz)
         self.down, self.down_scale = _projection(rngs, (f, e), ("mlp", "embed"), ("embed",), dtype, qz)
         self.w8a8 = cfg.fp8_activations
-        self.gemv = cfg.fp8_gemv
+        self.gemv = "triton" if cfg.triton_gemv else cfg.fp8_gemv  # decode-sized matmuls' kernel
         self.has_bias = cfg.mlp_bias
         if cfg.mlp_bias:
             self.gate_up_bias = _param(rngs, (2, f), ("stack", "mlp"), dtype, init="zeros")

@@ -69,24 +69,31 @@ def _k_minor_spec(spec: str) -> tuple[str, int]:
     return f"{xs},{''.join(c for c in ws if c not in xs)}{contracting}->{out}", len(contracting)
 
 
-def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool = False):
+def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False):
     """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
 
     x's contracting dims are its trailing ones and the scale's dims the trailing (output) dims of
     the result, as in every projection of the models here. int8: dequantized inside the dot; fp8
     (stored K-minor): with `w8a8`, FP8 x FP8 for calls of FP8_MATMUL_MIN_TOKENS tokens or more,
-    else weight-only -- with `gemv`, through the Pallas fp8 GEMV kernel where it serves the shape."""
-    if scale is None:
-        return jnp.einsum(spec, x, w)
-    if w.dtype == jnp.float8_e4m3fn:
+    else weight-only -- with `gemv` True, through the Pallas (Mosaic GPU) fp8 GEMV kernel where it
+    serves the shape. `gemv` "triton": every weight-only decode-sized product (plain, int8, fp8)
+    through ``pallas.gemv`` where it serves the shape."""
+    k_minor = w.dtype == jnp.float8_e4m3fn
+    if k_minor:
         spec, n_in = _k_minor_spec(spec)
         tokens = math.prod(x.shape[: x.ndim - n_in])
         if w8a8 and tokens >= FP8_MATMUL_MIN_TOKENS:
             return _fp8_matmul(spec, x, w, scale, n_in)
-        if gemv:
+        if gemv is True:
             y = _fp8_gemv(spec, x, w, scale, n_in)
             if y is not None:
                 return y
+    if gemv == "triton":
+        y = plain_gemv(spec, x, w, scale, k_minor)
+        if y is not None:
+            return y
+    if scale is None:
+        return jnp.einsum(spec, x, w)
     y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # weight-only
     return (y * scale).astype(x.dtype)
 
@@ -119,6 +126,34 @@ def _fp8_gemv(spec: str, x, w, scale, n_in: int):
     if not gemv_supported(m, n, k):
         return None
     y = fp8_gemv(x.reshape(m, k), w.reshape(n, k), scale.reshape(n))
+    return y.reshape(batch + out_dims)
+
+
+def plain_gemv(spec: str, x, w, scale, k_minor: bool):
+    """The product through ``pallas.gemv`` (x's batch and contracting dims flattened, w's output and
+    contracting dims flattened; w [in..., out...], or [out..., in...] with `k_minor` and spec
+    rewritten for it), or None where the kernel does not serve the shape. On a CPU backend the
+    kernel runs in Pallas interpret mode (tests)."""
+    import jax
+
+    from ..pallas.gemv import gemv, gemv_tiling
+
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    n_in = sum(c in xs for c in ws)
+    n_out = len(ws) - n_in
+    out_letters = ws[:n_out] if k_minor else ws[n_in:]
+    if out != xs[: len(xs) - n_in] + out_letters:  # result = x's batch dims, then w's output dims
+        return None
+    batch = x.shape[: x.ndim - n_in]
+    out_dims = w.shape[:n_out] if k_minor else w.shape[n_in:]
+    m, k, n = math.prod(batch), math.prod(x.shape[x.ndim - n_in:]), math.prod(out_dims)
+    tiling = gemv_tiling(m, k, n)
+    if tiling is None:
+        return None
+    w2 = w.reshape((n, k) if k_minor else (k, n))
+    s = None if scale is None else scale.reshape(n)
+    y = gemv(x.reshape(m, k), w2, s, k_minor=k_minor, interpret=jax.default_backend() == "cpu", **tiling)
     return y.reshape(batch + out_dims)
 
 

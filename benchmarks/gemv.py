@@ -1,0 +1,107 @@
+"""Decode-sized matmuls: jaxllm.pallas.gemv (a few tilings) against XLA's dot, at Llama-3.1-8B shapes.
+
+    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 fp8 tp1] [--stages 4]
+
+Each timed call is one jitted program of --copies independent products, each with its own weight
+(so no weight stays in L2 between them), run 5 times; microseconds per product and GB/s of weight
+bytes. Shapes: a tp=2 shard's gate/up, down, o and q (bf16 [K, N]), tp=1's gate/up and down, and
+the fp8 weights stored [N, K] (XLA baseline: weight-only, converted in the dot). Every variant's
+result is checked against XLA's first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.pallas.gemv import gemv, gemv_fits
+
+SHAPES = {  # name: (K, N)
+    "tp2": {"tp2 gate/up": (4096, 14336), "tp2 down": (7168, 4096), "tp2 o": (2048, 4096), "tp2 q": (4096, 2048)},
+    "tp1": {"tp1 gate/up": (4096, 28672), "tp1 down": (14336, 4096), "tp1 o": (4096, 4096)},
+    "fp8": {"fp8 gate/up": (4096, 28672), "fp8 down": (14336, 4096), "fp8 o": (4096, 4096)},
+}
+
+
+def tilings(k: int, n: int, rows: int):
+    for block_n in (64, 128):
+        for block_k in (64, 128):
+            blocks = n // block_n
+            for splits in sorted({max(1, 264 // blocks), max(1, 528 // blocks)}):
+                while splits > 1 and k % (splits * block_k):
+                    splits -= 1
+                if gemv_fits(rows, k, n, block_n, block_k, splits):
+                    yield dict(block_n=block_n, block_k=block_k, splits=splits)
+
+
+def timed(f, *args, reps: int = 5) -> float:
+    jax.block_until_ready(f(*args))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--copies", type=int, default=20)
+    ap.add_argument("--shapes", nargs="+", default=["tp2", "fp8"], choices=list(SHAPES))
+    ap.add_argument("--stages", type=int, nargs="+", default=[4])
+    args = ap.parse_args()
+    rows, c = args.rows, args.copies
+    table = []
+    for group in args.shapes:
+        fp8 = group == "fp8"
+        for name, (k, n) in SHAPES[group].items():
+            key = jax.random.key(k * 7 + n)
+            x = jax.random.normal(key, (rows, k), jnp.bfloat16)
+            wshape = (n, k) if fp8 else (k, n)
+            ws = [(0.02 * jax.random.normal(jax.random.fold_in(key, i), wshape, jnp.float32)).astype(
+                jnp.float8_e4m3fn if fp8 else jnp.bfloat16) for i in range(c)]
+            scale = jnp.full((n,), 0.5, jnp.float32) if fp8 else None
+            nbytes = ws[0].size * ws[0].dtype.itemsize
+
+            if fp8:
+                def xla(x, ws):
+                    return [(jnp.einsum("mk,nk->mn", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+                             * scale).astype(x.dtype) for w in ws]
+            else:
+                def xla(x, ws):
+                    return [x @ w for w in ws]
+            xla = jax.jit(xla)
+            ref = np.asarray(xla(x, ws[:1])[0], np.float32)
+            t = timed(xla, x, ws) / c
+            table.append((name, "xla", t, nbytes))
+            print(f"{name:<12} {'xla':<34} {1e6 * t:8.1f} us {nbytes / t / 1e9:7.0f} GB/s", flush=True)
+            for tiling in tilings(k, n, rows):
+                for stages in args.stages:
+                    label = " ".join(f"{a}={b}" for a, b in tiling.items()) + f" st={stages}"
+                    f = jax.jit(lambda x, ws, tiling=tiling, stages=stages: [
+                        gemv(x, w, scale, k_minor=fp8, num_stages=stages, **tiling) for w in ws])
+                    try:
+                        got = np.asarray(f(x, ws[:1])[0], np.float32)
+                        err = float(np.max(np.abs(got - ref)) / (np.max(np.abs(ref)) + 1e-9))
+                        t = timed(f, x, ws) / c
+                    except Exception as e:  # a tiling Triton cannot compile: say so, go on
+                        print(f"{name:<12} {label:<34} failed: {str(e).splitlines()[0][:100]}", flush=True)
+                        continue
+                    table.append((name, label, t, nbytes))
+                    print(f"{name:<12} {label:<34} {1e6 * t:8.1f} us {nbytes / t / 1e9:7.0f} GB/s  rel err {err:.1e}",
+                          flush=True)
+    print("\nbest per shape (us, GB/s): xla | gemv")
+    for name in dict.fromkeys(r[0] for r in table):
+        rs = [r for r in table if r[0] == name]
+        x = [r for r in rs if r[1] == "xla"][0]
+        best = min((r for r in rs if r[1] != "xla"), key=lambda r: r[2], default=None)
+        b = f"{1e6 * best[2]:.1f} us {best[3] / best[2] / 1e9:.0f} GB/s ({best[1]})" if best else "-"
+        print(f"  {name:<12} {1e6 * x[2]:7.1f} us {x[3] / x[2] / 1e9:5.0f} GB/s | {b}")
+
+
+if __name__ == "__main__":
+    main()

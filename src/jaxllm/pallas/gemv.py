@@ -1,0 +1,113 @@
+"""Decode-sized matmuls at the bandwidth of the weight bytes: y = x @ w for a few rows of x (Pallas,
+Triton backend). Experimental: built after the seventh session's device time ran out, so not yet
+measured on a GPU (``benchmarks/gemv.py`` against XLA's dot); models use it only where
+``JAXLLM_GEMV=1`` asks (one device: ``gemv_wanted``; models/quant.py: ``plain_gemv``).
+
+Why: at batch 1 a decode step reads every weight once, so each projection should stream its
+weight at HBM bandwidth. XLA's own choices fall short at the shapes of a tensor-parallel shard
+(two H100s, Llama-3.1-8B, BENCHMARKS.md "Seventh session"): the 4096 x 14336 gate/up GEMV is tiled
+into 112 blocks with no split of K (fewer blocks than the 132 SMs: 1.48 TB/s) and the 2048 x 4096
+output projection becomes a multiply + reduce (1.0 TB/s).
+
+Here the grid is (N / block_n) x splits: each program owns block_n output columns and one of
+`splits` equal slices of K, walks its slice in block_k steps (Triton pipelines the loads over
+`num_stages`), multiplies on the tensor cores (x's rows padded to 16, the smallest dot Triton
+takes) and writes a float32 partial; the partials are added (and a weight's per-channel scale
+applied) in one small jnp epilogue that XLA fuses with what follows.
+
+Layouts: ``w [K, N]`` (plain, jaxllm's bf16 projections) or, with ``k_minor=True``, ``w [N, K]``
+(jaxllm's fp8 weights, PyTorch's [out, in]); an fp8 weight is converted to x's dtype in registers,
+so HBM sees only its bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+ROWS = 16  # x's rows are padded to this (the smallest M of a Triton dot)
+
+
+def gemv_fits(m: int, k: int, n: int, block_n: int, block_k: int, splits: int) -> bool:
+    """Whether gemv serves an [m, k] x [k, n] product with this tiling."""
+    return 1 <= m <= ROWS and n % block_n == 0 and k % (splits * block_k) == 0
+
+
+def gemv_tiling(m: int, k: int, n: int, programs: int = 264) -> dict | None:
+    """A tiling for an [m, k] x [k, n] product: the widest column block and K step that divide n
+    and k, and K split in two until there are `programs` programs (two per SM of an H100) or a
+    split would walk fewer than 4 steps; None where none fits."""
+    block_n = next((b for b in (128, 64, 32, 16) if n % b == 0), None)
+    block_k = next((b for b in (64, 32, 16) if k % b == 0), None)
+    if not 1 <= m <= ROWS or block_n is None or block_k is None:
+        return None
+    steps, splits = k // block_k, 1
+    while (n // block_n) * splits < programs and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
+        splits *= 2
+    return dict(block_n=block_n, block_k=block_k, splits=splits)
+
+
+def gemv_wanted(mesh) -> bool:
+    """Whether models on this mesh run their decode-sized matmuls through gemv: JAXLLM_GEMV=1 and
+    one device (the kernel does not run per tensor-parallel shard yet)."""
+    import os
+
+    return os.environ.get("JAXLLM_GEMV", "0") == "1" and mesh.devices.size == 1
+
+
+def reference_gemv(x, w, scale=None, k_minor: bool = False):
+    """The same product in plain jnp (float32 accumulation), in x's dtype."""
+    wf = w.astype(jnp.float32)
+    y = jnp.einsum("mk,nk->mn" if k_minor else "mk,kn->mn", x.astype(jnp.float32), wf, precision="highest")
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
+                                             "interpret"))
+def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k: int = 64, splits: int = 4,
+         num_warps: int = 4, num_stages: int = 4, interpret: bool = False):
+    """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in x's dtype."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    m, k = x.shape
+    n = w.shape[0] if k_minor else w.shape[1]
+    if not gemv_fits(m, k, n, block_n, block_k, splits):
+        raise ValueError(f"gemv: [{m}, {k}] x [{k}, {n}] does not fit block_n={block_n}, block_k={block_k}, "
+                         f"splits={splits} (rows <= {ROWS}, n % block_n == 0, k % (splits * block_k) == 0)")
+    steps = k // (splits * block_k)
+    xp = jnp.pad(x, ((0, ROWS - m), (0, 0)))
+
+    def kernel(x_ref, w_ref, o_ref):
+        j, s = pl.program_id(0), pl.program_id(1)
+        cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+
+        def body(i, acc):
+            off = pl.multiple_of((s * steps + i) * block_k, block_k)
+            xs = x_ref[:, pl.ds(off, block_k)]
+            if k_minor:
+                ws = w_ref[cols, pl.ds(off, block_k)].astype(xs.dtype)  # [block_n, block_k]
+                return acc + jax.lax.dot_general(xs, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            ws = w_ref[pl.ds(off, block_k), cols].astype(xs.dtype)  # [block_k, block_n]
+            return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((ROWS, block_n), jnp.float32))
+        o_ref[...] = acc[None]
+
+    parts = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((splits, ROWS, n), jnp.float32),
+        grid=(n // block_n, splits),
+        in_specs=[pl.BlockSpec(), pl.BlockSpec()],  # whole arrays: loads slice them
+        out_specs=pl.BlockSpec((1, ROWS, block_n), lambda j, s: (s, 0, j)),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(xp, w)
+    y = jnp.sum(parts[:, :m], axis=0)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    return y.astype(x.dtype)
