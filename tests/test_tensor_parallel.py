@@ -22,6 +22,10 @@ import jaxllm.sharding as shd
 traced = []  # the row-parallel projections the runner's TensorParallel traced in a shard_map
 _rp = shd.TensorParallel.row_parallel
 shd.TensorParallel.row_parallel = lambda self, f, x, xa, w, wa, s=None: (self.mode != "xla" and traced.append(wa)) or _rp(self, f, x, xa, w, wa, s)
+import jaxllm.pallas.gemv as gemv_module
+gemv_calls = []  # projections traced through pallas.gemv (JAXLLM_GEMV=1)
+_gemv = gemv_module.gemv
+gemv_module.gemv = lambda *a, **k: gemv_calls.append(1) or _gemv(*a, **k)
 _embed = shd.TensorParallel.embed
 shd.TensorParallel.embed = lambda self, t, ta, tok: traced.append(("embed",) + tuple(ta)) or _embed(self, t, ta, tok)
 
@@ -29,6 +33,7 @@ out = {}
 for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (2, 2, "hf"), (4, 1, "orbax")):
     path = sys.argv[1] if source == "hf" else sys.argv[2]  # the Orbax checkpoint saved at tp=1
     traced.clear()
+    gemv_calls.clear()
     llm = LLM(path, tensor_parallel_size=tp, data_parallel_size=dp, max_seq_len=128, compilation_cache=False)
     if tp == 1:
         llm.save(sys.argv[2])
@@ -58,7 +63,7 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     pool = llm._engine.runner.pool[0][0]
     out[f"{tp}x{dp}" + ("-orbax" if source == "orbax" else "")] = dict(
         tokens=[o.outputs[0].token_ids for o in outs], logits=logits, params=params,
-        replica_devices=replica_devices, served=served, collectives=collectives, row_parallel=sorted(set(map(tuple, traced))),
+        replica_devices=replica_devices, served=served, collectives=collectives, row_parallel=sorted(set(map(tuple, traced))), gemv_calls=len(gemv_calls),
         pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards}),
                   heads=pool.shape[1]),
     )
@@ -133,6 +138,15 @@ def test_tensor_parallel_row_parallel_sums_in_shard_map(tiny_checkpoints, tmp_pa
     for key in ("2x1", "4x1", "8x1", "2x2"):  # o and down (plain layout) and the lookup went through it
         assert res[key]["row_parallel"] == [["embed", "vocab", "embed"], ["heads", "head_dim", "embed"], ["mlp", "embed"]], (
             key, res[key]["row_parallel"])
+
+
+def test_tensor_parallel_projections_per_shard_through_gemv(tiny_checkpoints, tmp_path):
+    # every projection in shard_map (JAXLLM_ROW_PARALLEL=psum) and the decode-sized ones through
+    # pallas.gemv on each device's shard (JAXLLM_GEMV=1; interpret mode here): tp=1's tokens and logits
+    res = _run(tiny_checkpoints["llama3"], tmp_path, JAXLLM_ROW_PARALLEL="psum", JAXLLM_GEMV="1")
+    _check(res, num_heads=4, num_kv_heads=2)
+    for key in ("1x1", "2x1", "4x1", "8x1", "2x2"):
+        assert res[key]["gemv_calls"] >= 4, (key, res[key]["gemv_calls"])
 
 
 def test_tensor_parallel_kv_heads_divide(tmp_path):

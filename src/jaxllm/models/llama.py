@@ -77,14 +77,16 @@ def _axes(p: nnx.Param) -> tuple:
     return tuple(p.get_metadata()["axes"])
 
 
-def _row_parallel(attend, f, x, x_axes, w: nnx.Param, scale: nnx.Param | None):
-    """f(x, w, scale) of a row-parallel projection (its contracting dim split over the devices),
-    through the step's ``sharding.TensorParallel`` when `attend` carries one (the runner's does
-    under tensor parallelism), else as it is (XLA's partitioner adds the partial sums)."""
+def _parallel(kind: str, attend, f, x, x_axes, w: nnx.Param, scale: nnx.Param | None):
+    """f(x, w, scale) of a projection, through the step's ``sharding.TensorParallel`` when `attend`
+    carries one (the runner's does under tensor parallelism), else as it is (XLA's partitioner).
+    kind: "row" (the contracting dim is split: o, down -- partial sums to add) or "column" (the
+    output dim is split: q, k/v, gate/up)."""
     tp = getattr(attend, "tensor_parallel", None)
     if tp is None:
         return f(x, w[...], _value(scale))
-    return tp.row_parallel(f, x, x_axes, w[...], _axes(w), _value(scale))
+    method = tp.row_parallel if kind == "row" else tp.column_parallel
+    return method(f, x, x_axes, w[...], _axes(w), _value(scale))
 
 
 QKV_AXES = ("embed", "kv_heads", "stack", "head_dim")  # the fused k/v (and q/k/v) projection's axes
@@ -252,16 +254,20 @@ class Attention(nnx.Module):
         self.head_dim = d
 
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
+        x_axes = (None, None, "embed")
         if self.fused:
-            qkv = _flat_einsum("bte,eksd->btksd", x, self.qkv[...], _value(self.qkv_scale), self.w8a8, self.gemv)
+            qkv = _parallel("column", attend, lambda x, w, s: _flat_einsum("bte,eksd->btksd", x, w, s, self.w8a8, self.gemv),
+                            x, x_axes, self.qkv, self.qkv_scale)
             if self.has_bias:
                 qkv = qkv + self.qkv_bias[...]
             b, t, kvh, _, d = qkv.shape
             q = qkv[:, :, :, : self.group].reshape(b, t, kvh * self.group, d)  # query head h: KV head h // G
             k, v = qkv[:, :, :, self.group], qkv[:, :, :, self.group + 1]
         else:
-            q = _flat_einsum("bte,ehd->bthd", x, self.q[...], _value(self.q_scale), self.w8a8, self.gemv)
-            kv = _flat_einsum("bte,eksd->btksd", x, self.kv[...], _value(self.kv_scale), self.w8a8, self.gemv)
+            q = _parallel("column", attend, lambda x, w, s: _flat_einsum("bte,ehd->bthd", x, w, s, self.w8a8, self.gemv),
+                          x, x_axes, self.q, self.q_scale)
+            kv = _parallel("column", attend, lambda x, w, s: _flat_einsum("bte,eksd->btksd", x, w, s, self.w8a8, self.gemv),
+                           x, x_axes, self.kv, self.kv_scale)
             if self.has_bias:
                 q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
             k, v = kv[:, :, :, 0], kv[:, :, :, 1]
@@ -271,7 +277,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
-        y = _row_parallel(attend, lambda o, w, s: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8, self.gemv),
+        y = _parallel("row", attend, lambda o, w, s: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8, self.gemv),
                           out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale)
         if self.has_o_bias:
             y = y + self.o_bias[...]
@@ -294,12 +300,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x, attend=None):
         """`attend`: the step's, for its row-parallel all-reduce (see _row_parallel)."""
-        gu = qeinsum("...e,esf->...sf", x, self.gate_up[...], _value(self.gate_up_scale), self.w8a8, self.gemv)
+        gu = _parallel("column", attend, lambda x, w, s: qeinsum("...e,esf->...sf", x, w, s, self.w8a8, self.gemv),
+                       x, (None,) * (x.ndim - 1) + ("embed",), self.gate_up, self.gate_up_scale)
         if self.has_bias:
             gu = gu + self.gate_up_bias[...]
         g, u = gu[..., 0, :], gu[..., 1, :]
         h = jax.nn.silu(g) * u
-        y = _row_parallel(attend, lambda h, w, s: qeinsum("...f,fe->...e", h, w, s, self.w8a8, self.gemv),
+        y = _parallel("row", attend, lambda h, w, s: qeinsum("...f,fe->...e", h, w, s, self.w8a8, self.gemv),
                           h, (None,) * (h.ndim - 1) + ("mlp",), self.down, self.down_scale)
         if self.has_bias:
             y = y + self.down_bias[...]

@@ -1,7 +1,7 @@
 """Decode-sized matmuls at the bandwidth of the weight bytes: y = x @ w for a few rows of x (Pallas,
 Triton backend). Experimental: built after the seventh session's device time ran out, so not yet
 measured on a GPU (``benchmarks/gemv.py`` against XLA's dot); models use it only where
-``JAXLLM_GEMV=1`` asks (one device: ``gemv_wanted``; models/quant.py: ``plain_gemv``).
+``JAXLLM_GEMV=1`` asks (``gemv_wanted``; models/quant.py: ``plain_gemv``).
 
 Why: at batch 1 a decode step reads every weight once, so each projection should stream its
 weight at HBM bandwidth. XLA's own choices fall short at the shapes of a tensor-parallel shard
@@ -50,11 +50,14 @@ def gemv_tiling(m: int, k: int, n: int, programs: int = 264) -> dict | None:
 
 
 def gemv_wanted(mesh) -> bool:
-    """Whether models on this mesh run their decode-sized matmuls through gemv: JAXLLM_GEMV=1 and
-    one device (the kernel does not run per tensor-parallel shard yet)."""
+    """Whether models on this mesh run their decode-sized matmuls through gemv: JAXLLM_GEMV=1, on
+    one device, or under tensor parallelism with the projections in shard_map (JAXLLM_ROW_PARALLEL
+    psum or oneshot, sharding.TensorParallel), where each device's kernel sees its shard."""
     import os
 
-    return os.environ.get("JAXLLM_GEMV", "0") == "1" and mesh.devices.size == 1
+    if os.environ.get("JAXLLM_GEMV", "0") != "1":
+        return False
+    return mesh.devices.size == 1 or os.environ.get("JAXLLM_ROW_PARALLEL", "xla") in ("psum", "oneshot")
 
 
 def reference_gemv(x, w, scale=None, k_minor: bool = False):

@@ -108,6 +108,10 @@ class TensorParallel:
       kernel of ``pallas.allreduce`` (psum for sizes it does not serve). Same sums each way (two
       partials added once).
 
+    * ``column_parallel``: a projection whose output dim is split (q, k/v, gate/up) -- under any
+      mode but "xla" run per device in ``shard_map`` too, so that a kernel XLA cannot partition
+      (``pallas.gemv``) sees its shard.
+
     ``mode`` picks the all-reduce of both (the embedding's is a psum under "xla")."""
 
     mesh: Mesh
@@ -133,6 +137,22 @@ class TensorParallel:
 
         return jax.shard_map(per_device, mesh=self.mesh, in_specs=(spec, PartitionSpec()),
                              out_specs=PartitionSpec(), check_vma=False)(table, tokens)
+
+    def column_parallel(self, f, x, x_axes, w, w_axes, scale=None):
+        """f(x, w, scale), a projection whose output dims (w's axes not in x_axes, in w's order) may
+        be split over "model": per device in shard_map unless the mode is "xla"; x replicated."""
+        if self.mode == "xla":
+            return f(x, w, scale)
+        out_axes = tuple(a for a in w_axes if a not in x_axes)
+        w_spec = logical_to_spec(w_axes, self.mesh, w.shape)
+        out_shape = tuple(n for n, a in zip(w.shape, w_axes) if a not in x_axes)
+        out_spec = logical_to_spec(out_axes, self.mesh, out_shape)
+        batch = x.ndim - sum(a in x_axes for a in w_axes)
+        args, specs = (x, w), (PartitionSpec(), w_spec)
+        if scale is not None:  # per output channel
+            args, specs = args + (scale,), specs + (out_spec,)
+        return jax.shard_map(lambda x, w, *s: f(x, w, s[0] if s else None), mesh=self.mesh, in_specs=specs,
+                             out_specs=PartitionSpec(*((None,) * batch + tuple(out_spec))), check_vma=False)(*args)
 
     def row_parallel(self, f, x, x_axes, w, w_axes, scale=None):
         """f(x, w, scale), a projection contracting the logical axes x and w share (x_axes may name
