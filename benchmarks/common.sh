@@ -10,3 +10,12 @@ mkdir -p "$OUT"
 export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
 nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
+# batch-1 latency of the model (128 in / 128 out), one named run: bench_latency NAME ENVS [ARGS...]
+# (ENVS: "VAR=value ..." or -; ARGS: more `jaxllm bench latency` arguments); report in $OUT/NAME.json
+bench_latency() {
+  local name=$1 envs=$2; shift 2; [ "$envs" = "-" ] && envs=""
+  echo "== $name" >&2
+  env $envs timeout ${LAT_TIMEOUT:-100} python -m jaxllm bench latency --model "$M" --load-format dummy --dtype bfloat16 \
+    --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5 "$@" \
+    --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 || { echo "$name failed"; tail -3 "$OUT/$name.txt"; }
+}

@@ -7,19 +7,12 @@
 #   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh          # nvidia-h100-x2
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-gemv
 STEPS=${STEPS:-kernel latency}
-lat="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
-run() {  # name, env assignments (or -), extra bench args...
-  local name=$1 envs=$2; shift 2; [ "$envs" = "-" ] && envs=""
-  echo "== $name" >&2
-  env $envs timeout ${LAT_TIMEOUT:-100} python -m jaxllm bench latency $lat "$@" --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
-    || { echo "$name failed"; tail -3 "$OUT/$name.txt"; }
-}
 for s in $STEPS; do case $s in
 kernel) timeout ${KERNEL_TIMEOUT:-240} python benchmarks/gemv.py --shapes ${SHAPES:-tp2 fp8} > "$OUT/gemv.txt" 2>&1 || echo "gemv.py failed"
         sed -n '/best per shape/,$p' "$OUT/gemv.txt" ;;
-latency) run bf16 -; run bf16_gemv JAXLLM_GEMV=1; run fp8 - --quantization fp8; run fp8_gemv JAXLLM_GEMV=1 --quantization fp8 ;;
-tp2) run tp2 - --tensor-parallel-size 2; run tp2_gemv "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=1" --tensor-parallel-size 2
-     run tp2_psum JAXLLM_ROW_PARALLEL=psum --tensor-parallel-size 2 ;;
+latency) bench_latency bf16 -; bench_latency bf16_gemv JAXLLM_GEMV=1; bench_latency fp8 - --quantization fp8; bench_latency fp8_gemv JAXLLM_GEMV=1 --quantization fp8 ;;
+tp2) bench_latency tp2 - --tensor-parallel-size 2; bench_latency tp2_gemv "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=1" --tensor-parallel-size 2
+     bench_latency tp2_psum JAXLLM_ROW_PARALLEL=psum --tensor-parallel-size 2 ;;
 esac; done
 python - "$OUT" <<'PY'
 import json, sys, pathlib

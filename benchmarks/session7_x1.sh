@@ -4,17 +4,10 @@
 # (JAXLLM_FP8_MATMUL_MIN_TOKENS=1), then a profile of the fp8-w8a8 decode step at 256 rows.
 #   PYTHONPATH=src OUT=/tmp/out bash benchmarks/session7_x1.sh
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-s7
-lat="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"
-run() {  # name, env assignments (or -), extra bench args...
-  local name=$1 envs=$2; shift 2; [ "$envs" = "-" ] && envs=""
-  echo "== $name" >&2
-  env $envs timeout ${LAT_TIMEOUT:-100} python -m jaxllm bench latency $lat "$@" --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
-    || { echo "$name failed"; tail -3 "$OUT/$name.txt"; }
-}
-run bf16_rows1 -
-run bf16_rows2 JAXLLM_DECODE_MIN_ROWS=2
-run fp8 - --quantization fp8
-run w8a8_m1 JAXLLM_FP8_MATMUL_MIN_TOKENS=1 --quantization fp8-w8a8
+bench_latency bf16_rows1 -
+bench_latency bf16_rows2 JAXLLM_DECODE_MIN_ROWS=2
+bench_latency fp8 - --quantization fp8
+bench_latency w8a8_m1 JAXLLM_FP8_MATMUL_MIN_TOKENS=1 --quantization fp8-w8a8
 echo "== profile w8a8 b256" >&2
 timeout ${PROFILE_TIMEOUT:-180} python benchmarks/profile_decode.py --model $M --batch 256 --quantization fp8-w8a8 --decode-steps 16 \
   --output-len 32 --top 30 --trace-dir /tmp/tr_w8a8 --hlo-dir /tmp/hlo_w8a8 > "$OUT/profile_w8a8_b256.txt" 2>&1 || echo "profile failed"
