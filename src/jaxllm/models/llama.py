@@ -28,6 +28,9 @@ lm_head and norms stay in ``dtype``.
 Attention itself (writing K/V into the cache and reading it back) is not done here: the caller
 passes an ``attend(layer, q, k, v, cache) -> (out, cache)`` function, so the cache layout (contiguous
 now, paged later) and the kernel (jnp reference or Pallas) can change without touching the model.
+Under tensor parallelism the runner's attend also carries a ``sharding.TensorParallel``: the
+embedding lookup and the projections go through it (``_parallel``), which decides what runs per
+device in ``shard_map`` and what XLA's partitioner keeps.
 """
 
 from __future__ import annotations
@@ -278,7 +281,7 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
         y = _parallel("row", attend, lambda o, w, s: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8, self.gemv),
-                          out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale)
+                      out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale)
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
@@ -299,7 +302,7 @@ class MLP(nnx.Module):
             self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
 
     def __call__(self, x, attend=None):
-        """`attend`: the step's, for its row-parallel all-reduce (see _row_parallel)."""
+        """`attend`: the step's, for its tensor-parallel projections (see _parallel)."""
         gu = _parallel("column", attend, lambda x, w, s: qeinsum("...e,esf->...sf", x, w, s, self.w8a8, self.gemv),
                        x, (None,) * (x.ndim - 1) + ("embed",), self.gate_up, self.gate_up_scale)
         if self.has_bias:
@@ -307,7 +310,7 @@ class MLP(nnx.Module):
         g, u = gu[..., 0, :], gu[..., 1, :]
         h = jax.nn.silu(g) * u
         y = _parallel("row", attend, lambda h, w, s: qeinsum("...f,fe->...e", h, w, s, self.w8a8, self.gemv),
-                          h, (None,) * (h.ndim - 1) + ("mlp",), self.down, self.down_scale)
+                      h, (None,) * (h.ndim - 1) + ("mlp",), self.down, self.down_scale)
         if self.has_bias:
             y = y + self.down_bias[...]
         return y

@@ -86,7 +86,6 @@ def named_sharding(axes: tuple[str, ...], mesh: Mesh, shape: tuple[int, ...] | N
     return NamedSharding(mesh, logical_to_spec(axes, mesh, shape, rules))
 
 
-
 ROW_PARALLEL_MODES = ("xla", "psum", "oneshot")
 
 
@@ -107,12 +106,11 @@ class TensorParallel:
       partial sums with ``lax.psum``; "oneshot", on an axis of 2 GPUs, with the one-shot Mosaic GPU
       kernel of ``pallas.allreduce`` (psum for sizes it does not serve). Same sums each way (two
       partials added once).
-
     * ``column_parallel``: a projection whose output dim is split (q, k/v, gate/up) -- under any
       mode but "xla" run per device in ``shard_map`` too, so that a kernel XLA cannot partition
       (``pallas.gemv``) sees its shard.
 
-    ``mode`` picks the all-reduce of both (the embedding's is a psum under "xla")."""
+    ``mode`` also picks the lookup's all-reduce (a psum under "xla" and "psum")."""
 
     mesh: Mesh
     mode: str = "xla"
