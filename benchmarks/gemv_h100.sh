@@ -3,11 +3,13 @@
 # Llama-3.1-8B shapes (benchmarks/gemv.py), then batch-1 ITL with and without it (JAXLLM_GEMV=1) in
 # bf16 and fp8 weight-only, same call. On 2 GPUs (STEPS=tp2) the tp=2 A/B instead: XLA's partitioner
 # vs every projection per shard through gemv (JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=1).
-#   PYTHONPATH=src OUT=/tmp/out STEPS="kernel latency" bash benchmarks/gemv_h100.sh      # nvidia-h100-x1
-#   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh          # nvidia-h100-x2
+# STEPS: tests (the kernel compiled vs its reference, tests/test_gemv.py -m gpu), kernel, latency, tp2.
+#   PYTHONPATH=src OUT=/tmp/out STEPS="tests kernel latency" bash benchmarks/gemv_h100.sh   # nvidia-h100-x1
+#   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh             # nvidia-h100-x2
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-gemv
-STEPS=${STEPS:-kernel latency}
+STEPS=${STEPS:-tests kernel latency}
 for s in $STEPS; do case $s in
+tests) timeout 200 python -m pytest -q -m gpu tests/test_gemv.py > "$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt" ;;
 kernel) timeout ${KERNEL_TIMEOUT:-240} python benchmarks/gemv.py --shapes ${SHAPES:-tp2 fp8} > "$OUT/gemv.txt" 2>&1 || echo "gemv.py failed"
         sed -n '/best per shape/,$p' "$OUT/gemv.txt" ;;
 latency) bench_latency bf16 -; bench_latency bf16_gemv JAXLLM_GEMV=1; bench_latency fp8 - --quantization fp8; bench_latency fp8_gemv JAXLLM_GEMV=1 --quantization fp8 ;;

@@ -59,3 +59,22 @@ def test_a_model_through_gemv_gives_the_same_logits_and_tokens(tiny_checkpoints,
     assert off_calls == 0 and on_calls >= 4  # q, k/v, o, gate/up, down: traced through the kernel
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     assert got_tokens == ref_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n, k_minor, dtype", [
+    (4096, 14336, False, jnp.bfloat16),  # a tp=2 shard's gate/up
+    (7168, 4096, False, jnp.bfloat16),  # its down
+    (4096, 28672, True, jnp.float8_e4m3fn),  # fp8 gate/up, stored [N, K]
+])
+@pytest.mark.parametrize("m", [1, 4])
+def test_gemv_compiled_on_the_gpu_matches_reference(m, k, n, k_minor, dtype):
+    from jaxllm.pallas.gemv import gemv_tiling
+
+    kx, kw = jax.random.split(jax.random.key(k + n + m))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = (0.02 * jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32)).astype(dtype)
+    scale = jnp.full((n,), 0.5, jnp.float32) if k_minor else None
+    got = gemv(x, w, scale, k_minor=k_minor, **gemv_tiling(m, k, n))
+    want = reference_gemv(x, w, scale, k_minor=k_minor)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
