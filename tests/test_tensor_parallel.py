@@ -254,3 +254,39 @@ def test_vocab_parallel_embedding_is_one_all_reduce_of_the_rows():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     res = subprocess.run([sys.executable, "-c", EMBED_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+
+
+def test_row_parallel_modes_are_checked():
+    import jax
+    import pytest
+
+    from jaxllm.sharding import make_mesh, tensor_parallel_for
+
+    mesh = make_mesh(jax.devices()[:1])
+    assert tensor_parallel_for(mesh, "psum") is None  # one device: nothing to do
+    with pytest.raises(ValueError, match="JAXLLM_ROW_PARALLEL must be one of"):
+        tensor_parallel_for(mesh, "nccl")
+
+
+ONESHOT_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+import jax
+from jaxllm.sharding import make_mesh, tensor_parallel_for
+for n, mode in ((2, "psum"), (2, "xla")):
+    assert tensor_parallel_for(make_mesh(jax.devices()[:n]), mode).mode == mode
+for n in (2, 4):
+    try:
+        tensor_parallel_for(make_mesh(jax.devices()[:n]), "oneshot")
+    except ValueError as e:
+        assert "needs tensor_parallel_size=2 on the GPUs of one process" in str(e), e
+    else:
+        raise AssertionError("oneshot accepted on CPU devices")
+print("OK")
+"""
+
+
+def test_oneshot_all_reduce_is_refused_off_gpus():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", ONESHOT_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
