@@ -66,11 +66,13 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
     busy = union(dev)
     t0, t1 = busy[0][0], busy[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] > gap_us]
-    by_kernel, launches = collections.Counter(), collections.Counter()
+    by_kernel, launches, by_module = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         if is_device(e):
             by_kernel[e["name"]] += e["dur"]
             launches[e["name"]] += 1
+            # the XLA program a kernel belongs to (prefill vs decode), where the trace names it
+            by_module[str((e.get("args") or {}).get("hlo_module", "?"))] += e["dur"]
     overlap = collections.Counter()
     for e in host:
         s, t = e["ts"], e["ts"] + e["dur"]
@@ -88,6 +90,7 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
         "host_in_gaps_us": {k: round(v, 1) for k, v in overlap.most_common(top)},
         "device_us_by_kernel": {k: round(v, 1) for k, v in by_kernel.most_common(top)},
         "launches_by_kernel": {k: launches[k] for k, _ in by_kernel.most_common(top)},
+        "device_us_by_module": {k: round(v, 1) for k, v in by_module.most_common(top)},
         "kernel_launches": sum(launches.values()),
     }
 
