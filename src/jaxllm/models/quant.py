@@ -85,7 +85,7 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
         if w8a8 and tokens >= FP8_MATMUL_MIN_TOKENS:
             return _fp8_matmul(spec, x, w, scale, n_in)
         if gemv is True:
-            y = _fp8_gemv(spec, x, w, scale, n_in)
+            y = _fp8_gemv(spec, x, w, scale)
             if y is not None:
                 return y
     if gemv == "triton":
@@ -111,50 +111,54 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int):
     return (y * x_scale * scale).astype(x.dtype)
 
 
-def _fp8_gemv(spec: str, x, w, scale, n_in: int):
-    """The weight-only product through ``pallas.fp8_gemv`` (x's batch and contracting dims, and w's
-    output and contracting dims, flattened), or None where the kernel does not serve the shape."""
-    from ..pallas.fp8_gemv import fp8_gemv, gemv_supported
-
+def _as_2d(spec: str, x, w, k_minor: bool):
+    """A projection as one 2-D product for the GEMV kernels: (x [m, k], w [k, n] -- or [n, k] with
+    `k_minor`, spec rewritten for that layout --, the result's shape), or None where the result is
+    not x's batch dims followed by w's output dims."""
     ins, out = spec.split("->")
     xs, ws = ins.split(",")
+    n_in = sum(c in xs for c in ws)
     n_out = len(ws) - n_in
-    if out != xs[: len(xs) - n_in] + ws[:n_out]:  # result = x's batch dims, then w's output dims
+    if out != xs[: len(xs) - n_in] + (ws[:n_out] if k_minor else ws[n_in:]):
         return None
-    batch, out_dims = x.shape[: x.ndim - n_in], w.shape[:n_out]
+    batch, out_dims = x.shape[: x.ndim - n_in], (w.shape[:n_out] if k_minor else w.shape[n_in:])
     m, k, n = math.prod(batch), math.prod(x.shape[x.ndim - n_in:]), math.prod(out_dims)
+    return x.reshape(m, k), w.reshape((n, k) if k_minor else (k, n)), batch + out_dims
+
+
+def _fp8_gemv(spec: str, x, w, scale):
+    """The weight-only product of a K-minor fp8 weight through ``pallas.fp8_gemv``, or None where the
+    kernel does not serve the shape."""
+    from ..pallas.fp8_gemv import fp8_gemv, gemv_supported
+
+    flat = _as_2d(spec, x, w, k_minor=True)
+    if flat is None:
+        return None
+    x2, w2, shape = flat
+    (m, k), n = x2.shape, w2.shape[0]
     if not gemv_supported(m, n, k):
         return None
-    y = fp8_gemv(x.reshape(m, k), w.reshape(n, k), scale.reshape(n))
-    return y.reshape(batch + out_dims)
+    return fp8_gemv(x2, w2, scale.reshape(n)).reshape(shape)
 
 
 def plain_gemv(spec: str, x, w, scale, k_minor: bool):
-    """The product through ``pallas.gemv`` (x's batch and contracting dims flattened, w's output and
-    contracting dims flattened; w [in..., out...], or [out..., in...] with `k_minor` and spec
-    rewritten for it), or None where the kernel does not serve the shape. On a CPU backend the
+    """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
+    spec rewritten for it), or None where the kernel does not serve the shape. On a CPU backend the
     kernel runs in Pallas interpret mode (tests)."""
     import jax
 
     from ..pallas.gemv import gemv, gemv_tiling
 
-    ins, out = spec.split("->")
-    xs, ws = ins.split(",")
-    n_in = sum(c in xs for c in ws)
-    n_out = len(ws) - n_in
-    out_letters = ws[:n_out] if k_minor else ws[n_in:]
-    if out != xs[: len(xs) - n_in] + out_letters:  # result = x's batch dims, then w's output dims
+    flat = _as_2d(spec, x, w, k_minor)
+    if flat is None:
         return None
-    batch = x.shape[: x.ndim - n_in]
-    out_dims = w.shape[:n_out] if k_minor else w.shape[n_in:]
-    m, k, n = math.prod(batch), math.prod(x.shape[x.ndim - n_in:]), math.prod(out_dims)
-    tiling = gemv_tiling(m, k, n)
+    x2, w2, shape = flat
+    n = w2.shape[0] if k_minor else w2.shape[1]
+    tiling = gemv_tiling(x2.shape[0], x2.shape[1], n)
     if tiling is None:
         return None
-    w2 = w.reshape((n, k) if k_minor else (k, n))
     s = None if scale is None else scale.reshape(n)
-    y = gemv(x.reshape(m, k), w2, s, k_minor=k_minor, interpret=jax.default_backend() == "cpu", **tiling)
-    return y.reshape(batch + out_dims)
+    return gemv(x2, w2, s, k_minor=k_minor, interpret=jax.default_backend() == "cpu", **tiling).reshape(shape)
 
 
 def quantize_weight(w, quantization: str, axes, out_axes):

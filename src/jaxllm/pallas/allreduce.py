@@ -1,9 +1,11 @@
 """One-shot all-reduce of a small array over a 2-device mesh axis, in one Mosaic GPU kernel.
 
-Why: at tensor parallelism 2 a batch-1 decode step of Llama-3.1-8B does 2 all-reduces of 8 KiB per
-layer, and XLA's NCCL all-reduce costs ~100-180 us each on the H100/H200 pairs measured here
-(BENCHMARKS.md), ~3.5 ms of a 6.7 ms step. TensorRT-LLM's answer is a custom "one-shot"
-all-reduce over NVLink peer memory; this is that, written with Pallas's Mosaic GPU backend:
+Why it was written: at tensor parallelism 2 a batch-1 decode step of Llama-3.1-8B does 2
+all-reduces of 8 KiB per layer, and they looked like the cost of the 6.7-7.1 ms tp=2 step.
+TensorRT-LLM's answer is a custom "one-shot" all-reduce over NVLink peer memory; this is that,
+written with Pallas's Mosaic GPU backend. Measured on 2x H100 (BENCHMARKS.md, seventh session) it
+is exact but no faster than XLA's own collective kernels, which turned out not to be the cost, so
+it is an opt-in mode (``JAXLLM_ROW_PARALLEL=oneshot``, ``sharding.TensorParallel``):
 
     each device writes its partial sums into its peer's receive buffer (``plgpu.remote_ref``: a
     store over NVLink), signals the peer's semaphore, waits for the peer's signal, and adds the
@@ -13,8 +15,8 @@ Both devices then add the same two values (x0 + x1 == x1 + x0 in IEEE arithmetic
 stay identical, as they do after a psum. The kernel runs inside ``jax.shard_map`` over an axis of
 exactly 2 devices of one process; Mosaic GPU's cross-device barrier at launch (its default) makes
 sure the peer has entered the same call (its receive buffer and semaphores exist) before any write.
-The array is split into chunks of ``CHUNK`` elements, one CTA each, every CTA with its own
-semaphore. Sizes past ``MAX_ELEMENTS`` (large prefill batches, where NCCL's bandwidth wins and
+The array is split into chunks of ``CHUNK`` elements, one CTA each; every CTA signals one
+semaphore of the peer and waits until its own has counted all of the peer's chunks. Sizes past ``MAX_ELEMENTS`` (large prefill batches, where NCCL's bandwidth wins and
 the latency does not matter) go to ``lax.psum``.
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 CHUNK = 1024  # elements per CTA: 8 per thread of one warpgroup

@@ -55,9 +55,11 @@ def gemv_wanted(mesh) -> bool:
     psum or oneshot, sharding.TensorParallel), where each device's kernel sees its shard."""
     import os
 
+    from ..sharding import row_parallel_mode
+
     if os.environ.get("JAXLLM_GEMV", "0") != "1":
         return False
-    return mesh.devices.size == 1 or os.environ.get("JAXLLM_ROW_PARALLEL", "xla") in ("psum", "oneshot")
+    return mesh.devices.size == 1 or row_parallel_mode() in ("psum", "oneshot")
 
 
 def reference_gemv(x, w, scale=None, k_minor: bool = False):

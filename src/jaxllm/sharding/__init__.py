@@ -173,11 +173,16 @@ class TensorParallel:
                              check_vma=False)(*args)
 
 
+def row_parallel_mode() -> str:
+    """The environment switch JAXLLM_ROW_PARALLEL (default "xla"; see TensorParallel)."""
+    return os.environ.get("JAXLLM_ROW_PARALLEL", "xla")
+
+
 def tensor_parallel_for(mesh: Mesh, mode: str | None = None) -> TensorParallel | None:
     """The TensorParallel of a model on this mesh (None on one device). mode: one of
     ROW_PARALLEL_MODES, default from the environment switch ``JAXLLM_ROW_PARALLEL`` (default
     "xla"); "oneshot" needs a "model" axis of 2 GPUs of one process."""
-    mode = mode or os.environ.get("JAXLLM_ROW_PARALLEL", "xla")
+    mode = mode or row_parallel_mode()
     if mode not in ROW_PARALLEL_MODES:
         raise ValueError(f"JAXLLM_ROW_PARALLEL must be one of {ROW_PARALLEL_MODES}, got {mode!r}")
     tp = tensor_parallel_size(mesh)
