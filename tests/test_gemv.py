@@ -38,7 +38,8 @@ def test_gemv_refuses_tilings_that_do_not_fit():
 @pytest.mark.parametrize("quantization", [None, "fp8", "int8"])
 def test_a_model_through_gemv_gives_the_same_logits_and_tokens(tiny_checkpoints, monkeypatch, quantization):
     """JAXLLM_GEMV=1: every decode-sized projection of the model (plain, fp8 K-minor, int8) runs
-    through pallas.gemv (interpret mode on CPU) and gives the XLA path's logits and tokens."""
+    through pallas.gemv (interpret mode on CPU) and gives the XLA path's logits and tokens;
+    JAXLLM_GEMV=small: only the weights of at most SMALL_WEIGHT elements do, with the same result."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.pallas import gemv as gemv_module
 
@@ -46,19 +47,38 @@ def test_a_model_through_gemv_gives_the_same_logits_and_tokens(tiny_checkpoints,
     prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65]}]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     kw = dict(max_seq_len=64, max_batch_size=2, compilation_cache=False, quantization=quantization, dtype="float32")
-    results, real = [], gemv_module.gemv
-    for on in (False, True):
-        monkeypatch.setenv("JAXLLM_GEMV", "1" if on else "0")
+    results, real = {}, gemv_module.gemv
+    for mode in ("0", "1", "small"):
+        monkeypatch.setenv("JAXLLM_GEMV", mode)
+        if mode == "small":  # a cap between the tiny model's smallest and largest weight
+            sizes = sorted(results["1"][2])
+            monkeypatch.setattr(gemv_module, "SMALL_WEIGHT", sizes[len(sizes) // 2])
         calls = []
-        monkeypatch.setattr(gemv_module, "gemv", lambda *a, calls=calls, **k: calls.append(k) or real(*a, **k))
+        monkeypatch.setattr(gemv_module, "gemv", lambda x, w, *a, calls=calls, **k: calls.append(w.size) or real(x, w, *a, **k))
         with LLM(str(tiny_checkpoints["llama3"]), **kw) as llm:
             logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
             tokens = llm.generate(prompts, sp, use_tqdm=False)[0].outputs[0].token_ids
-        results.append((logits, tokens, len(calls)))
-    (ref, ref_tokens, off_calls), (got, got_tokens, on_calls) = results
-    assert off_calls == 0 and on_calls >= 4  # q, k/v, o, gate/up, down: traced through the kernel
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    assert got_tokens == ref_tokens
+        results[mode] = (logits, tokens, calls)
+    ref, ref_tokens, off_calls = results["0"]
+    assert off_calls == [] and len(results["1"][2]) >= 4  # q, k/v, o, gate/up, down: traced through the kernel
+    small = results["small"][2]
+    assert small and max(small) <= gemv_module.SMALL_WEIGHT < max(results["1"][2])
+    for mode in ("1", "small"):
+        got, got_tokens, _ = results[mode]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+        assert got_tokens == ref_tokens
+
+
+def test_gemv_mode_is_checked(monkeypatch):
+    from jaxllm.pallas.gemv import gemv_wanted
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+    for value, mode in (("0", ""), ("1", "all"), ("small", "small")):
+        monkeypatch.setenv("JAXLLM_GEMV", value)
+        assert gemv_wanted(mesh) == mode
+    monkeypatch.setenv("JAXLLM_GEMV", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_GEMV='yes'"):
+        gemv_wanted(mesh)
 
 
 @pytest.mark.gpu

@@ -54,9 +54,10 @@ class ModelConfig:
     # fp8 weights only: weight-only calls of at most fp8_gemv.MAX_ROWS tokens run jaxllm's Pallas
     # fp8 GEMV kernel, which reads the fp8 bytes (one NVIDIA GPU; set by the loader)
     fp8_gemv: bool = False
-    # decode-sized weight-only matmuls (plain, int8, fp8) through pallas.gemv (JAXLLM_GEMV=1, one
-    # device; set by the loader; experimental, see pallas/gemv.py)
-    triton_gemv: bool = False
+    # decode-sized weight-only matmuls (plain, int8, fp8) through pallas.gemv: "all", "small" (weights
+    # of at most pallas.gemv.SMALL_WEIGHT elements) or "" (none); set by the loader from JAXLLM_GEMV
+    # (pallas.gemv.gemv_wanted)
+    triton_gemv: str = ""
     # q, k and v as one projection (attn.qkv, [embed, kv_heads, G + 2, head_dim]): set by the loader
     # with JAXLLM_FUSED_QKV=1 when the KV heads split evenly over the tensor-parallel devices
     # (loader.fused_qkv_wanted, models/llama.py: fuse_qkv)

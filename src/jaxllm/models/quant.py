@@ -76,8 +76,9 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     the result, as in every projection of the models here. int8: dequantized inside the dot; fp8
     (stored K-minor): with `w8a8`, FP8 x FP8 for calls of FP8_MATMUL_MIN_TOKENS tokens or more,
     else weight-only -- with `gemv` True, through the Pallas (Mosaic GPU) fp8 GEMV kernel where it
-    serves the shape. `gemv` "triton": every weight-only decode-sized product (plain, int8, fp8)
-    through ``pallas.gemv`` where it serves the shape."""
+    serves the shape. `gemv` "triton-all": every weight-only decode-sized product (plain, int8, fp8)
+    through ``pallas.gemv`` where it serves the shape; "triton-small": those whose weight has at most
+    ``pallas.gemv.SMALL_WEIGHT`` elements."""
     k_minor = w.dtype == jnp.float8_e4m3fn
     if k_minor:
         spec, n_in = _k_minor_spec(spec)
@@ -88,8 +89,8 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
             y = _fp8_gemv(spec, x, w, scale)
             if y is not None:
                 return y
-    if gemv == "triton":
-        y = plain_gemv(spec, x, w, scale, k_minor)
+    if isinstance(gemv, str):
+        y = plain_gemv(spec, x, w, scale, k_minor, gemv)
         if y is not None:
             return y
     if scale is None:
@@ -141,13 +142,19 @@ def _fp8_gemv(spec: str, x, w, scale):
     return fp8_gemv(x2, w2, scale.reshape(n)).reshape(shape)
 
 
-def plain_gemv(spec: str, x, w, scale, k_minor: bool):
+def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all"):
     """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
-    spec rewritten for it), or None where the kernel does not serve the shape. On a CPU backend the
-    kernel runs in Pallas interpret mode (tests)."""
+    spec rewritten for it), or None where the kernel does not serve the shape or, in `mode`
+    "triton-small", the weight is larger than ``SMALL_WEIGHT``. On a CPU backend the kernel runs in
+    Pallas interpret mode (tests)."""
     import jax
 
-    from ..pallas.gemv import gemv, gemv_tiling
+    from ..pallas.gemv import SMALL_WEIGHT, gemv, gemv_tiling
+
+    if mode not in ("triton-all", "triton-small"):
+        raise ValueError(f"plain_gemv: mode {mode!r} is not 'triton-all' or 'triton-small'")
+    if mode == "triton-small" and w.size > SMALL_WEIGHT:
+        return None
 
     flat = _as_2d(spec, x, w, k_minor)
     if flat is None:

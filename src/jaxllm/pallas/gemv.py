@@ -49,17 +49,29 @@ def gemv_tiling(m: int, k: int, n: int, programs: int = 264) -> dict | None:
     return dict(block_n=block_n, block_k=block_k, splits=splits)
 
 
-def gemv_wanted(mesh) -> bool:
-    """Whether models on this mesh run their decode-sized matmuls through gemv: JAXLLM_GEMV=1, on
-    one device, or under tensor parallelism with the projections in shard_map (JAXLLM_ROW_PARALLEL
-    psum or oneshot, sharding.TensorParallel), where each device's kernel sees its shard."""
+# The largest weight (K x N elements) that JAXLLM_GEMV=small sends here: the q/k/v and output
+# projections, which XLA's dot leaves on too few SMs (448-887 GB/s on an H100), while its larger
+# GEMVs (gate/up, down) already stream at 2.4-2.8 TB/s (BENCHMARKS.md "Eighth session").
+SMALL_WEIGHT = 4096 * 4096
+MODES = {"0": "", "1": "all", "small": "small"}
+
+
+def gemv_wanted(mesh) -> str:
+    """Which decode-sized matmuls models on this mesh run through gemv: "all" (JAXLLM_GEMV=1),
+    "small" (JAXLLM_GEMV=small: weights of at most SMALL_WEIGHT elements) or "" (none, the default);
+    on one device, or under tensor parallelism with the projections in shard_map
+    (JAXLLM_ROW_PARALLEL psum or oneshot, sharding.TensorParallel), where each device's kernel sees
+    its shard."""
     import os
 
     from ..sharding import row_parallel_mode
 
-    if os.environ.get("JAXLLM_GEMV", "0") != "1":
-        return False
-    return mesh.devices.size == 1 or row_parallel_mode() in ("psum", "oneshot")
+    value = os.environ.get("JAXLLM_GEMV", "0")
+    if value not in MODES:
+        raise ValueError(f"JAXLLM_GEMV={value!r}: expected one of {sorted(MODES)}")
+    if mesh.devices.size > 1 and row_parallel_mode() not in ("psum", "oneshot"):
+        return ""
+    return MODES[value]
 
 
 def reference_gemv(x, w, scale=None, k_minor: bool = False):
