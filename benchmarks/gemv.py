@@ -3,7 +3,8 @@
     python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 fp8 tp1] [--stages 4]
 
 Each timed call is one jitted program of --copies independent products, each with its own weight
-(so no weight stays in L2 between them), run 5 times; microseconds per product and GB/s of weight
+(so no weight stays in L2 between them; a split-K tiling's partial sums are added by one more small
+kernel per product, counted here), run 5 times; microseconds per product and GB/s of weight
 bytes. Shapes: a tp=2 shard's gate/up, down, o and q (bf16 [K, N]), tp=1's gate/up and down, and
 the fp8 weights stored [N, K] (XLA baseline: weight-only, converted in the dot). Every variant's
 result is checked against XLA's first.
@@ -28,16 +29,21 @@ SHAPES = {  # name: (K, N)
 }
 
 
-def tilings(k: int, n: int, rows: int):
-    yield dict(gemv_tiling(rows, k, n), default=True)  # what models get (pallas.gemv.gemv_tiling)
-    for block_n in (64, 128):
-        for block_k in (64, 128):
-            blocks = n // block_n
-            for splits in sorted({max(1, 264 // blocks), max(1, 528 // blocks)}):
-                while splits > 1 and k % (splits * block_k):
-                    splits -= 1
-                if gemv_fits(rows, k, n, block_n, block_k, splits):
-                    yield dict(block_n=block_n, block_k=block_k, splits=splits)
+def tilings(k: int, n: int, rows: int, itemsize: int):
+    yield dict(gemv_tiling(rows, k, n, itemsize), default=True)  # what models get (pallas.gemv.gemv_tiling)
+    variants = [dict(block_n=bn, block_k=bk, fma=False) for bn in (64, 128) for bk in (64, 128)]
+    if rows == 1:  # multiply-adds: narrower column blocks, longer K steps (256-1024 bytes of a row)
+        variants += [dict(block_n=bn, block_k=bk, fma=True) for bn, bk in
+                     ((16, 512), (32, 128), (32, 256), (32, 512), (64, 128), (64, 256))]
+    for v in variants:
+        blocks = n // v["block_n"]
+        for splits in sorted({1, max(1, 264 // blocks)}):
+            while splits > 1 and k % (splits * v["block_k"]):
+                splits -= 1
+            if gemv_fits(rows, k, n, v["block_n"], v["block_k"], splits):
+                yield dict(v, splits=splits)
+    if rows == 1:
+        yield dict(block_n=32, block_k=512 // itemsize, splits=1, fma=True, num_warps=8)
 
 
 def timed(f, *args, reps: int = 5) -> float:
@@ -81,7 +87,7 @@ def main():
             t = timed(xla, x, ws) / c
             table.append((name, "xla", t, nbytes))
             print(f"{name:<12} {'xla':<34} {1e6 * t:8.1f} us {nbytes / t / 1e9:7.0f} GB/s", flush=True)
-            for tiling in tilings(k, n, rows):
+            for tiling in tilings(k, n, rows, ws[0].dtype.itemsize):
                 default = tiling.pop("default", False)
                 for stages in args.stages:
                     label = ("default " if default else "") + " ".join(

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# pallas.gemv on the GPU (built unmeasured in the seventh session): its tilings against XLA's dot at
-# Llama-3.1-8B shapes (benchmarks/gemv.py), then batch-1 ITL with and without it (JAXLLM_GEMV=1) in
-# bf16 and fp8 weight-only, same call. On 2 GPUs (STEPS=tp2) the tp=2 A/B instead: XLA's partitioner
-# vs every projection per shard through gemv (JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=1); "_small" runs
-# send only the q/k/v and output projections through it (JAXLLM_GEMV=small).
-# STEPS: tests (the kernel compiled vs its reference, tests/test_gemv.py -m gpu), kernel, latency, tp2.
-#   PYTHONPATH=src OUT=/tmp/out STEPS="tests kernel latency" bash benchmarks/gemv_h100.sh   # nvidia-h100-x1
+# pallas.gemv on the GPU: its tilings against XLA's dot at Llama-3.1-8B shapes (benchmarks/gemv.py),
+# then batch-1 ITL: bf16, and fp8 / int8 weight-only with XLA's dot (JAXLLM_GEMV=0) and with the
+# default (auto: one-byte weights at one row through gemv), same call; a profile of fp8's decode.
+# On 2 GPUs (STEPS=tp2) the tp=2 A/B instead: XLA's partitioner, every projection per shard in
+# shard_map (JAXLLM_ROW_PARALLEL=psum) with XLA's dot, through gemv (JAXLLM_GEMV=1), and only the
+# q/k/v and output projections through it (JAXLLM_GEMV=small).
+# STEPS: tests (the kernel compiled vs its reference, tests/test_gemv.py -m gpu), kernel, latency,
+# profile, tp2.
+#   PYTHONPATH=src OUT=/tmp/out STEPS="tests kernel latency profile" bash benchmarks/gemv_h100.sh   # nvidia-h100-x1
 #   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh             # nvidia-h100-x2
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-gemv
 STEPS=${STEPS:-tests kernel latency}
 for s in $STEPS; do case $s in
-tests) timeout 200 python -m pytest -q -m gpu tests/test_gemv.py > "$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt" ;;
+tests) timeout ${TESTS_TIMEOUT:-200} python -m pytest -q -m gpu ${TESTS:-tests/test_gemv.py} > "$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt" ;;
 kernel) timeout ${KERNEL_TIMEOUT:-240} python benchmarks/gemv.py --shapes ${SHAPES:-tp2 fp8} > "$OUT/gemv.txt" 2>&1 || echo "gemv.py failed"
         sed -n '/best per shape/,$p' "$OUT/gemv.txt" ;;
-latency) for q in bf16 fp8; do a=; [ $q = fp8 ] && a="--quantization fp8"
-           bench_latency $q - $a; bench_latency ${q}_gemv JAXLLM_GEMV=1 $a; bench_latency ${q}_small JAXLLM_GEMV=small $a; done ;;
-tp2) bench_latency tp2 - --tensor-parallel-size 2; bench_latency tp2_psum JAXLLM_ROW_PARALLEL=psum --tensor-parallel-size 2
+latency) bench_latency bf16 JAXLLM_GEMV=0
+         for q in fp8 int8; do bench_latency ${q}_xla JAXLLM_GEMV=0 --quantization $q; bench_latency $q - --quantization $q; done ;;
+profile) timeout 90 python benchmarks/profile_decode.py --model "$M" --quantization fp8 --top 25 > "$OUT/profile_fp8.txt" 2>&1
+         sed -n '/device_us_by_kernel/,/}/p' "$OUT/profile_fp8.txt" | head -16 ;;
+tp2) bench_latency tp2 - --tensor-parallel-size 2; bench_latency tp2_psum "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=0" --tensor-parallel-size 2
      bench_latency tp2_gemv "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=1" --tensor-parallel-size 2
      bench_latency tp2_small "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=small" --tensor-parallel-size 2 ;;
 esac; done

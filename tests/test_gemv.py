@@ -10,18 +10,23 @@ import pytest
 from jaxllm.pallas.gemv import gemv, gemv_fits, reference_gemv
 
 
-@pytest.mark.parametrize("m, k, n, k_minor, dtype, splits", [
-    (1, 512, 256, False, jnp.bfloat16, 2),
-    (3, 768, 384, False, jnp.float32, 3),
-    (2, 512, 256, True, jnp.float8_e4m3fn, 2),
-    (16, 256, 128, True, jnp.float8_e4m3fn, 1),
+@pytest.mark.parametrize("m, k, n, k_minor, dtype, splits, fma", [
+    (1, 512, 256, False, jnp.bfloat16, 2, False),
+    (3, 768, 384, False, jnp.float32, 3, False),
+    (2, 512, 256, True, jnp.float8_e4m3fn, 2, False),
+    (16, 256, 128, True, jnp.float8_e4m3fn, 1, False),  # one split: the kernel writes the result
+    (3, 512, 256, False, jnp.bfloat16, 1, False),
+    (1, 512, 256, False, jnp.bfloat16, 1, True),  # multiply-adds, one row
+    (1, 512, 256, True, jnp.float8_e4m3fn, 1, True),
+    (1, 1024, 384, True, jnp.float8_e4m3fn, 4, True),
+    (1, 768, 256, False, jnp.float32, 3, True),
 ])
-def test_gemv_matches_reference(m, k, n, k_minor, dtype, splits):
+def test_gemv_matches_reference(m, k, n, k_minor, dtype, splits, fma):
     kx, kw = jax.random.split(jax.random.key(m + k))
     x = jax.random.normal(kx, (m, k), jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
     w = jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32).astype(dtype)
     scale = jnp.linspace(0.5, 2.0, n) if k_minor else None
-    got = gemv(x, w, scale, k_minor=k_minor, block_n=128, block_k=64, splits=splits, interpret=True)
+    got = gemv(x, w, scale, k_minor=k_minor, block_n=128, block_k=64, splits=splits, fma=fma, interpret=True)
     want = reference_gemv(x, w, scale, k_minor=k_minor)
     assert got.shape == (m, n) and got.dtype == x.dtype
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
@@ -33,6 +38,50 @@ def test_gemv_refuses_tilings_that_do_not_fit():
     assert not gemv_fits(1, 4096, 14300, 128, 64, 4) and not gemv_fits(1, 4000, 14336, 128, 64, 4)
     with pytest.raises(ValueError, match="does not fit"):
         gemv(jnp.ones((1, 4000)), jnp.ones((4000, 256)), block_n=128, block_k=64, splits=4, interpret=True)
+    with pytest.raises(ValueError, match="one with fma"):  # multiply-adds serve one row only
+        gemv(jnp.ones((2, 512)), jnp.ones((512, 256)), block_n=128, block_k=64, splits=1, fma=True, interpret=True)
+
+
+def test_gemv_tiling_fills_the_gpu_and_fits():
+    from jaxllm.pallas.gemv import gemv_tiling
+
+    for m, k, n, itemsize in ((1, 4096, 28672, 1), (1, 14336, 4096, 2), (1, 4096, 1024, 2), (4, 4096, 14336, 2)):
+        t = gemv_tiling(m, k, n, itemsize)
+        assert t["fma"] == (m == 1 and itemsize == 1) and gemv_fits(m, k, n, t["block_n"], t["block_k"], t["splits"])
+        assert (n // t["block_n"]) * t["splits"] >= 96  # most SMs get work
+    assert gemv_tiling(17, 4096, 4096) is None and gemv_tiling(1, 4096, 4100) is None
+
+
+def _model_through_gemv(checkpoint, monkeypatch, quantization, modes):
+    """{JAXLLM_GEMV mode: (logits of an 8-token call, greedy tokens, [(weight size, fma)] of the
+    kernel's calls)} of the tiny model; "small" caps SMALL_WEIGHT between its weights' sizes."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.pallas import gemv as gemv_module
+
+    ids = jnp.asarray([[5, 9, 17, 33, 2, 71, 8, 100]], jnp.int32)  # 8 tokens: a decode-sized call
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65]}]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    kw = dict(max_seq_len=64, max_batch_size=1, compilation_cache=False, quantization=quantization, dtype="float32")
+    results, real = {}, gemv_module.gemv
+    for mode in modes:
+        monkeypatch.setenv("JAXLLM_GEMV", mode)
+        if mode == "small":  # a cap between the tiny model's smallest and largest weight
+            sizes = sorted(size for size, _ in results["1"][2])
+            monkeypatch.setattr(gemv_module, "SMALL_WEIGHT", sizes[len(sizes) // 2])
+        calls = []
+        monkeypatch.setattr(gemv_module, "gemv",
+                            lambda x, w, *a, calls=calls, **k: calls.append((w.size, k["fma"])) or real(x, w, *a, **k))
+        with LLM(str(checkpoint), **kw) as llm:
+            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
+            tokens = llm.generate(prompts, sp, use_tqdm=False)[0].outputs[0].token_ids
+        results[mode] = (logits, tokens, calls)
+    ref, ref_tokens, off_calls = results["0"]
+    assert off_calls == []
+    for mode in modes[1:]:
+        got, got_tokens, _ = results[mode]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+        assert got_tokens == ref_tokens
+    return results
 
 
 @pytest.mark.parametrize("quantization", [None, "fp8", "int8"])
@@ -40,42 +89,34 @@ def test_a_model_through_gemv_gives_the_same_logits_and_tokens(tiny_checkpoints,
     """JAXLLM_GEMV=1: every decode-sized projection of the model (plain, fp8 K-minor, int8) runs
     through pallas.gemv (interpret mode on CPU) and gives the XLA path's logits and tokens;
     JAXLLM_GEMV=small: only the weights of at most SMALL_WEIGHT elements do, with the same result."""
-    from jaxllm import LLM, SamplingParams
     from jaxllm.pallas import gemv as gemv_module
 
-    ids = jnp.asarray([[5, 9, 17, 33, 2, 71, 8, 100]], jnp.int32)  # 8 tokens: a decode-sized call
-    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65]}]
-    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    kw = dict(max_seq_len=64, max_batch_size=2, compilation_cache=False, quantization=quantization, dtype="float32")
-    results, real = {}, gemv_module.gemv
-    for mode in ("0", "1", "small"):
-        monkeypatch.setenv("JAXLLM_GEMV", mode)
-        if mode == "small":  # a cap between the tiny model's smallest and largest weight
-            sizes = sorted(results["1"][2])
-            monkeypatch.setattr(gemv_module, "SMALL_WEIGHT", sizes[len(sizes) // 2])
-        calls = []
-        monkeypatch.setattr(gemv_module, "gemv", lambda x, w, *a, calls=calls, **k: calls.append(w.size) or real(x, w, *a, **k))
-        with LLM(str(tiny_checkpoints["llama3"]), **kw) as llm:
-            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
-            tokens = llm.generate(prompts, sp, use_tqdm=False)[0].outputs[0].token_ids
-        results[mode] = (logits, tokens, calls)
-    ref, ref_tokens, off_calls = results["0"]
-    assert off_calls == [] and len(results["1"][2]) >= 4  # q, k/v, o, gate/up, down: traced through the kernel
-    small = results["small"][2]
-    assert small and max(small) <= gemv_module.SMALL_WEIGHT < max(results["1"][2])
-    for mode in ("1", "small"):
-        got, got_tokens, _ = results[mode]
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-        assert got_tokens == ref_tokens
+    results = _model_through_gemv(tiny_checkpoints["llama3"], monkeypatch, quantization, ("0", "1", "small"))
+    assert len(results["1"][2]) >= 4  # q, k/v, o, gate/up, down: traced through the kernel
+    # 8-row calls: a dot; one-row decode: multiply-adds for one-byte weights
+    assert {fma for _, fma in results["1"][2]} == ({False, True} if quantization else {False})
+    small = [size for size, _ in results["small"][2]]
+    assert small and max(small) <= gemv_module.SMALL_WEIGHT < max(size for size, _ in results["1"][2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["fp8", "int8"])
+def test_the_default_sends_quantized_decode_through_gemv_on_the_gpu(tiny_checkpoints, monkeypatch, quantization):
+    """On a GPU the default (JAXLLM_GEMV=auto) runs one-byte weights at one row through the compiled
+    multiply-add kernel, with XLA's logits and tokens."""
+    results = _model_through_gemv(tiny_checkpoints["llama3"], monkeypatch, quantization, ("0", "auto"))
+    assert results["auto"][2] and all(fma for _, fma in results["auto"][2])
 
 
 def test_gemv_mode_is_checked(monkeypatch):
     from jaxllm.pallas.gemv import gemv_wanted
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
-    for value, mode in (("0", ""), ("1", "all"), ("small", "small")):
+    for value, mode in (("0", ""), ("1", "all"), ("small", "small"), ("auto", "")):  # auto: GPUs only
         monkeypatch.setenv("JAXLLM_GEMV", value)
         assert gemv_wanted(mesh) == mode
+    monkeypatch.delenv("JAXLLM_GEMV")
+    assert gemv_wanted(mesh) == ""  # the default is auto
     monkeypatch.setenv("JAXLLM_GEMV", "yes")
     with pytest.raises(ValueError, match="JAXLLM_GEMV='yes'"):
         gemv_wanted(mesh)
@@ -86,15 +127,38 @@ def test_gemv_mode_is_checked(monkeypatch):
     (4096, 14336, False, jnp.bfloat16),  # a tp=2 shard's gate/up
     (7168, 4096, False, jnp.bfloat16),  # its down
     (4096, 28672, True, jnp.float8_e4m3fn),  # fp8 gate/up, stored [N, K]
+    (14336, 4096, True, jnp.float8_e4m3fn),  # fp8 down: split K, partials added after
 ])
 @pytest.mark.parametrize("m", [1, 4])
 def test_gemv_compiled_on_the_gpu_matches_reference(m, k, n, k_minor, dtype):
+    """The models' tilings (fma at one row, a tensor-core dot at 4), compiled by Triton."""
     from jaxllm.pallas.gemv import gemv_tiling
 
     kx, kw = jax.random.split(jax.random.key(k + n + m))
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
     w = (0.02 * jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32)).astype(dtype)
     scale = jnp.full((n,), 0.5, jnp.float32) if k_minor else None
-    got = gemv(x, w, scale, k_minor=k_minor, **gemv_tiling(m, k, n))
+    got = gemv(x, w, scale, k_minor=k_minor, **gemv_tiling(m, k, n, w.dtype.itemsize))
     want = reference_gemv(x, w, scale, k_minor=k_minor)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_quantized_mode_takes_one_byte_weights_times_one_row():
+    """JAXLLM_GEMV=auto on a GPU ("triton-quantized"): fp8 / int8 weights at one row go through the
+    kernel (with their per-channel scale); bf16 weights and more rows stay with XLA (None)."""
+    from jaxllm.models.quant import plain_gemv
+
+    kx, kw = jax.random.split(jax.random.key(7))
+    x = jax.random.normal(kx, (1, 256), jnp.float32)
+    for dtype, k_minor in ((jnp.float8_e4m3fn, True), (jnp.int8, False)):
+        w = jax.random.normal(kw, (128, 256) if k_minor else (256, 128), jnp.float32)
+        w = (w * 20).astype(dtype) if dtype == jnp.int8 else w.astype(dtype)
+        scale = jnp.linspace(0.5, 2.0, 128)
+        spec = "mk,nk->mn" if k_minor else "mk,kn->mn"
+        got = plain_gemv(spec, x, w, scale, k_minor, "triton-quantized")
+        want = reference_gemv(x, w, scale, k_minor=k_minor)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+        assert plain_gemv(spec, jnp.ones((2, 256)), w, scale, k_minor, "triton-quantized") is None
+    assert plain_gemv("mk,kn->mn", x, jnp.ones((256, 128), jnp.bfloat16), None, False, "triton-quantized") is None
+    with pytest.raises(ValueError, match="triton-fast"):
+        plain_gemv("mk,kn->mn", x, jnp.ones((256, 128)), None, False, "triton-fast")

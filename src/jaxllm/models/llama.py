@@ -249,7 +249,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
         self.w8a8 = cfg.fp8_activations
-        self.gemv = f"triton-{cfg.triton_gemv}" if cfg.triton_gemv else cfg.fp8_gemv  # decode GEMVs' kernel
+        self.gemv = cfg.fp8_gemv or (f"triton-{cfg.triton_gemv}" if cfg.triton_gemv else False)  # GEMV kernel
         self.has_bias = cfg.attention_bias
         self.has_o_bias = cfg.o_bias
         self.qk_norm = cfg.qk_norm
@@ -295,7 +295,7 @@ class MLP(nnx.Module):
         self.gate_up, self.gate_up_scale = _projection(rngs, (e, 2, f), ("embed", "stack", "mlp"), ("stack", "mlp"), dtype, qz)
         self.down, self.down_scale = _projection(rngs, (f, e), ("mlp", "embed"), ("embed",), dtype, qz)
         self.w8a8 = cfg.fp8_activations
-        self.gemv = f"triton-{cfg.triton_gemv}" if cfg.triton_gemv else cfg.fp8_gemv  # decode GEMVs' kernel
+        self.gemv = cfg.fp8_gemv or (f"triton-{cfg.triton_gemv}" if cfg.triton_gemv else False)  # GEMV kernel
         self.has_bias = cfg.mlp_bias
         if cfg.mlp_bias:
             self.gate_up_bias = _param(rngs, (2, f), ("stack", "mlp"), dtype, init="zeros")

@@ -78,7 +78,7 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     else weight-only -- with `gemv` True, through the Pallas (Mosaic GPU) fp8 GEMV kernel where it
     serves the shape. `gemv` "triton-all": every weight-only decode-sized product (plain, int8, fp8)
     through ``pallas.gemv`` where it serves the shape; "triton-small": those whose weight has at most
-    ``pallas.gemv.SMALL_WEIGHT`` elements."""
+    ``pallas.gemv.SMALL_WEIGHT`` elements; "triton-quantized": one-byte weights times one row."""
     k_minor = w.dtype == jnp.float8_e4m3fn
     if k_minor:
         spec, n_in = _k_minor_spec(spec)
@@ -144,15 +144,16 @@ def _fp8_gemv(spec: str, x, w, scale):
 
 def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all"):
     """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
-    spec rewritten for it), or None where the kernel does not serve the shape or, in `mode`
-    "triton-small", the weight is larger than ``SMALL_WEIGHT``. On a CPU backend the kernel runs in
-    Pallas interpret mode (tests)."""
+    spec rewritten for it), or None where the kernel does not serve the shape or `mode` leaves it
+    to XLA: "triton-small" a weight larger than ``SMALL_WEIGHT``, "triton-quantized" anything but
+    a one-byte weight (fp8, int8) times one row. On a CPU backend the kernel runs in Pallas
+    interpret mode (tests)."""
     import jax
 
     from ..pallas.gemv import SMALL_WEIGHT, gemv, gemv_tiling
 
-    if mode not in ("triton-all", "triton-small"):
-        raise ValueError(f"plain_gemv: mode {mode!r} is not 'triton-all' or 'triton-small'")
+    if mode not in ("triton-all", "triton-small", "triton-quantized"):
+        raise ValueError(f"plain_gemv: mode {mode!r} is not 'triton-all', 'triton-small' or 'triton-quantized'")
     if mode == "triton-small" and w.size > SMALL_WEIGHT:
         return None
 
@@ -160,8 +161,10 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all"):
     if flat is None:
         return None
     x2, w2, shape = flat
+    if mode == "triton-quantized" and (w2.dtype.itemsize != 1 or x2.shape[0] != 1):
+        return None
     n = w2.shape[0] if k_minor else w2.shape[1]
-    tiling = gemv_tiling(x2.shape[0], x2.shape[1], n)
+    tiling = gemv_tiling(x2.shape[0], x2.shape[1], n, w2.dtype.itemsize)
     if tiling is None:
         return None
     s = None if scale is None else scale.reshape(n)

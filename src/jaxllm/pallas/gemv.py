@@ -35,41 +35,54 @@ def gemv_fits(m: int, k: int, n: int, block_n: int, block_k: int, splits: int) -
     return 1 <= m <= ROWS and n % block_n == 0 and k % (splits * block_k) == 0
 
 
-def gemv_tiling(m: int, k: int, n: int, programs: int = 264) -> dict | None:
-    """A tiling for an [m, k] x [k, n] product: the widest column block and K step that divide n
-    and k, and K split in two until there are `programs` programs (two per SM of an H100) or a
-    split would walk fewer than 4 steps; None where none fits."""
-    block_n = next((b for b in (128, 64, 32, 16) if n % b == 0), None)
-    block_k = next((b for b in (64, 32, 16) if k % b == 0), None)
+def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2) -> dict | None:
+    """A tiling for an [m, k] x [k, n] product whose weight has `itemsize` bytes per element; None
+    where none fits. Chosen from the H100 sweeps (BENCHMARKS.md "Eighth session"): a one-byte weight
+    (fp8, int8) times one row: multiply-adds (`fma`) over blocks of 32 columns x 512 bytes of K;
+    else a tensor-core dot over 128 columns where that gives most SMs a block (no split: the
+    kernel writes the result), 64 otherwise, 64 K at a time. Then, unless a dot already has 96
+    column blocks, K is split in two until there are two programs per SM (264; 256 for a dot) or a
+    split would walk fewer than 2 steps."""
+    fma = itemsize == 1 and m == 1
+    if fma:
+        block_n = next((b for b in (32, 16) if n % b == 0), None)
+        block_k = next((b for b in (512, 256, 128, 64, 32, 16) if k % b == 0), None)
+    else:
+        block_n = 128 if n % 128 == 0 and n // 128 >= 96 else next((b for b in (64, 32, 16) if n % b == 0), None)
+        block_k = next((b for b in (64, 32, 16) if k % b == 0), None)
     if not 1 <= m <= ROWS or block_n is None or block_k is None:
         return None
     steps, splits = k // block_k, 1
-    while (n // block_n) * splits < programs and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
+    programs = 264 if fma else (256 if n // block_n < 96 else 0)
+    while (n // block_n) * splits < programs and steps % (2 * splits) == 0 and steps // (2 * splits) >= 2:
         splits *= 2
-    return dict(block_n=block_n, block_k=block_k, splits=splits)
+    return dict(block_n=block_n, block_k=block_k, splits=splits, fma=fma)
 
 
 # The largest weight (K x N elements) that JAXLLM_GEMV=small sends here: the q/k/v and output
 # projections, which XLA's dot leaves on too few SMs (448-887 GB/s on an H100), while its larger
 # GEMVs (gate/up, down) already stream at 2.4-2.8 TB/s (BENCHMARKS.md "Eighth session").
 SMALL_WEIGHT = 4096 * 4096
-MODES = {"0": "", "1": "all", "small": "small"}
+MODES = {"0": "", "1": "all", "small": "small", "auto": "quantized"}
 
 
 def gemv_wanted(mesh) -> str:
-    """Which decode-sized matmuls models on this mesh run through gemv: "all" (JAXLLM_GEMV=1),
-    "small" (JAXLLM_GEMV=small: weights of at most SMALL_WEIGHT elements) or "" (none, the default);
-    on one device, or under tensor parallelism with the projections in shard_map
-    (JAXLLM_ROW_PARALLEL psum or oneshot, sharding.TensorParallel), where each device's kernel sees
-    its shard."""
+    """Which decode-sized matmuls models on this mesh run through gemv (JAXLLM_GEMV): "quantized"
+    (auto, the default on NVIDIA GPUs: one-byte weights -- fp8, int8 -- times one row, where the
+    multiply-add kernel beats XLA's converting dot), "all" (1), "small" (weights of at most
+    SMALL_WEIGHT elements) or "" (0; and auto off GPUs). On one device, or under tensor parallelism
+    with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or oneshot,
+    sharding.TensorParallel), where each device's kernel sees its shard."""
     import os
 
     from ..sharding import row_parallel_mode
 
-    value = os.environ.get("JAXLLM_GEMV", "0")
+    value = os.environ.get("JAXLLM_GEMV", "auto")
     if value not in MODES:
         raise ValueError(f"JAXLLM_GEMV={value!r}: expected one of {sorted(MODES)}")
     if mesh.devices.size > 1 and row_parallel_mode() not in ("psum", "oneshot"):
+        return ""
+    if value == "auto" and mesh.devices.flat[0].platform != "gpu":
         return ""
     return MODES[value]
 
@@ -84,27 +97,42 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False):
 
 
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "fma", "interpret"))
 def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k: int = 64, splits: int = 4,
-         num_warps: int = 4, num_stages: int = 4, interpret: bool = False):
-    """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in x's dtype."""
+         num_warps: int = 4, num_stages: int = 4, fma: bool = False, interpret: bool = False):
+    """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in x's dtype.
+
+    With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
+    each block's K, instead of a tensor-core dot of x padded to 16 rows. With one split the kernel
+    writes the result itself (scale applied, in x's dtype): no jnp epilogue, no extra kernel."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     m, k = x.shape
     n = w.shape[0] if k_minor else w.shape[1]
-    if not gemv_fits(m, k, n, block_n, block_k, splits):
+    if not gemv_fits(m, k, n, block_n, block_k, splits) or (fma and m != 1):
         raise ValueError(f"gemv: [{m}, {k}] x [{k}, {n}] does not fit block_n={block_n}, block_k={block_k}, "
-                         f"splits={splits} (rows <= {ROWS}, n % block_n == 0, k % (splits * block_k) == 0)")
+                         f"splits={splits} (rows <= {ROWS}, one with fma; n % block_n == 0, k % (splits * block_k) == 0)")
     steps = k // (splits * block_k)
-    xp = jnp.pad(x, ((0, ROWS - m), (0, 0)))
+    rows = 1 if fma else ROWS
+    xp = x if fma else jnp.pad(x, ((0, ROWS - m), (0, 0)))
+    direct = splits == 1
+    with_scale = direct and scale is not None
 
-    def kernel(x_ref, w_ref, o_ref):
+    def kernel(x_ref, w_ref, *refs):
+        o_ref = refs[-1]
         j, s = pl.program_id(0), pl.program_id(1)
         cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
 
         def body(i, acc):
             off = pl.multiple_of((s * steps + i) * block_k, block_k)
+            if fma:
+                xs = x_ref[0, pl.ds(off, block_k)].astype(jnp.float32)  # [block_k]
+                if k_minor:
+                    ws = w_ref[cols, pl.ds(off, block_k)].astype(jnp.float32)  # [block_n, block_k]
+                    return acc + jnp.sum(ws * xs[None, :], axis=1)[None]
+                ws = w_ref[pl.ds(off, block_k), cols].astype(jnp.float32)  # [block_k, block_n]
+                return acc + jnp.sum(ws * xs[:, None], axis=0)[None]
             xs = x_ref[:, pl.ds(off, block_k)]
             if k_minor:
                 ws = w_ref[cols, pl.ds(off, block_k)].astype(xs.dtype)  # [block_n, block_k]
@@ -112,19 +140,33 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
             ws = w_ref[pl.ds(off, block_k), cols].astype(xs.dtype)  # [block_k, block_n]
             return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((ROWS, block_n), jnp.float32))
-        o_ref[...] = acc[None]
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, block_n), jnp.float32))
+        if direct:
+            if with_scale:
+                acc = acc * refs[0][cols].astype(jnp.float32)[None]
+            o_ref[...] = acc.astype(o_ref.dtype)
+        else:
+            o_ref[...] = acc[None]
 
-    parts = pl.pallas_call(
+    if direct:
+        out_shape = jax.ShapeDtypeStruct((rows, n), x.dtype)
+        out_spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, rows, n), jnp.float32)
+        out_spec = pl.BlockSpec((1, rows, block_n), lambda j, s: (s, 0, j))
+    operands = (xp, w) + ((scale.astype(jnp.float32),) if with_scale else ())
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((splits, ROWS, n), jnp.float32),
+        out_shape=out_shape,
         grid=(n // block_n, splits),
-        in_specs=[pl.BlockSpec(), pl.BlockSpec()],  # whole arrays: loads slice them
-        out_specs=pl.BlockSpec((1, ROWS, block_n), lambda j, s: (s, 0, j)),
+        in_specs=[pl.BlockSpec()] * len(operands),  # whole arrays: loads slice them
+        out_specs=out_spec,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-    )(xp, w)
-    y = jnp.sum(parts[:, :m], axis=0)
+    )(*operands)
+    if direct:
+        return out if rows == m else out[:m]
+    y = jnp.sum(out[:, :m], axis=0)
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     return y.astype(x.dtype)
