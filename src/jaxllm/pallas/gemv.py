@@ -68,7 +68,7 @@ MODES = {"0": "", "1": "all", "small": "small", "auto": "quantized"}
 
 def gemv_wanted(mesh) -> str:
     """Which decode-sized matmuls models on this mesh run through gemv (JAXLLM_GEMV): "quantized"
-    (auto, the default on NVIDIA GPUs: one-byte weights -- fp8, int8 -- times one row, where the
+    (auto, the default on NVIDIA GPUs: fp8 weights, stored [N, K], times one row, where the
     multiply-add kernel beats XLA's converting dot), "all" (1), "small" (weights of at most
     SMALL_WEIGHT elements) or "" (0; and auto off GPUs). On one device, or under tensor parallelism
     with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or oneshot,
