@@ -275,6 +275,9 @@ import jax
 from jaxllm.sharding import make_mesh, tensor_parallel_for
 for n, mode in ((2, "psum"), (2, "xla")):
     assert tensor_parallel_for(make_mesh(jax.devices()[:n]), mode).mode == mode
+for n in (2, 4):  # auto (the default): psum on 2 GPUs only
+    assert tensor_parallel_for(make_mesh(jax.devices()[:n]), "auto").mode == "xla"
+    assert tensor_parallel_for(make_mesh(jax.devices()[:n])).mode == "xla"
 for n in (2, 4):
     try:
         tensor_parallel_for(make_mesh(jax.devices()[:n]), "oneshot")
