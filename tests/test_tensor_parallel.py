@@ -293,3 +293,32 @@ def test_oneshot_all_reduce_is_refused_off_gpus():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     res = subprocess.run([sys.executable, "-c", ONESHOT_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+
+
+BF16_PARTIALS_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+import numpy as np, jax.numpy as jnp
+from jaxllm import LLM
+ids = jnp.asarray([[5, 9, 17, 33, 2, 71, 8, 100, 3, 4, 5, 6]], jnp.int32)
+res = {}
+for tp, mode in ((1, "xla"), (2, "psum")):
+    os.environ["JAXLLM_ROW_PARALLEL"] = mode
+    with LLM(sys.argv[1], tensor_parallel_size=tp, dtype="bfloat16", max_seq_len=64, max_batch_size=1,
+             compilation_cache=False) as llm:
+        res[tp] = np.asarray(llm._engine.runner.hidden_states(ids)[1], np.float32)
+print("EQUAL", float(np.mean(res[2] == res[1])))
+"""
+
+
+def test_row_parallel_partial_sums_are_added_in_float32(tiny_checkpoints):
+    """bfloat16 at tp=2 with the partial sums added in shard_map: each shard's partial product stays
+    float32 through the all-reduce and is rounded once, as tp=1's dot rounds its whole sum once, so
+    tp=2's logits are tp=1's (bfloat16 partials rounded before the add left ~all of them 1-2 ulp off,
+    and tp=2's greedy tokens off tp=1's at clear margins on 2x H200)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", BF16_PARTIALS_SCRIPT, str(tiny_checkpoints["llama3"])],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    equal = float(res.stdout.strip().split("EQUAL")[-1])
+    assert equal >= 0.99, equal

@@ -83,8 +83,8 @@ def _axes(p: nnx.Param) -> tuple:
 def _parallel(kind: str, attend, f, x, x_axes, w: nnx.Param, scale: nnx.Param | None):
     """f(x, w, scale) of a projection, through the step's ``sharding.TensorParallel`` when `attend`
     carries one (the runner's does under tensor parallelism), else as it is (XLA's partitioner).
-    kind: "row" (the contracting dim is split: o, down -- partial sums to add) or "column" (the
-    output dim is split: q, k/v, gate/up)."""
+    kind: "row" (the contracting dim is split: o, down -- partial sums to add; f takes an
+    `out_dtype` for them) or "column" (the output dim is split: q, k/v, gate/up)."""
     tp = getattr(attend, "tensor_parallel", None)
     if tp is None:
         return f(x, w[...], _value(scale))
@@ -165,20 +165,21 @@ def unfused_qkv_dict(params: nnx.State, cfg: ModelConfig) -> dict:
     return pure
 
 
-def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False):
+def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None):
     """qeinsum(spec, ...) of a projection whose weight is [in..., out...] (x's trailing dims contract
     with w's leading ones) as one 2-D matmul over the flattened in and out dims, for a plain weight
     (quantized ones keep qeinsum's own paths). Each flattened group's sharded axis must be its major
-    one (heads, kv_heads), which keeps a shard's slice contiguous: no resharding under SPMD."""
+    one (heads, kv_heads), which keeps a shard's slice contiguous: no resharding under SPMD.
+    out_dtype: the result's (default x's; float32 for partial sums still to be added)."""
     if scale is not None:
-        return qeinsum(spec, x, w, scale, w8a8, gemv)
-    if isinstance(gemv, str) and (y := plain_gemv(spec, x, w, None, False, gemv)) is not None:
+        return qeinsum(spec, x, w, scale, w8a8, gemv, out_dtype)
+    if isinstance(gemv, str) and (y := plain_gemv(spec, x, w, None, False, gemv, out_dtype)) is not None:
         return y
     ins, out = spec.split("->")
     xs, ws = ins.split(",")
     n_in = sum(c in xs for c in ws)  # w's leading, contracting dims
     batch = x.shape[: x.ndim - n_in]
-    y = jnp.matmul(x.reshape(batch + (-1,)), w.reshape(math.prod(w.shape[:n_in]), -1))
+    y = jnp.matmul(x.reshape(batch + (-1,)), w.reshape(math.prod(w.shape[:n_in]), -1), preferred_element_type=out_dtype)
     return y.reshape(batch + w.shape[n_in:])
 
 
@@ -280,7 +281,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
-        y = _parallel("row", attend, lambda o, w, s: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8, self.gemv),
+        y = _parallel("row", attend, lambda o, w, s, out_dtype=None: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8,
+                                                                                self.gemv, out_dtype),
                       out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale)
         if self.has_o_bias:
             y = y + self.o_bias[...]
@@ -309,7 +311,8 @@ class MLP(nnx.Module):
             gu = gu + self.gate_up_bias[...]
         g, u = gu[..., 0, :], gu[..., 1, :]
         h = jax.nn.silu(g) * u
-        y = _parallel("row", attend, lambda h, w, s: qeinsum("...f,fe->...e", h, w, s, self.w8a8, self.gemv),
+        y = _parallel("row", attend, lambda h, w, s, out_dtype=None: qeinsum("...f,fe->...e", h, w, s, self.w8a8,
+                                                                            self.gemv, out_dtype),
                       h, (None,) * (h.ndim - 1) + ("mlp",), self.down, self.down_scale)
         if self.has_bias:
             y = y + self.down_bias[...]

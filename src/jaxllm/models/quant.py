@@ -69,7 +69,7 @@ def _k_minor_spec(spec: str) -> tuple[str, int]:
     return f"{xs},{''.join(c for c in ws if c not in xs)}{contracting}->{out}", len(contracting)
 
 
-def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False):
+def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None):
     """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
 
     x's contracting dims are its trailing ones and the scale's dims the trailing (output) dims of
@@ -78,30 +78,32 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     else weight-only -- with `gemv` True, through the Pallas (Mosaic GPU) fp8 GEMV kernel where it
     serves the shape. `gemv` "triton-all": every weight-only decode-sized product (plain, int8, fp8)
     through ``pallas.gemv`` where it serves the shape; "triton-small": those whose weight has at most
-    ``pallas.gemv.SMALL_WEIGHT`` elements; "triton-quantized": fp8 weights times one row."""
+    ``pallas.gemv.SMALL_WEIGHT`` elements; "triton-quantized": fp8 weights times one row.
+    out_dtype: the result's (default x's; float32 for partial sums still to be added)."""
+    out_dtype = out_dtype or x.dtype
     k_minor = w.dtype == jnp.float8_e4m3fn
     if k_minor:
         spec, n_in = _k_minor_spec(spec)
         tokens = math.prod(x.shape[: x.ndim - n_in])
         if w8a8 and tokens >= FP8_MATMUL_MIN_TOKENS:
-            return _fp8_matmul(spec, x, w, scale, n_in)
+            return _fp8_matmul(spec, x, w, scale, n_in, out_dtype)
         if gemv is True:
             y = _fp8_gemv(spec, x, w, scale)
             if y is not None:
-                return y
+                return y.astype(out_dtype)
     if isinstance(gemv, str):
-        y = plain_gemv(spec, x, w, scale, k_minor, gemv)
+        y = plain_gemv(spec, x, w, scale, k_minor, gemv, out_dtype)
         if y is not None:
             return y
     if scale is None:
-        return jnp.einsum(spec, x, w)
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
     y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # weight-only
-    return (y * scale).astype(x.dtype)
+    return (y * scale).astype(out_dtype)
 
 
-def _fp8_matmul(spec: str, x, w, scale, n_in: int):
+def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None):
     """FP8 x FP8 einsum of x (its last n_in dims contracting), quantized per token, and a K-minor
-    fp8 weight with per-output-channel scale."""
+    fp8 weight with per-output-channel scale; in out_dtype (default x's)."""
     batch = x.shape[: x.ndim - n_in]
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
@@ -109,7 +111,7 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int):
     xq = jnp.clip(xf / x_scale, -QMAX["fp8"], QMAX["fp8"]).astype(jnp.float8_e4m3fn)
     y = jnp.einsum(spec, xq, w, preferred_element_type=jnp.float32)
     x_scale = x_scale.reshape(batch + (1,) * (y.ndim - len(batch)))
-    return (y * x_scale * scale).astype(x.dtype)
+    return (y * x_scale * scale).astype(out_dtype or x.dtype)
 
 
 def _as_2d(spec: str, x, w, k_minor: bool):
@@ -142,7 +144,7 @@ def _fp8_gemv(spec: str, x, w, scale):
     return fp8_gemv(x2, w2, scale.reshape(n)).reshape(shape)
 
 
-def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all"):
+def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all", out_dtype=None):
     """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
     spec rewritten for it), or None where the kernel does not serve the shape or `mode` leaves it
     to XLA: "triton-small" a weight larger than ``SMALL_WEIGHT``, "triton-quantized" anything but
@@ -168,7 +170,8 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all"):
     if tiling is None:
         return None
     s = None if scale is None else scale.reshape(n)
-    return gemv(x2, w2, s, k_minor=k_minor, interpret=jax.default_backend() == "cpu", **tiling).reshape(shape)
+    return gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, interpret=jax.default_backend() == "cpu",
+                **tiling).reshape(shape)
 
 
 def quantize_weight(w, quantization: str, axes, out_axes):

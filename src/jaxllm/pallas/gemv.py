@@ -95,14 +95,14 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False):
     y = jnp.einsum("mk,nk->mn" if k_minor else "mk,kn->mn", x.astype(jnp.float32), wf, precision="highest")
     if scale is not None:
         y = y * scale.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "fma", "interpret"))
+                                             "fma", "out_dtype", "interpret"))
 def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k: int = 64, splits: int = 4,
-         num_warps: int = 4, num_stages: int = 4, fma: bool = False, interpret: bool = False):
-    """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in x's dtype.
+         num_warps: int = 4, num_stages: int = 4, fma: bool = False, out_dtype=None, interpret: bool = False):
+    """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in out_dtype (default x's).
 
     With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
     each block's K, instead of a tensor-core dot of x padded to 16 rows. With one split the kernel
@@ -120,6 +120,7 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
     xp = x if fma else jnp.pad(x, ((0, ROWS - m), (0, 0)))
     direct = splits == 1
     with_scale = direct and scale is not None
+    out_dtype = out_dtype or x.dtype
 
     def kernel(x_ref, w_ref, *refs):
         o_ref = refs[-1]
@@ -151,7 +152,7 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
             o_ref[...] = acc[None]
 
     if direct:
-        out_shape = jax.ShapeDtypeStruct((rows, n), x.dtype)
+        out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)
         out_spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
     else:
         out_shape = jax.ShapeDtypeStruct((splits, rows, n), jnp.float32)
@@ -171,4 +172,4 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
     y = jnp.sum(out[:, :m], axis=0)
     if scale is not None:
         y = y * scale.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(out_dtype)

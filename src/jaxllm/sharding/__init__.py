@@ -155,7 +155,10 @@ class TensorParallel:
     def row_parallel(self, f, x, x_axes, w, w_axes, scale=None):
         """f(x, w, scale), a projection contracting the logical axes x and w share (x_axes may name
         batch dims None), with its partial sums over "model" added; x's other dims and w's output
-        dims come out replicated."""
+        dims come out replicated. Outside "xla" mode f is called with out_dtype=float32: the partials
+        are added in float32 and rounded to x's dtype once (bfloat16 partials rounded before the
+        add made tp=2 logprobs differ from tp=1's by up to 0.19 on 2x H200, against 0.015 under
+        XLA's partitioner)."""
         if self.mode == "xla":
             return f(x, w, scale)
         x_spec, w_spec = logical_to_spec(x_axes, self.mesh, x.shape), logical_to_spec(w_axes, self.mesh, w.shape)
@@ -163,8 +166,8 @@ class TensorParallel:
             return f(x, w, scale)  # the contracting dim is whole on every device: nothing to add
         reduce = self._reduce()
 
-        def per_device(x, w, *scale):
-            return reduce(f(x, w, scale[0] if scale else None), "model")
+        def per_device(x, w, *scale):  # partial sums added in float32, rounded once (as at tp=1)
+            return reduce(f(x, w, scale[0] if scale else None, out_dtype=jnp.float32), "model").astype(x.dtype)
 
         args, specs = (x, w), (x_spec, w_spec)
         if scale is not None:  # per output channel: replicated
