@@ -33,6 +33,19 @@ def test_gemv_matches_reference(m, k, n, k_minor, dtype, splits, fma):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("splits, fma", [(1, True), (2, True), (1, False), (2, False)])
+def test_gemv_returns_float32_partials_on_request(splits, fma):
+    """out_dtype=float32 (a row-parallel shard's partial sum, added before rounding): the float32
+    product, not a bfloat16 one widened."""
+    x = jax.random.normal(jax.random.key(0), (1, 512), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (256, 512), jnp.float32).astype(jnp.float8_e4m3fn)
+    got = gemv(x, w, jnp.linspace(0.5, 2.0, 256), k_minor=True, block_n=128, block_k=64, splits=splits, fma=fma,
+               out_dtype=jnp.float32, interpret=True)
+    want = reference_gemv(x.astype(jnp.float32), w, jnp.linspace(0.5, 2.0, 256), k_minor=True)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
 def test_gemv_refuses_tilings_that_do_not_fit():
     assert gemv_fits(1, 4096, 14336, 128, 64, 4) and not gemv_fits(17, 4096, 14336, 128, 64, 4)
     assert not gemv_fits(1, 4096, 14300, 128, 64, 4) and not gemv_fits(1, 4000, 14336, 128, 64, 4)

@@ -95,7 +95,7 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False):
     y = jnp.einsum("mk,nk->mn" if k_minor else "mk,kn->mn", x.astype(jnp.float32), wf, precision="highest")
     if scale is not None:
         y = y * scale.astype(jnp.float32)
-    return y.astype(out_dtype)
+    return y.astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
