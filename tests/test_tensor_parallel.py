@@ -275,8 +275,7 @@ import jax
 from jaxllm.sharding import make_mesh, tensor_parallel_for
 for n, mode in ((2, "psum"), (2, "xla")):
     assert tensor_parallel_for(make_mesh(jax.devices()[:n]), mode).mode == mode
-for n in (2, 4):  # auto (the default): psum on 2 GPUs only
-    assert tensor_parallel_for(make_mesh(jax.devices()[:n]), "auto").mode == "xla"
+for n in (2, 4):  # the default
     assert tensor_parallel_for(make_mesh(jax.devices()[:n])).mode == "xla"
 for n in (2, 4):
     try:

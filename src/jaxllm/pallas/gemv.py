@@ -71,7 +71,8 @@ def gemv_wanted(mesh) -> str:
     "small" (weights of at most SMALL_WEIGHT elements), "quantized" (fp8 weights, stored [N, K],
     times one row, where the multiply-add kernel beats XLA's converting dot) or "" (0). The default,
     auto, on NVIDIA GPUs: "quantized" on one device, "small" under tensor parallelism with the
-    projections in shard_map (tp=2 4.70 -> 4.17 ms on 2x H200); "" elsewhere. A mesh of several
+    projections in shard_map (opt-in JAXLLM_ROW_PARALLEL=psum: tp=2 4.70 -> 4.17 ms on 2x H200);
+    "" elsewhere. A mesh of several
     devices takes the kernel only with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or
     oneshot, sharding.TensorParallel), where each device's kernel sees its shard."""
     import os
@@ -82,7 +83,7 @@ def gemv_wanted(mesh) -> str:
     if value not in MODES:
         raise ValueError(f"JAXLLM_GEMV={value!r}: expected one of {sorted(MODES)}")
     several = mesh.devices.size > 1
-    if several and row_parallel_mode(mesh) not in ("psum", "oneshot"):
+    if several and row_parallel_mode() not in ("psum", "oneshot"):
         return ""
     if value == "auto":
         return ("small" if several else "quantized") if mesh.devices.flat[0].platform == "gpu" else ""

@@ -176,29 +176,22 @@ class TensorParallel:
                              check_vma=False)(*args)
 
 
-def row_parallel_mode(mesh: Mesh | None = None) -> str:
-    """The environment switch JAXLLM_ROW_PARALLEL (see TensorParallel), "auto" by default: on a mesh
-    of 2 GPUs of one process "psum" (every projection per device in shard_map, so pallas.gemv can
-    take the shard's small ones: tp=2 4.70 -> 4.17 ms at batch 1 on 2x H200, BENCHMARKS.md "Eighth
-    session"), else "xla" (larger meshes: not measured yet). Without a mesh, the switch as set."""
-    mode = os.environ.get("JAXLLM_ROW_PARALLEL", "auto")
-    return _auto_row_parallel(mesh) if mode == "auto" and mesh is not None else mode
-
-
-def _auto_row_parallel(mesh: Mesh) -> str:
-    gpu_pair = tensor_parallel_size(mesh) == 2 and mesh.devices.flat[0].platform == "gpu"
-    return "psum" if gpu_pair and jax.process_count() == 1 else "xla"
+def row_parallel_mode() -> str:
+    """The environment switch JAXLLM_ROW_PARALLEL (default "xla"; see TensorParallel). "psum" is
+    faster at tp=2 on 2x H200 with the shard's small projections through pallas.gemv (4.79 -> 4.34
+    ms at batch 1), but its greedy tokens on random Llama-3.1-8B weights left tp=1's at clearer
+    margins than XLA's partitioner's (BENCHMARKS.md "Eighth session"): opt-in until that is
+    understood."""
+    return os.environ.get("JAXLLM_ROW_PARALLEL", "xla")
 
 
 def tensor_parallel_for(mesh: Mesh, mode: str | None = None) -> TensorParallel | None:
     """The TensorParallel of a model on this mesh (None on one device). mode: one of
     ROW_PARALLEL_MODES, default from the environment switch ``JAXLLM_ROW_PARALLEL``
     (row_parallel_mode); "oneshot" needs a "model" axis of 2 GPUs of one process."""
-    mode = mode or row_parallel_mode(mesh)
-    if mode == "auto":
-        mode = _auto_row_parallel(mesh)
+    mode = mode or row_parallel_mode()
     if mode not in ROW_PARALLEL_MODES:
-        raise ValueError(f"JAXLLM_ROW_PARALLEL must be one of {ROW_PARALLEL_MODES + ('auto',)}, got {mode!r}")
+        raise ValueError(f"JAXLLM_ROW_PARALLEL must be one of {ROW_PARALLEL_MODES}, got {mode!r}")
     tp = tensor_parallel_size(mesh)
     if tp == 1:
         return None
