@@ -10,13 +10,15 @@ sequences differ. So the script reports, per tp: sequences equal to tp=1 token f
 difference of the chosen token's logprob while the two agree; and at each first divergence, tp=1's
 margin (its top-1 minus top-2 logprob) there. A bug shows as large logprob differences or a
 divergence at a clear margin; numerics show as small differences and divergences at near-ties only.
-Exit status 0 when every divergence happened at a margin below --tie-margin.
+Exit status 0 when every divergence happened at a margin below --tie-margin. --env sets switches for
+the compared runs only (so `--tp 1 --env JAXLLM_GEMV=small` compares a kernel against XLA at tp=1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -41,9 +43,9 @@ print("ROWS", json.dumps(rows))
 """
 
 
-def run(model, tp, n, max_tokens, backend, dtype):
+def run(model, tp, n, max_tokens, backend, dtype, env=None):
     out = subprocess.run([sys.executable, "-c", CHILD, model, str(tp), str(n), str(max_tokens), backend, dtype],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode:
         raise RuntimeError(f"tp={tp} failed:\n{out.stderr[-3000:]}")
     return json.loads([l for l in out.stdout.splitlines() if l.startswith("ROWS")][-1][len("ROWS "):])
@@ -72,12 +74,16 @@ def main():
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tie-margin", type=float, default=0.05, help="nats: a divergence below it is a near-tie")
+    ap.add_argument("--env", default="", help="VAR=value,... for the compared runs only (the tp=1 base runs without): "
+                    "with --tp 1, the same size against itself under the switches (e.g. JAXLLM_GEMV=small)")
     args = ap.parse_args()
+    env = dict(kv.split("=", 1) for kv in args.env.split(",") if kv)
     base = run(args.model, 1, args.prompts, args.max_tokens, args.attention_backend, args.dtype)
     print(f"{'tp':>3} {'equal to tp=1':>14} {'max |dlogprob| before':>22}  first divergences (position, tp=1 margin)")
     ok = True
-    for tp in [t for t in args.tp if t != 1]:
-        equal, max_diff, margins = compare(base, run(args.model, tp, args.prompts, args.max_tokens, args.attention_backend, args.dtype))
+    for tp in [t for t in args.tp if t != 1 or env]:
+        equal, max_diff, margins = compare(base, run(args.model, tp, args.prompts, args.max_tokens, args.attention_backend,
+                                                     args.dtype, env))
         ok &= all(m < args.tie_margin for _, m in margins)
         shown = ", ".join(f"({j}, {m:.4f})" for j, m in margins)
         print(f"{tp:>3} {f'{equal}/{len(base)}':>14} {max_diff:>22.4f}  {shown or '-'}", flush=True)
