@@ -55,8 +55,8 @@ class ModelConfig:
     # fp8 GEMV kernel, which reads the fp8 bytes (one NVIDIA GPU; set by the loader)
     fp8_gemv: bool = False
     # decode-sized weight-only matmuls (plain, int8, fp8) through pallas.gemv: "all", "small" (weights
-    # of at most pallas.gemv.SMALL_WEIGHT elements) or "" (none); set by the loader from JAXLLM_GEMV
-    # (pallas.gemv.gemv_wanted)
+    # of at most pallas.gemv.SMALL_WEIGHT elements), "quantized" (fp8 times one row) or "" (none);
+    # set by the loader from JAXLLM_GEMV (pallas.gemv.gemv_wanted)
     triton_gemv: str = ""
     # q, k and v as one projection (attn.qkv, [embed, kv_heads, G + 2, head_dim]): set by the loader
     # with JAXLLM_FUSED_QKV=1 when the KV heads split evenly over the tensor-parallel devices

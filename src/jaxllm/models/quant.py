@@ -148,8 +148,8 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all", 
     """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
     spec rewritten for it), or None where the kernel does not serve the shape or `mode` leaves it
     to XLA: "triton-small" a weight larger than ``SMALL_WEIGHT``, "triton-quantized" anything but
-    a K-minor one-byte weight (fp8) times one row (int8 [K, N] ran slower than XLA: 6.69 vs 5.68 ms). On a CPU backend the kernel runs in Pallas
-    interpret mode (tests)."""
+    a K-minor one-byte weight (fp8) times one row (int8 [K, N] ran slower than XLA: 6.69 vs 5.68
+    ms). On a CPU backend the kernel runs in Pallas interpret mode (tests)."""
     import jax
 
     from ..pallas.gemv import SMALL_WEIGHT, gemv, gemv_tiling

@@ -1,23 +1,23 @@
 """Decode-sized matmuls at the bandwidth of the weight bytes: y = x @ w for a few rows of x (Pallas,
-Triton backend). Experimental: built after the seventh session's device time ran out, so not yet
-measured on a GPU (``benchmarks/gemv.py`` against XLA's dot); models use it only where
-``JAXLLM_GEMV=1`` asks (``gemv_wanted``; models/quant.py: ``plain_gemv``).
+Triton backend). Models use it through ``gemv_wanted`` (JAXLLM_GEMV; models/quant.py:
+``plain_gemv``): by default on NVIDIA GPUs for fp8 weights times one row (batch 1 on an H100:
+4.49 -> 4.22 ms, BENCHMARKS.md "Eighth session"); ``benchmarks/gemv.py`` sweeps its tilings
+against XLA's dot.
 
 Why: at batch 1 a decode step reads every weight once, so each projection should stream its
-weight at HBM bandwidth. XLA's own choices fall short at the shapes of a tensor-parallel shard
-(two H100s, Llama-3.1-8B, BENCHMARKS.md "Seventh session"): the 4096 x 14336 gate/up GEMV is tiled
-into 112 blocks with no split of K (fewer blocks than the 132 SMs: 1.48 TB/s) and the 2048 x 4096
-output projection becomes a multiply + reduce (1.0 TB/s).
+weight at HBM bandwidth. XLA's weight-only fp8 dot converts in the GEMM at ~2.3 TB/s of fp8 bytes,
+and at the small shapes of a tensor-parallel shard (q, k/v, o) its dot runs at 0.4-0.9 TB/s.
 
 Here the grid is (N / block_n) x splits: each program owns block_n output columns and one of
-`splits` equal slices of K, walks its slice in block_k steps (Triton pipelines the loads over
-`num_stages`), multiplies on the tensor cores (x's rows padded to 16, the smallest dot Triton
-takes) and writes a float32 partial; the partials are added (and a weight's per-channel scale
-applied) in one small jnp epilogue that XLA fuses with what follows.
+`splits` equal slices of K and walks its slice in block_k steps (Triton pipelines the loads over
+`num_stages`). One row (``fma``): float32 multiply-adds and a reduction per block; more rows: a
+tensor-core dot (x's rows padded to 16, the smallest dot Triton takes). With one split the kernel
+writes the result (per-channel scale applied); with more, float32 partials are added (and the
+scale applied) in one small jnp epilogue.
 
 Layouts: ``w [K, N]`` (plain, jaxllm's bf16 projections) or, with ``k_minor=True``, ``w [N, K]``
-(jaxllm's fp8 weights, PyTorch's [out, in]); an fp8 weight is converted to x's dtype in registers,
-so HBM sees only its bytes.
+(jaxllm's fp8 weights, PyTorch's [out, in]); an fp8 weight is converted in registers, so HBM sees
+only its bytes.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def gemv_wanted(mesh) -> str:
     times one row, where the multiply-add kernel beats XLA's converting dot) or "" (0). The default,
     auto, on NVIDIA GPUs: "quantized" on one device, "small" under tensor parallelism with the
     projections in shard_map (opt-in JAXLLM_ROW_PARALLEL=psum: tp=2 4.70 -> 4.17 ms on 2x H200);
-    "" elsewhere. A mesh of several
-    devices takes the kernel only with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or
-    oneshot, sharding.TensorParallel), where each device's kernel sees its shard."""
+    "" elsewhere. A mesh of several devices takes the kernel only with the projections in
+    shard_map (JAXLLM_ROW_PARALLEL psum or oneshot, sharding.TensorParallel), where each device's
+    kernel sees its shard."""
     import os
 
     from ..sharding import row_parallel_mode
@@ -107,7 +107,7 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
 
     With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
     each block's K, instead of a tensor-core dot of x padded to 16 rows. With one split the kernel
-    writes the result itself (scale applied, in x's dtype): no jnp epilogue, no extra kernel."""
+    writes the result itself (scale applied, in out_dtype): no jnp epilogue, no extra kernel."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
