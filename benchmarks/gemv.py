@@ -1,13 +1,13 @@
 """Decode-sized matmuls: jaxllm.pallas.gemv (a few tilings) against XLA's dot, at Llama-3.1-8B shapes.
 
-    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 fp8 tp1] [--stages 4]
+    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 fp8 tp1 int8] [--stages 4]
 
 Each timed call is one jitted program of --copies independent products, each with its own weight
 (so no weight stays in L2 between them; a split-K tiling's partial sums are added by one more small
 kernel per product, counted here), run 5 times; microseconds per product and GB/s of weight
-bytes. Shapes: a tp=2 shard's gate/up, down, o and q (bf16 [K, N]), tp=1's gate/up and down, and
-the fp8 weights stored [N, K] (XLA baseline: weight-only, converted in the dot). Every variant's
-result is checked against XLA's first.
+bytes. Shapes: a tp=2 shard's gate/up, down, o, q and k/v (bf16 [K, N]), tp=1's, the fp8 weights
+stored [N, K] and the int8 ones stored [K, N] (XLA baseline: weight-only, converted in the dot).
+Every variant's result is checked against XLA's first.
 """
 
 from __future__ import annotations
@@ -26,15 +26,20 @@ SHAPES = {  # name: (K, N)
             "tp2 kv": (4096, 1024)},
     "tp1": {"tp1 gate/up": (4096, 28672), "tp1 down": (14336, 4096), "tp1 o": (4096, 4096), "tp1 kv": (4096, 2048)},
     "fp8": {"fp8 gate/up": (4096, 28672), "fp8 down": (14336, 4096), "fp8 o": (4096, 4096), "fp8 kv": (4096, 2048)},
+    "int8": {"int8 gate/up": (4096, 28672), "int8 down": (14336, 4096), "int8 o": (4096, 4096)},
 }
 
 
-def tilings(k: int, n: int, rows: int, itemsize: int):
-    yield dict(gemv_tiling(rows, k, n, itemsize), default=True)  # what models get (pallas.gemv.gemv_tiling)
+def tilings(k: int, n: int, rows: int, itemsize: int, k_minor: bool):
+    # what models get (pallas.gemv.gemv_tiling)
+    yield dict(gemv_tiling(rows, k, n, itemsize, k_minor), default=True)
     variants = [dict(block_n=bn, block_k=bk, fma=False) for bn in (64, 128) for bk in (64, 128)]
-    if rows == 1:  # multiply-adds: narrower column blocks, longer K steps (256-1024 bytes of a row)
+    if rows == 1 and k_minor:  # multiply-adds: narrower column blocks, longer K steps (256-1024 bytes of a row)
         variants += [dict(block_n=bn, block_k=bk, fma=True) for bn, bk in
                      ((16, 512), (32, 128), (32, 256), (32, 512), (64, 128), (64, 256))]
+    elif rows == 1:  # [K, N]: a block's rows are its columns, so wide column blocks, short K steps
+        variants += [dict(block_n=bn, block_k=bk, fma=True) for bn, bk in
+                     ((128, 32), (128, 64), (256, 32), (256, 64), (512, 16), (512, 32))]
     for v in variants:
         blocks = n // v["block_n"]
         for splits in sorted({1, max(1, 264 // blocks)}):
@@ -42,7 +47,7 @@ def tilings(k: int, n: int, rows: int, itemsize: int):
                 splits -= 1
             if gemv_fits(rows, k, n, v["block_n"], v["block_k"], splits):
                 yield dict(v, splits=splits)
-    if rows == 1:
+    if rows == 1 and k_minor:
         yield dict(block_n=32, block_k=512 // itemsize, splits=1, fma=True, num_warps=8)
 
 
@@ -65,19 +70,20 @@ def main():
     rows, c = args.rows, args.copies
     table = []
     for group in args.shapes:
-        fp8 = group == "fp8"
+        fp8, int8 = group == "fp8", group == "int8"  # as the models store them: fp8 [N, K], int8 [K, N]
         for name, (k, n) in SHAPES[group].items():
             key = jax.random.key(k * 7 + n)
             x = jax.random.normal(key, (rows, k), jnp.bfloat16)
             wshape = (n, k) if fp8 else (k, n)
-            ws = [(0.02 * jax.random.normal(jax.random.fold_in(key, i), wshape, jnp.float32)).astype(
-                jnp.float8_e4m3fn if fp8 else jnp.bfloat16) for i in range(c)]
-            scale = jnp.full((n,), 0.5, jnp.float32) if fp8 else None
+            dtype = jnp.float8_e4m3fn if fp8 else jnp.int8 if int8 else jnp.bfloat16
+            ws = [((100.0 if int8 else 0.02) * jax.random.normal(jax.random.fold_in(key, i), wshape, jnp.float32)
+                   ).clip(-127, 127).astype(dtype) for i in range(c)]
+            scale = jnp.full((n,), 0.5, jnp.float32) if fp8 or int8 else None
             nbytes = ws[0].size * ws[0].dtype.itemsize
 
-            if fp8:
-                def xla(x, ws):
-                    return [(jnp.einsum("mk,nk->mn", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+            if fp8 or int8:
+                def xla(x, ws, spec="mk,nk->mn" if fp8 else "mk,kn->mn"):
+                    return [(jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
                              * scale).astype(x.dtype) for w in ws]
             else:
                 def xla(x, ws):
@@ -87,7 +93,7 @@ def main():
             t = timed(xla, x, ws) / c
             table.append((name, "xla", t, nbytes))
             print(f"{name:<12} {'xla':<34} {1e6 * t:8.1f} us {nbytes / t / 1e9:7.0f} GB/s", flush=True)
-            for tiling in tilings(k, n, rows, ws[0].dtype.itemsize):
+            for tiling in tilings(k, n, rows, ws[0].dtype.itemsize, fp8):
                 default = tiling.pop("default", False)
                 for stages in args.stages:
                     label = ("default " if default else "") + " ".join(

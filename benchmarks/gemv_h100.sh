@@ -6,14 +6,14 @@
 # shard_map (JAXLLM_ROW_PARALLEL=psum) with XLA's dot, through gemv (JAXLLM_GEMV=1), and only the
 # q/k/v and output projections through it (JAXLLM_GEMV=small).
 # STEPS: tests (the kernel compiled vs its reference, tests/test_gemv.py -m gpu), kernel, latency,
-# profile, tp2.
+# profile, tp2, match (tp_match.py: gemv vs XLA at tp=1; on 2 GPUs tp=2 psum without / with gemv).
 #   PYTHONPATH=src OUT=/tmp/out STEPS="tests kernel latency profile" bash benchmarks/gemv_h100.sh   # nvidia-h100-x1
 #   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh             # nvidia-h100-x2
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-gemv
 STEPS=${STEPS:-tests kernel latency}
 for s in $STEPS; do case $s in
 tests) timeout ${TESTS_TIMEOUT:-200} python -m pytest -q -m gpu ${TESTS:-tests/test_gemv.py} > "$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt" ;;
-kernel) timeout ${KERNEL_TIMEOUT:-240} python benchmarks/gemv.py --shapes ${SHAPES:-tp2 fp8} > "$OUT/gemv.txt" 2>&1 || echo "gemv.py failed"
+kernel) timeout ${KERNEL_TIMEOUT:-240} python benchmarks/gemv.py --shapes ${SHAPES:-tp2 fp8 int8} > "$OUT/gemv.txt" 2>&1 || echo "gemv.py failed"
         sed -n '/best per shape/,$p' "$OUT/gemv.txt" ;;
 latency) bench_latency bf16 JAXLLM_GEMV=0
          for q in fp8 int8; do bench_latency ${q}_xla JAXLLM_GEMV=0 --quantization $q; bench_latency $q - --quantization $q; done ;;
@@ -22,6 +22,13 @@ profile) timeout 90 python benchmarks/profile_decode.py --model "$M" --quantizat
 tp2) bench_latency tp2 - --tensor-parallel-size 2; bench_latency tp2_psum "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=0" --tensor-parallel-size 2
      bench_latency tp2_gemv "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=1" --tensor-parallel-size 2
      bench_latency tp2_small "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=small" --tensor-parallel-size 2 ;;
+match) # the psum mismatch (BENCHMARKS.md "Eighth session"): kernel or layout? gemv against XLA at tp=1,
+       # then tp=2 per shard without and with gemv, each against tp=1 under the defaults
+       m="python benchmarks/tp_match.py --model $M --prompts 4 --max-tokens 32"
+       timeout 150 $m --tp 1 --env JAXLLM_GEMV=small > "$OUT/match_tp1_gemv.txt" 2>&1; tail -2 "$OUT/match_tp1_gemv.txt"
+       [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && for g in 0 small; do
+         timeout 200 $m --tp 2 --env JAXLLM_ROW_PARALLEL=psum,JAXLLM_GEMV=$g > "$OUT/match_tp2_psum_$g.txt" 2>&1
+         tail -2 "$OUT/match_tp2_psum_$g.txt"; done ;;
 esac; done
 python - "$OUT" <<'PY'
 import json, sys, pathlib

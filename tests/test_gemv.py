@@ -20,12 +20,14 @@ from jaxllm.pallas.gemv import gemv, gemv_fits, reference_gemv
     (1, 512, 256, True, jnp.float8_e4m3fn, 1, True),
     (1, 1024, 384, True, jnp.float8_e4m3fn, 4, True),
     (1, 768, 256, False, jnp.float32, 3, True),
+    (1, 512, 256, False, jnp.int8, 2, True),  # int8 [K, N], multiply-adds
 ])
 def test_gemv_matches_reference(m, k, n, k_minor, dtype, splits, fma):
     kx, kw = jax.random.split(jax.random.key(m + k))
     x = jax.random.normal(kx, (m, k), jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
-    w = jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32).astype(dtype)
-    scale = jnp.linspace(0.5, 2.0, n) if k_minor else None
+    w = (jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32) * (50 if dtype == jnp.int8 else 1))
+    w = w.clip(-127, 127).astype(dtype)
+    scale = jnp.linspace(0.5, 2.0, n) if k_minor or dtype == jnp.int8 else None
     got = gemv(x, w, scale, k_minor=k_minor, block_n=128, block_k=64, splits=splits, fma=fma, interpret=True)
     want = reference_gemv(x, w, scale, k_minor=k_minor)
     assert got.shape == (m, n) and got.dtype == x.dtype
@@ -58,8 +60,9 @@ def test_gemv_refuses_tilings_that_do_not_fit():
 def test_gemv_tiling_fills_the_gpu_and_fits():
     from jaxllm.pallas.gemv import gemv_tiling
 
-    for m, k, n, itemsize in ((1, 4096, 28672, 1), (1, 14336, 4096, 2), (1, 4096, 1024, 2), (4, 4096, 14336, 2)):
-        t = gemv_tiling(m, k, n, itemsize)
+    for m, k, n, itemsize, k_minor in ((1, 4096, 28672, 1, True), (1, 14336, 4096, 2, False), (1, 4096, 1024, 2, False),
+                                       (4, 4096, 14336, 2, False), (1, 14336, 4096, 1, False)):
+        t = gemv_tiling(m, k, n, itemsize, k_minor)
         assert t["fma"] == (m == 1 and itemsize == 1) and gemv_fits(m, k, n, t["block_n"], t["block_k"], t["splits"])
         assert (n // t["block_n"]) * t["splits"] >= 96  # most SMs get work
     assert gemv_tiling(17, 4096, 4096) is None and gemv_tiling(1, 4096, 4100) is None
@@ -142,6 +145,7 @@ def test_gemv_mode_is_checked(monkeypatch):
     (7168, 4096, False, jnp.bfloat16),  # its down
     (4096, 28672, True, jnp.float8_e4m3fn),  # fp8 gate/up, stored [N, K]
     (14336, 4096, True, jnp.float8_e4m3fn),  # fp8 down: split K, partials added after
+    (4096, 14336, False, jnp.int8),  # int8 [K, N] (its multiply-add tiling, unmeasured)
 ])
 @pytest.mark.parametrize("m", [1, 4])
 def test_gemv_compiled_on_the_gpu_matches_reference(m, k, n, k_minor, dtype):
@@ -150,9 +154,10 @@ def test_gemv_compiled_on_the_gpu_matches_reference(m, k, n, k_minor, dtype):
 
     kx, kw = jax.random.split(jax.random.key(k + n + m))
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
-    w = (0.02 * jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32)).astype(dtype)
-    scale = jnp.full((n,), 0.5, jnp.float32) if k_minor else None
-    got = gemv(x, w, scale, k_minor=k_minor, **gemv_tiling(m, k, n, w.dtype.itemsize))
+    w = ((50 if dtype == jnp.int8 else 0.02) * jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32))
+    w = w.clip(-127, 127).astype(dtype)
+    scale = jnp.full((n,), 0.5 / (2500 if dtype == jnp.int8 else 1), jnp.float32) if k_minor or dtype == jnp.int8 else None
+    got = gemv(x, w, scale, k_minor=k_minor, **gemv_tiling(m, k, n, w.dtype.itemsize, k_minor))
     want = reference_gemv(x, w, scale, k_minor=k_minor)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
 

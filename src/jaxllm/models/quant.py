@@ -166,7 +166,7 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all", 
     if mode == "triton-quantized" and (w2.dtype.itemsize != 1 or not k_minor or x2.shape[0] != 1):
         return None
     n = w2.shape[0] if k_minor else w2.shape[1]
-    tiling = gemv_tiling(x2.shape[0], x2.shape[1], n, w2.dtype.itemsize)
+    tiling = gemv_tiling(x2.shape[0], x2.shape[1], n, w2.dtype.itemsize, k_minor)
     if tiling is None:
         return None
     s = None if scale is None else scale.reshape(n)

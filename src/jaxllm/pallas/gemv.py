@@ -35,18 +35,23 @@ def gemv_fits(m: int, k: int, n: int, block_n: int, block_k: int, splits: int) -
     return 1 <= m <= ROWS and n % block_n == 0 and k % (splits * block_k) == 0
 
 
-def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2) -> dict | None:
+def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True) -> dict | None:
     """A tiling for an [m, k] x [k, n] product whose weight has `itemsize` bytes per element; None
     where none fits. Chosen from the H100 sweeps (BENCHMARKS.md "Eighth session"): a one-byte weight
-    (fp8, int8) times one row: multiply-adds (`fma`) over blocks of 32 columns x 512 bytes of K;
+    (fp8, int8) times one row: multiply-adds (`fma`) over blocks of 32 columns x 512 bytes of K
+    stored [N, K] (k_minor), of 256 columns x 64 of K stored [K, N] (512 / 256 contiguous bytes a
+    row; the [K, N] tiling is not measured yet);
     else a tensor-core dot over 128 columns where that gives most SMs a block (no split: the
     kernel writes the result), 64 otherwise, 64 K at a time. Then, unless a dot already has 96
     column blocks, K is split in two until there are two programs per SM (264; 256 for a dot) or a
     split would walk fewer than 2 steps."""
     fma = itemsize == 1 and m == 1
-    if fma:
+    if fma and k_minor:
         block_n = next((b for b in (32, 16) if n % b == 0), None)
         block_k = next((b for b in (512, 256, 128, 64, 32, 16) if k % b == 0), None)
+    elif fma:
+        block_n = next((b for b in (256, 128, 64, 32, 16) if n % b == 0), None)
+        block_k = next((b for b in (64, 32, 16) if k % b == 0), None)
     else:
         block_n = 128 if n % 128 == 0 and n // 128 >= 96 else next((b for b in (64, 32, 16) if n % b == 0), None)
         block_k = next((b for b in (64, 32, 16) if k % b == 0), None)
