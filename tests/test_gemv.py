@@ -115,6 +115,14 @@ def test_a_model_through_gemv_gives_the_same_logits_and_tokens(tiny_checkpoints,
     assert small and max(small) <= gemv_module.SMALL_WEIGHT < max(size for size, _ in results["1"][2])
 
 
+@pytest.mark.parametrize("variant", ["qwen2", "qwen3"])
+def test_biased_and_qk_normed_models_through_gemv(tiny_checkpoints, monkeypatch, variant):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms) with fp8 weights: every decode-sized projection
+    through the kernel gives the XLA path's logits and tokens."""
+    results = _model_through_gemv(tiny_checkpoints[variant], monkeypatch, "fp8", ("0", "1"))
+    assert len(results["1"][2]) >= 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantization", ["fp8", "int8"])
 def test_the_default_sends_fp8_decode_through_gemv_on_the_gpu(tiny_checkpoints, monkeypatch, quantization):
