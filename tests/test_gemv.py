@@ -147,6 +147,27 @@ def test_gemv_mode_is_checked(monkeypatch):
         gemv_wanted(mesh)
 
 
+def test_auto_takes_the_kernel_on_gpus_with_the_triton_backend_only(monkeypatch):
+    """auto on a (stand-in) GPU mesh: fp8 at one row through gemv on one device, nothing on several
+    devices under XLA's partitioner, the shard's small ones under psum; and nothing at all where
+    JAX no longer has the Pallas Triton backend (deprecated upstream)."""
+    from types import SimpleNamespace
+
+    from jaxllm.pallas import gemv as gemv_module
+
+    def gpus(n):
+        return SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")] * n, dtype=object))
+
+    monkeypatch.delenv("JAXLLM_GEMV", raising=False)
+    assert gemv_module.gemv_wanted(gpus(1)) == "quantized"
+    monkeypatch.setenv("JAXLLM_ROW_PARALLEL", "xla")
+    assert gemv_module.gemv_wanted(gpus(2)) == ""
+    monkeypatch.setenv("JAXLLM_ROW_PARALLEL", "psum")
+    assert gemv_module.gemv_wanted(gpus(2)) == "small"
+    monkeypatch.setattr(gemv_module, "triton_available", lambda: False)
+    assert gemv_module.gemv_wanted(gpus(1)) == "" and gemv_module.gemv_wanted(gpus(2)) == ""
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("k, n, k_minor, dtype", [
     (4096, 14336, False, jnp.bfloat16),  # a tp=2 shard's gate/up

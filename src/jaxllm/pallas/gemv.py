@@ -71,13 +71,23 @@ SMALL_WEIGHT = 4096 * 4096
 MODES = {"0": "", "1": "all", "small": "small", "auto": "auto"}
 
 
+def triton_available() -> bool:
+    """Whether this JAX still has the Pallas Triton backend (deprecated upstream in favour of Mosaic
+    GPU): auto falls back to XLA's dot without it."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def gemv_wanted(mesh) -> str:
     """Which decode-sized matmuls models on this mesh run through gemv (JAXLLM_GEMV): "all" (1),
     "small" (weights of at most SMALL_WEIGHT elements), "quantized" (fp8 weights, stored [N, K],
     times one row, where the multiply-add kernel beats XLA's converting dot) or "" (0). The default,
     auto, on NVIDIA GPUs: "quantized" on one device, "small" under tensor parallelism with the
     projections in shard_map (opt-in JAXLLM_ROW_PARALLEL=psum: tp=2 4.70 -> 4.17 ms on 2x H200);
-    "" elsewhere. A mesh of several devices takes the kernel only with the projections in
+    "" elsewhere (and where JAX has no Pallas Triton backend). A mesh of several devices takes the kernel only with the projections in
     shard_map (JAXLLM_ROW_PARALLEL psum or oneshot, sharding.TensorParallel), where each device's
     kernel sees its shard."""
     import os
@@ -91,7 +101,8 @@ def gemv_wanted(mesh) -> str:
     if several and row_parallel_mode() not in ("psum", "oneshot"):
         return ""
     if value == "auto":
-        return ("small" if several else "quantized") if mesh.devices.flat[0].platform == "gpu" else ""
+        on_gpu = mesh.devices.flat[0].platform == "gpu" and triton_available()
+        return ("small" if several else "quantized") if on_gpu else ""
     return MODES[value]
 
 
