@@ -192,7 +192,7 @@ def test_gemv_compiled_on_the_gpu_matches_reference(m, k, n, k_minor, dtype):
 
 
 def test_quantized_mode_takes_fp8_weights_times_one_row():
-    """JAXLLM_GEMV=auto on a GPU ("triton-quantized"): fp8 weights (stored [N, K]) at one row go
+    """JAXLLM_GEMV=auto on a GPU ("quantized"): fp8 weights (stored [N, K]) at one row go
     through the kernel (with their per-channel scale); int8 ([K, N]: slower than XLA on the H100),
     bf16 weights and more rows stay with XLA (None)."""
     from jaxllm.models.quant import plain_gemv
@@ -201,12 +201,12 @@ def test_quantized_mode_takes_fp8_weights_times_one_row():
     x = jax.random.normal(kx, (1, 256), jnp.float32)
     w = jax.random.normal(kw, (128, 256), jnp.float32).astype(jnp.float8_e4m3fn)
     scale = jnp.linspace(0.5, 2.0, 128)
-    got = plain_gemv("mk,nk->mn", x, w, scale, True, "triton-quantized")
+    got = plain_gemv("mk,nk->mn", x, w, scale, True, "quantized")
     want = reference_gemv(x, w, scale, k_minor=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
-    assert plain_gemv("mk,nk->mn", jnp.ones((2, 256)), w, scale, True, "triton-quantized") is None
+    assert plain_gemv("mk,nk->mn", jnp.ones((2, 256)), w, scale, True, "quantized") is None
     w8 = (20 * jax.random.normal(kw, (256, 128), jnp.float32)).astype(jnp.int8)
-    assert plain_gemv("mk,kn->mn", x, w8, scale, False, "triton-quantized") is None
-    assert plain_gemv("mk,kn->mn", x, jnp.ones((256, 128), jnp.bfloat16), None, False, "triton-quantized") is None
-    with pytest.raises(ValueError, match="triton-fast"):
-        plain_gemv("mk,kn->mn", x, jnp.ones((256, 128)), None, False, "triton-fast")
+    assert plain_gemv("mk,kn->mn", x, w8, scale, False, "quantized") is None
+    assert plain_gemv("mk,kn->mn", x, jnp.ones((256, 128), jnp.bfloat16), None, False, "quantized") is None
+    with pytest.raises(ValueError, match="mode 'fast' is not 'all', 'small' or 'quantized'"):
+        plain_gemv("mk,kn->mn", x, jnp.ones((256, 128)), None, False, "fast")

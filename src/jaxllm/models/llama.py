@@ -165,6 +165,12 @@ def unfused_qkv_dict(params: nnx.State, cfg: ModelConfig) -> dict:
     return pure
 
 
+def _gemv_kernel(cfg: ModelConfig) -> bool | str:
+    """The decode GEMV kernel of a model's projections (qeinsum's `gemv`): True for the Mosaic fp8
+    kernel (JAXLLM_FP8_GEMV=1), else the pallas.gemv mode ("all", "small", "quantized"), or False."""
+    return cfg.fp8_gemv or cfg.triton_gemv or False
+
+
 def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None):
     """qeinsum(spec, ...) of a projection whose weight is [in..., out...] (x's trailing dims contract
     with w's leading ones) as one 2-D matmul over the flattened in and out dims, for a plain weight
@@ -250,7 +256,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
         self.w8a8 = cfg.fp8_activations
-        self.gemv = cfg.fp8_gemv or (f"triton-{cfg.triton_gemv}" if cfg.triton_gemv else False)  # GEMV kernel
+        self.gemv = _gemv_kernel(cfg)
         self.has_bias = cfg.attention_bias
         self.has_o_bias = cfg.o_bias
         self.qk_norm = cfg.qk_norm
@@ -297,7 +303,7 @@ class MLP(nnx.Module):
         self.gate_up, self.gate_up_scale = _projection(rngs, (e, 2, f), ("embed", "stack", "mlp"), ("stack", "mlp"), dtype, qz)
         self.down, self.down_scale = _projection(rngs, (f, e), ("mlp", "embed"), ("embed",), dtype, qz)
         self.w8a8 = cfg.fp8_activations
-        self.gemv = cfg.fp8_gemv or (f"triton-{cfg.triton_gemv}" if cfg.triton_gemv else False)  # GEMV kernel
+        self.gemv = _gemv_kernel(cfg)
         self.has_bias = cfg.mlp_bias
         if cfg.mlp_bias:
             self.gate_up_bias = _param(rngs, (2, f), ("stack", "mlp"), dtype, init="zeros")

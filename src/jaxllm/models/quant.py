@@ -76,9 +76,9 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     the result, as in every projection of the models here. int8: dequantized inside the dot; fp8
     (stored K-minor): with `w8a8`, FP8 x FP8 for calls of FP8_MATMUL_MIN_TOKENS tokens or more,
     else weight-only -- with `gemv` True, through the Pallas (Mosaic GPU) fp8 GEMV kernel where it
-    serves the shape. `gemv` "triton-all": every weight-only decode-sized product (plain, int8, fp8)
-    through ``pallas.gemv`` where it serves the shape; "triton-small": those whose weight has at most
-    ``pallas.gemv.SMALL_WEIGHT`` elements; "triton-quantized": fp8 weights times one row.
+    serves the shape. `gemv` a ``pallas.gemv`` mode (ModelConfig.triton_gemv), through that kernel:
+    "all" every weight-only decode-sized product (plain, int8, fp8) it serves; "small" those whose
+    weight has at most ``pallas.gemv.SMALL_WEIGHT`` elements; "quantized" fp8 weights times one row.
     out_dtype: the result's (default x's; float32 for partial sums still to be added)."""
     out_dtype = out_dtype or x.dtype
     k_minor = w.dtype == jnp.float8_e4m3fn
@@ -144,26 +144,26 @@ def _fp8_gemv(spec: str, x, w, scale):
     return fp8_gemv(x2, w2, scale.reshape(n)).reshape(shape)
 
 
-def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "triton-all", out_dtype=None):
+def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dtype=None):
     """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
     spec rewritten for it), or None where the kernel does not serve the shape or `mode` leaves it
-    to XLA: "triton-small" a weight larger than ``SMALL_WEIGHT``, "triton-quantized" anything but
+    to XLA: "small" a weight larger than ``SMALL_WEIGHT``, "quantized" anything but
     a K-minor one-byte weight (fp8) times one row (int8 [K, N] ran slower than XLA: 6.69 vs 5.68
     ms). On a CPU backend the kernel runs in Pallas interpret mode (tests)."""
     import jax
 
     from ..pallas.gemv import SMALL_WEIGHT, gemv, gemv_tiling
 
-    if mode not in ("triton-all", "triton-small", "triton-quantized"):
-        raise ValueError(f"plain_gemv: mode {mode!r} is not 'triton-all', 'triton-small' or 'triton-quantized'")
-    if mode == "triton-small" and w.size > SMALL_WEIGHT:
+    if mode not in ("all", "small", "quantized"):
+        raise ValueError(f"plain_gemv: mode {mode!r} is not 'all', 'small' or 'quantized'")
+    if mode == "small" and w.size > SMALL_WEIGHT:
         return None
 
     flat = _as_2d(spec, x, w, k_minor)
     if flat is None:
         return None
     x2, w2, shape = flat
-    if mode == "triton-quantized" and (w2.dtype.itemsize != 1 or not k_minor or x2.shape[0] != 1):
+    if mode == "quantized" and (w2.dtype.itemsize != 1 or not k_minor or x2.shape[0] != 1):
         return None
     n = w2.shape[0] if k_minor else w2.shape[1]
     tiling = gemv_tiling(x2.shape[0], x2.shape[1], n, w2.dtype.itemsize, k_minor)

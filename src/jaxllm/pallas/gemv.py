@@ -87,9 +87,9 @@ def gemv_wanted(mesh) -> str:
     times one row, where the multiply-add kernel beats XLA's converting dot) or "" (0). The default,
     auto, on NVIDIA GPUs: "quantized" on one device, "small" under tensor parallelism with the
     projections in shard_map (opt-in JAXLLM_ROW_PARALLEL=psum: tp=2 4.70 -> 4.17 ms on 2x H200);
-    "" elsewhere (and where JAX has no Pallas Triton backend). A mesh of several devices takes the kernel only with the projections in
-    shard_map (JAXLLM_ROW_PARALLEL psum or oneshot, sharding.TensorParallel), where each device's
-    kernel sees its shard."""
+    "" elsewhere (and where JAX has no Pallas Triton backend). A mesh of several devices takes the
+    kernel only with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or oneshot,
+    sharding.TensorParallel), where each device's kernel sees its shard."""
     import os
 
     from ..sharding import row_parallel_mode
