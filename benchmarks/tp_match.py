@@ -12,6 +12,8 @@ margin (its top-1 minus top-2 logprob) there. A bug shows as large logprob diffe
 divergence at a clear margin; numerics show as small differences and divergences at near-ties only.
 Exit status 0 when every divergence happened at a margin below --tie-margin. --env sets switches for
 the compared runs only (so `--tp 1 --env JAXLLM_GEMV=small` compares a kernel against XLA at tp=1).
+`--reference float32` compares every run (tp=1 under the defaults included) against exact arithmetic
+instead: which of two bfloat16 variants is nearer the truth, not only whether they agree.
 """
 
 from __future__ import annotations
@@ -74,19 +76,34 @@ def main():
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tie-margin", type=float, default=0.05, help="nats: a divergence below it is a near-tie")
-    ap.add_argument("--env", default="", help="VAR=value,... for the compared runs only (the tp=1 base runs without): "
-                    "with --tp 1, the same size against itself under the switches (e.g. JAXLLM_GEMV=small)")
+    ap.add_argument("--env", action="append", default=None,
+                    help="VAR=value,... for the compared runs only (the tp=1 base runs without): with --tp 1, the same "
+                    "size against itself under the switches (e.g. JAXLLM_GEMV=small); repeat it for several sets, "
+                    "each run at every --tp")
+    ap.add_argument("--reference", default=None, metavar="DTYPE",
+                    help="compare against tp=1 in DTYPE (float32) at JAX_DEFAULT_MATMUL_PRECISION=highest instead: "
+                    "the same random weights (bfloat16 numbers), so each run's distance from exact arithmetic shows; "
+                    "tp=1 in --dtype under the defaults runs too, as the yardstick")
     args = ap.parse_args()
-    env = dict(kv.split("=", 1) for kv in args.env.split(",") if kv)
-    base = run(args.model, 1, args.prompts, args.max_tokens, args.attention_backend, args.dtype)
-    print(f"{'tp':>3} {'equal to tp=1':>14} {'max |dlogprob| before':>22}  first divergences (position, tp=1 margin)")
+    runs = [(f"{tp} {e}".strip(), tp, dict(kv.split("=", 1) for kv in e.split(",") if kv))
+            for e in args.env or [""] for tp in args.tp if tp != 1 or e]
+    if args.reference:
+        base = run(args.model, 1, args.prompts, args.max_tokens, args.attention_backend, args.reference,
+                   {"JAX_DEFAULT_MATMUL_PRECISION": "highest"})
+        runs = [("1 default", 1, {})] + runs
+        what = f"tp=1 {args.reference}"
+    else:
+        base = run(args.model, 1, args.prompts, args.max_tokens, args.attention_backend, args.dtype)
+        what = "tp=1"
+    w = max(len(r[0]) for r in runs)
+    print(f"{'tp':<{w}} {'equal to ' + what:>14} {'max |dlogprob| before':>22}  first divergences (position, {what} margin)")
     ok = True
-    for tp in [t for t in args.tp if t != 1 or env]:
+    for label, tp, e in runs:
         equal, max_diff, margins = compare(base, run(args.model, tp, args.prompts, args.max_tokens, args.attention_backend,
-                                                     args.dtype, env))
+                                                     args.dtype, e))
         ok &= all(m < args.tie_margin for _, m in margins)
         shown = ", ".join(f"({j}, {m:.4f})" for j, m in margins)
-        print(f"{tp:>3} {f'{equal}/{len(base)}':>14} {max_diff:>22.4f}  {shown or '-'}", flush=True)
+        print(f"{label:<{w}} {f'{equal}/{len(base)}':>14} {max_diff:>22.4f}  {shown or '-'}", flush=True)
     print("all divergences at near-ties" if ok else f"a divergence at a margin >= {args.tie_margin}: not numerics alone")
     return 0 if ok else 1
 

@@ -292,8 +292,8 @@ def _random_param(key, shape, dtype, init, sharding):
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
-    else:
-        value = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    else:  # bfloat16 numbers whatever the dtype: a float32 model is the bfloat16 one's exact reference
+        value = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16).astype(dtype)
     return jax.lax.with_sharding_constraint(value, sharding)
 
 
