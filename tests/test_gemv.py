@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from jaxllm.pallas.gemv import gemv, gemv_fits, reference_gemv
 
 @pytest.mark.parametrize("m, k, n, k_minor, dtype, splits, fma", [
     (1, 512, 256, False, jnp.bfloat16, 2, False),
+    (1, 512, 256, False, jnp.bfloat16, 1, False),  # one row through the dot, written by the kernel
+    (1, 768, 256, True, jnp.float8_e4m3fn, 3, False),
     (3, 768, 384, False, jnp.float32, 3, False),
     (2, 512, 256, True, jnp.float8_e4m3fn, 2, False),
     (16, 256, 128, True, jnp.float8_e4m3fn, 1, False),  # one split: the kernel writes the result
@@ -33,6 +36,24 @@ def test_gemv_matches_reference(m, k, n, k_minor, dtype, splits, fma):
     assert got.shape == (m, n) and got.dtype == x.dtype
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol * 10)
+
+
+def test_one_row_through_the_dot_needs_no_pad_kernel():
+    """One row of x goes to the tensor-core dot broadcast in registers: no pad of x to 16 rows
+    before the kernel (a kernel launch per projection at batch 1); more rows are still padded."""
+    def names(jaxpr):  # primitives outside the kernel, through nested jits
+        for e in jaxpr.eqns:
+            yield e.primitive.name
+            if e.primitive.name != "pallas_call":
+                for sub in jax.extend.core.jaxprs_in_params(e.params):
+                    yield from names(sub)
+
+    def prims(m):
+        x, w = jnp.ones((m, 512), jnp.bfloat16), jnp.ones((512, 256), jnp.bfloat16)
+        return set(names(jax.make_jaxpr(lambda x, w: gemv(x, w, block_n=128, block_k=64, splits=1,
+                                                              interpret=True))(x, w).jaxpr))
+
+    assert "pad" not in prims(1) and "pad" in prims(2)
 
 
 @pytest.mark.parametrize("splits, fma", [(1, True), (2, True), (1, False), (2, False)])
@@ -148,8 +169,8 @@ def test_gemv_mode_is_checked(monkeypatch):
 
 
 def test_auto_takes_the_kernel_on_gpus_with_the_triton_backend_only(monkeypatch):
-    """auto on a (stand-in) GPU mesh: fp8 at one row through gemv on one device, nothing on several
-    devices under XLA's partitioner, the shard's small ones under psum; and nothing at all where
+    """auto on a (stand-in) GPU mesh: fp8 at one row through gemv on one device, the shard's small
+    ones under psum (the default on GPUs), nothing on several devices under XLA's partitioner; and nothing at all where
     JAX no longer has the Pallas Triton backend (deprecated upstream)."""
     from types import SimpleNamespace
 
@@ -158,8 +179,13 @@ def test_auto_takes_the_kernel_on_gpus_with_the_triton_backend_only(monkeypatch)
     def gpus(n):
         return SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")] * n, dtype=object))
 
+    from jaxllm.sharding import row_parallel_mode
+
     monkeypatch.delenv("JAXLLM_GEMV", raising=False)
+    monkeypatch.delenv("JAXLLM_ROW_PARALLEL", raising=False)
     assert gemv_module.gemv_wanted(gpus(1)) == "quantized"
+    # the default on GPUs: the projections per shard (psum), the shard's small ones through the kernel
+    assert row_parallel_mode(gpus(2)) == "psum" and gemv_module.gemv_wanted(gpus(2)) == "small"
     monkeypatch.setenv("JAXLLM_ROW_PARALLEL", "xla")
     assert gemv_module.gemv_wanted(gpus(2)) == ""
     monkeypatch.setenv("JAXLLM_ROW_PARALLEL", "psum")

@@ -11,7 +11,8 @@ and at the small shapes of a tensor-parallel shard (q, k/v, o) its dot runs at 0
 Here the grid is (N / block_n) x splits: each program owns block_n output columns and one of
 `splits` equal slices of K and walks its slice in block_k steps (Triton pipelines the loads over
 `num_stages`). One row (``fma``): float32 multiply-adds and a reduction per block; more rows: a
-tensor-core dot (x's rows padded to 16, the smallest dot Triton takes). With one split the kernel
+tensor-core dot (x's rows padded to 16, the smallest dot Triton takes; one row is broadcast to 16
+in registers with rows 1-15 masked to zero, so no pad kernel runs before it). With one split the kernel
 writes the result (per-channel scale applied); with more, float32 partials are added (and the
 scale applied) in one small jnp epilogue.
 
@@ -86,8 +87,8 @@ def gemv_wanted(mesh) -> str:
     "small" (weights of at most SMALL_WEIGHT elements), "quantized" (fp8 weights, stored [N, K],
     times one row, where the multiply-add kernel beats XLA's converting dot) or "" (0). The default,
     auto, on NVIDIA GPUs: "quantized" on one device, "small" under tensor parallelism with the
-    projections in shard_map (opt-in JAXLLM_ROW_PARALLEL=psum: tp=2 4.70 -> 4.17 ms on 2x H200);
-    "" elsewhere (and where JAX has no Pallas Triton backend). A mesh of several devices takes the
+    projections in shard_map (JAXLLM_ROW_PARALLEL=psum, the default on GPUs: tp=2 4.70 -> 4.17 ms on
+    2x H200); "" elsewhere (and where JAX has no Pallas Triton backend). A mesh of several devices takes the
     kernel only with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or oneshot,
     sharding.TensorParallel), where each device's kernel sees its shard."""
     import os
@@ -98,7 +99,7 @@ def gemv_wanted(mesh) -> str:
     if value not in MODES:
         raise ValueError(f"JAXLLM_GEMV={value!r}: expected one of {sorted(MODES)}")
     several = mesh.devices.size > 1
-    if several and row_parallel_mode() not in ("psum", "oneshot"):
+    if several and row_parallel_mode(mesh) not in ("psum", "oneshot"):
         return ""
     if value == "auto":
         on_gpu = mesh.devices.flat[0].platform == "gpu" and triton_available()
@@ -133,8 +134,11 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
         raise ValueError(f"gemv: [{m}, {k}] x [{k}, {n}] does not fit block_n={block_n}, block_k={block_k}, "
                          f"splits={splits} (rows <= {ROWS}, one with fma; n % block_n == 0, k % (splits * block_k) == 0)")
     steps = k // (splits * block_k)
-    rows = 1 if fma else ROWS
-    xp = x if fma else jnp.pad(x, ((0, ROWS - m), (0, 0)))
+    # one row through the dot: broadcast to 16 rows in registers, rows 1-15 masked to zero (no pad
+    # kernel), and the rows of the product added (exact: zeros); more rows are padded to 16
+    one = m == 1 and not fma
+    rows = 1 if fma or one else ROWS
+    xp = x if rows == 1 else jnp.pad(x, ((0, ROWS - m), (0, 0)))
     direct = splits == 1
     with_scale = direct and scale is not None
     out_dtype = out_dtype or x.dtype
@@ -154,13 +158,18 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
                 ws = w_ref[pl.ds(off, block_k), cols].astype(jnp.float32)  # [block_k, block_n]
                 return acc + jnp.sum(ws * xs[:, None], axis=0)[None]
             xs = x_ref[:, pl.ds(off, block_k)]
+            if one:  # [1, block_k] -> [16, block_k], row 0 only
+                first = jax.lax.broadcasted_iota(jnp.int32, (ROWS, block_k), 0) == 0
+                xs = jnp.where(first, jnp.broadcast_to(xs, (ROWS, block_k)), jnp.zeros((), xs.dtype))
             if k_minor:
                 ws = w_ref[cols, pl.ds(off, block_k)].astype(xs.dtype)  # [block_n, block_k]
                 return acc + jax.lax.dot_general(xs, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             ws = w_ref[pl.ds(off, block_k), cols].astype(xs.dtype)  # [block_k, block_n]
             return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, block_n), jnp.float32))
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((ROWS if one else rows, block_n), jnp.float32))
+        if one:
+            acc = jnp.sum(acc, axis=0, keepdims=True)
         if direct:
             if with_scale:
                 acc = acc * refs[0][cols].astype(jnp.float32)[None]
