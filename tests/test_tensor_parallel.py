@@ -321,3 +321,20 @@ def test_row_parallel_partial_sums_are_added_in_float32(tiny_checkpoints):
     assert res.returncode == 0, res.stderr[-3000:]
     equal = float(res.stdout.strip().split("EQUAL")[-1])
     assert equal >= 0.99, equal
+
+
+def test_xla_flag_defaults_are_added_unless_set_or_refused():
+    """jaxllm adds its XLA flags (NCCL symmetric all-reduces) to XLA_FLAGS at import; a flag the user
+    set keeps the user's value, and JAXLLM_XLA_DEFAULTS=0 adds none."""
+    import jaxllm
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    jaxllm._add_xla_flag_defaults(env)
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *jaxllm.XLA_FLAG_DEFAULTS]
+    mine = "--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE"
+    env = {"XLA_FLAGS": mine}
+    jaxllm._add_xla_flag_defaults(env)
+    assert env["XLA_FLAGS"].split() == [mine, jaxllm.XLA_FLAG_DEFAULTS[1]]
+    env = {"JAXLLM_XLA_DEFAULTS": "0"}
+    jaxllm._add_xla_flag_defaults(env)
+    assert "XLA_FLAGS" not in env

@@ -101,12 +101,17 @@ def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool)
     return found if found is not None else requested
 
 
-def fused_qkv_wanted() -> bool:
+def fused_qkv_wanted(mesh=None) -> bool:
     """Whether q/k/v run as one projection where the tensor-parallel layout allows (models/llama.py:
-    can_fuse_qkv): only with JAXLLM_FUSED_QKV=1. Measured on an H100 at 8B shapes (BENCHMARKS.md,
-    sixth session) the fused GEMM gained 0.03 ms per token at batch 1 and lost ~8% of 1000 x 128/128
-    throughput at 256 rows, so q and k/v stay apart by default."""
-    return os.environ.get("JAXLLM_FUSED_QKV", "0") == "1"
+    can_fuse_qkv). JAXLLM_FUSED_QKV=1 / 0 forces it; by default ("auto") only on a mesh of several
+    GPUs. Measured on an H100 at 8B shapes (BENCHMARKS.md, sixth session) the fused GEMM gained 0.03
+    ms per token at batch 1 and lost ~8% of 1000 x 128/128 throughput at 256 rows, so on one device
+    q and k/v stay apart; at tp=2 each shard's fused q/k/v is one pallas.gemv instead of two (the k/v
+    one at ~1.1 TB/s), batch 1 4.26 -> 4.06 ms on 2x H200 ("Ninth session")."""
+    value = os.environ.get("JAXLLM_FUSED_QKV", "auto")
+    if value != "auto":
+        return value == "1"
+    return mesh is not None and mesh.devices.size > 1 and mesh.devices.flat[0].platform == "gpu"
 
 
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
@@ -143,7 +148,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
         found: dict[int, dict[str, float]] = {}
         state = place_weights(abstract_state, _take_kv_scales(tensors, found), cfg, arch.weight_map, mesh)
         kv_scales = _kv_scales(found, cfg.num_layers)
-    if fused_qkv_wanted() and can_fuse_qkv(cfg, tensor_parallel_size(mesh)):
+    if fused_qkv_wanted(mesh) and can_fuse_qkv(cfg, tensor_parallel_size(mesh)):
         # loaded as q and kv (the checkpoints' and Orbax's layout), run as one q/k/v projection
         cfg = replace(cfg, fused_qkv=True)
         graphdef, fused_abstract = abstract(cfg)

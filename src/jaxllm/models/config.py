@@ -59,7 +59,7 @@ class ModelConfig:
     # set by the loader from JAXLLM_GEMV (pallas.gemv.gemv_wanted)
     triton_gemv: str = ""
     # q, k and v as one projection (attn.qkv, [embed, kv_heads, G + 2, head_dim]): set by the loader
-    # with JAXLLM_FUSED_QKV=1 when the KV heads split evenly over the tensor-parallel devices
+    # (by default on several GPUs; JAXLLM_FUSED_QKV) when the KV heads split evenly over the devices
     # (loader.fused_qkv_wanted, models/llama.py: fuse_qkv)
     fused_qkv: bool = False
 

@@ -176,22 +176,27 @@ class TensorParallel:
                              check_vma=False)(*args)
 
 
-def row_parallel_mode() -> str:
-    """The environment switch JAXLLM_ROW_PARALLEL (default "xla"; see TensorParallel). "psum" is
-    faster at tp=2 on 2x H200 with the shard's small projections through pallas.gemv (4.79 -> 4.34
-    ms at batch 1), but its greedy tokens on random Llama-3.1-8B weights left tp=1's at clearer
-    margins than XLA's partitioner's (BENCHMARKS.md "Eighth session"): opt-in until that is
-    understood."""
-    return os.environ.get("JAXLLM_ROW_PARALLEL", "xla")
+def row_parallel_mode(mesh: Mesh | None = None) -> str:
+    """The environment switch JAXLLM_ROW_PARALLEL: "xla", "psum", "oneshot" (see TensorParallel) or
+    "auto", the default, which on a mesh of GPUs is "psum" and elsewhere "xla". On GPUs the
+    projections per device let each shard's q, k/v and output projection run through pallas.gemv:
+    tp=2 at batch 1 4.79 -> 4.34 ms on 2x H200 (BENCHMARKS.md "Eighth session"), and its greedy
+    tokens on random Llama-3.1-8B weights are no farther from exact (float32) arithmetic than tp=1's
+    or the partitioner's ("Ninth session"). With a mesh, "auto" is resolved for it."""
+    mode = os.environ.get("JAXLLM_ROW_PARALLEL", "auto")
+    if mode == "auto" and mesh is not None:
+        return "psum" if mesh.devices.flat[0].platform == "gpu" else "xla"
+    return mode
 
 
 def tensor_parallel_for(mesh: Mesh, mode: str | None = None) -> TensorParallel | None:
     """The TensorParallel of a model on this mesh (None on one device). mode: one of
     ROW_PARALLEL_MODES, default from the environment switch ``JAXLLM_ROW_PARALLEL``
-    (row_parallel_mode); "oneshot" needs a "model" axis of 2 GPUs of one process."""
-    mode = mode or row_parallel_mode()
+    (row_parallel_mode: "psum" on GPUs, "xla" elsewhere); "oneshot" needs a "model" axis of 2 GPUs
+    of one process."""
+    mode = mode or row_parallel_mode(mesh)
     if mode not in ROW_PARALLEL_MODES:
-        raise ValueError(f"JAXLLM_ROW_PARALLEL must be one of {ROW_PARALLEL_MODES}, got {mode!r}")
+        raise ValueError(f"JAXLLM_ROW_PARALLEL must be one of {ROW_PARALLEL_MODES + ('auto',)}, got {mode!r}")
     tp = tensor_parallel_size(mesh)
     if tp == 1:
         return None
