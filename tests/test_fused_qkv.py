@@ -87,3 +87,27 @@ def test_saves_hold_q_and_kv_apart_and_restore_fused_or_not(tiny_checkpoints, mo
             got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True),
                                                                 use_tqdm=False)]
         assert got == want, fused
+
+
+def test_fused_qkv_by_default_only_under_tensor_parallelism_on_gpus(monkeypatch):
+    """JAXLLM_FUSED_QKV=auto (the default): fused on a (stand-in) GPU mesh split over several
+    devices -- each shard's q and k/v one gemv, faster at tp=2 -- apart on one GPU (fusion cost
+    throughput there) and on CPUs; 1 / 0 force it."""
+    from types import SimpleNamespace
+
+    from jaxllm.loader import fused_qkv_wanted
+
+    def mesh(tp, platform="gpu"):
+        return SimpleNamespace(shape={"data": 1, "model": tp},
+                               devices=np.array([SimpleNamespace(platform=platform)] * tp, dtype=object))
+
+    monkeypatch.delenv("JAXLLM_FUSED_QKV", raising=False)
+    assert fused_qkv_wanted(mesh(2)) and fused_qkv_wanted(mesh(4))
+    assert not fused_qkv_wanted(mesh(1)) and not fused_qkv_wanted(mesh(2, "cpu")) and not fused_qkv_wanted(None)
+    monkeypatch.setenv("JAXLLM_FUSED_QKV", "1")
+    assert fused_qkv_wanted(mesh(1, "cpu"))
+    monkeypatch.setenv("JAXLLM_FUSED_QKV", "0")
+    assert not fused_qkv_wanted(mesh(2))
+    monkeypatch.setenv("JAXLLM_FUSED_QKV", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_FUSED_QKV='yes'"):
+        fused_qkv_wanted(mesh(2))

@@ -109,9 +109,11 @@ def fused_qkv_wanted(mesh=None) -> bool:
     q and k/v stay apart; at tp=2 each shard's fused q/k/v is one pallas.gemv instead of two (the k/v
     one at ~1.1 TB/s), batch 1 4.26 -> 4.06 ms on 2x H200 ("Ninth session")."""
     value = os.environ.get("JAXLLM_FUSED_QKV", "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"JAXLLM_FUSED_QKV={value!r}: expected auto, 0 or 1")
     if value != "auto":
         return value == "1"
-    return mesh is not None and mesh.devices.size > 1 and mesh.devices.flat[0].platform == "gpu"
+    return mesh is not None and tensor_parallel_size(mesh) > 1 and mesh.devices.flat[0].platform == "gpu"
 
 
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
