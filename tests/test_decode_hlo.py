@@ -46,15 +46,21 @@ def test_pool_is_donated_and_never_copied(tiny_llm, program):
     assert not copies, f"the program copies a pool buffer: {copies[:2]}"
 
 
-def test_layers_share_one_trace_and_all_compile(tiny_llm, monkeypatch):
-    """The layers of a step program go through one jitted layer function: traced once per program,
-    not once per layer, while the compiled program still holds every layer (XLA inlines the calls):
+def test_layers_share_one_trace_and_all_compile(tmp_path, monkeypatch):
+    """The layers of a step program go through one jitted layer function: traced twice per program
+    (the first layer, and the rest), not once per layer, while the compiled program still holds every layer (XLA inlines the calls):
     as many dots as with each layer traced on its own."""
     from jaxllm.models import llama
 
-    runner = tiny_llm._engine.runner
-    reqs = [tiny_llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4))]
-    state = tiny_llm._engine._row_state(reqs, 2)
+    from conftest import write_kernel_sized_config
+
+    from jaxllm import LLM
+
+    llm = LLM(str(write_kernel_sized_config(tmp_path / "m", num_hidden_layers=3)), load_format="dummy",
+              max_seq_len=256, max_batch_size=8, compilation_cache=False)
+    runner = llm._engine.runner
+    reqs = [llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4))]
+    state = llm._engine._row_state(reqs, 2)
     tables = jnp.zeros((2, 3), jnp.int32)
     traced = []
     real = llama.DecoderLayer.__call__
@@ -71,7 +77,9 @@ def test_layers_share_one_trace_and_all_compile(tiny_llm, monkeypatch):
     monkeypatch.setattr(llama, "_call_layer", lambda layer, i, x, positions, cache, attend: layer(i, x, positions, cache, attend))
     own_dots, own_traces = compiled_dots()
     layers = runner.cfg.num_layers
-    assert layers > 1 and shared_traces == 1 and own_traces == layers
+    # the first layer has nothing to add before its input norm (the others add the previous MLP's output)
+    assert layers == 3 and shared_traces == 2 and own_traces == layers
+    llm.shutdown()
     assert shared_dots == own_dots >= 6 * layers  # q/k/v, o, gate/up, down, and attention's two
 
 

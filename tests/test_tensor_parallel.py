@@ -26,6 +26,10 @@ import jaxllm.pallas.gemv as gemv_module
 gemv_calls = []  # projections traced through pallas.gemv (JAXLLM_GEMV=1)
 _gemv = gemv_module.gemv
 gemv_module.gemv = lambda *a, **k: gemv_calls.append(1) or _gemv(*a, **k)
+import jaxllm.pallas.add_norm as add_norm_module
+add_norm_calls = []  # residual adds + RMSNorms traced through pallas.add_norm (JAXLLM_FUSED_NORM=1)
+_add_norm = add_norm_module.add_rmsnorm
+add_norm_module.add_rmsnorm = lambda *a, **k: add_norm_calls.append(1) or _add_norm(*a, **k)
 _embed = shd.TensorParallel.embed
 shd.TensorParallel.embed = lambda self, t, ta, tok: traced.append(("embed",) + tuple(ta)) or _embed(self, t, ta, tok)
 
@@ -34,6 +38,7 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     path = sys.argv[1] if source == "hf" else sys.argv[2]  # the Orbax checkpoint saved at tp=1
     traced.clear()
     gemv_calls.clear()
+    add_norm_calls.clear()
     llm = LLM(path, tensor_parallel_size=tp, data_parallel_size=dp, max_seq_len=128, compilation_cache=False)
     if tp == 1:
         llm.save(sys.argv[2])
@@ -63,7 +68,7 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     pool = llm._engine.runner.pool[0][0]
     out[f"{tp}x{dp}" + ("-orbax" if source == "orbax" else "")] = dict(
         tokens=[o.outputs[0].token_ids for o in outs], logits=logits, params=params,
-        replica_devices=replica_devices, served=served, collectives=collectives, row_parallel=sorted(set(map(tuple, traced))), gemv_calls=len(gemv_calls),
+        replica_devices=replica_devices, served=served, collectives=collectives, row_parallel=sorted(set(map(tuple, traced))), gemv_calls=len(gemv_calls), add_norm_calls=len(add_norm_calls),
         pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards}),
                   heads=pool.shape[1]),
     )
@@ -141,12 +146,14 @@ def test_tensor_parallel_row_parallel_sums_in_shard_map(tiny_checkpoints, tmp_pa
 
 
 def test_tensor_parallel_projections_per_shard_through_gemv(tiny_checkpoints, tmp_path):
-    # every projection in shard_map (JAXLLM_ROW_PARALLEL=psum) and the decode-sized ones through
-    # pallas.gemv on each device's shard (JAXLLM_GEMV=1; interpret mode here): tp=1's tokens and logits
-    res = _run(tiny_checkpoints["llama3"], tmp_path, JAXLLM_ROW_PARALLEL="psum", JAXLLM_GEMV="1")
+    # every projection in shard_map (JAXLLM_ROW_PARALLEL=psum), the decode-sized ones through
+    # pallas.gemv on each device's shard (JAXLLM_GEMV=1; interpret mode here) and the residual adds +
+    # RMSNorms through pallas.add_norm on every device (JAXLLM_FUSED_NORM=1): tp=1's tokens and logits
+    res = _run(tiny_checkpoints["llama3"], tmp_path, JAXLLM_ROW_PARALLEL="psum", JAXLLM_GEMV="1", JAXLLM_FUSED_NORM="1")
     _check(res, num_heads=4, num_kv_heads=2)
     for key in ("1x1", "2x1", "4x1", "8x1", "2x2"):
         assert res[key]["gemv_calls"] >= 4, (key, res[key]["gemv_calls"])
+        assert res[key]["add_norm_calls"] >= 4, (key, res[key]["add_norm_calls"])
 
 
 def test_tensor_parallel_kv_heads_divide(tmp_path):

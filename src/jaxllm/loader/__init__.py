@@ -116,6 +116,16 @@ def fused_qkv_wanted(mesh=None) -> bool:
     return mesh is not None and tensor_parallel_size(mesh) > 1 and mesh.devices.flat[0].platform == "gpu"
 
 
+def fused_norm_wanted() -> bool:
+    """Whether decode-sized residual adds and the RMSNorms after them run as one kernel
+    (pallas.add_norm; models/llama.py): JAXLLM_FUSED_NORM=1, opt-in until measured on the device
+    (0, the default: XLA's fusions). On a CPU backend the kernel runs in Pallas interpret mode."""
+    value = os.environ.get("JAXLLM_FUSED_NORM", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"JAXLLM_FUSED_NORM={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
                quantization=None) -> LoadedModel:
     src = resolve_model(model, revision)
@@ -127,7 +137,8 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     if w8a8 and stored != "fp8":
         raise ValueError(f"quantization='fp8-w8a8' needs fp8 weights; this checkpoint holds {stored} weights")
     cfg = replace(ModelConfig.from_hf(hf_config), quantization=stored, fp8_activations=w8a8,
-                  fp8_gemv=stored == "fp8" and gemv_wanted(mesh), triton_gemv=triton_gemv_wanted(mesh))
+                  fp8_gemv=stored == "fp8" and gemv_wanted(mesh), triton_gemv=triton_gemv_wanted(mesh),
+                  fused_norm=fused_norm_wanted())
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)

@@ -62,6 +62,9 @@ class ModelConfig:
     # (by default on several GPUs; JAXLLM_FUSED_QKV) when the KV heads split evenly over the devices
     # (loader.fused_qkv_wanted, models/llama.py: fuse_qkv)
     fused_qkv: bool = False
+    # the residual add and the RMSNorm after it in one kernel at decode-sized calls (pallas.add_norm):
+    # set by the loader from JAXLLM_FUSED_NORM=1 (opt-in, not yet measured on the device)
+    fused_norm: bool = False
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":

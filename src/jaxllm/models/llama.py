@@ -326,22 +326,54 @@ class MLP(nnx.Module):
         return y
 
 
+def add_norm(x, y, norm: RMSNorm, attend=None, fused: bool = False):
+    """(h, norm(h)) for h = x + y: the residual stream x after adding a block's output y, and its
+    RMSNorm. With `fused` (cfg.fused_norm), decode-sized calls run both in one kernel
+    (pallas.add_norm), per device under the step's TensorParallel (its shard_map modes; not under
+    XLA's partitioner, which cannot split a kernel); else, and for other shapes, as written here.
+    y None: nothing to add (the first layer)."""
+    if y is None:
+        return x, norm(x)
+    if fused and (out := _fused_add_norm(x, y, norm, attend)) is not None:
+        return out
+    h = x + y
+    return h, norm(h)
+
+
+def _fused_add_norm(x, y, norm: RMSNorm, attend):
+    from ..pallas.add_norm import add_rmsnorm, add_rmsnorm_fits
+
+    e = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    tp = getattr(attend, "tensor_parallel", None)
+    if not add_rmsnorm_fits(rows, e) or (tp is not None and tp.mode == "xla"):
+        return None
+    f = functools.partial(add_rmsnorm, eps=norm.eps, interpret=jax.default_backend() == "cpu")
+    args = (x.reshape(rows, e), y.reshape(rows, e), norm.weight[...])
+    h, n = f(*args) if tp is None else tp.replicated(f, *args)
+    return h.reshape(x.shape), n.reshape(x.shape)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.attn = Attention(cfg, dtype, rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.mlp = MLP(cfg, dtype, rngs)
+        self.fused_norm = cfg.fused_norm
 
-    def __call__(self, layer: int, x, positions, cache, attend: Attend):
-        h, cache = self.attn(layer, self.input_norm(x), positions, cache, attend)
-        x = x + h
-        x = x + self.mlp(self.post_attn_norm(x), attend)
-        return x, cache
+    def __call__(self, layer: int, xy, positions, cache, attend: Attend):
+        """xy: (the residual stream, the previous layer's MLP output still to be added to it -- so
+        that the add and this layer's input norm can be one kernel). Returns (the residual stream,
+        this layer's MLP output), cache."""
+        x, n = add_norm(*xy, self.input_norm, attend, self.fused_norm)
+        h, cache = self.attn(layer, n, positions, cache, attend)
+        x, n = add_norm(x, h, self.post_attn_norm, attend, self.fused_norm)
+        return (x, self.mlp(n, attend)), cache
 
 
 def _call_layer(layer: DecoderLayer, i: int, x, positions, cache, attend: Attend):
-    """layer(i, x, positions, cache, attend), through one jitted function that every layer of the same
+    """layer(i, x, positions, cache, attend) (x: the layer's (residual, to add) pair), through one jitted function that every layer of the same
     structure shares when `attend` can be passed to it (a pytree with ``for_layer``, as the runner's
     is): the step program then traces and lowers one layer, not each of them -- 32x less Python per
     program at 8B (its layers still compile unrolled: XLA inlines the calls)."""
@@ -375,9 +407,10 @@ class LlamaForCausalLM(nnx.Module):
         """tokens, positions: [B, T] int32. Returns (hidden [B, T, E] after the final norm, cache)."""
         tp = getattr(attend, "tensor_parallel", None)  # the vocabulary-parallel lookup under tensor parallelism
         x = jnp.take(self.embed[...], tokens, axis=0) if tp is None else tp.embed(self.embed[...], _axes(self.embed), tokens)
+        xy = (x, None)  # nothing to add before the first layer: traced on its own, the others share one trace
         for i, layer in enumerate(self.layers):
-            x, cache = _call_layer(layer, i, x, positions, cache, attend)
-        return self.norm(x), cache
+            xy, cache = _call_layer(layer, i, xy, positions, cache, attend)
+        return add_norm(*xy, self.norm, attend, self.config.fused_norm)[1], cache
 
     def logits(self, hidden):
         """float32 logits [..., vocab] for hidden states [..., E]."""

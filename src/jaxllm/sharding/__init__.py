@@ -136,6 +136,12 @@ class TensorParallel:
         return jax.shard_map(per_device, mesh=self.mesh, in_specs=(spec, PartitionSpec()),
                              out_specs=PartitionSpec(), check_vma=False)(table, tokens)
 
+    def replicated(self, f, *args):
+        """f(*args) on every device for replicated arrays (a kernel XLA's partitioner cannot place:
+        pallas.add_norm's residual add + RMSNorm), its results replicated."""
+        return jax.shard_map(f, mesh=self.mesh, in_specs=(PartitionSpec(),) * len(args), out_specs=PartitionSpec(),
+                             check_vma=False)(*args)
+
     def column_parallel(self, f, x, x_axes, w, w_axes, scale=None):
         """f(x, w, scale), a projection whose output dims (w's axes not in x_axes, in w's order) may
         be split over "model": per device in shard_map unless the mode is "xla"; x replicated."""

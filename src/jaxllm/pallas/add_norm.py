@@ -1,0 +1,67 @@
+"""The residual add and the RMSNorm after it, for a few rows, in one kernel (Pallas, Triton backend):
+h = x + y, n = rmsnorm(h) * w -> (h, n).
+
+Why: at batch 1 a decoder layer's two "add the block's output to the residual stream, normalize"
+steps are, under XLA, three or four small kernels each (the add, a sum of squares that becomes
+its own reduction at one row, the normalize, a convert), and a batch-1 step is ~20 kernels per
+layer whose launches and gaps cost as much as their work (BENCHMARKS.md, sixth and ninth
+sessions). Here each row is one program that reads x and y once and writes h and n. Opt-in
+(``JAXLLM_FUSED_NORM=1``, models/llama.py) until measured on the device.
+
+Numerics are the model's own: h rounded to x's dtype as ``x + y`` rounds it, the mean of squares
+and the normalize in float32, the product with the weight rounded once; only the order of the sum
+of squares differs from XLA's reduction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 16  # decode-sized calls; more rows stay with XLA, which fuses a many-row norm well
+
+
+def add_rmsnorm_fits(rows: int, e: int) -> bool:
+    """Whether the kernel serves [rows, e] (a Triton block is a power of two wide)."""
+    return 1 <= rows <= MAX_ROWS and 64 <= e <= 16384 and e & (e - 1) == 0
+
+
+def reference_add_rmsnorm(x, y, w, eps: float):
+    """(x + y, RMSNorm(x + y) * w) in plain jnp, as models/llama.py computes them."""
+    h = x + y.astype(x.dtype)
+    hf = h.astype(jnp.float32)
+    n = hf * jax.lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + eps)
+    return h, (n * w.astype(jnp.float32)).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def add_rmsnorm(x, y, w, *, eps: float, num_warps: int = 8, interpret: bool = False):
+    """x, y [rows, e] (y of any float dtype, rounded to x's first), w [e] -> (h, n), both x's dtype."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    rows, e = x.shape
+    if not add_rmsnorm_fits(rows, e) or y.shape != x.shape or w.shape != (e,):
+        raise ValueError(f"add_rmsnorm: x {x.shape}, y {y.shape}, w {w.shape}: expected [rows, e], [rows, e], [e] "
+                         f"with rows <= {MAX_ROWS} and e a power of two in [64, 16384]")
+    dtype = x.dtype
+
+    def kernel(x_ref, y_ref, w_ref, h_ref, n_ref):
+        h = (x_ref[...].astype(jnp.float32) + y_ref[...].astype(dtype).astype(jnp.float32)).astype(dtype)
+        h_ref[...] = h
+        hf = h.astype(jnp.float32)
+        n = hf * jax.lax.rsqrt(jnp.sum(hf * hf, axis=-1, keepdims=True) / e + eps)
+        n_ref[...] = (n * w_ref[...].astype(jnp.float32)[None, :]).astype(dtype)
+
+    row = pl.BlockSpec((1, e), lambda i: (i, 0))
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((rows, e), dtype),) * 2,
+        grid=(rows,),
+        in_specs=[row, row, pl.BlockSpec((e,), lambda i: (0,))],
+        out_specs=[row, row],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps),
+        interpret=interpret,
+    )(x, y, w)

@@ -1,0 +1,95 @@
+"""pallas.add_norm (a decode call's residual add + RMSNorm in one kernel) against its jnp reference
+and in the model, in Pallas interpret mode; compiled on the GPU (gpu-marked)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.pallas.add_norm import add_rmsnorm, add_rmsnorm_fits, reference_add_rmsnorm
+
+
+def _inputs(rows, e, dtype, y_dtype, seed=0):
+    kx, ky, kw = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (rows, e), jnp.float32).astype(dtype)
+    y = (3 * jax.random.normal(ky, (rows, e), jnp.float32)).astype(y_dtype)
+    w = (1 + 0.1 * jax.random.normal(kw, (e,), jnp.float32)).astype(dtype)
+    return x, y, w
+
+
+@pytest.mark.parametrize("rows, e, dtype, y_dtype", [
+    (1, 256, jnp.bfloat16, jnp.bfloat16),
+    (4, 512, jnp.bfloat16, jnp.float32),  # a float32 y is rounded to x's dtype before the add, as x + y does
+    (16, 64, jnp.float32, jnp.float32),
+])
+def test_add_rmsnorm_matches_reference(rows, e, dtype, y_dtype):
+    x, y, w = _inputs(rows, e, dtype, y_dtype)
+    h, n = add_rmsnorm(x, y, w, eps=1e-5, interpret=True)
+    rh, rn = reference_add_rmsnorm(x, y, w, 1e-5)
+    assert h.dtype == n.dtype == dtype and h.shape == n.shape == (rows, e)
+    assert (h == rh).all()  # the add rounds exactly as x + y
+    # the sum of squares is added in another order than XLA's: at most a last-bit difference
+    np.testing.assert_allclose(np.asarray(n, np.float32), np.asarray(rn, np.float32), rtol=1e-2 if dtype == jnp.bfloat16
+                               else 1e-6, atol=1e-6)
+
+
+def test_add_rmsnorm_refuses_shapes_it_does_not_serve():
+    assert add_rmsnorm_fits(1, 4096) and add_rmsnorm_fits(16, 64)
+    assert not add_rmsnorm_fits(17, 4096) and not add_rmsnorm_fits(1, 576) and not add_rmsnorm_fits(1, 32)
+    with pytest.raises(ValueError, match="rows <= 16 and e a power of two"):
+        add_rmsnorm(jnp.ones((1, 576)), jnp.ones((1, 576)), jnp.ones(576), eps=1e-5, interpret=True)
+
+
+def test_fused_norm_switch_is_checked(monkeypatch):
+    from jaxllm.loader import fused_norm_wanted
+
+    monkeypatch.delenv("JAXLLM_FUSED_NORM", raising=False)
+    assert not fused_norm_wanted()  # opt-in until measured on the device
+    monkeypatch.setenv("JAXLLM_FUSED_NORM", "1")
+    assert fused_norm_wanted()
+    monkeypatch.setenv("JAXLLM_FUSED_NORM", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_FUSED_NORM='yes'"):
+        fused_norm_wanted()
+
+
+@pytest.mark.parametrize("variant", ["llama3", "qwen3"])
+def test_a_model_with_the_fused_norm_gives_the_same_logits_and_tokens(tiny_checkpoints, monkeypatch, variant):
+    """JAXLLM_FUSED_NORM=1: every decode-sized residual add + RMSNorm (two per layer and the final
+    norm) through the kernel, with the unfused model's logits and greedy tokens."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.pallas import add_norm as add_norm_module
+
+    ids = jnp.asarray([[5, 9, 17, 33, 2, 71, 8, 100]], jnp.int32)  # 8 tokens: a decode-sized call
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65]}, {"prompt_token_ids": [7, 7, 1]}]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    results, real = {}, add_norm_module.add_rmsnorm
+    for fused in ("0", "1"):
+        monkeypatch.setenv("JAXLLM_FUSED_NORM", fused)
+        calls = []
+        monkeypatch.setattr(add_norm_module, "add_rmsnorm",
+                            lambda *a, calls=calls, **k: calls.append(a[0].shape) or real(*a, **k))
+        with LLM(str(tiny_checkpoints[variant]), max_seq_len=64, max_batch_size=2, compilation_cache=False) as llm:
+            layers = llm.model_config.num_layers
+            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
+            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        results[fused] = (logits, tokens, calls)
+    (ref, ref_tokens, off_calls), (got, got_tokens, on_calls) = results["0"], results["1"]
+    assert off_calls == []
+    # per traced program: 2 per layer but the first layer's input norm (nothing to add), + the final norm;
+    # the layers after the first share one trace
+    assert len(on_calls) >= 2 * min(layers, 2), on_calls
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert got_tokens == ref_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("e", [4096, 8192])
+def test_add_rmsnorm_compiled_on_the_gpu_matches_reference(rows, e):
+    x, y, w = _inputs(rows, e, jnp.bfloat16, jnp.float32, seed=e + rows)
+    h, n = add_rmsnorm(x, y, w, eps=1e-5)
+    rh, rn = reference_add_rmsnorm(x, y, w, 1e-5)
+    assert (h == rh).all()
+    np.testing.assert_allclose(np.asarray(n, np.float32), np.asarray(rn, np.float32), rtol=1e-2, atol=1e-6)
