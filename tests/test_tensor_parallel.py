@@ -21,7 +21,8 @@ import jaxllm.sharding as shd
 
 traced = []  # the row-parallel projections the runner's TensorParallel traced in a shard_map
 _rp = shd.TensorParallel.row_parallel
-shd.TensorParallel.row_parallel = lambda self, f, x, xa, w, wa, s=None: (self.mode != "xla" and traced.append(wa)) or _rp(self, f, x, xa, w, wa, s)
+kept_f32 = []  # row-parallel sums handed on in float32 (to pallas.add_norm, which rounds them)
+shd.TensorParallel.row_parallel = lambda self, f, x, xa, w, wa, s=None, **k: (self.mode != "xla" and traced.append(wa)) or (k.get("keep_float32") and kept_f32.append(1)) or _rp(self, f, x, xa, w, wa, s, **k)
 import jaxllm.pallas.gemv as gemv_module
 gemv_calls = []  # projections traced through pallas.gemv (JAXLLM_GEMV=1)
 _gemv = gemv_module.gemv
@@ -39,6 +40,7 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     traced.clear()
     gemv_calls.clear()
     add_norm_calls.clear()
+    kept_f32.clear()
     llm = LLM(path, tensor_parallel_size=tp, data_parallel_size=dp, max_seq_len=128, compilation_cache=False)
     if tp == 1:
         llm.save(sys.argv[2])
@@ -68,7 +70,7 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     pool = llm._engine.runner.pool[0][0]
     out[f"{tp}x{dp}" + ("-orbax" if source == "orbax" else "")] = dict(
         tokens=[o.outputs[0].token_ids for o in outs], logits=logits, params=params,
-        replica_devices=replica_devices, served=served, collectives=collectives, row_parallel=sorted(set(map(tuple, traced))), gemv_calls=len(gemv_calls), add_norm_calls=len(add_norm_calls),
+        replica_devices=replica_devices, served=served, collectives=collectives, row_parallel=sorted(set(map(tuple, traced))), gemv_calls=len(gemv_calls), add_norm_calls=len(add_norm_calls), kept_f32=len(kept_f32),
         pool=dict(total=pool.nbytes, per_device=sorted({s.data.nbytes for s in pool.addressable_shards}),
                   heads=pool.shape[1]),
     )
@@ -154,6 +156,8 @@ def test_tensor_parallel_projections_per_shard_through_gemv(tiny_checkpoints, tm
     for key in ("1x1", "2x1", "4x1", "8x1", "2x2"):
         assert res[key]["gemv_calls"] >= 4, (key, res[key]["gemv_calls"])
         assert res[key]["add_norm_calls"] >= 4, (key, res[key]["add_norm_calls"])
+        # under tensor parallelism o's and down's summed partials reach the kernel in float32 (no convert)
+        assert (res[key]["kept_f32"] >= 2) == (key != "1x1"), (key, res[key]["kept_f32"])
 
 
 def test_tensor_parallel_kv_heads_divide(tmp_path):

@@ -81,16 +81,18 @@ def _axes(p: nnx.Param) -> tuple:
     return tuple(p.get_metadata()["axes"])
 
 
-def _parallel(kind: str, attend, f, x, x_axes, w: nnx.Param, scale: nnx.Param | None):
+def _parallel(kind: str, attend, f, x, x_axes, w: nnx.Param, scale: nnx.Param | None, keep_float32: bool = False):
     """f(x, w, scale) of a projection, through the step's ``sharding.TensorParallel`` when `attend`
     carries one (the runner's does under tensor parallelism), else as it is (XLA's partitioner).
     kind: "row" (the contracting dim is split: o, down -- partial sums to add; f takes an
-    `out_dtype` for them) or "column" (the output dim is split: q, k/v, gate/up)."""
+    `out_dtype` for them) or "column" (the output dim is split: q, k/v, gate/up). `keep_float32`
+    (row): the summed partials may come back in float32, for add_norm's kernel to round."""
     tp = getattr(attend, "tensor_parallel", None)
     if tp is None:
         return f(x, w[...], _value(scale))
-    method = tp.row_parallel if kind == "row" else tp.column_parallel
-    return method(f, x, x_axes, w[...], _axes(w), _value(scale))
+    if kind == "row":
+        return tp.row_parallel(f, x, x_axes, w[...], _axes(w), _value(scale), keep_float32=keep_float32)
+    return tp.column_parallel(f, x, x_axes, w[...], _axes(w), _value(scale))
 
 
 QKV_AXES = ("embed", "kv_heads", "stack", "head_dim")  # the fused k/v (and q/k/v) projection's axes
@@ -260,6 +262,7 @@ class Attention(nnx.Module):
         self.gemv = _gemv_kernel(cfg)
         self.has_bias = cfg.attention_bias
         self.has_o_bias = cfg.o_bias
+        self.fused_norm = cfg.fused_norm  # the output may stay float32 under shard_map (add_norm rounds it)
         self.qk_norm = cfg.qk_norm
         self.rope = cfg.rope
         self.head_dim = d
@@ -290,7 +293,8 @@ class Attention(nnx.Module):
         out, cache = attend(layer, q, k, v, cache)
         y = _parallel("row", attend, lambda o, w, s, out_dtype=None: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8,
                                                                                 self.gemv, out_dtype),
-                      out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale)
+                      out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale,
+                      keep_float32=self.fused_norm and not self.has_o_bias)
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
@@ -306,6 +310,7 @@ class MLP(nnx.Module):
         self.w8a8 = cfg.fp8_activations
         self.gemv = _gemv_kernel(cfg)
         self.has_bias = cfg.mlp_bias
+        self.fused_norm = cfg.fused_norm  # the output may stay float32 under shard_map (add_norm rounds it)
         if cfg.mlp_bias:
             self.gate_up_bias = _param(rngs, (2, f), ("stack", "mlp"), dtype, init="zeros")
             self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
@@ -320,7 +325,8 @@ class MLP(nnx.Module):
         h = jax.nn.silu(g) * u
         y = _parallel("row", attend, lambda h, w, s, out_dtype=None: qeinsum("...f,fe->...e", h, w, s, self.w8a8,
                                                                             self.gemv, out_dtype),
-                      h, (None,) * (h.ndim - 1) + ("mlp",), self.down, self.down_scale)
+                      h, (None,) * (h.ndim - 1) + ("mlp",), self.down, self.down_scale,
+                      keep_float32=self.fused_norm and not self.has_bias)
         if self.has_bias:
             y = y + self.down_bias[...]
         return y
@@ -331,12 +337,13 @@ def add_norm(x, y, norm: RMSNorm, attend=None, fused: bool = False):
     RMSNorm. With `fused` (cfg.fused_norm), decode-sized calls run both in one kernel
     (pallas.add_norm), per device under the step's TensorParallel (its shard_map modes; not under
     XLA's partitioner, which cannot split a kernel); else, and for other shapes, as written here.
-    y None: nothing to add (the first layer)."""
+    y None: nothing to add (the first layer); y float32 (a row-parallel sum kept unrounded for the
+    kernel): rounded to x's dtype first, as the projection would have."""
     if y is None:
         return x, norm(x)
     if fused and (out := _fused_add_norm(x, y, norm, attend)) is not None:
         return out
-    h = x + y
+    h = x + y.astype(x.dtype)
     return h, norm(h)
 
 

@@ -158,13 +158,14 @@ class TensorParallel:
         return jax.shard_map(lambda x, w, *s: f(x, w, s[0] if s else None), mesh=self.mesh, in_specs=specs,
                              out_specs=PartitionSpec(*((None,) * batch + tuple(out_spec))), check_vma=False)(*args)
 
-    def row_parallel(self, f, x, x_axes, w, w_axes, scale=None):
+    def row_parallel(self, f, x, x_axes, w, w_axes, scale=None, keep_float32: bool = False):
         """f(x, w, scale), a projection contracting the logical axes x and w share (x_axes may name
         batch dims None), with its partial sums over "model" added; x's other dims and w's output
         dims come out replicated. Outside "xla" mode f is called with out_dtype=float32: the partials
         are added in float32 and rounded to x's dtype once (bfloat16 partials rounded before the
         add made tp=2 logprobs differ from tp=1's by up to 0.19 on 2x H200, against 0.015 under
-        XLA's partitioner)."""
+        XLA's partitioner). `keep_float32`: return the float32 sum unrounded (a fused residual add
+        that rounds it itself, pallas.add_norm: no convert kernel after the all-reduce)."""
         if self.mode == "xla":
             return f(x, w, scale)
         x_spec, w_spec = logical_to_spec(x_axes, self.mesh, x.shape), logical_to_spec(w_axes, self.mesh, w.shape)
@@ -173,7 +174,8 @@ class TensorParallel:
         reduce = self._reduce()
 
         def per_device(x, w, *scale):  # partial sums added in float32, rounded once (as at tp=1)
-            return reduce(f(x, w, scale[0] if scale else None, out_dtype=jnp.float32), "model").astype(x.dtype)
+            y = reduce(f(x, w, scale[0] if scale else None, out_dtype=jnp.float32), "model")
+            return y if keep_float32 else y.astype(x.dtype)
 
         args, specs = (x, w), (x_spec, w_spec)
         if scale is not None:  # per output channel: replicated
