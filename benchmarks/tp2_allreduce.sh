@@ -15,8 +15,8 @@
 #            (+COLLECTIVES: without, a step's graph is cut at each NCCL call) and/or synchronous all-reduces
 #   defaults ITL of tp=2 under jaxllm's defaults (since the ninth session: per shard, fused q/k/v, NCCL
 #            symmetric all-reduces), twice, and tp=1 in the same call
-#   norm     ITL of tp=2 without / with the fused residual add + RMSNorm (JAXLLM_FUSED_NORM=1), and the
-#            float32 match under it
+#   norm     ITL of tp=2 without / with the fused residual add + RMSNorm (JAXLLM_FUSED_NORM=1), then also
+#            the shard's down projection through gemv (JAXLLM_GEMV_SMALL_MAX=7168*4096), and the float32 match
 #   f32      tp_match.py --dtype float32 at JAX_DEFAULT_MATMUL_PRECISION=highest: tp=2 under the default = tp=1
 #   tests    tests/test_gemv.py -m gpu (the kernel compiled against its reference)
 #   PYTHONPATH=src OUT=/tmp/out STEPS="latency ref profile" bash benchmarks/tp2_allreduce.sh   # nvidia-h100-x2
@@ -48,6 +48,7 @@ graphs) for v in "symm_qkv|" "symm_qkv_graphs|--xla_gpu_enable_command_buffer=+C
 defaults) bench_latency tp2_defaults - --tensor-parallel-size 2; bench_latency tp2_defaults_again - --tensor-parallel-size 2
           bench_latency tp1_defaults - ;;
 norm) bench_latency tp2_defaults - --tensor-parallel-size 2; bench_latency tp2_fused_norm JAXLLM_FUSED_NORM=1 --tensor-parallel-size 2
+      bench_latency tp2_fused_norm_down "JAXLLM_FUSED_NORM=1 JAXLLM_GEMV_SMALL_MAX=29360128" --tensor-parallel-size 2
       JAXLLM_FUSED_NORM=1 JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${F32_TIMEOUT:-200} python benchmarks/tp_match.py \
         --model "$M" --prompts 4 --max-tokens 32 --tp 2 --dtype float32 > "$OUT/f32_fused_norm.txt" 2>&1; tail -3 "$OUT/f32_fused_norm.txt" ;;
 f32) JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${F32_TIMEOUT:-200} python benchmarks/tp_match.py --model "$M" \

@@ -24,6 +24,7 @@ only its bytes.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,9 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True)
 # The largest weight (K x N elements) that JAXLLM_GEMV=small sends here: the q/k/v and output
 # projections, which XLA's dot leaves on too few SMs (448-887 GB/s on an H100), while its larger
 # GEMVs (gate/up, down) already stream at 2.4-2.8 TB/s (BENCHMARKS.md "Eighth session").
-SMALL_WEIGHT = 4096 * 4096
+# JAXLLM_GEMV_SMALL_MAX (elements, read at import) moves the line for an A/B: 7168 * 4096 takes a
+# tp=2 shard's down projection too (26.0 vs XLA's 38.6 us alone on an H100; not measured in the model).
+SMALL_WEIGHT = int(os.environ.get("JAXLLM_GEMV_SMALL_MAX", 4096 * 4096))
 MODES = {"0": "", "1": "all", "small": "small", "auto": "auto"}
 
 
@@ -91,7 +94,6 @@ def gemv_wanted(mesh) -> str:
     2x H200); "" elsewhere (and where JAX has no Pallas Triton backend). A mesh of several devices takes the
     kernel only with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or oneshot,
     sharding.TensorParallel), where each device's kernel sees its shard."""
-    import os
 
     from ..sharding import row_parallel_mode
 
