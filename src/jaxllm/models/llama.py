@@ -21,8 +21,8 @@ KV heads split evenly over the tensor-parallel devices, the loader can fuse q in
 its k and v), one 4096 x 6144 GEMM at 8B shapes -- by default on several GPUs only
 (``loader.fused_qkv_wanted``, ``JAXLLM_FUSED_QKV``): on one H100 it gained 0.03 ms per token at
 batch 1 and lost ~8% of throughput at 256 rows; at tp=2 it makes each shard's q and k/v one
-pallas.gemv (batch 1 4.26 -> 4.06 ms on 2x H200). Checkpoints keep q and kv apart (``unfused_qkv_dict``), so any
-tensor-parallel size loads them. With ``cfg.quantization`` ("fp8" / "int8") the projections
+pallas.gemv (batch 1 4.26 -> 4.06 ms on 2x H200). Checkpoints keep q and kv apart
+(``unfused_qkv_dict``), so any tensor-parallel size loads them. With ``cfg.quantization`` ("fp8" / "int8") the projections
 hold 8-bit weights and a ``<name>_scale`` per output channel (``models/quant.py``); the embedding,
 lm_head and norms stay in ``dtype``.
 
@@ -380,10 +380,11 @@ class DecoderLayer(nnx.Module):
 
 
 def _call_layer(layer: DecoderLayer, i: int, x, positions, cache, attend: Attend):
-    """layer(i, x, positions, cache, attend) (x: the layer's (residual, to add) pair), through one jitted function that every layer of the same
-    structure shares when `attend` can be passed to it (a pytree with ``for_layer``, as the runner's
-    is): the step program then traces and lowers one layer, not each of them -- 32x less Python per
-    program at 8B (its layers still compile unrolled: XLA inlines the calls)."""
+    """layer(i, x, positions, cache, attend) (x: the layer's (residual, to add) pair), through one
+    jitted function that every layer of the same structure shares when `attend` can be passed to it
+    (a pytree with ``for_layer``, as the runner's is): the step program then traces and lowers two
+    layers (the first, with nothing to add, and one for the rest), not each of them -- 16x less
+    Python per program at 8B (its layers still compile unrolled: XLA inlines the calls)."""
     if not hasattr(attend, "for_layer"):
         return layer(i, x, positions, cache, attend)
     graphdef, state = nnx.split(layer)
