@@ -93,3 +93,27 @@ def test_add_rmsnorm_compiled_on_the_gpu_matches_reference(rows, e):
     rh, rn = reference_add_rmsnorm(x, y, w, 1e-5)
     assert (h == rh).all()
     np.testing.assert_allclose(np.asarray(n, np.float32), np.asarray(rn, np.float32), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_a_model_with_the_fused_norm_compiled_on_the_gpu(tmp_path, monkeypatch):
+    """The kernel compiled by Triton inside a model's step programs (hidden size 256, float32): the
+    unfused model's logits and greedy tokens."""
+    from conftest import write_kernel_sized_config
+
+    from jaxllm import LLM, SamplingParams
+
+    path = write_kernel_sized_config(tmp_path / "m")
+    ids = jnp.asarray([[5, 9, 17, 33, 2, 71, 8, 100]], jnp.int32)
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65]}, {"prompt_token_ids": [7, 7, 1]}]
+    results = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("JAXLLM_FUSED_NORM", fused)
+        with LLM(str(path), load_format="dummy", dtype="float32", max_seq_len=64, max_batch_size=2,
+                 compilation_cache=False) as llm:
+            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
+            tokens = [o.outputs[0].token_ids for o in llm.generate(
+                prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)]
+        results[fused] = (logits, tokens)
+    np.testing.assert_allclose(results["1"][0], results["0"][0], rtol=1e-4, atol=1e-4)
+    assert results["1"][1] == results["0"][1]
