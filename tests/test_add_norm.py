@@ -54,10 +54,9 @@ def test_fused_norm_switch_is_checked(monkeypatch):
         fused_norm_wanted()
 
 
-@pytest.mark.parametrize("variant", ["llama3", "qwen3"])
-def test_a_model_with_the_fused_norm_gives_the_same_logits_and_tokens(tiny_checkpoints, monkeypatch, variant):
-    """JAXLLM_FUSED_NORM=1: every decode-sized residual add + RMSNorm (two per layer and the final
-    norm) through the kernel, with the unfused model's logits and greedy tokens."""
+def _unfused_and_fused(monkeypatch, path, **llm_kw):
+    """{JAXLLM_FUSED_NORM value: (logits of an 8-token call, greedy tokens, shapes of the kernel's
+    calls, layers)} of one model without and with the fused residual add + RMSNorm."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.pallas import add_norm as add_norm_module
 
@@ -70,12 +69,20 @@ def test_a_model_with_the_fused_norm_gives_the_same_logits_and_tokens(tiny_check
         calls = []
         monkeypatch.setattr(add_norm_module, "add_rmsnorm",
                             lambda *a, calls=calls, **k: calls.append(a[0].shape) or real(*a, **k))
-        with LLM(str(tiny_checkpoints[variant]), max_seq_len=64, max_batch_size=2, compilation_cache=False) as llm:
+        with LLM(str(path), max_seq_len=64, max_batch_size=2, compilation_cache=False, **llm_kw) as llm:
             layers = llm.model_config.num_layers
             logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
             tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-        results[fused] = (logits, tokens, calls)
-    (ref, ref_tokens, off_calls), (got, got_tokens, on_calls) = results["0"], results["1"]
+        results[fused] = (logits, tokens, calls, layers)
+    return results
+
+
+@pytest.mark.parametrize("variant", ["llama3", "qwen3"])
+def test_a_model_with_the_fused_norm_gives_the_same_logits_and_tokens(tiny_checkpoints, monkeypatch, variant):
+    """JAXLLM_FUSED_NORM=1: every decode-sized residual add + RMSNorm (two per layer and the final
+    norm) through the kernel, with the unfused model's logits and greedy tokens."""
+    results = _unfused_and_fused(monkeypatch, tiny_checkpoints[variant])
+    (ref, ref_tokens, off_calls, _), (got, got_tokens, on_calls, layers) = results["0"], results["1"]
     assert off_calls == []
     # per traced program: 2 per layer but the first layer's input norm (nothing to add), + the final norm;
     # the layers after the first share one trace
@@ -101,19 +108,8 @@ def test_a_model_with_the_fused_norm_compiled_on_the_gpu(tmp_path, monkeypatch):
     unfused model's logits and greedy tokens."""
     from conftest import write_kernel_sized_config
 
-    from jaxllm import LLM, SamplingParams
-
-    path = write_kernel_sized_config(tmp_path / "m")
-    ids = jnp.asarray([[5, 9, 17, 33, 2, 71, 8, 100]], jnp.int32)
-    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65]}, {"prompt_token_ids": [7, 7, 1]}]
-    results = {}
-    for fused in ("0", "1"):
-        monkeypatch.setenv("JAXLLM_FUSED_NORM", fused)
-        with LLM(str(path), load_format="dummy", dtype="float32", max_seq_len=64, max_batch_size=2,
-                 compilation_cache=False) as llm:
-            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
-            tokens = [o.outputs[0].token_ids for o in llm.generate(
-                prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)]
-        results[fused] = (logits, tokens)
+    results = _unfused_and_fused(monkeypatch, write_kernel_sized_config(tmp_path / "m"), load_format="dummy",
+                                 dtype="float32")
+    assert results["1"][2]  # the kernel ran
     np.testing.assert_allclose(results["1"][0], results["0"][0], rtol=1e-4, atol=1e-4)
     assert results["1"][1] == results["0"][1]

@@ -22,9 +22,9 @@ its k and v), one 4096 x 6144 GEMM at 8B shapes -- by default on several GPUs on
 (``loader.fused_qkv_wanted``, ``JAXLLM_FUSED_QKV``): on one H100 it gained 0.03 ms per token at
 batch 1 and lost ~8% of throughput at 256 rows; at tp=2 it makes each shard's q and k/v one
 pallas.gemv (batch 1 4.26 -> 4.06 ms on 2x H200). Checkpoints keep q and kv apart
-(``unfused_qkv_dict``), so any tensor-parallel size loads them. With ``cfg.quantization`` ("fp8" / "int8") the projections
-hold 8-bit weights and a ``<name>_scale`` per output channel (``models/quant.py``); the embedding,
-lm_head and norms stay in ``dtype``.
+(``unfused_qkv_dict``), so any tensor-parallel size loads them. With ``cfg.quantization`` ("fp8" /
+"int8") the projections hold 8-bit weights and a ``<name>_scale`` per output channel
+(``models/quant.py``); the embedding, lm_head and norms stay in ``dtype``.
 
 Attention itself (writing K/V into the cache and reading it back) is not done here: the caller
 passes an ``attend(layer, q, k, v, cache) -> (out, cache)`` function, so the cache layout (contiguous

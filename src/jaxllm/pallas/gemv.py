@@ -12,9 +12,9 @@ Here the grid is (N / block_n) x splits: each program owns block_n output column
 `splits` equal slices of K and walks its slice in block_k steps (Triton pipelines the loads over
 `num_stages`). One row (``fma``): float32 multiply-adds and a reduction per block; more rows: a
 tensor-core dot (x's rows padded to 16, the smallest dot Triton takes; one row is broadcast to 16
-in registers with rows 1-15 masked to zero, so no pad kernel runs before it). With one split the kernel
-writes the result (per-channel scale applied); with more, float32 partials are added (and the
-scale applied) in one small jnp epilogue.
+in registers with rows 1-15 masked to zero, so no pad kernel runs before it). With one split the
+kernel writes the result (per-channel scale applied); with more, float32 partials are added (and
+the scale applied) in one small jnp epilogue.
 
 Layouts: ``w [K, N]`` (plain, jaxllm's bf16 projections) or, with ``k_minor=True``, ``w [N, K]``
 (jaxllm's fp8 weights, PyTorch's [out, in]); an fp8 weight is converted in registers, so HBM sees
@@ -91,10 +91,9 @@ def gemv_wanted(mesh) -> str:
     times one row, where the multiply-add kernel beats XLA's converting dot) or "" (0). The default,
     auto, on NVIDIA GPUs: "quantized" on one device, "small" under tensor parallelism with the
     projections in shard_map (JAXLLM_ROW_PARALLEL=psum, the default on GPUs: tp=2 4.70 -> 4.17 ms on
-    2x H200); "" elsewhere (and where JAX has no Pallas Triton backend). A mesh of several devices takes the
-    kernel only with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or oneshot,
+    2x H200); "" elsewhere (and where JAX has no Pallas Triton backend). A mesh of several devices
+    takes the kernel only with the projections in shard_map (JAXLLM_ROW_PARALLEL psum or oneshot,
     sharding.TensorParallel), where each device's kernel sees its shard."""
-
     from ..sharding import row_parallel_mode
 
     value = os.environ.get("JAXLLM_GEMV", "auto")

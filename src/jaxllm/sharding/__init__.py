@@ -162,9 +162,8 @@ class TensorParallel:
         """f(x, w, scale), a projection contracting the logical axes x and w share (x_axes may name
         batch dims None), with its partial sums over "model" added; x's other dims and w's output
         dims come out replicated. Outside "xla" mode f is called with out_dtype=float32: the partials
-        are added in float32 and rounded to x's dtype once (bfloat16 partials rounded before the
-        add made tp=2 logprobs differ from tp=1's by up to 0.19 on 2x H200, against 0.015 under
-        XLA's partitioner). `keep_float32`: return the float32 sum unrounded (a fused residual add
+        are added in float32 and rounded to x's dtype once, as tp=1's single product is (so tp=2's
+        bfloat16 logits equal tp=1's on CPU; rounding each partial first moved them). `keep_float32`: return the float32 sum unrounded (a fused residual add
         that rounds it itself, pallas.add_norm: no convert kernel after the all-reduce)."""
         if self.mode == "xla":
             return f(x, w, scale)
