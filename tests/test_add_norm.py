@@ -43,15 +43,25 @@ def test_add_rmsnorm_refuses_shapes_it_does_not_serve():
 
 
 def test_fused_norm_switch_is_checked(monkeypatch):
+    """JAXLLM_FUSED_NORM=auto (the default): on a (stand-in) GPU mesh of any size, not on CPUs or
+    without a mesh; 1 / 0 force it; other values are errors naming the allowed ones."""
+    from types import SimpleNamespace
+
     from jaxllm.loader import fused_norm_wanted
 
+    def mesh(n, platform="gpu"):
+        return SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)] * n, dtype=object))
+
     monkeypatch.delenv("JAXLLM_FUSED_NORM", raising=False)
-    assert not fused_norm_wanted()  # opt-in until measured on the device
+    assert fused_norm_wanted(mesh(1)) and fused_norm_wanted(mesh(2))
+    assert not fused_norm_wanted(mesh(1, "cpu")) and not fused_norm_wanted(None)
     monkeypatch.setenv("JAXLLM_FUSED_NORM", "1")
-    assert fused_norm_wanted()
+    assert fused_norm_wanted(mesh(1, "cpu"))
+    monkeypatch.setenv("JAXLLM_FUSED_NORM", "0")
+    assert not fused_norm_wanted(mesh(2))
     monkeypatch.setenv("JAXLLM_FUSED_NORM", "yes")
     with pytest.raises(ValueError, match="JAXLLM_FUSED_NORM='yes'"):
-        fused_norm_wanted()
+        fused_norm_wanted(mesh(1))
 
 
 def _unfused_and_fused(monkeypatch, path, **llm_kw):

@@ -116,14 +116,20 @@ def fused_qkv_wanted(mesh=None) -> bool:
     return mesh is not None and tensor_parallel_size(mesh) > 1 and mesh.devices.flat[0].platform == "gpu"
 
 
-def fused_norm_wanted() -> bool:
+def fused_norm_wanted(mesh=None) -> bool:
     """Whether decode-sized residual adds and the RMSNorms after them run as one kernel
-    (pallas.add_norm; models/llama.py): JAXLLM_FUSED_NORM=1, opt-in until measured on the device
-    (0, the default: XLA's fusions). On a CPU backend the kernel runs in Pallas interpret mode."""
-    value = os.environ.get("JAXLLM_FUSED_NORM", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"JAXLLM_FUSED_NORM={value!r}: expected 0 or 1")
-    return value == "1"
+    (pallas.add_norm; models/llama.py). JAXLLM_FUSED_NORM=1 / 0 forces it; by default ("auto") on
+    NVIDIA GPUs with JAX's Pallas Triton backend: batch 1 at 8B shapes tp=2 3.96 -> 3.84 ms (2x H200),
+    one H100 bf16 6.12 -> 6.03, fp8 4.23 -> 4.17 (BENCHMARKS.md "Tenth session"); elsewhere XLA's
+    fusions (on a CPU backend the kernel would run in Pallas interpret mode)."""
+    from ..pallas.gemv import triton_available
+
+    value = os.environ.get("JAXLLM_FUSED_NORM", "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"JAXLLM_FUSED_NORM={value!r}: expected auto, 0 or 1")
+    if value != "auto":
+        return value == "1"
+    return mesh is not None and mesh.devices.flat[0].platform == "gpu" and triton_available()
 
 
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
@@ -138,7 +144,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
         raise ValueError(f"quantization='fp8-w8a8' needs fp8 weights; this checkpoint holds {stored} weights")
     cfg = replace(ModelConfig.from_hf(hf_config), quantization=stored, fp8_activations=w8a8,
                   fp8_gemv=stored == "fp8" and gemv_wanted(mesh), triton_gemv=triton_gemv_wanted(mesh),
-                  fused_norm=fused_norm_wanted())
+                  fused_norm=fused_norm_wanted(mesh))
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)
