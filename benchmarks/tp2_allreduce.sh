@@ -8,7 +8,8 @@
 #            arithmetic on the same random weights (which variant is nearer the truth)
 #   profile  the per-shard decode on GPU $GPU (default 1; GPU 0's is in the eighth session's logs), XLA_FLAGS=$PFLAGS
 #            (the profiler turns command buffers off: PFLAGS=--xla_enable_command_buffers_during_profiling=true
-#            keeps them, so the kernels and gaps are those of a real step)
+#            keeps them, so the kernels and gaps are those of a real step; TIMELINE=N lists N
+#            consecutive kernels from mid-trace with the gaps between them)
 #   symm     ITL of the default (per shard since the ninth session) without / with NCCL symmetric buffers,
 #            and with q and k/v fused (JAXLLM_FUSED_QKV=1)
 #   graphs   ITL with NCCL symmetric buffers and fused q/k/v, and then the collectives in command buffers
@@ -17,6 +18,8 @@
 #            symmetric all-reduces), twice, and tp=1 in the same call
 #   norm     ITL of tp=2 without / with the fused residual add + RMSNorm (JAXLLM_FUSED_NORM=1), then also
 #            the shard's down projection through gemv (JAXLLM_GEMV_SMALL_MAX=7168*4096), and the float32 match
+#   down     ITL of tp=2 under the defaults (fused norm since the tenth session) and with the shard's down
+#            projection through gemv, silu(gate) * up computed in it (JAXLLM_GEMV_SMALL_MAX=7168*4096)
 #   f32      tp_match.py --dtype float32 at JAX_DEFAULT_MATMUL_PRECISION=highest: tp=2 under the default = tp=1
 #   tests    tests/test_gemv.py -m gpu (the kernel compiled against its reference)
 #   PYTHONPATH=src OUT=/tmp/out STEPS="latency ref profile" bash benchmarks/tp2_allreduce.sh   # nvidia-h100-x2
@@ -36,7 +39,8 @@ latency) bench_latency tp2_shard "$SHARD" --tensor-parallel-size 2
 ref) timeout ${REF_TIMEOUT:-240} python benchmarks/tp_match.py --model "$M" --prompts 4 --max-tokens 32 --tp 2 \
        --reference float32 --env "" --env JAXLLM_ROW_PARALLEL=psum,JAXLLM_GEMV=small > "$OUT/ref.txt" 2>&1; tail -6 "$OUT/ref.txt" ;;
 profile) XLA_FLAGS="${PFLAGS:-}" env $SHARD timeout 120 python benchmarks/profile_decode.py --model "$M" --tp 2 \
-           --device-pattern /device:GPU:${GPU:-1} --top 60 --output-len 32 > "$OUT/profile_gpu${GPU:-1}.txt" 2>&1
+           --device-pattern /device:GPU:${GPU:-1} --top 60 --output-len 32 --timeline ${TIMELINE:-0} \
+           > "$OUT/profile_gpu${GPU:-1}.txt" 2>&1
          sed -n '/device_us_by_kernel/,/}/p' "$OUT/profile_gpu${GPU:-1}.txt" | head -14 ;;
 symm) bench_latency tp2 - --tensor-parallel-size 2
       (export XLA_FLAGS="$SYMM"; bench_latency tp2_symm - --tensor-parallel-size 2
@@ -51,6 +55,8 @@ norm) bench_latency tp2_defaults - --tensor-parallel-size 2; bench_latency tp2_f
       bench_latency tp2_fused_norm_down "JAXLLM_FUSED_NORM=1 JAXLLM_GEMV_SMALL_MAX=29360128" --tensor-parallel-size 2
       JAXLLM_FUSED_NORM=1 JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${F32_TIMEOUT:-200} python benchmarks/tp_match.py \
         --model "$M" --prompts 4 --max-tokens 32 --tp 2 --dtype float32 > "$OUT/f32_fused_norm.txt" 2>&1; tail -3 "$OUT/f32_fused_norm.txt" ;;
+down) bench_latency tp2_defaults - --tensor-parallel-size 2
+      bench_latency tp2_down_gemv JAXLLM_GEMV_SMALL_MAX=29360128 --tensor-parallel-size 2 ;;
 f32) JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${F32_TIMEOUT:-200} python benchmarks/tp_match.py --model "$M" \
        --prompts 4 --max-tokens 32 --tp 2 --dtype float32 > "$OUT/f32.txt" 2>&1; tail -3 "$OUT/f32.txt" ;;
 tests) timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -m gpu tests/test_gemv.py > "$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt" ;;

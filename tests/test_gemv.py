@@ -38,6 +38,38 @@ def test_gemv_matches_reference(m, k, n, k_minor, dtype, splits, fma):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("m, k_minor, dtype, splits, fma", [
+    (1, True, jnp.float8_e4m3fn, 4, True),  # fp8 down at one row: multiply-adds, split K
+    (1, True, jnp.float8_e4m3fn, 1, True),
+    (1, False, jnp.bfloat16, 2, False),  # one row through the dot
+    (3, False, jnp.bfloat16, 1, False),  # rows padded to 16
+    (1, False, jnp.float32, 1, True),
+])
+def test_gemv_computes_silu_mul_of_gate_and_up(m, k_minor, dtype, splits, fma):
+    """act="silu_mul": x is [m, 2k] (gate, then up) and the kernel multiplies silu(gate) * up --
+    an MLP's down projection with no elementwise kernel before it."""
+    from jaxllm.pallas.gemv import silu_mul
+
+    k, n = 512, 256
+    kx, kw = jax.random.split(jax.random.key(m + splits))
+    x = (2 * jax.random.normal(kx, (m, 2 * k), jnp.float32)).astype(jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
+    w = jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32).astype(dtype)
+    scale = jnp.linspace(0.5, 2.0, n) if k_minor else None
+    got = gemv(x, w, scale, k_minor=k_minor, block_n=128, block_k=64, splits=splits, fma=fma, act="silu_mul",
+               interpret=True)
+    want = reference_gemv(x, w, scale, k_minor=k_minor, act="silu_mul")
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol * 10)
+    g, u = x[:, :k].astype(jnp.float32), x[:, k:].astype(jnp.float32)  # silu written out: g / (1 + e^-g)
+    np.testing.assert_allclose(np.asarray(silu_mul(x), np.float32), np.asarray(g / (1 + jnp.exp(-g)) * u),
+                               rtol=1e-2, atol=1e-2)
+    plain = reference_gemv(x[:, :k], w, scale, k_minor=k_minor)  # not the product of gate alone
+    assert not np.allclose(np.asarray(got, np.float32), np.asarray(plain, np.float32), rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="act='gelu'"):
+        gemv(x, w, scale, k_minor=k_minor, block_n=128, block_k=64, splits=splits, fma=fma, act="gelu", interpret=True)
+
+
 def test_one_row_through_the_dot_needs_no_pad_kernel():
     """One row of x goes to the tensor-core dot broadcast in registers: no pad of x to 16 rows
     before the kernel (a kernel launch per projection at batch 1); more rows are still padded."""
@@ -91,7 +123,7 @@ def test_gemv_tiling_fills_the_gpu_and_fits():
 
 def _model_through_gemv(checkpoint, monkeypatch, quantization, modes):
     """{JAXLLM_GEMV mode: (logits of an 8-token call, greedy tokens, [(weight size, fma)] of the
-    kernel's calls)} of the tiny model; "small" caps SMALL_WEIGHT between its weights' sizes."""
+    kernel's calls, [their act])} of the tiny model; "small" caps SMALL_WEIGHT between its weights' sizes."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.pallas import gemv as gemv_module
 
@@ -105,17 +137,22 @@ def _model_through_gemv(checkpoint, monkeypatch, quantization, modes):
         if mode == "small":  # a cap between the tiny model's smallest and largest weight
             sizes = sorted(size for size, _ in results["1"][2])
             monkeypatch.setattr(gemv_module, "SMALL_WEIGHT", sizes[len(sizes) // 2])
-        calls = []
-        monkeypatch.setattr(gemv_module, "gemv",
-                            lambda x, w, *a, calls=calls, **k: calls.append((w.size, k["fma"])) or real(x, w, *a, **k))
+        calls, acts = [], []
+
+        def traced(x, w, *a, calls=calls, acts=acts, **k):
+            calls.append((w.size, k["fma"]))
+            acts.append(k.get("act"))
+            return real(x, w, *a, **k)
+
+        monkeypatch.setattr(gemv_module, "gemv", traced)
         with LLM(str(checkpoint), **kw) as llm:
             logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
             tokens = llm.generate(prompts, sp, use_tqdm=False)[0].outputs[0].token_ids
-        results[mode] = (logits, tokens, calls)
-    ref, ref_tokens, off_calls = results["0"]
+        results[mode] = (logits, tokens, calls, acts)
+    ref, ref_tokens, off_calls, _ = results["0"]
     assert off_calls == []
     for mode in modes[1:]:
-        got, got_tokens, _ = results[mode]
+        got, got_tokens, _, _ = results[mode]
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
         assert got_tokens == ref_tokens
     return results
@@ -132,6 +169,8 @@ def test_a_model_through_gemv_gives_the_same_logits_and_tokens(tiny_checkpoints,
     assert len(results["1"][2]) >= 4  # q, k/v, o, gate/up, down: traced through the kernel
     # 8-row calls: a dot; one-row decode: multiply-adds for one-byte weights
     assert {fma for _, fma in results["1"][2]} == ({False, True} if quantization else {False})
+    # the down projections took gu and computed silu(gate) * up in the kernel (no elementwise kernel)
+    assert "silu_mul" in results["1"][3] and set(results["1"][3]) == {None, "silu_mul"}
     small = [size for size, _ in results["small"][2]]
     assert small and max(small) <= gemv_module.SMALL_WEIGHT < max(size for size, _ in results["1"][2])
 
@@ -203,17 +242,19 @@ def test_auto_takes_the_kernel_on_gpus_with_the_triton_backend_only(monkeypatch)
     (4096, 14336, False, jnp.int8),  # int8 [K, N] (its multiply-add tiling, unmeasured)
 ])
 @pytest.mark.parametrize("m", [1, 4])
-def test_gemv_compiled_on_the_gpu_matches_reference(m, k, n, k_minor, dtype):
-    """The models' tilings (fma at one row, a tensor-core dot at 4), compiled by Triton."""
+@pytest.mark.parametrize("act", [None, "silu_mul"])
+def test_gemv_compiled_on_the_gpu_matches_reference(m, k, n, k_minor, dtype, act):
+    """The models' tilings (fma at one row, a tensor-core dot at 4), compiled by Triton; with
+    act="silu_mul" x holds gate and up ([m, 2k]) and the kernel multiplies silu(gate) * up."""
     from jaxllm.pallas.gemv import gemv_tiling
 
     kx, kw = jax.random.split(jax.random.key(k + n + m))
-    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    x = jax.random.normal(kx, (m, k if act is None else 2 * k), jnp.bfloat16)
     w = ((50 if dtype == jnp.int8 else 0.02) * jax.random.normal(kw, (n, k) if k_minor else (k, n), jnp.float32))
     w = w.clip(-127, 127).astype(dtype)
     scale = jnp.full((n,), 0.5 / (2500 if dtype == jnp.int8 else 1), jnp.float32) if k_minor or dtype == jnp.int8 else None
-    got = gemv(x, w, scale, k_minor=k_minor, **gemv_tiling(m, k, n, w.dtype.itemsize, k_minor))
-    want = reference_gemv(x, w, scale, k_minor=k_minor)
+    got = gemv(x, w, scale, k_minor=k_minor, act=act, **gemv_tiling(m, k, n, w.dtype.itemsize, k_minor))
+    want = reference_gemv(x, w, scale, k_minor=k_minor, act=act)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -69,7 +70,8 @@ def _k_minor_spec(spec: str) -> tuple[str, int]:
     return f"{xs},{''.join(c for c in ws if c not in xs)}{contracting}->{out}", len(contracting)
 
 
-def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None):
+def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None,
+            act: str | None = None):
     """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
 
     x's contracting dims are its trailing ones and the scale's dims the trailing (output) dims of
@@ -79,9 +81,19 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     serves the shape. `gemv` a ``pallas.gemv`` mode (ModelConfig.triton_gemv), through that kernel:
     "all" every weight-only decode-sized product (plain, int8, fp8) it serves; "small" those whose
     weight has at most ``pallas.gemv.SMALL_WEIGHT`` elements; "quantized" fp8 weights times one row.
-    out_dtype: the result's (default x's; float32 for partial sums still to be added)."""
+    out_dtype: the result's (default x's; float32 for partial sums still to be added). `act`
+    "silu_mul": x is [..., 2, f] (a gate/up output) and the product is of silu(gate) * up -- computed
+    inside pallas.gemv where the call goes there, else here first (the model's own ops)."""
     out_dtype = out_dtype or x.dtype
     k_minor = w.dtype == jnp.float8_e4m3fn
+    if act is not None:
+        if act != "silu_mul":
+            raise ValueError(f"qeinsum: act={act!r}: expected None or 'silu_mul'")
+        gspec = _k_minor_spec(spec)[0] if k_minor else spec
+        y = plain_gemv(gspec, x, w, scale, k_minor, gemv, out_dtype, act) if isinstance(gemv, str) else None
+        if y is not None:
+            return y
+        x = jax.nn.silu(x[..., 0, :]) * x[..., 1, :]
     if k_minor:
         spec, n_in = _k_minor_spec(spec)
         tokens = math.prod(x.shape[: x.ndim - n_in])
@@ -144,14 +156,13 @@ def _fp8_gemv(spec: str, x, w, scale):
     return fp8_gemv(x2, w2, scale.reshape(n)).reshape(shape)
 
 
-def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dtype=None):
+def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dtype=None, act: str | None = None):
     """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
     spec rewritten for it), or None where the kernel does not serve the shape or `mode` leaves it
     to XLA: "small" a weight larger than ``SMALL_WEIGHT``, "quantized" anything but
     a K-minor one-byte weight (fp8) times one row (int8 [K, N] ran slower than XLA: 6.69 vs 5.68
-    ms). On a CPU backend the kernel runs in Pallas interpret mode (tests)."""
-    import jax
-
+    ms). `act`: x is [..., 2, f] and the kernel multiplies act(x) (pallas.gemv's act; spec is
+    written for act(x)'s shape). On a CPU backend the kernel runs in Pallas interpret mode (tests)."""
     from ..pallas.gemv import SMALL_WEIGHT, gemv, gemv_tiling
 
     if mode not in ("all", "small", "quantized"):
@@ -159,18 +170,20 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dty
     if mode == "small" and w.size > SMALL_WEIGHT:
         return None
 
-    flat = _as_2d(spec, x, w, k_minor)
+    flat = _as_2d(spec, x if act is None else x[..., 0, :], w, k_minor)  # (a slice for its shape only)
     if flat is None:
         return None
     x2, w2, shape = flat
+    if act is not None:  # [m, 2k]: gate, then up
+        x2 = x.reshape(x2.shape[0], 2 * x2.shape[1])
     if mode == "quantized" and (w2.dtype.itemsize != 1 or not k_minor or x2.shape[0] != 1):
         return None
     n = w2.shape[0] if k_minor else w2.shape[1]
-    tiling = gemv_tiling(x2.shape[0], x2.shape[1], n, w2.dtype.itemsize, k_minor)
+    tiling = gemv_tiling(x2.shape[0], w2.shape[1] if k_minor else w2.shape[0], n, w2.dtype.itemsize, k_minor)
     if tiling is None:
         return None
     s = None if scale is None else scale.reshape(n)
-    return gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, interpret=jax.default_backend() == "cpu",
+    return gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, interpret=jax.default_backend() == "cpu",
                 **tiling).reshape(shape)
 
 

@@ -16,6 +16,10 @@ in registers with rows 1-15 masked to zero, so no pad kernel runs before it). Wi
 kernel writes the result (per-channel scale applied); with more, float32 partials are added (and
 the scale applied) in one small jnp epilogue.
 
+With ``act="silu_mul"`` x is a gate/up projection's output [M, 2K] and the kernel multiplies
+silu(gate) * up, computed as its blocks are read (float32, rounded once to x's dtype): the MLP's
+down projection without the elementwise kernel before it.
+
 Layouts: ``w [K, N]`` (plain, jaxllm's bf16 projections) or, with ``k_minor=True``, ``w [N, K]``
 (jaxllm's fp8 weights, PyTorch's [out, in]); an fp8 weight is converted in registers, so HBM sees
 only its bytes.
@@ -108,8 +112,21 @@ def gemv_wanted(mesh) -> str:
     return MODES[value]
 
 
-def reference_gemv(x, w, scale=None, k_minor: bool = False):
+ACTS = ("silu_mul",)  # gemv's `act`: what the kernel computes from x before the product
+
+
+def silu_mul(x):
+    """act "silu_mul": x [M, 2K] (a gate/up projection's output: gate, then up) -> silu(gate) * up
+    [M, K], in float32 and rounded once to x's dtype (the model rounds silu and the product apart)."""
+    k = x.shape[-1] // 2
+    g, u = x[..., :k].astype(jnp.float32), x[..., k:].astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * u).astype(x.dtype)
+
+
+def reference_gemv(x, w, scale=None, k_minor: bool = False, act: str | None = None):
     """The same product in plain jnp (float32 accumulation), in x's dtype."""
+    if act is not None:
+        x = silu_mul(x)
     wf = w.astype(jnp.float32)
     y = jnp.einsum("mk,nk->mn" if k_minor else "mk,kn->mn", x.astype(jnp.float32), wf, precision="highest")
     if scale is not None:
@@ -118,18 +135,25 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False):
 
 
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "fma", "out_dtype", "interpret"))
+                                             "fma", "out_dtype", "act", "interpret"))
 def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k: int = 64, splits: int = 4,
-         num_warps: int = 4, num_stages: int = 4, fma: bool = False, out_dtype=None, interpret: bool = False):
+         num_warps: int = 4, num_stages: int = 4, fma: bool = False, out_dtype=None, act: str | None = None,
+         interpret: bool = False):
     """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in out_dtype (default x's).
 
     With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
     each block's K, instead of a tensor-core dot of x padded to 16 rows. With one split the kernel
-    writes the result itself (scale applied, in out_dtype): no jnp epilogue, no extra kernel."""
+    writes the result itself (scale applied, in out_dtype): no jnp epilogue, no extra kernel.
+    `act` "silu_mul": x is [M, 2K] (gate, then up) and the product is silu(gate) * up @ w, the
+    activation computed as x is read (an MLP's down projection without its own elementwise kernel)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
+    if act not in (None,) + ACTS:
+        raise ValueError(f"gemv: act={act!r}: expected None or one of {ACTS}")
     m, k = x.shape
+    if act is not None:  # x holds gate and up: the product's K is half its width
+        k //= 2
     n = w.shape[0] if k_minor else w.shape[1]
     if not gemv_fits(m, k, n, block_n, block_k, splits) or (fma and m != 1):
         raise ValueError(f"gemv: [{m}, {k}] x [{k}, {n}] does not fit block_n={block_n}, block_k={block_k}, "
@@ -149,16 +173,23 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
         j, s = pl.program_id(0), pl.program_id(1)
         cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
 
+        def load_x(row, off):  # x's block at K offset `off` (under act, silu(gate) * up), in x's dtype
+            if act is None:
+                return x_ref[row, pl.ds(off, block_k)]
+            g = x_ref[row, pl.ds(off, block_k)].astype(jnp.float32)
+            u = x_ref[row, pl.ds(k + off, block_k)].astype(jnp.float32)
+            return (g * jax.nn.sigmoid(g) * u).astype(x_ref.dtype)
+
         def body(i, acc):
             off = pl.multiple_of((s * steps + i) * block_k, block_k)
             if fma:
-                xs = x_ref[0, pl.ds(off, block_k)].astype(jnp.float32)  # [block_k]
+                xs = load_x(0, off).astype(jnp.float32)  # [block_k]
                 if k_minor:
                     ws = w_ref[cols, pl.ds(off, block_k)].astype(jnp.float32)  # [block_n, block_k]
                     return acc + jnp.sum(ws * xs[None, :], axis=1)[None]
                 ws = w_ref[pl.ds(off, block_k), cols].astype(jnp.float32)  # [block_k, block_n]
                 return acc + jnp.sum(ws * xs[:, None], axis=0)[None]
-            xs = x_ref[:, pl.ds(off, block_k)]
+            xs = load_x(slice(None), off)
             if one:  # [1, block_k] -> [16, block_k], row 0 only
                 first = jax.lax.broadcasted_iota(jnp.int32, (ROWS, block_k), 0) == 0
                 xs = jnp.where(first, jnp.broadcast_to(xs, (ROWS, block_k)), jnp.zeros((), xs.dtype))
