@@ -20,6 +20,9 @@
 #            the shard's down projection through gemv (JAXLLM_GEMV_SMALL_MAX=7168*4096), and the float32 match
 #   down     ITL of tp=2 under the defaults (fused norm since the tenth session) and with the shard's down
 #            projection through gemv, silu(gate) * up computed in it (JAXLLM_GEMV_SMALL_MAX=7168*4096)
+#   loop     ITL of tp=2 and tp=1 with the decode steps in a while loop (the default) and in a loop of fixed
+#            trip count (JAXLLM_DECODE_LOOP=fixed: no host read of the predicate per step), and tp=2
+#            fixed with the down projection through gemv
 #   f32      tp_match.py --dtype float32 at JAX_DEFAULT_MATMUL_PRECISION=highest: tp=2 under the default = tp=1
 #   tests    tests/test_gemv.py -m gpu (the kernel compiled against its reference)
 #   PYTHONPATH=src OUT=/tmp/out STEPS="latency ref profile" bash benchmarks/tp2_allreduce.sh   # nvidia-h100-x2
@@ -57,6 +60,10 @@ norm) bench_latency tp2_defaults - --tensor-parallel-size 2; bench_latency tp2_f
         --model "$M" --prompts 4 --max-tokens 32 --tp 2 --dtype float32 > "$OUT/f32_fused_norm.txt" 2>&1; tail -3 "$OUT/f32_fused_norm.txt" ;;
 down) bench_latency tp2_defaults - --tensor-parallel-size 2
       bench_latency tp2_down_gemv JAXLLM_GEMV_SMALL_MAX=29360128 --tensor-parallel-size 2 ;;
+loop) bench_latency tp2_defaults - --tensor-parallel-size 2
+      bench_latency tp2_fixed JAXLLM_DECODE_LOOP=fixed --tensor-parallel-size 2
+      bench_latency tp2_fixed_down "JAXLLM_DECODE_LOOP=fixed JAXLLM_GEMV_SMALL_MAX=29360128" --tensor-parallel-size 2
+      bench_latency tp1_defaults -; bench_latency tp1_fixed JAXLLM_DECODE_LOOP=fixed ;;
 f32) JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${F32_TIMEOUT:-200} python benchmarks/tp_match.py --model "$M" \
        --prompts 4 --max-tokens 32 --tp 2 --dtype float32 > "$OUT/f32.txt" 2>&1; tail -3 "$OUT/f32.txt" ;;
 tests) timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -m gpu tests/test_gemv.py > "$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt" ;;

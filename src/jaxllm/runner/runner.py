@@ -63,6 +63,22 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     return min(b, maximum) if maximum is not None else b
 
 
+DECODE_LOOPS = ("while", "fixed")
+
+
+def decode_loop_mode() -> str:
+    """JAXLLM_DECODE_LOOP: how a decode call loops over its steps. "while" (the default) ends early
+    once every row is done, but XLA:GPU copies the loop predicate to the host each step, and the
+    host then launches the step (its command buffers, and under tensor parallelism each collective)
+    from behind; "fixed" runs the call's `steps` steps with a known trip count, so the host can
+    enqueue them all ahead (done rows are masked). (On one H100 early in the project neither was
+    faster, BENCHMARKS.md; A/B under tensor parallelism.)"""
+    mode = os.environ.get("JAXLLM_DECODE_LOOP", "while")
+    if mode not in DECODE_LOOPS:
+        raise ValueError(f"JAXLLM_DECODE_LOOP={mode!r}: expected one of {DECODE_LOOPS}")
+    return mode
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -98,6 +114,7 @@ class ModelRunner:
         self._fresh_impl = "cudnn" if use_pallas and self.tp == 1 else None
         # the collectives the step writes itself under tensor parallelism (None on one device)
         self._tensor_parallel = tensor_parallel_for(mesh)
+        self._fixed_loop = decode_loop_mode() == "fixed"
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -227,9 +244,11 @@ class ModelRunner:
             )
             return i + 1, pool, st, out, out_lp
 
-        # Ends early once every row is done. (A fixed trip count, which spares XLA:GPU reading the
-        # predicate on the host each step, measured no faster on the H100: see BENCHMARKS.md.)
-        _, pool, state, out, out_lp = jax.lax.while_loop(cond, body, (jnp.int32(0), pool, state, out, out_lp))
+        carry = (jnp.int32(0), pool, state, out, out_lp)
+        if self._fixed_loop:  # `steps` steps whatever: done rows are masked (no KV writes, no tokens)
+            _, pool, state, out, out_lp = jax.lax.fori_loop(0, steps, lambda _, c: body(c), carry)
+        else:  # ends early once every row is done; XLA:GPU reads the predicate on the host each step
+            _, pool, state, out, out_lp = jax.lax.while_loop(cond, body, carry)
         return pool, state, out, out_lp
 
     # -- host-facing API ---------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""JAXLLM_DECODE_LOOP: a decode call's steps in an early-exiting while loop (the default) or a loop
+of fixed trip count (so XLA:GPU need not read the loop predicate on the host each step). Both give
+the same tokens and finish reasons: done rows are masked in the fixed loop's extra steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxllm import LLM, SamplingParams
+
+PROMPTS = ["The capital of France is", "Hello, my name is", "A"]
+
+
+def _run(path, monkeypatch, mode, params):
+    monkeypatch.setenv("JAXLLM_DECODE_LOOP", mode)
+    with LLM(str(path), max_seq_len=128, compilation_cache=False, dtype="float32", decode_steps=8) as llm:
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        engine = llm._engine
+        call = next(c for c in engine._warmup_calls(32, [True]) if c[0] == "decode")
+        fn, args, kwargs = engine.runner._jit_call(*call)
+        eqns = fn.trace(*args, **kwargs).jaxpr.eqns
+        # the step loop: a while (its predicate's primitives) or a scan (a fixed trip count)
+        loops = {e.primitive.name: {c.primitive.name for c in e.params["cond_jaxpr"].jaxpr.eqns}
+                 if e.primitive.name == "while" else e.params["length"]
+                 for e in eqns if e.primitive.name in ("while", "scan")}
+        return [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in outs], loops
+
+
+def test_fixed_and_while_loops_give_the_same_outputs(tiny_checkpoints, monkeypatch):
+    path = tiny_checkpoints["llama3"]
+    first, _ = _run(path, monkeypatch, "while", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    stop = first[2][0][0][5]  # the third prompt's sixth token: it ends that row mid-call
+    # rows ending at different steps of an 8-step call: max_tokens 3 (first call), 11, a stop token
+    params = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=11, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[stop])]
+    want, while_loops = _run(path, monkeypatch, "while", params)
+    got, fixed_loops = _run(path, monkeypatch, "fixed", params)
+    assert got == want
+    assert [len(r[0][0]) for r in got[:2]] == [3, 11] and got[2][0][1] == "stop"
+    assert len(got[2][0][0]) == first[2][0][0].index(stop) + 1
+    # the while loop's predicate asks whether every row is done; the fixed loop is a scan of 8 steps
+    assert set(while_loops) == {"while"} and "reduce_and" in while_loops["while"]
+    assert fixed_loops == {"scan": 8}
+
+
+def test_decode_loop_switch_is_checked(monkeypatch):
+    from jaxllm.runner.runner import decode_loop_mode
+
+    monkeypatch.delenv("JAXLLM_DECODE_LOOP", raising=False)
+    assert decode_loop_mode() == "while"
+    monkeypatch.setenv("JAXLLM_DECODE_LOOP", "fixed")
+    assert decode_loop_mode() == "fixed"
+    monkeypatch.setenv("JAXLLM_DECODE_LOOP", "unrolled")
+    with pytest.raises(ValueError, match="JAXLLM_DECODE_LOOP='unrolled'"):
+        decode_loop_mode()
