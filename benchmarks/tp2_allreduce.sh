@@ -23,6 +23,11 @@
 #   loop     ITL of tp=2 and tp=1 with the decode steps in a while loop (the default) and in a loop of fixed
 #            trip count (JAXLLM_DECODE_LOOP=fixed: no host read of the predicate per step), and tp=2
 #            fixed with the down projection through gemv
+#   cbuf     ITL of tp=2 with the fixed loop, and with collectives (+COLLECTIVES) and/or while loops (+WHILE) in
+#            XLA's command buffers (the timeline showed ~2-3.5 us idle on each side of every all-reduce, where
+#            a step's command buffer is cut); the thunk sequences of the decode programs in $OUT/thunks_*
+#   every    interleaved A/B of tp=2: the defaults, the fixed loop with collectives in command buffers, a done
+#            check every 4 steps (JAXLLM_DECODE_LOOP=4) with them; defaults and fixed again (run-to-run spread)
 #   f32      tp_match.py --dtype float32 at JAX_DEFAULT_MATMUL_PRECISION=highest: tp=2 under the default = tp=1
 #   tests    tests/test_gemv.py -m gpu (the kernel compiled against its reference)
 #   PYTHONPATH=src OUT=/tmp/out STEPS="latency ref profile" bash benchmarks/tp2_allreduce.sh   # nvidia-h100-x2
@@ -64,6 +69,17 @@ loop) bench_latency tp2_defaults - --tensor-parallel-size 2
       bench_latency tp2_fixed JAXLLM_DECODE_LOOP=fixed --tensor-parallel-size 2
       bench_latency tp2_fixed_down "JAXLLM_DECODE_LOOP=fixed JAXLLM_GEMV_SMALL_MAX=29360128" --tensor-parallel-size 2
       bench_latency tp1_defaults -; bench_latency tp1_fixed JAXLLM_DECODE_LOOP=fixed ;;
+cbuf) for v in "fixed|" "fixed_coll|+COLLECTIVES" "fixed_coll_while|+COLLECTIVES,+WHILE" "fixed_while|+WHILE"; do
+        n=${v%%|*}; c=${v#*|}; d=$(mktemp -d)
+        (export XLA_FLAGS="${c:+--xla_gpu_enable_command_buffer=$c} --xla_dump_to=$d --xla_dump_hlo_module_re=.*decode_impl.*"
+         bench_latency tp2_$n JAXLLM_DECODE_LOOP=fixed --tensor-parallel-size 2)
+        mkdir -p "$OUT/thunks_$n"; cp $d/*thunk_sequence_after_thunk_passes.txt "$OUT/thunks_$n/" 2>/dev/null; done ;;
+every) COLL=--xla_gpu_enable_command_buffer=+COLLECTIVES
+       bench_latency tp2_defaults - --tensor-parallel-size 2
+       (export XLA_FLAGS=$COLL; bench_latency tp2_fixed_coll JAXLLM_DECODE_LOOP=fixed --tensor-parallel-size 2
+        bench_latency tp2_every4_coll JAXLLM_DECODE_LOOP=4 --tensor-parallel-size 2)
+       bench_latency tp2_defaults_again - --tensor-parallel-size 2
+       (export XLA_FLAGS=$COLL; bench_latency tp2_fixed_coll_again JAXLLM_DECODE_LOOP=fixed --tensor-parallel-size 2) ;;
 f32) JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${F32_TIMEOUT:-200} python benchmarks/tp_match.py --model "$M" \
        --prompts 4 --max-tokens 32 --tp 2 --dtype float32 > "$OUT/f32.txt" 2>&1; tail -3 "$OUT/f32.txt" ;;
 tests) timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -m gpu tests/test_gemv.py > "$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt" ;;

@@ -20,7 +20,10 @@ def _run(path, monkeypatch, mode, params):
         fn, args, kwargs = engine.runner._jit_call(*call)
         eqns = fn.trace(*args, **kwargs).jaxpr.eqns
         # the step loop: a while (its predicate's primitives) or a scan (a fixed trip count)
-        loops = {e.primitive.name: {c.primitive.name for c in e.params["cond_jaxpr"].jaxpr.eqns}
+        # (a while: its predicate's primitives and the lengths of the scans in its body)
+        loops = {e.primitive.name: ({c.primitive.name for c in e.params["cond_jaxpr"].jaxpr.eqns},
+                                    [c.params["length"] for c in e.params["body_jaxpr"].jaxpr.eqns
+                                     if c.primitive.name == "scan"])
                  if e.primitive.name == "while" else e.params["length"]
                  for e in eqns if e.primitive.name in ("while", "scan")}
         return [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in outs], loops
@@ -36,11 +39,15 @@ def test_fixed_and_while_loops_give_the_same_outputs(tiny_checkpoints, monkeypat
               SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[stop])]
     want, while_loops = _run(path, monkeypatch, "while", params)
     got, fixed_loops = _run(path, monkeypatch, "fixed", params)
-    assert got == want
+    chunked, chunked_loops = _run(path, monkeypatch, "4", params)  # checked every 4 of the call's 8 steps
+    assert got == want and chunked == want
+    # a while loop whose body is a scan of 4 steps
+    assert set(chunked_loops) == {"while"} and "reduce_and" in chunked_loops["while"][0]
+    assert chunked_loops["while"][1] == [4] and while_loops["while"][1] == []
     assert [len(r[0][0]) for r in got[:2]] == [3, 11] and got[2][0][1] == "stop"
     assert len(got[2][0][0]) == first[2][0][0].index(stop) + 1
     # the while loop's predicate asks whether every row is done; the fixed loop is a scan of 8 steps
-    assert set(while_loops) == {"while"} and "reduce_and" in while_loops["while"]
+    assert set(while_loops) == {"while"} and "reduce_and" in while_loops["while"][0]
     assert fixed_loops == {"scan": 8}
 
 
@@ -48,9 +55,11 @@ def test_decode_loop_switch_is_checked(monkeypatch):
     from jaxllm.runner.runner import decode_loop_mode
 
     monkeypatch.delenv("JAXLLM_DECODE_LOOP", raising=False)
-    assert decode_loop_mode() == "while"
-    monkeypatch.setenv("JAXLLM_DECODE_LOOP", "fixed")
-    assert decode_loop_mode() == "fixed"
-    monkeypatch.setenv("JAXLLM_DECODE_LOOP", "unrolled")
-    with pytest.raises(ValueError, match="JAXLLM_DECODE_LOOP='unrolled'"):
-        decode_loop_mode()
+    assert decode_loop_mode() == 1  # every step
+    for value, want in (("while", 1), ("fixed", None), ("4", 4)):
+        monkeypatch.setenv("JAXLLM_DECODE_LOOP", value)
+        assert decode_loop_mode() == want
+    for bad in ("unrolled", "3", "0", "-4"):
+        monkeypatch.setenv("JAXLLM_DECODE_LOOP", bad)
+        with pytest.raises(ValueError, match=f"JAXLLM_DECODE_LOOP='{bad}': expected while, fixed or a power of two"):
+            decode_loop_mode()

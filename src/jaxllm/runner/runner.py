@@ -15,6 +15,7 @@ buckets (powers of two) so a handful of compilations serve every batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -63,20 +64,22 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     return min(b, maximum) if maximum is not None else b
 
 
-DECODE_LOOPS = ("while", "fixed")
-
-
-def decode_loop_mode() -> str:
-    """JAXLLM_DECODE_LOOP: how a decode call loops over its steps. "while" (the default) ends early
-    once every row is done, but XLA:GPU copies the loop predicate to the host each step, and the
-    host then launches the step (its command buffers, and under tensor parallelism each collective)
-    from behind; "fixed" runs the call's `steps` steps with a known trip count, so the host can
-    enqueue them all ahead (done rows are masked). (On one H100 early in the project neither was
-    faster, BENCHMARKS.md; A/B under tensor parallelism.)"""
+def decode_loop_mode() -> int | None:
+    """JAXLLM_DECODE_LOOP: how often a decode call checks whether every row is done, as the number
+    of steps between checks (None: never, the call runs all its steps). "while" (the default, 1)
+    checks each step and ends the call early -- but XLA:GPU copies the loop predicate to the host
+    each time, and the host then launches the step (its command buffers, and under tensor
+    parallelism each collective) from behind; "fixed" (None) runs the call's `steps` steps as a loop
+    of known trip count, so the host can enqueue them all ahead (done rows are masked: no tokens, no
+    KV writes); a power of two N checks every N steps (an inner loop of N steps, known trip count)."""
     mode = os.environ.get("JAXLLM_DECODE_LOOP", "while")
-    if mode not in DECODE_LOOPS:
-        raise ValueError(f"JAXLLM_DECODE_LOOP={mode!r}: expected one of {DECODE_LOOPS}")
-    return mode
+    if mode == "while":
+        return 1
+    if mode == "fixed":
+        return None
+    if not (mode.isdigit() and int(mode) > 0 and int(mode) & (int(mode) - 1) == 0):
+        raise ValueError(f"JAXLLM_DECODE_LOOP={mode!r}: expected while, fixed or a power of two (steps between checks)")
+    return int(mode)
 
 
 class ModelRunner:
@@ -114,7 +117,7 @@ class ModelRunner:
         self._fresh_impl = "cudnn" if use_pallas and self.tp == 1 else None
         # the collectives the step writes itself under tensor parallelism (None on one device)
         self._tensor_parallel = tensor_parallel_for(mesh)
-        self._fixed_loop = decode_loop_mode() == "fixed"
+        self._check_every = decode_loop_mode()
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -244,11 +247,18 @@ class ModelRunner:
             )
             return i + 1, pool, st, out, out_lp
 
+        def run(n):  # n steps of known trip count (done rows are masked: no KV writes, no tokens)
+            return lambda carry: jax.lax.fori_loop(0, n, lambda _, c: body(c), carry)
+
+        # ends early once every row is done, checked every `every` steps (decode_loop_mode; a divisor
+        # of `steps`): XLA:GPU reads a while loop's predicate on the host
+        every = steps if self._check_every is None else math.gcd(steps, self._check_every)
         carry = (jnp.int32(0), pool, state, out, out_lp)
-        if self._fixed_loop:  # `steps` steps whatever: done rows are masked (no KV writes, no tokens)
-            _, pool, state, out, out_lp = jax.lax.fori_loop(0, steps, lambda _, c: body(c), carry)
-        else:  # ends early once every row is done; XLA:GPU reads the predicate on the host each step
-            _, pool, state, out, out_lp = jax.lax.while_loop(cond, body, carry)
+        if every == steps:
+            carry = run(steps)(carry)
+        else:
+            carry = jax.lax.while_loop(cond, body if every == 1 else run(every), carry)
+        _, pool, state, out, out_lp = carry
         return pool, state, out, out_lp
 
     # -- host-facing API ---------------------------------------------------------------------
