@@ -8,7 +8,8 @@
 # STEPS: tests (the kernel compiled vs its reference, tests/test_gemv.py -m gpu), kernel, latency,
 # profile, tp2, match (tp_match.py: gemv vs XLA at tp=1; on 2 GPUs tp=2 psum without / with gemv),
 # fp8qkv (fp8 batch 1 with q and k/v as one gemv, JAXLLM_FUSED_QKV=1, against the default),
-# norm (bf16 and fp8 batch 1 without / with the fused residual add + RMSNorm, JAXLLM_FUSED_NORM=1).
+# norm (bf16 and fp8 batch 1 without / with the fused residual add + RMSNorm, JAXLLM_FUSED_NORM=1),
+# defaults (bf16, fp8, fp8 with JAXLLM_DECODE_LOOP=fixed, and with fused q/k/v too).
 #   PYTHONPATH=src OUT=/tmp/out STEPS="tests kernel latency profile" bash benchmarks/gemv_h100.sh   # nvidia-h100-x1
 #   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh             # nvidia-h100-x2
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-gemv
@@ -20,6 +21,11 @@ kernel) timeout ${KERNEL_TIMEOUT:-240} python benchmarks/gemv.py --shapes ${SHAP
 latency) bench_latency bf16 JAXLLM_GEMV=0
          for q in fp8 int8; do bench_latency ${q}_xla JAXLLM_GEMV=0 --quantization $q; bench_latency $q - --quantization $q; done ;;
 fp8qkv) bench_latency fp8 - --quantization fp8; bench_latency fp8_qkv JAXLLM_FUSED_QKV=1 --quantization fp8 ;;
+defaults) # bf16 and fp8 batch 1 under the tenth session's defaults (fused norm; fp8's down projection
+          # computing silu(gate) * up in gemv), fp8 with the fixed decode loop, and with fused q/k/v too
+          bench_latency bf16 -; bench_latency fp8 - --quantization fp8
+          bench_latency fp8_fixed JAXLLM_DECODE_LOOP=fixed --quantization fp8
+          bench_latency fp8_fixed_qkv "JAXLLM_DECODE_LOOP=fixed JAXLLM_FUSED_QKV=1" --quantization fp8 ;;
 norm) for q in bf16 fp8; do a=""; [ $q = fp8 ] && a="--quantization fp8"
         bench_latency $q - $a; bench_latency ${q}_fused_norm JAXLLM_FUSED_NORM=1 $a; done
       timeout 150 python -m pytest -q -m gpu tests/test_add_norm.py > "$OUT/tests_add_norm.txt" 2>&1; tail -1 "$OUT/tests_add_norm.txt" ;;
