@@ -35,6 +35,24 @@ def test_add_rmsnorm_matches_reference(rows, e, dtype, y_dtype):
                                else 1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows, dtype", [(1, jnp.bfloat16), (3, jnp.float32)])
+def test_add_rmsnorm_adds_split_k_partials(rows, dtype):
+    """y [S, rows, e]: a split-K projection's float32 partial sums, added in the kernel (float32,
+    then rounded to x's dtype as the projection's own epilogue would) -- one kernel fewer."""
+    x, _, w = _inputs(rows, 256, dtype, jnp.float32)
+    parts = jax.random.normal(jax.random.key(5), (4, rows, 256), jnp.float32)
+    h, n = add_rmsnorm(x, parts, w, eps=1e-5, interpret=True)
+    rh, rn = reference_add_rmsnorm(x, jnp.sum(parts, axis=0), w, 1e-5)
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(rh, np.float32), rtol=1e-2 if dtype == jnp.bfloat16
+                               else 1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(n, np.float32), np.asarray(rn, np.float32), rtol=1e-2 if dtype == jnp.bfloat16
+                               else 1e-5, atol=1e-5)
+    one, _ = add_rmsnorm(x, parts[0], w, eps=1e-5, interpret=True)  # not just the first partial
+    assert not np.allclose(np.asarray(one, np.float32), np.asarray(h, np.float32))
+    with pytest.raises(ValueError, match=r"expected \[rows, e\], \[\(S,\) rows, e\]"):
+        add_rmsnorm(x, parts[:, :, :128], w, eps=1e-5, interpret=True)
+
+
 def test_add_rmsnorm_refuses_shapes_it_does_not_serve():
     assert add_rmsnorm_fits(1, 4096) and add_rmsnorm_fits(16, 64)
     assert not add_rmsnorm_fits(17, 4096) and not add_rmsnorm_fits(1, 576) and not add_rmsnorm_fits(1, 32)
@@ -64,21 +82,22 @@ def test_fused_norm_switch_is_checked(monkeypatch):
         fused_norm_wanted(mesh(1))
 
 
-def _unfused_and_fused(monkeypatch, path, **llm_kw):
+def _unfused_and_fused(monkeypatch, path, prompts=2, **llm_kw):
     """{JAXLLM_FUSED_NORM value: (logits of an 8-token call, greedy tokens, shapes of the kernel's
-    calls, layers)} of one model without and with the fused residual add + RMSNorm."""
+    calls, layers)} of one model without and with the fused residual add + RMSNorm, generating for
+    one or two prompts at once."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.pallas import add_norm as add_norm_module
 
     ids = jnp.asarray([[5, 9, 17, 33, 2, 71, 8, 100]], jnp.int32)  # 8 tokens: a decode-sized call
-    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65]}, {"prompt_token_ids": [7, 7, 1]}]
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65]}, {"prompt_token_ids": [7, 7, 1]}][:prompts]
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     results, real = {}, add_norm_module.add_rmsnorm
     for fused in ("0", "1"):
         monkeypatch.setenv("JAXLLM_FUSED_NORM", fused)
-        calls = []
+        calls = []  # (x's shape, y's shape) of each traced call
         monkeypatch.setattr(add_norm_module, "add_rmsnorm",
-                            lambda *a, calls=calls, **k: calls.append(a[0].shape) or real(*a, **k))
+                            lambda *a, calls=calls, **k: calls.append((a[0].shape, a[1].shape)) or real(*a, **k))
         with LLM(str(path), max_seq_len=64, max_batch_size=2, compilation_cache=False, **llm_kw) as llm:
             layers = llm.model_config.num_layers
             logits = np.asarray(llm._engine.runner.hidden_states(ids)[1])
@@ -123,3 +142,27 @@ def test_a_model_with_the_fused_norm_compiled_on_the_gpu(tmp_path, monkeypatch):
     assert results["1"][2]  # the kernel ran
     np.testing.assert_allclose(results["1"][0], results["0"][0], rtol=1e-4, atol=1e-4)
     assert results["1"][1] == results["0"][1]
+
+
+@pytest.mark.parametrize("quantization", ["fp8", None])
+def test_split_k_projections_hand_their_partials_to_the_fused_norm(tiny_checkpoints, monkeypatch, quantization):
+    """Batch 1: with the o and down projections through gemv at one row (JAXLLM_GEMV=1) and K split in two
+    (forced here: the tiny model's K is too short for the default tiling to split), their float32
+    partial sums go straight into pallas.add_norm (no epilogue kernel): the unfused model's logits
+    and tokens."""
+    from jaxllm.pallas import gemv as gemv_module
+
+    real_tiling = gemv_module.gemv_tiling
+
+    def split_in_two(m, k, n, *a, **kw):
+        t = real_tiling(m, k, n, *a, **kw)
+        return dict(t, block_k=16, splits=2) if t is not None and m == 1 and k % 32 == 0 else t
+
+    monkeypatch.setattr(gemv_module, "gemv_tiling", split_in_two)
+    monkeypatch.setenv("JAXLLM_GEMV", "1")
+    results = _unfused_and_fused(monkeypatch, tiny_checkpoints["llama3"], prompts=1, quantization=quantization)
+    (ref, ref_tokens, _, _), (got, got_tokens, on_calls, _) = results["0"], results["1"]
+    partial_calls = [y for x, y in on_calls if len(y) == 3]
+    assert partial_calls and all(y[0] == 2 for y in partial_calls)  # [2 splits, rows, e]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert got_tokens == ref_tokens

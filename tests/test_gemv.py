@@ -70,6 +70,26 @@ def test_gemv_computes_silu_mul_of_gate_and_up(m, k_minor, dtype, splits, fma):
         gemv(x, w, scale, k_minor=k_minor, block_n=128, block_k=64, splits=splits, fma=fma, act="gelu", interpret=True)
 
 
+@pytest.mark.parametrize("fma", [True, False])
+def test_gemv_hands_back_split_k_partials_on_request(fma):
+    """partials=True at one row and several splits: the float32 partial sums [S, 1, N], each scaled,
+    for a consumer to add (pallas.add_norm); one split or several rows: the usual result."""
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (1, 512), jnp.float32)
+    w = jax.random.normal(kw, (256, 512), jnp.float32).astype(jnp.float8_e4m3fn)
+    scale = jnp.linspace(0.5, 2.0, 256)
+    kw = dict(k_minor=True, block_n=128, block_k=64, fma=fma, interpret=True)
+    parts = gemv(x, w, scale, splits=4, partials=True, **kw)
+    want = reference_gemv(x, w, scale, k_minor=True)
+    assert parts.shape == (4, 1, 256) and parts.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(parts.sum(0)), np.asarray(want), rtol=1e-5, atol=1e-4)
+    assert not np.allclose(np.asarray(parts[0]), np.asarray(want), rtol=0.1)  # a quarter of K each
+    assert gemv(x, w, scale, splits=1, partials=True, **kw).shape == (1, 256)
+    if not fma:
+        x3 = jnp.concatenate([x] * 3)
+        assert gemv(x3, w, scale, splits=4, partials=True, **kw).shape == (3, 256)
+
+
 def test_one_row_through_the_dot_needs_no_pad_kernel():
     """One row of x goes to the tensor-core dot broadcast in registers: no pad of x to 16 rows
     before the kernel (a kernel launch per projection at batch 1); more rows are still padded."""

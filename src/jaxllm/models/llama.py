@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, RopeConfig
-from .quant import is_k_minor, k_minor_order, plain_gemv, qeinsum, scale_param, weight_dtype
+from .quant import Partials, is_k_minor, k_minor_order, plain_gemv, qeinsum, scale_param, weight_dtype
 
 Attend = Callable  # (layer: int, q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,H,D], cache)
 
@@ -174,15 +174,18 @@ def _gemv_kernel(cfg: ModelConfig) -> bool | str:
     return cfg.fp8_gemv or cfg.triton_gemv or False
 
 
-def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None):
+def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None,
+                 partials: bool = False):
     """qeinsum(spec, ...) of a projection whose weight is [in..., out...] (x's trailing dims contract
     with w's leading ones) as one 2-D matmul over the flattened in and out dims, for a plain weight
     (quantized ones keep qeinsum's own paths). Each flattened group's sharded axis must be its major
     one (heads, kv_heads), which keeps a shard's slice contiguous: no resharding under SPMD.
-    out_dtype: the result's (default x's; float32 for partial sums still to be added)."""
+    out_dtype: the result's (default x's; float32 for partial sums still to be added); `partials`: as
+    qeinsum's (a split-K gemv's sums may come back unadded, as ``Partials``)."""
     if scale is not None:
-        return qeinsum(spec, x, w, scale, w8a8, gemv, out_dtype)
-    if isinstance(gemv, str) and (y := plain_gemv(spec, x, w, None, False, gemv, out_dtype)) is not None:
+        return qeinsum(spec, x, w, scale, w8a8, gemv, out_dtype, partials=partials)
+    if isinstance(gemv, str) and (y := plain_gemv(spec, x, w, None, False, gemv, out_dtype,
+                                                  partials=partials)) is not None:
         return y
     ins, out = spec.split("->")
     xs, ws = ins.split(",")
@@ -291,8 +294,9 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
+        partials = _partials_wanted(self.fused_norm and not self.has_o_bias, attend)
         y = _parallel("row", attend, lambda o, w, s, out_dtype=None: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8,
-                                                                                self.gemv, out_dtype),
+                                                                                self.gemv, out_dtype, partials),
                       out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale,
                       keep_float32=self.fused_norm and not self.has_o_bias)
         if self.has_o_bias:
@@ -323,13 +327,22 @@ class MLP(nnx.Module):
             gu = gu + self.gate_up_bias[...]
         # silu(gate) * up, then down: in one pallas.gemv call where the down projection goes there
         # (the activation computed as the kernel reads gu), else as written in qeinsum
+        partials = _partials_wanted(self.fused_norm and not self.has_bias, attend)
         y = _parallel("row", attend, lambda gu, w, s, out_dtype=None: qeinsum("...f,fe->...e", gu, w, s, self.w8a8,
-                                                                             self.gemv, out_dtype, act="silu_mul"),
+                                                                             self.gemv, out_dtype, act="silu_mul",
+                                                                             partials=partials),
                       gu, (None,) * (gu.ndim - 2) + ("stack", "mlp"), self.down, self.down_scale,
                       keep_float32=self.fused_norm and not self.has_bias)
         if self.has_bias:
             y = y + self.down_bias[...]
         return y
+
+
+def _partials_wanted(to_add_norm: bool, attend) -> bool:
+    """Whether a row-parallel projection (o, down) may hand add_norm its split-K partial sums
+    (quant.Partials: the gemv's epilogue kernel is then add_norm's): when its result goes straight
+    into the fused add + norm, and not under a TensorParallel (whose all-reduce adds a shard's sum)."""
+    return to_add_norm and getattr(attend, "tensor_parallel", None) is None
 
 
 def add_norm(x, y, norm: RMSNorm, attend=None, fused: bool = False):
@@ -338,11 +351,14 @@ def add_norm(x, y, norm: RMSNorm, attend=None, fused: bool = False):
     (pallas.add_norm), per device under the step's TensorParallel (its shard_map modes; not under
     XLA's partitioner, which cannot split a kernel); else, and for other shapes, as written here.
     y None: nothing to add (the first layer); y float32 (a row-parallel sum kept unrounded for the
-    kernel): rounded to x's dtype first, as the projection would have."""
+    kernel): rounded to x's dtype first, as the projection would have; y ``Partials`` (a split-K
+    gemv's float32 sums, _partials_wanted): added by the kernel, else here."""
     if y is None:
         return x, norm(x)
     if fused and (out := _fused_add_norm(x, y, norm, attend)) is not None:
         return out
+    if isinstance(y, Partials):
+        y = y.total(jnp.float32)
     h = x + y.astype(x.dtype)
     return h, norm(h)
 
@@ -356,7 +372,8 @@ def _fused_add_norm(x, y, norm: RMSNorm, attend):
     if not add_rmsnorm_fits(rows, e) or (tp is not None and tp.mode == "xla"):
         return None
     f = functools.partial(add_rmsnorm, eps=norm.eps, interpret=jax.default_backend() == "cpu")
-    args = (x.reshape(rows, e), y.reshape(rows, e), norm.weight[...])
+    ys = y.parts.reshape(-1, rows, e) if isinstance(y, Partials) else y.reshape(rows, e)
+    args = (x.reshape(rows, e), ys, norm.weight[...])
     h, n = f(*args) if tp is None else tp.replicated(f, *args)
     return h.reshape(x.shape), n.reshape(x.shape)
 

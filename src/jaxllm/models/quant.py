@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +71,20 @@ def _k_minor_spec(spec: str) -> tuple[str, int]:
     return f"{xs},{''.join(c for c in ws if c not in xs)}{contracting}->{out}", len(contracting)
 
 
+class Partials(NamedTuple):
+    """A projection's result as float32 split-K partial sums [S, ..., N] (scale applied), still to
+    be added: what qeinsum returns with ``partials=True`` where pallas.gemv splits K at one row,
+    for a consumer that adds them in its own kernel (models/llama.py: add_norm)."""
+
+    parts: jax.Array
+
+    def total(self, dtype):
+        """The projection's result, as the gemv's own epilogue adds it."""
+        return jnp.sum(self.parts, axis=0).astype(dtype)
+
+
 def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None,
-            act: str | None = None):
+            act: str | None = None, partials: bool = False):
     """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
 
     x's contracting dims are its trailing ones and the scale's dims the trailing (output) dims of
@@ -83,14 +96,15 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     weight has at most ``pallas.gemv.SMALL_WEIGHT`` elements; "quantized" fp8 weights times one row.
     out_dtype: the result's (default x's; float32 for partial sums still to be added). `act`
     "silu_mul": x is [..., 2, f] (a gate/up output) and the product is of silu(gate) * up -- computed
-    inside pallas.gemv where the call goes there, else here first (the model's own ops)."""
+    inside pallas.gemv where the call goes there, else here first (the model's own ops). `partials`:
+    where pallas.gemv splits K at one row, return its float32 partial sums as ``Partials``."""
     out_dtype = out_dtype or x.dtype
     k_minor = w.dtype == jnp.float8_e4m3fn
     if act is not None:
         if act != "silu_mul":
             raise ValueError(f"qeinsum: act={act!r}: expected None or 'silu_mul'")
         gspec = _k_minor_spec(spec)[0] if k_minor else spec
-        y = plain_gemv(gspec, x, w, scale, k_minor, gemv, out_dtype, act) if isinstance(gemv, str) else None
+        y = plain_gemv(gspec, x, w, scale, k_minor, gemv, out_dtype, act, partials) if isinstance(gemv, str) else None
         if y is not None:
             return y
         x = jax.nn.silu(x[..., 0, :]) * x[..., 1, :]
@@ -104,7 +118,7 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
             if y is not None:
                 return y.astype(out_dtype)
     if isinstance(gemv, str):
-        y = plain_gemv(spec, x, w, scale, k_minor, gemv, out_dtype)
+        y = plain_gemv(spec, x, w, scale, k_minor, gemv, out_dtype, partials=partials)
         if y is not None:
             return y
     if scale is None:
@@ -156,13 +170,16 @@ def _fp8_gemv(spec: str, x, w, scale):
     return fp8_gemv(x2, w2, scale.reshape(n)).reshape(shape)
 
 
-def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dtype=None, act: str | None = None):
+def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dtype=None, act: str | None = None,
+               partials: bool = False):
     """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
     spec rewritten for it), or None where the kernel does not serve the shape or `mode` leaves it
     to XLA: "small" a weight larger than ``SMALL_WEIGHT``, "quantized" anything but
     a K-minor one-byte weight (fp8) times one row (int8 [K, N] ran slower than XLA: 6.69 vs 5.68
     ms). `act`: x is [..., 2, f] and the kernel multiplies act(x) (pallas.gemv's act; spec is
-    written for act(x)'s shape). On a CPU backend the kernel runs in Pallas interpret mode (tests)."""
+    written for act(x)'s shape). `partials`: a split-K product at one row comes back as
+    ``Partials`` (pallas.gemv partials). On a CPU backend the kernel runs in Pallas interpret mode
+    (tests)."""
     from ..pallas.gemv import SMALL_WEIGHT, gemv, gemv_tiling
 
     if mode not in ("all", "small", "quantized"):
@@ -183,8 +200,11 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dty
     if tiling is None:
         return None
     s = None if scale is None else scale.reshape(n)
-    return gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, interpret=jax.default_backend() == "cpu",
-                **tiling).reshape(shape)
+    y = gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, partials=partials,
+             interpret=jax.default_backend() == "cpu", **tiling)
+    if y.ndim == 3:  # the partials [S, 1, n]
+        return Partials(y.reshape(y.shape[:1] + shape))
+    return y.reshape(shape)
 
 
 def quantize_weight(w, quantization: str, axes, out_axes):

@@ -30,7 +30,10 @@ def add_rmsnorm_fits(rows: int, e: int) -> bool:
 
 
 def reference_add_rmsnorm(x, y, w, eps: float):
-    """(x + y, RMSNorm(x + y) * w) in plain jnp, as models/llama.py computes them."""
+    """(x + y, RMSNorm(x + y) * w) in plain jnp, as models/llama.py computes them; y [S, rows, e]:
+    float32 partial sums (a split-K projection's), added in float32 and rounded first."""
+    if y.ndim == 3:
+        y = jnp.sum(y.astype(jnp.float32), axis=0)
     h = x + y.astype(x.dtype)
     hf = h.astype(jnp.float32)
     n = hf * jax.lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + eps)
@@ -39,18 +42,23 @@ def reference_add_rmsnorm(x, y, w, eps: float):
 
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
 def add_rmsnorm(x, y, w, *, eps: float, num_warps: int = 8, interpret: bool = False):
-    """x, y [rows, e] (y of any float dtype, rounded to x's first), w [e] -> (h, n), both x's dtype."""
+    """x, y [rows, e] (y of any float dtype, rounded to x's first), w [e] -> (h, n), both x's dtype.
+    y may also be [S, rows, e]: float32 partial sums of the projection that made it (a split-K
+    gemv's, pallas.gemv partials=True), added here in float32 and then rounded -- so the split-K
+    epilogue kernel after that projection is not needed."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     rows, e = x.shape
-    if not add_rmsnorm_fits(rows, e) or y.shape != x.shape or w.shape != (e,):
-        raise ValueError(f"add_rmsnorm: x {x.shape}, y {y.shape}, w {w.shape}: expected [rows, e], [rows, e], [e] "
+    parts = y.ndim == 3
+    if not add_rmsnorm_fits(rows, e) or y.shape[parts:] != x.shape or w.shape != (e,):
+        raise ValueError(f"add_rmsnorm: x {x.shape}, y {y.shape}, w {w.shape}: expected [rows, e], [(S,) rows, e], [e] "
                          f"with rows <= {MAX_ROWS} and e a power of two in [64, 16384]")
     dtype = x.dtype
 
     def kernel(x_ref, y_ref, w_ref, h_ref, n_ref):
-        h = (x_ref[...].astype(jnp.float32) + y_ref[...].astype(dtype).astype(jnp.float32)).astype(dtype)
+        y = jnp.sum(y_ref[...].astype(jnp.float32), axis=0) if parts else y_ref[...]  # [1, e]
+        h = (x_ref[...].astype(jnp.float32) + y.astype(dtype).astype(jnp.float32)).astype(dtype)
         h_ref[...] = h
         hf = h.astype(jnp.float32)
         n = hf * jax.lax.rsqrt(jnp.sum(hf * hf, axis=-1, keepdims=True) / e + eps)
@@ -61,7 +69,8 @@ def add_rmsnorm(x, y, w, *, eps: float, num_warps: int = 8, interpret: bool = Fa
         kernel,
         out_shape=(jax.ShapeDtypeStruct((rows, e), dtype),) * 2,
         grid=(rows,),
-        in_specs=[row, row, pl.BlockSpec((e,), lambda i: (0,))],
+        in_specs=[row, pl.BlockSpec((y.shape[0], 1, e), lambda i: (0, i, 0)) if parts else row,
+                  pl.BlockSpec((e,), lambda i: (0,))],
         out_specs=[row, row],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps),
         interpret=interpret,

@@ -135,17 +135,20 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False, act: str | None = No
 
 
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "fma", "out_dtype", "act", "interpret"))
+                                             "fma", "out_dtype", "act", "partials", "interpret"))
 def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k: int = 64, splits: int = 4,
          num_warps: int = 4, num_stages: int = 4, fma: bool = False, out_dtype=None, act: str | None = None,
-         interpret: bool = False):
+         partials: bool = False, interpret: bool = False):
     """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in out_dtype (default x's).
 
     With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
     each block's K, instead of a tensor-core dot of x padded to 16 rows. With one split the kernel
     writes the result itself (scale applied, in out_dtype): no jnp epilogue, no extra kernel.
     `act` "silu_mul": x is [M, 2K] (gate, then up) and the product is silu(gate) * up @ w, the
-    activation computed as x is read (an MLP's down projection without its own elementwise kernel)."""
+    activation computed as x is read (an MLP's down projection without its own elementwise kernel).
+    `partials`: with several splits and one row, return the float32 partial sums [splits, 1, N]
+    (scale applied to each) instead of adding them in a jnp epilogue -- for a consumer that adds
+    them itself (pallas.add_norm), one kernel fewer; otherwise the result as usual."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -165,7 +168,8 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
     rows = 1 if fma or one else ROWS
     xp = x if rows == 1 else jnp.pad(x, ((0, ROWS - m), (0, 0)))
     direct = splits == 1
-    with_scale = direct and scale is not None
+    raw = partials and not direct and rows == m  # the partials go out as they are, scaled in the kernel
+    with_scale = (direct or raw) and scale is not None
     out_dtype = out_dtype or x.dtype
 
     def kernel(x_ref, w_ref, *refs):
@@ -207,6 +211,8 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
                 acc = acc * refs[0][cols].astype(jnp.float32)[None]
             o_ref[...] = acc.astype(o_ref.dtype)
         else:
+            if with_scale:
+                acc = acc * refs[0][cols].astype(jnp.float32)[None]
             o_ref[...] = acc[None]
 
     if direct:
@@ -227,6 +233,8 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
     )(*operands)
     if direct:
         return out if rows == m else out[:m]
+    if raw:
+        return out
     y = jnp.sum(out[:, :m], axis=0)
     if scale is not None:
         y = y * scale.astype(jnp.float32)
