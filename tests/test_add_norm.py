@@ -132,6 +132,17 @@ def test_add_rmsnorm_compiled_on_the_gpu_matches_reference(rows, e):
 
 
 @pytest.mark.gpu
+def test_add_rmsnorm_with_split_k_partials_compiled_on_the_gpu():
+    """y [4, 1, 4096]: an fp8 down projection's partial sums at batch 1, added by the compiled kernel."""
+    x, _, w = _inputs(1, 4096, jnp.bfloat16, jnp.float32, seed=11)
+    parts = jax.random.normal(jax.random.key(12), (4, 1, 4096), jnp.float32)
+    h, n = add_rmsnorm(x, parts, w, eps=1e-5)
+    rh, rn = reference_add_rmsnorm(x, parts, w, 1e-5)
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(rh, np.float32), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(n, np.float32), np.asarray(rn, np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
 def test_a_model_with_the_fused_norm_compiled_on_the_gpu(tmp_path, monkeypatch):
     """The kernel compiled by Triton inside a model's step programs (hidden size 256, float32): the
     unfused model's logits and greedy tokens."""

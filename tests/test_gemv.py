@@ -278,6 +278,25 @@ def test_gemv_compiled_on_the_gpu_matches_reference(m, k, n, k_minor, dtype, act
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n", [(14336, 4096), (4096, 4096)])  # fp8 down and o at batch 1: split K
+def test_gemv_partials_compiled_on_the_gpu(k, n):
+    """The models' one-row fp8 tiling with partials=True, compiled: [splits, 1, n] float32 partial
+    sums (scaled in the kernel) that add up to the product."""
+    from jaxllm.pallas.gemv import gemv_tiling
+
+    kx, kw = jax.random.split(jax.random.key(k + n))
+    x = jax.random.normal(kx, (1, k), jnp.bfloat16)
+    w = (0.02 * jax.random.normal(kw, (n, k), jnp.float32)).astype(jnp.float8_e4m3fn)
+    scale = jnp.full((n,), 0.5, jnp.float32)
+    tiling = gemv_tiling(1, k, n, 1, True)
+    assert tiling["splits"] > 1
+    parts = gemv(x, w, scale, k_minor=True, partials=True, **tiling)
+    assert parts.shape == (tiling["splits"], 1, n) and parts.dtype == jnp.float32
+    want = reference_gemv(x, w, scale, k_minor=True)
+    np.testing.assert_allclose(np.asarray(parts.sum(0)), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+
+
 def test_quantized_mode_takes_fp8_weights_times_one_row():
     """JAXLLM_GEMV=auto on a GPU ("quantized"): fp8 weights (stored [N, K]) at one row go
     through the kernel (with their per-channel scale); int8 ([K, N]: slower than XLA on the H100),
