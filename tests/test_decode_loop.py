@@ -63,3 +63,31 @@ def test_decode_loop_switch_is_checked(monkeypatch):
         monkeypatch.setenv("JAXLLM_DECODE_LOOP", bad)
         with pytest.raises(ValueError, match=f"JAXLLM_DECODE_LOOP='{bad}': expected while, fixed or a power of two"):
             decode_loop_mode()
+
+
+def test_a_fixed_loop_under_tensor_parallelism_records_collectives_in_command_buffers(monkeypatch):
+    """JAXLLM_DECODE_LOOP=fixed on GPUs with a TensorParallel: the decode programs (not prefill's)
+    compile with XLA's collectives in command buffers; nowhere else, and not over a user's own
+    choice in XLA_FLAGS. The option names kinds this XLA knows (it compiles)."""
+    from types import SimpleNamespace
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxllm.runner.runner import DECODE_COMMAND_BUFFERS, decode_compiler_options
+
+    def mesh(platform):
+        return SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)] * 2, dtype=object))
+
+    tp = object()
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert decode_compiler_options(None, tp, mesh("gpu")) == {"xla_gpu_enable_command_buffer": DECODE_COMMAND_BUFFERS}
+    assert "COLLECTIVES" in DECODE_COMMAND_BUFFERS.split(",")
+    assert decode_compiler_options(1, tp, mesh("gpu")) is None  # the while loop
+    assert decode_compiler_options(None, None, mesh("gpu")) is None  # one device: no collectives
+    assert decode_compiler_options(None, tp, mesh("cpu")) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=+COLLECTIVES")
+    assert decode_compiler_options(None, tp, mesh("gpu")) is None
+    f = jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_command_buffer": DECODE_COMMAND_BUFFERS})
+    assert float(f(jnp.float32(1))) == 2.0

@@ -71,7 +71,9 @@ def decode_loop_mode() -> int | None:
     each time, and the host then launches the step (its command buffers, and under tensor
     parallelism each collective) from behind; "fixed" (None) runs the call's `steps` steps as a loop
     of known trip count, so the host can enqueue them all ahead (done rows are masked: no tokens, no
-    KV writes); a power of two N checks every N steps (an inner loop of N steps, known trip count)."""
+    KV writes) -- and under tensor parallelism on GPUs its programs record the collectives into the
+    command buffers (decode_compiler_options); a power of two N checks every N steps (an inner loop
+    of N steps, known trip count)."""
     mode = os.environ.get("JAXLLM_DECODE_LOOP", "while")
     if mode == "while":
         return 1
@@ -80,6 +82,26 @@ def decode_loop_mode() -> int | None:
     if not (mode.isdigit() and int(mode) > 0 and int(mode) & (int(mode) - 1) == 0):
         raise ValueError(f"JAXLLM_DECODE_LOOP={mode!r}: expected while, fixed or a power of two (steps between checks)")
     return int(mode)
+
+
+# XLA:GPU's command buffer kinds by default (jaxlib 0.11's, as its dumped debug options list them)
+# and the collectives: a fixed decode loop's programs record their all-reduces into the command
+# buffers (one graph per step instead of one per stretch between all-reduces)
+DECODE_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL,COLLECTIVES"
+
+
+def decode_compiler_options(check_every: int | None, tensor_parallel, mesh) -> dict | None:
+    """XLA options of the decode programs alone: with a fixed decode loop (JAXLLM_DECODE_LOOP=fixed)
+    over the collectives of a TensorParallel on GPUs, collectives in command buffers. (Measured
+    process-wide on 2x H200, tp=2 batch 1: 3.78-3.82 -> 3.67-3.69 ms with the fixed loop, but TTFT
+    ~10.5 -> ~13.3 ms, the prefill programs' graphs re-recorded each call: so decode only here,
+    BENCHMARKS.md "Tenth session".) None where nothing changes, or where the user's XLA_FLAGS
+    already choose the command buffer kinds."""
+    if check_every is not None or tensor_parallel is None or mesh.devices.flat[0].platform != "gpu":
+        return None
+    if "--xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    return {"xla_gpu_enable_command_buffer": DECODE_COMMAND_BUFFERS}
 
 
 class ModelRunner:
@@ -129,7 +151,8 @@ class ModelRunner:
         )
         self._last_logits = jax.jit(self._last_logits_impl)
         self._decode = jax.jit(
-            self._decode_impl, static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",)
+            self._decode_impl, static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",),
+            compiler_options=decode_compiler_options(self._check_every, self._tensor_parallel, mesh),
         )
 
     @property
