@@ -155,8 +155,9 @@ def test_a_model_with_the_fused_norm_compiled_on_the_gpu(tmp_path, monkeypatch):
     assert results["1"][1] == results["0"][1]
 
 
-@pytest.mark.parametrize("quantization", ["fp8", None])
-def test_split_k_projections_hand_their_partials_to_the_fused_norm(tiny_checkpoints, monkeypatch, quantization):
+@pytest.mark.parametrize("variant, quantization", [("llama3", "fp8"), ("llama3", None), ("qwen2", "fp8")])
+def test_split_k_projections_hand_their_partials_to_the_fused_norm(tiny_checkpoints, monkeypatch, variant,
+                                                                   quantization):
     """Batch 1: with the o and down projections through gemv at one row (JAXLLM_GEMV=1) and K split in two
     (forced here: the tiny model's K is too short for the default tiling to split), their float32
     partial sums go straight into pallas.add_norm (no epilogue kernel): the unfused model's logits
@@ -171,7 +172,7 @@ def test_split_k_projections_hand_their_partials_to_the_fused_norm(tiny_checkpoi
 
     monkeypatch.setattr(gemv_module, "gemv_tiling", split_in_two)
     monkeypatch.setenv("JAXLLM_GEMV", "1")
-    results = _unfused_and_fused(monkeypatch, tiny_checkpoints["llama3"], prompts=1, quantization=quantization)
+    results = _unfused_and_fused(monkeypatch, tiny_checkpoints[variant], prompts=1, quantization=quantization)
     (ref, ref_tokens, _, _), (got, got_tokens, on_calls, _) = results["0"], results["1"]
     partial_calls = [y for x, y in on_calls if len(y) == 3]
     assert partial_calls and all(y[0] == 2 for y in partial_calls)  # [2 splits, rows, e]
