@@ -206,14 +206,9 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((ROWS if one else rows, block_n), jnp.float32))
         if one:
             acc = jnp.sum(acc, axis=0, keepdims=True)
-        if direct:
-            if with_scale:
-                acc = acc * refs[0][cols].astype(jnp.float32)[None]
-            o_ref[...] = acc.astype(o_ref.dtype)
-        else:
-            if with_scale:
-                acc = acc * refs[0][cols].astype(jnp.float32)[None]
-            o_ref[...] = acc[None]
+        if with_scale:
+            acc = acc * refs[0][cols].astype(jnp.float32)[None]
+        o_ref[...] = acc.astype(o_ref.dtype) if direct else acc[None]
 
     if direct:
         out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)

@@ -273,13 +273,12 @@ class ModelRunner:
         def run(n):  # n steps of known trip count (done rows are masked: no KV writes, no tokens)
             return lambda carry: jax.lax.fori_loop(0, n, lambda _, c: body(c), carry)
 
-        # ends early once every row is done, checked every `every` steps (decode_loop_mode; a divisor
-        # of `steps`): XLA:GPU reads a while loop's predicate on the host
-        every = steps if self._check_every is None else math.gcd(steps, self._check_every)
         carry = (jnp.int32(0), pool, state, out, out_lp)
-        if every == steps:
+        if self._check_every is None:  # JAXLLM_DECODE_LOOP=fixed
             carry = run(steps)(carry)
-        else:
+        else:  # ends early once every row is done, checked every `every` steps (a divisor of `steps`);
+            # XLA:GPU reads a while loop's predicate on the host
+            every = math.gcd(steps, self._check_every)
             carry = jax.lax.while_loop(cond, body if every == 1 else run(every), carry)
         _, pool, state, out, out_lp = carry
         return pool, state, out, out_lp
