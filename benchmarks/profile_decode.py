@@ -52,7 +52,7 @@ def union(intervals):
 
 
 def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: int = 12,
-              thread_pattern: str = "Stream", timeline: int = 0) -> dict:
+              thread_pattern: str = "Stream", timeline: int = 0, timeline_from: str = "") -> dict:
     """Device busy time, idle gaps and the host events in them (times in microseconds). Device
     events: those of processes named like device_pattern, on threads named like thread_pattern."""
     def is_device(e):
@@ -92,18 +92,21 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
         "launches_by_kernel": {k: launches[k] for k, _ in by_kernel.most_common(top)},
         "device_us_by_module": {k: round(v, 1) for k, v in by_module.most_common(top)},
         "kernel_launches": sum(launches.values()),
-        "timeline": kernel_timeline([e for e in events if is_device(e)], timeline),
+        "timeline": kernel_timeline([e for e in events if is_device(e)], timeline, timeline_from),
     }
 
 
-def kernel_timeline(dev_events, n: int) -> list[str]:
-    """n consecutive device events from the middle of the trace (a decode step's layers): the
-    start (µs after the first listed), the idle time since the previous one ended, the duration
+def kernel_timeline(dev_events, n: int, start_at: str = "") -> list[str]:
+    """n consecutive device events from the middle of the trace (a decode step's layers), or from
+    the first one after the middle whose name contains `start_at` (e.g. MemcpyD2H: a step's end):
+    the start (µs after the first listed), the idle time since the previous one ended, the duration
     and the kernel -- where the gaps between a layer's kernels are."""
     if n <= 0 or not dev_events:
         return []
     evs = sorted(dev_events, key=lambda e: e["ts"])
     mid = len(evs) // 2
+    if start_at:
+        mid = next((i for i in range(mid, len(evs)) if start_at in evs[i]["name"]), mid)
     window = evs[mid: mid + n]
     t0, prev_end, out = window[0]["ts"], window[0]["ts"], []
     for e in window:
@@ -126,6 +129,8 @@ def main():
     ap.add_argument("--top", type=int, default=12, help="how many kernels / gaps / host events to list")
     ap.add_argument("--timeline", type=int, default=0,
                     help="list this many consecutive kernels from mid-trace with the gaps between them")
+    ap.add_argument("--timeline-from", default="", help="start the timeline at the first kernel after mid-trace "
+                    "whose name contains this (e.g. MemcpyD2H, the end of a step)")
     ap.add_argument("--hlo-dir", default=None,
                     help="dump the decode programs' optimized HLO here and name what each top kernel computes")
     args = ap.parse_args()
@@ -162,7 +167,8 @@ def main():
     print("engine phases (ms per call x calls):")
     for p, v in phases.items():
         print(f"  {p:<16} {1e3 * v['seconds'] / v['calls']:9.3f} x {v['calls']}")
-    s = summarize(*load_trace(args.trace_dir), args.device_pattern, args.gap_us, args.top, timeline=args.timeline)
+    s = summarize(*load_trace(args.trace_dir), args.device_pattern, args.gap_us, args.top, timeline=args.timeline,
+                  timeline_from=args.timeline_from)
     if args.hlo_dir:
         s["kernel_hlo"] = kernel_hlo(args.hlo_dir, s.get("device_us_by_kernel", {}))
     print(json.dumps(s, indent=1))

@@ -8,7 +8,8 @@
 #            arithmetic on the same random weights (which variant is nearer the truth)
 #   profile  the per-shard decode on GPU $GPU (default 1; GPU 0's is in the eighth session's logs), XLA_FLAGS=$PFLAGS
 #            (the profiler turns command buffers off: PFLAGS=--xla_enable_command_buffers_during_profiling=true
-#            keeps them, so the kernels and gaps are those of a real step; TIMELINE=N lists N
+#            keeps them, so the kernels and gaps are those of a real step; TIMELINE=N lists N (TIMELINE_FROM=MemcpyD2H:
+#            from a step's end)
 #            consecutive kernels from mid-trace with the gaps between them)
 #   symm     ITL of the default (per shard since the ninth session) without / with NCCL symmetric buffers,
 #            and with q and k/v fused (JAXLLM_FUSED_QKV=1)
@@ -50,6 +51,7 @@ ref) timeout ${REF_TIMEOUT:-240} python benchmarks/tp_match.py --model "$M" --pr
        --reference float32 --env "" --env JAXLLM_ROW_PARALLEL=psum,JAXLLM_GEMV=small > "$OUT/ref.txt" 2>&1; tail -6 "$OUT/ref.txt" ;;
 profile) XLA_FLAGS="${PFLAGS:-}" env $SHARD timeout 120 python benchmarks/profile_decode.py --model "$M" --tp 2 \
            --device-pattern /device:GPU:${GPU:-1} --top 60 --output-len 32 --timeline ${TIMELINE:-0} \
+           --timeline-from "${TIMELINE_FROM:-}" \
            > "$OUT/profile_gpu${GPU:-1}.txt" 2>&1
          sed -n '/device_us_by_kernel/,/}/p' "$OUT/profile_gpu${GPU:-1}.txt" | head -14 ;;
 symm) bench_latency tp2 - --tensor-parallel-size 2
