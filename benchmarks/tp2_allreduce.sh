@@ -8,9 +8,8 @@
 #            arithmetic on the same random weights (which variant is nearer the truth)
 #   profile  the per-shard decode on GPU $GPU (default 1; GPU 0's is in the eighth session's logs), XLA_FLAGS=$PFLAGS
 #            (the profiler turns command buffers off: PFLAGS=--xla_enable_command_buffers_during_profiling=true
-#            keeps them, so the kernels and gaps are those of a real step; TIMELINE=N lists N (TIMELINE_FROM=MemcpyD2H:
-#            from a step's end)
-#            consecutive kernels from mid-trace with the gaps between them)
+#            keeps them, so the kernels and gaps are those of a real step; TIMELINE=N lists N
+#            consecutive kernels from mid-trace with the gaps between them, TIMELINE_FROM=MemcpyD2H from a step's end)
 #   symm     ITL of the default (per shard since the ninth session) without / with NCCL symmetric buffers,
 #            and with q and k/v fused (JAXLLM_FUSED_QKV=1)
 #   graphs   ITL with NCCL symmetric buffers and fused q/k/v, and then the collectives in command buffers
