@@ -34,9 +34,12 @@ def tilings(k: int, n: int, rows: int, itemsize: int, k_minor: bool):
     # what models get (pallas.gemv.gemv_tiling)
     yield dict(gemv_tiling(rows, k, n, itemsize, k_minor), default=True)
     variants = [dict(block_n=bn, block_k=bk, fma=False) for bn in (64, 128) for bk in (64, 128)]
-    if rows == 1 and k_minor:  # multiply-adds: narrower column blocks, longer K steps (256-1024 bytes of a row)
+    if rows == 1 and k_minor:  # multiply-adds: narrower column blocks, longer K steps (256-2048 bytes of a row;
+        # the longer runs untried before the tenth session: fp8 gate/up and down reached 75-81% of HBM bandwidth
+        # in the model with 512-byte runs of rows K bytes apart)
         variants += [dict(block_n=bn, block_k=bk, fma=True) for bn, bk in
-                     ((16, 512), (32, 128), (32, 256), (32, 512), (64, 128), (64, 256))]
+                     ((16, 512), (32, 128), (32, 256), (32, 512), (64, 128), (64, 256), (16, 1024), (32, 1024),
+                      (16, 2048), (8, 2048))]
     elif rows == 1:  # [K, N]: a block's rows are its columns, so wide column blocks, short K steps
         variants += [dict(block_n=bn, block_k=bk, fma=True) for bn, bk in
                      ((128, 32), (128, 64), (256, 32), (256, 64), (512, 16), (512, 32))]
