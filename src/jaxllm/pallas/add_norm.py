@@ -7,7 +7,9 @@ its own reduction at one row, the normalize, a convert), and a batch-1 step is ~
 layer whose launches and gaps cost as much as their work (BENCHMARKS.md, sixth and ninth
 sessions). Here each row is one program that reads x and y once and writes h and n. On by default
 on NVIDIA GPUs (``JAXLLM_FUSED_NORM``, loader.fused_norm_wanted; models/llama.py): tp=2 batch 1
-3.96 -> 3.84 ms on 2x H200, one H100 fp8 4.23 -> 4.17 ms (BENCHMARKS.md "Tenth session").
+3.96 -> 3.84 ms on 2x H200, one H100 fp8 4.23 -> 4.17 ms (BENCHMARKS.md "Tenth session"). y may
+also be a split-K projection's float32 partial sums [S, rows, e] (pallas.gemv partials=True), which
+the kernel adds first: the projection's own epilogue kernel is then not needed.
 
 Numerics are the model's own: h rounded to x's dtype as ``x + y`` rounds it, the mean of squares
 and the normalize in float32, the product with the weight rounded once; only the order of the sum

@@ -18,7 +18,9 @@ the scale applied) in one small jnp epilogue.
 
 With ``act="silu_mul"`` x is a gate/up projection's output [M, 2K] and the kernel multiplies
 silu(gate) * up, computed as its blocks are read (float32, rounded once to x's dtype): the MLP's
-down projection without the elementwise kernel before it.
+down projection without the elementwise kernel before it. With ``partials=True`` a split-K product
+at one row comes back as its float32 partial sums [splits, 1, N] for a consumer to add
+(pallas.add_norm), instead of through the jnp epilogue.
 
 Layouts: ``w [K, N]`` (plain, jaxllm's bf16 projections) or, with ``k_minor=True``, ``w [N, K]``
 (jaxllm's fp8 weights, PyTorch's [out, in]); an fp8 weight is converted in registers, so HBM sees
