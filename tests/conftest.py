@@ -109,6 +109,17 @@ def write_kernel_sized_config(path: Path, **overrides) -> Path:
     return path
 
 
+def stand_in_mesh(n: int, platform: str = "gpu"):
+    """What the loader's and kernels' switches read of a mesh: its devices' platform and its axes
+    (n devices, all on "model"), for testing a GPU default on a CPU."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    return SimpleNamespace(shape={"data": 1, "model": n},
+                           devices=np.array([SimpleNamespace(platform=platform)] * n, dtype=object))
+
+
 def counting(fn, shapes: list):
     """fn, appending the shape of its first argument to `shapes` at each call (trace)."""
 

@@ -73,16 +73,14 @@ def test_a_fixed_loop_under_tensor_parallelism_records_collectives_in_command_bu
     """JAXLLM_DECODE_LOOP=fixed on GPUs with a TensorParallel: the decode programs (not prefill's)
     compile with XLA's collectives in command buffers; nowhere else, and not over a user's own
     choice in XLA_FLAGS. The option names kinds this XLA knows (it compiles)."""
-    from types import SimpleNamespace
-
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
+    from conftest import stand_in_mesh
     from jaxllm.runner.runner import DECODE_COMMAND_BUFFERS, decode_compiler_options
 
     def mesh(platform):
-        return SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)] * 2, dtype=object))
+        return stand_in_mesh(2, platform)
 
     tp = object()
     monkeypatch.delenv("XLA_FLAGS", raising=False)

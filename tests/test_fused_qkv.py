@@ -92,22 +92,27 @@ def test_saves_hold_q_and_kv_apart_and_restore_fused_or_not(tiny_checkpoints, mo
 def test_fused_qkv_by_default_only_under_tensor_parallelism_on_gpus(monkeypatch):
     """JAXLLM_FUSED_QKV=auto (the default): fused on a (stand-in) GPU mesh split over several
     devices -- each shard's q and k/v one gemv, faster at tp=2 -- apart on one GPU (fusion cost
-    throughput there) and on CPUs; 1 / 0 force it."""
-    from types import SimpleNamespace
-
+    throughput there) and on CPUs (1 / 0: test_loader_switches_force_and_refuse)."""
+    from conftest import stand_in_mesh as mesh
     from jaxllm.loader import fused_qkv_wanted
-
-    def mesh(tp, platform="gpu"):
-        return SimpleNamespace(shape={"data": 1, "model": tp},
-                               devices=np.array([SimpleNamespace(platform=platform)] * tp, dtype=object))
 
     monkeypatch.delenv("JAXLLM_FUSED_QKV", raising=False)
     assert fused_qkv_wanted(mesh(2)) and fused_qkv_wanted(mesh(4))
     assert not fused_qkv_wanted(mesh(1)) and not fused_qkv_wanted(mesh(2, "cpu")) and not fused_qkv_wanted(None)
-    monkeypatch.setenv("JAXLLM_FUSED_QKV", "1")
-    assert fused_qkv_wanted(mesh(1, "cpu"))
-    monkeypatch.setenv("JAXLLM_FUSED_QKV", "0")
-    assert not fused_qkv_wanted(mesh(2))
-    monkeypatch.setenv("JAXLLM_FUSED_QKV", "yes")
-    with pytest.raises(ValueError, match="JAXLLM_FUSED_QKV='yes'"):
-        fused_qkv_wanted(mesh(2))
+
+
+@pytest.mark.parametrize("name", ["JAXLLM_FUSED_QKV", "JAXLLM_FUSED_NORM"])
+def test_loader_switches_force_and_refuse(monkeypatch, name):
+    """The loader's auto / 1 / 0 switches: 1 forces the fusion on a CPU mesh, 0 keeps it off on a
+    GPU mesh where auto would take it; other values are errors naming the switch and its values."""
+    from conftest import stand_in_mesh as mesh
+    from jaxllm.loader import fused_norm_wanted, fused_qkv_wanted
+
+    wanted = fused_qkv_wanted if name == "JAXLLM_FUSED_QKV" else fused_norm_wanted
+    monkeypatch.setenv(name, "1")
+    assert wanted(mesh(1, "cpu"))
+    monkeypatch.setenv(name, "0")
+    assert not wanted(mesh(2))
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name}='yes': expected auto, 0 or 1"):
+        wanted(mesh(2))

@@ -231,12 +231,8 @@ def test_auto_takes_the_kernel_on_gpus_with_the_triton_backend_only(monkeypatch)
     """auto on a (stand-in) GPU mesh: fp8 at one row through gemv on one device, the shard's small
     ones under psum (the default on GPUs), nothing on several devices under XLA's partitioner; and nothing at all where
     JAX no longer has the Pallas Triton backend (deprecated upstream)."""
-    from types import SimpleNamespace
-
+    from conftest import stand_in_mesh as gpus
     from jaxllm.pallas import gemv as gemv_module
-
-    def gpus(n):
-        return SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")] * n, dtype=object))
 
     from jaxllm.sharding import row_parallel_mode
 

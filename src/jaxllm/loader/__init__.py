@@ -101,6 +101,14 @@ def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool)
     return found if found is not None else requested
 
 
+def _auto_switch(name: str) -> bool | None:
+    """An environment switch of values auto (the default: None, the caller decides), 1 or 0."""
+    value = os.environ.get(name, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{name}={value!r}: expected auto, 0 or 1")
+    return None if value == "auto" else value == "1"
+
+
 def fused_qkv_wanted(mesh=None) -> bool:
     """Whether q/k/v run as one projection where the tensor-parallel layout allows (models/llama.py:
     can_fuse_qkv). JAXLLM_FUSED_QKV=1 / 0 forces it; by default ("auto") only on a mesh of several
@@ -108,11 +116,9 @@ def fused_qkv_wanted(mesh=None) -> bool:
     ms per token at batch 1 and lost ~8% of 1000 x 128/128 throughput at 256 rows, so on one device
     q and k/v stay apart; at tp=2 each shard's fused q/k/v is one pallas.gemv instead of two (the k/v
     one at ~1.1 TB/s), batch 1 4.26 -> 4.06 ms on 2x H200 ("Ninth session")."""
-    value = os.environ.get("JAXLLM_FUSED_QKV", "auto")
-    if value not in ("auto", "0", "1"):
-        raise ValueError(f"JAXLLM_FUSED_QKV={value!r}: expected auto, 0 or 1")
-    if value != "auto":
-        return value == "1"
+    forced = _auto_switch("JAXLLM_FUSED_QKV")
+    if forced is not None:
+        return forced
     return mesh is not None and tensor_parallel_size(mesh) > 1 and mesh.devices.flat[0].platform == "gpu"
 
 
@@ -124,11 +130,9 @@ def fused_norm_wanted(mesh=None) -> bool:
     fusions (on a CPU backend the kernel would run in Pallas interpret mode)."""
     from ..pallas.gemv import triton_available
 
-    value = os.environ.get("JAXLLM_FUSED_NORM", "auto")
-    if value not in ("auto", "0", "1"):
-        raise ValueError(f"JAXLLM_FUSED_NORM={value!r}: expected auto, 0 or 1")
-    if value != "auto":
-        return value == "1"
+    forced = _auto_switch("JAXLLM_FUSED_NORM")
+    if forced is not None:
+        return forced
     return mesh is not None and mesh.devices.flat[0].platform == "gpu" and triton_available()
 
 

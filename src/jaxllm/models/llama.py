@@ -294,11 +294,12 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
-        partials = _partials_wanted(self.fused_norm and not self.has_o_bias, attend)
+        to_norm = self.fused_norm and not self.has_o_bias  # y goes straight into the fused add + norm
+        partials = _partials_wanted(to_norm, attend)
         y = _parallel("row", attend, lambda o, w, s, out_dtype=None: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8,
                                                                                 self.gemv, out_dtype, partials),
                       out.astype(x.dtype), (None, None, "heads", "head_dim"), self.o, self.o_scale,
-                      keep_float32=self.fused_norm and not self.has_o_bias)
+                      keep_float32=to_norm)
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
@@ -327,12 +328,13 @@ class MLP(nnx.Module):
             gu = gu + self.gate_up_bias[...]
         # silu(gate) * up, then down: in one pallas.gemv call where the down projection goes there
         # (the activation computed as the kernel reads gu), else as written in qeinsum
-        partials = _partials_wanted(self.fused_norm and not self.has_bias, attend)
+        to_norm = self.fused_norm and not self.has_bias  # y goes straight into the fused add + norm
+        partials = _partials_wanted(to_norm, attend)
         y = _parallel("row", attend, lambda gu, w, s, out_dtype=None: qeinsum("...f,fe->...e", gu, w, s, self.w8a8,
                                                                              self.gemv, out_dtype, act="silu_mul",
                                                                              partials=partials),
                       gu, (None,) * (gu.ndim - 2) + ("stack", "mlp"), self.down, self.down_scale,
-                      keep_float32=self.fused_norm and not self.has_bias)
+                      keep_float32=to_norm)
         if self.has_bias:
             y = y + self.down_bias[...]
         return y

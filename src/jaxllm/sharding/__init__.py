@@ -163,8 +163,9 @@ class TensorParallel:
         batch dims None), with its partial sums over "model" added; x's other dims and w's output
         dims come out replicated. Outside "xla" mode f is called with out_dtype=float32: the partials
         are added in float32 and rounded to x's dtype once, as tp=1's single product is (so tp=2's
-        bfloat16 logits equal tp=1's on CPU; rounding each partial first moved them). `keep_float32`: return the float32 sum unrounded (a fused residual add
-        that rounds it itself, pallas.add_norm: no convert kernel after the all-reduce)."""
+        bfloat16 logits equal tp=1's on CPU; rounding each partial first moved them). `keep_float32`:
+        return the float32 sum unrounded (a fused residual add that rounds it itself,
+        pallas.add_norm: no convert kernel after the all-reduce)."""
         if self.mode == "xla":
             return f(x, w, scale)
         x_spec, w_spec = logical_to_spec(x_axes, self.mesh, x.shape), logical_to_spec(w_axes, self.mesh, w.shape)
