@@ -9,7 +9,9 @@
 # profile, tp2, match (tp_match.py: gemv vs XLA at tp=1; on 2 GPUs tp=2 psum without / with gemv),
 # fp8qkv (fp8 batch 1 with q and k/v as one gemv, JAXLLM_FUSED_QKV=1, against the default),
 # norm (bf16 and fp8 batch 1 without / with the fused residual add + RMSNorm, JAXLLM_FUSED_NORM=1),
-# defaults (bf16, fp8, fp8 with JAXLLM_DECODE_LOOP=fixed, and with fused q/k/v too).
+# defaults (bf16, fp8, fp8 with JAXLLM_DECODE_LOOP=fixed, and with fused q/k/v too),
+# tilings (fp8 batch 1 with other gemv tilings forced per weight shape, JAXLLM_GEMV_TILING),
+# timeline (a real fp8 decode step's kernels and the gaps between them).
 #   PYTHONPATH=src OUT=/tmp/out STEPS="tests kernel latency profile" bash benchmarks/gemv_h100.sh   # nvidia-h100-x1
 #   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh             # nvidia-h100-x2
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-gemv
@@ -29,6 +31,20 @@ defaults) # bf16 and fp8 batch 1 under the tenth session's defaults (fused norm;
 norm) for q in bf16 fp8; do a=""; [ $q = fp8 ] && a="--quantization fp8"
         bench_latency $q - $a; bench_latency ${q}_fused_norm JAXLLM_FUSED_NORM=1 $a; done
       timeout 150 python -m pytest -q -m gpu tests/test_add_norm.py > "$OUT/tests_add_norm.txt" 2>&1; tail -1 "$OUT/tests_add_norm.txt" ;;
+tilings) # fp8 batch 1 with the tilings benchmarks/gemv.py timed faster alone (eleventh session, H100) forced
+         # in the model (JAXLLM_GEMV_TILING, per weight shape): k/v [4096 x 2048], q and o [4096 x 4096],
+         # down [14336 x 4096] with 8 warps; the default before and after (run-to-run spread)
+         T=JAXLLM_GEMV_TILING; KV="4096x2048=8,2048,1"; QO="4096x4096=32,512,1,8"
+         bench_latency fp8 - --quantization fp8; bench_latency fp8_kv "$T=$KV" --quantization fp8
+         bench_latency fp8_qo "$T=$QO" --quantization fp8; bench_latency fp8_kv_qo "$T=$KV;$QO" --quantization fp8
+         bench_latency fp8_kv_qo16 "$T=$KV;4096x4096=16,512,1" --quantization fp8
+         bench_latency fp8_down8 "$T=14336x4096=32,512,4,8" --quantization fp8
+         bench_latency fp8_again - --quantization fp8 ;;
+timeline) # a real fp8 decode step's kernels and gaps (command buffers kept while profiling)
+         XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true timeout 120 python benchmarks/profile_decode.py \
+           --model "$M" --quantization fp8 --top 40 --output-len 32 --timeline ${TIMELINE:-90} \
+           --timeline-from "${TIMELINE_FROM:-}" > "$OUT/timeline_fp8.txt" 2>&1
+         sed -n '/"timeline"/,/]/p' "$OUT/timeline_fp8.txt" | head -100 ;;
 profile) timeout 90 python benchmarks/profile_decode.py --model "$M" --quantization fp8 --top 25 > "$OUT/profile_fp8.txt" 2>&1
          sed -n '/device_us_by_kernel/,/}/p' "$OUT/profile_fp8.txt" | head -16 ;;
 tp2) bench_latency tp2 - --tensor-parallel-size 2; bench_latency tp2_psum "JAXLLM_ROW_PARALLEL=psum JAXLLM_GEMV=0" --tensor-parallel-size 2

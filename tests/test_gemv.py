@@ -141,6 +141,27 @@ def test_gemv_tiling_fills_the_gpu_and_fits():
     assert gemv_tiling(17, 4096, 4096) is None and gemv_tiling(1, 4096, 4100) is None
 
 
+def test_gemv_tiling_forced_by_environment(monkeypatch):
+    """JAXLLM_GEMV_TILING names a tiling per weight shape (in-model A/Bs); other shapes keep the
+    default, and a malformed or non-fitting one is refused naming the variable."""
+    from jaxllm.pallas.gemv import gemv_tiling
+
+    default = gemv_tiling(1, 4096, 4096, 1, True)
+    monkeypatch.setenv("JAXLLM_GEMV_TILING", "4096x2048=8,2048,1; 4096x4096=32,512,1,8")
+    assert gemv_tiling(1, 4096, 2048, 1, True) == dict(block_n=8, block_k=2048, splits=1, fma=True)
+    assert gemv_tiling(1, 4096, 4096, 1, True) == dict(block_n=32, block_k=512, splits=1, num_warps=8, fma=True)
+    assert gemv_tiling(4, 4096, 4096, 2, False)["fma"] is False
+    monkeypatch.setenv("JAXLLM_GEMV_TILING", "4096x2048=8,2048,1")
+    assert gemv_tiling(1, 4096, 4096, 1, True) == default
+    for bad in ("4096x2048=8,2048", "4096=8,2048,1", "4096x2048=8,0,1", "axb=1,2,3"):
+        monkeypatch.setenv("JAXLLM_GEMV_TILING", bad)
+        with pytest.raises(ValueError, match="JAXLLM_GEMV_TILING.*KxN=block_n,block_k,splits"):
+            gemv_tiling(1, 4096, 2048, 1, True)
+    monkeypatch.setenv("JAXLLM_GEMV_TILING", "4096x2048=8,4096,2")
+    with pytest.raises(ValueError, match="JAXLLM_GEMV_TILING.*does not fit"):
+        gemv_tiling(1, 4096, 2048, 1, True)
+
+
 def _model_through_gemv(checkpoint, monkeypatch, quantization, modes):
     """{JAXLLM_GEMV mode: (logits of an 8-token call, greedy tokens, [(weight size, fma)] of the
     kernel's calls, [their act])} of the tiny model; "small" caps SMALL_WEIGHT between its weights' sizes."""

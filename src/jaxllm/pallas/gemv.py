@@ -43,6 +43,30 @@ def gemv_fits(m: int, k: int, n: int, block_n: int, block_k: int, splits: int) -
     return 1 <= m <= ROWS and n % block_n == 0 and k % (splits * block_k) == 0
 
 
+TILING_ENV = "JAXLLM_GEMV_TILING"
+
+
+def forced_tiling(k: int, n: int) -> dict | None:
+    """The tiling JAXLLM_GEMV_TILING names for a K x N weight, else None: for in-model A/Bs of the
+    tilings benchmarks/gemv.py times alone (read when a model traces). Its value is
+    ``KxN=block_n,block_k,splits[,num_warps]`` entries separated by ``;``, e.g.
+    ``4096x2048=8,2048,1;4096x4096=32,512,1,8``."""
+    value = os.environ.get(TILING_ENV, "").strip()
+    for entry in filter(None, (e.strip() for e in value.split(";"))):
+        try:
+            shape, _, numbers = entry.partition("=")
+            kk, nn = (int(v) for v in shape.lower().split("x"))
+            fields = [int(v) for v in numbers.split(",")]
+            if len(fields) not in (3, 4) or min(fields) < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{TILING_ENV}={value!r}: expected entries 'KxN=block_n,block_k,splits[,num_warps]' "
+                             "of positive integers separated by ';'") from None
+        if (kk, nn) == (k, n):
+            return dict(zip(("block_n", "block_k", "splits", "num_warps"), fields))
+    return None
+
+
 def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True) -> dict | None:
     """A tiling for an [m, k] x [k, n] product whose weight has `itemsize` bytes per element; None
     where none fits. Chosen from the H100 sweeps (BENCHMARKS.md "Eighth session"): a one-byte weight
@@ -54,6 +78,12 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True)
     column blocks, K is split in two until there are two programs per SM (264; 256 for a dot) or a
     split would walk fewer than 2 steps."""
     fma = itemsize == 1 and m == 1
+    forced = forced_tiling(k, n)
+    if forced is not None:
+        if not gemv_fits(m, k, n, forced["block_n"], forced["block_k"], forced["splits"]):
+            raise ValueError(f"{TILING_ENV}: {forced} does not fit a [{m}, {k}] x [{k}, {n}] product "
+                             f"(n % block_n == 0, k % (splits * block_k) == 0, rows <= {ROWS})")
+        return dict(forced, fma=fma)
     if fma and k_minor:
         block_n = next((b for b in (32, 16) if n % b == 0), None)
         block_k = next((b for b in (512, 256, 128, 64, 32, 16) if k % b == 0), None)
