@@ -11,7 +11,8 @@
 # norm (bf16 and fp8 batch 1 without / with the fused residual add + RMSNorm, JAXLLM_FUSED_NORM=1),
 # defaults (bf16, fp8, fp8 with JAXLLM_DECODE_LOOP=fixed, and with fused q/k/v too),
 # tilings (fp8 batch 1 with other gemv tilings forced per weight shape, JAXLLM_GEMV_TILING),
-# timeline (a real fp8 decode step's kernels and the gaps between them).
+# timeline (a real fp8 decode step's kernels and the gaps between them), kvab (the k/v tiling
+# A/B, interleaved twice), w8a8 (a profile of 256-row fp8-w8a8 decode).
 #   PYTHONPATH=src OUT=/tmp/out STEPS="tests kernel latency profile" bash benchmarks/gemv_h100.sh   # nvidia-h100-x1
 #   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh             # nvidia-h100-x2
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-gemv
@@ -40,6 +41,17 @@ tilings) # fp8 batch 1 with the tilings benchmarks/gemv.py timed faster alone (e
          bench_latency fp8_kv_qo16 "$T=$KV;4096x4096=16,512,1" --quantization fp8
          bench_latency fp8_down8 "$T=14336x4096=32,512,4,8" --quantization fp8
          bench_latency fp8_again - --quantization fp8 ;;
+kvab) # the k/v tiling A/B again, interleaved (call 2 of the eleventh session: 4.05 vs 4.12 / 4.13 ms)
+      T=JAXLLM_GEMV_TILING; KV="4096x2048=8,2048,1"
+      bench_latency fp8 - --quantization fp8; bench_latency fp8_kv "$T=$KV" --quantization fp8
+      bench_latency fp8_again - --quantization fp8; bench_latency fp8_kv_again "$T=$KV" --quantization fp8 ;;
+w8a8) # where a 256-row fp8-w8a8 decode step's 14.9 ms go (sixth session; ~3 ms of FP8 FLOPs): a profile of
+      # 256 requests of 128 + 32 tokens, the kernels named by the optimized HLO, a step's timeline
+      timeout ${W8A8_TIMEOUT:-420} python benchmarks/profile_decode.py --model "$M" --quantization fp8-w8a8 \
+        --batch 256 --decode-steps 16 --output-len 32 --top 40 --timeline 60 --timeline-from MemcpyD2H \
+        --hlo-dir /tmp/hlo_w8a8 > "$OUT/profile_w8a8_b256.txt" 2>&1 || echo "w8a8 profile failed"
+      mkdir -p "$OUT/thunks_w8a8"; cp /tmp/hlo_w8a8/*thunk_sequence_after_thunk_passes.txt "$OUT/thunks_w8a8/" 2>/dev/null
+      head -3 "$OUT/profile_w8a8_b256.txt"; sed -n '/device_us_by_kernel/,/}/p' "$OUT/profile_w8a8_b256.txt" | head -30 ;;
 timeline) # a real fp8 decode step's kernels and gaps (command buffers kept while profiling)
          XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true timeout 120 python benchmarks/profile_decode.py \
            --model "$M" --quantization fp8 --top 40 --output-len 32 --timeline ${TIMELINE:-90} \

@@ -41,8 +41,7 @@ def test_fixed_and_while_loops_give_the_same_outputs(tiny_checkpoints, monkeypat
     want, while_loops = _run(path, monkeypatch, "while", params)
     got, fixed_loops = _run(path, monkeypatch, "fixed", params)
     chunked, chunked_loops = _run(path, monkeypatch, "4", params)  # checked every 4 of the call's 8 steps
-    skipped, skip_loops = _run(path, monkeypatch, "skip", params)
-    assert got == want and chunked == want and skipped == want
+    assert got == want and chunked == want
     # a while loop whose body is a scan of 4 steps
     assert set(chunked_loops) == {"while"} and "reduce_and" in chunked_loops["while"][0]
     assert chunked_loops["while"][1] == [4] and while_loops["while"][1] == []
@@ -51,8 +50,6 @@ def test_fixed_and_while_loops_give_the_same_outputs(tiny_checkpoints, monkeypat
     # the while loop's predicate asks whether every row is done; the fixed loop is a scan of 8 steps
     assert set(while_loops) == {"while"} and "reduce_and" in while_loops["while"][0]
     assert set(fixed_loops) == {"scan"} and fixed_loops["scan"][0] == 8 and "cond" not in fixed_loops["scan"][1]
-    # skip: a scan of 8 whose step is a cond on "every row done"
-    assert set(skip_loops) == {"scan"} and skip_loops["scan"][0] == 8 and "cond" in skip_loops["scan"][1]
 
 
 def test_decode_loop_switch_is_checked(monkeypatch):
@@ -60,12 +57,12 @@ def test_decode_loop_switch_is_checked(monkeypatch):
 
     monkeypatch.delenv("JAXLLM_DECODE_LOOP", raising=False)
     assert decode_loop_mode() == 1  # every step
-    for value, want in (("while", 1), ("fixed", None), ("skip", "skip"), ("4", 4)):
+    for value, want in (("while", 1), ("fixed", None), ("4", 4)):
         monkeypatch.setenv("JAXLLM_DECODE_LOOP", value)
         assert decode_loop_mode() == want
-    for bad in ("unrolled", "3", "0", "-4"):
+    for bad in ("unrolled", "skip", "3", "0", "-4"):
         monkeypatch.setenv("JAXLLM_DECODE_LOOP", bad)
-        with pytest.raises(ValueError, match=f"JAXLLM_DECODE_LOOP='{bad}': expected while, fixed, skip or a power"):
+        with pytest.raises(ValueError, match=f"JAXLLM_DECODE_LOOP='{bad}': expected while, fixed or a power"):
             decode_loop_mode()
 
 
@@ -86,7 +83,6 @@ def test_a_fixed_loop_under_tensor_parallelism_records_collectives_in_command_bu
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert decode_compiler_options(None, tp, mesh("gpu")) == {"xla_gpu_enable_command_buffer": DECODE_COMMAND_BUFFERS}
     assert "COLLECTIVES" in DECODE_COMMAND_BUFFERS.split(",")
-    assert decode_compiler_options("skip", tp, mesh("gpu")) == decode_compiler_options(None, tp, mesh("gpu"))
     assert decode_compiler_options(1, tp, mesh("gpu")) is None  # the while loop
     assert decode_compiler_options(None, None, mesh("gpu")) is None  # one device: no collectives
     assert decode_compiler_options(None, tp, mesh("cpu")) is None

@@ -89,16 +89,21 @@ def test_saves_hold_q_and_kv_apart_and_restore_fused_or_not(tiny_checkpoints, mo
         assert got == want, fused
 
 
-def test_fused_qkv_by_default_only_under_tensor_parallelism_on_gpus(monkeypatch):
+def test_fused_qkv_by_default_under_tensor_parallelism_or_fp8_on_gpus(monkeypatch):
     """JAXLLM_FUSED_QKV=auto (the default): fused on a (stand-in) GPU mesh split over several
-    devices -- each shard's q and k/v one gemv, faster at tp=2 -- apart on one GPU (fusion cost
-    throughput there) and on CPUs (1 / 0: test_loader_switches_force_and_refuse)."""
+    devices -- each shard's q and k/v one gemv, faster at tp=2 -- and on one GPU for fp8 weights
+    (one gemv at batch 1; no per-call weight concatenation in fp8-w8a8's merged FP8 dots); apart on
+    one GPU for bf16 / int8 (fusion cost bf16 throughput there) and on CPUs (1 / 0:
+    test_loader_switches_force_and_refuse)."""
     from conftest import stand_in_mesh as mesh
     from jaxllm.loader import fused_qkv_wanted
 
     monkeypatch.delenv("JAXLLM_FUSED_QKV", raising=False)
-    assert fused_qkv_wanted(mesh(2)) and fused_qkv_wanted(mesh(4))
-    assert not fused_qkv_wanted(mesh(1)) and not fused_qkv_wanted(mesh(2, "cpu")) and not fused_qkv_wanted(None)
+    assert fused_qkv_wanted(mesh(2)) and fused_qkv_wanted(mesh(4)) and fused_qkv_wanted(mesh(2), "int8")
+    assert fused_qkv_wanted(mesh(1), "fp8")
+    assert not fused_qkv_wanted(mesh(1)) and not fused_qkv_wanted(mesh(1), "int8")
+    assert not fused_qkv_wanted(mesh(2, "cpu")) and not fused_qkv_wanted(mesh(1, "cpu"), "fp8")
+    assert not fused_qkv_wanted(None) and not fused_qkv_wanted(None, "fp8")
 
 
 @pytest.mark.parametrize("name", ["JAXLLM_FUSED_QKV", "JAXLLM_FUSED_NORM"])

@@ -109,17 +109,23 @@ def _auto_switch(name: str) -> bool | None:
     return None if value == "auto" else value == "1"
 
 
-def fused_qkv_wanted(mesh=None) -> bool:
+def fused_qkv_wanted(mesh=None, quantization: str | None = None) -> bool:
     """Whether q/k/v run as one projection where the tensor-parallel layout allows (models/llama.py:
-    can_fuse_qkv). JAXLLM_FUSED_QKV=1 / 0 forces it; by default ("auto") only on a mesh of several
-    GPUs. Measured on an H100 at 8B shapes (BENCHMARKS.md, sixth session) the fused GEMM gained 0.03
-    ms per token at batch 1 and lost ~8% of 1000 x 128/128 throughput at 256 rows, so on one device
-    q and k/v stay apart; at tp=2 each shard's fused q/k/v is one pallas.gemv instead of two (the k/v
-    one at ~1.1 TB/s), batch 1 4.26 -> 4.06 ms on 2x H200 ("Ninth session")."""
+    can_fuse_qkv). JAXLLM_FUSED_QKV=1 / 0 forces it; by default ("auto") on GPUs, on a mesh of
+    several, or on one where the weights are fp8 (`quantization` "fp8"). Measured (BENCHMARKS.md):
+    at tp=2 each shard's fused q/k/v is one pallas.gemv instead of two (the k/v one at ~1.1 TB/s),
+    batch 1 4.26 -> 4.06 ms on 2x H200 ("Ninth session"); fp8 on one H100, one gemv at batch 1,
+    4.02 -> 3.93 and 4.09 -> 3.97 ms (tenth and eleventh sessions), and in fp8-w8a8's FP8 x FP8
+    calls XLA merges the three dots sharing their input into one by concatenating the three fp8
+    weights on every call (21.6 us a layer at 256 rows, "Eleventh session"). bf16 on one H100 stays
+    apart: the fused GEMM gained 0.03 ms at batch 1 and lost ~8% of 1000 x 128/128 throughput at
+    256 rows (sixth session)."""
     forced = _auto_switch("JAXLLM_FUSED_QKV")
     if forced is not None:
         return forced
-    return mesh is not None and tensor_parallel_size(mesh) > 1 and mesh.devices.flat[0].platform == "gpu"
+    if mesh is None or mesh.devices.flat[0].platform != "gpu":
+        return False
+    return tensor_parallel_size(mesh) > 1 or quantization == "fp8"
 
 
 def fused_norm_wanted(mesh=None) -> bool:
@@ -171,7 +177,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
         found: dict[int, dict[str, float]] = {}
         state = place_weights(abstract_state, _take_kv_scales(tensors, found), cfg, arch.weight_map, mesh)
         kv_scales = _kv_scales(found, cfg.num_layers)
-    if fused_qkv_wanted(mesh) and can_fuse_qkv(cfg, tensor_parallel_size(mesh)):
+    if fused_qkv_wanted(mesh, stored) and can_fuse_qkv(cfg, tensor_parallel_size(mesh)):
         # loaded as q and kv (the checkpoints' and Orbax's layout), run as one q/k/v projection
         cfg = replace(cfg, fused_qkv=True)
         graphdef, fused_abstract = abstract(cfg)

@@ -64,7 +64,7 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     return min(b, maximum) if maximum is not None else b
 
 
-def decode_loop_mode() -> int | str | None:
+def decode_loop_mode() -> int | None:
     """JAXLLM_DECODE_LOOP: how often a decode call checks whether every row is done, as the number
     of steps between checks (None: never, the call runs all its steps). "while" (the default, 1)
     checks each step and ends the call early -- but XLA:GPU copies the loop predicate to the host
@@ -72,17 +72,17 @@ def decode_loop_mode() -> int | str | None:
     parallelism each collective) from behind; "fixed" (None) runs the call's `steps` steps as a loop
     of known trip count, so the host can enqueue them all ahead (done rows are masked: no tokens, no
     KV writes) -- and under tensor parallelism on GPUs its programs record the collectives into the
-    command buffers (decode_compiler_options); "skip" is "fixed" whose steps after every row is done
-    are skipped by a ``lax.cond`` (a conditional node of XLA's command buffer, decided on the
-    device, where XLA records it there -- not yet measured); a power of two N checks every N steps
-    (an inner loop of N steps, known trip count)."""
+    command buffers (decode_compiler_options); a power of two N checks every N steps (an inner loop
+    of N steps, known trip count). (A fixed loop whose steps after every row is done were skipped by
+    a ``lax.cond`` failed on 2x H200: XLA could not trace the conditional's command buffer around
+    NCCL, BENCHMARKS.md "Eleventh session"; removed.)"""
     mode = os.environ.get("JAXLLM_DECODE_LOOP", "while")
     if mode == "while":
         return 1
-    if mode in ("fixed", "skip"):
-        return None if mode == "fixed" else mode
+    if mode == "fixed":
+        return None
     if not (mode.isdigit() and int(mode) > 0 and int(mode) & (int(mode) - 1) == 0):
-        raise ValueError(f"JAXLLM_DECODE_LOOP={mode!r}: expected while, fixed, skip or a power of two "
+        raise ValueError(f"JAXLLM_DECODE_LOOP={mode!r}: expected while, fixed or a power of two "
                          f"(steps between checks)")
     return int(mode)
 
@@ -93,14 +93,14 @@ def decode_loop_mode() -> int | str | None:
 DECODE_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL,COLLECTIVES"
 
 
-def decode_compiler_options(check_every: int | str | None, tensor_parallel, mesh) -> dict | None:
-    """XLA options of the decode programs alone: with a fixed decode loop (JAXLLM_DECODE_LOOP=fixed, skip)
+def decode_compiler_options(check_every: int | None, tensor_parallel, mesh) -> dict | None:
+    """XLA options of the decode programs alone: with a fixed decode loop (JAXLLM_DECODE_LOOP=fixed)
     over the collectives of a TensorParallel on GPUs, collectives in command buffers. (Measured
     process-wide on 2x H200, tp=2 batch 1: 3.78-3.82 -> 3.67-3.69 ms with the fixed loop, but TTFT
     ~10.5 -> ~13.3 ms, the prefill programs' graphs re-recorded each call: so decode only here,
     BENCHMARKS.md "Tenth session".) None where nothing changes, or where the user's XLA_FLAGS
     already choose the command buffer kinds."""
-    if check_every not in (None, "skip") or tensor_parallel is None or mesh.devices.flat[0].platform != "gpu":
+    if check_every is not None or tensor_parallel is None or mesh.devices.flat[0].platform != "gpu":
         return None
     if "--xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
         return None
@@ -276,14 +276,9 @@ class ModelRunner:
         def run(n):  # n steps of known trip count (done rows are masked: no KV writes, no tokens)
             return lambda carry: jax.lax.fori_loop(0, n, lambda _, c: body(c), carry)
 
-        def skip_when_done(carry):  # JAXLLM_DECODE_LOOP=skip: a step only while some row runs
-            return jax.lax.cond(jnp.all(carry[2].done), lambda c: (c[0] + 1,) + c[1:], body, carry)
-
         carry = (jnp.int32(0), pool, state, out, out_lp)
         if self._check_every is None:  # JAXLLM_DECODE_LOOP=fixed
             carry = run(steps)(carry)
-        elif self._check_every == "skip":
-            carry = jax.lax.fori_loop(0, steps, lambda _, c: skip_when_done(c), carry)
         else:  # ends early once every row is done, checked every `every` steps (a divisor of `steps`);
             # XLA:GPU reads a while loop's predicate on the host
             every = math.gcd(steps, self._check_every)
