@@ -29,9 +29,8 @@
 #   every    interleaved A/B of tp=2: the defaults, the fixed loop with collectives in command buffers, a done
 #            check every 4 steps (JAXLLM_DECODE_LOOP=4) with them; defaults and fixed again (run-to-run spread)
 #   fixed    the defaults against JAXLLM_DECODE_LOOP=fixed, whose decode programs (only) record the collectives
-#            into command buffers since the tenth session (TTFT should stay the defaults'), interleaved; then
-#            JAXLLM_DECODE_LOOP=skip (fixed, the steps after every row is done skipped by a lax.cond),
-#            twice, with the defaults between
+#            into command buffers since the tenth session (TTFT should stay the defaults'), interleaved, and the
+#            defaults a third time
 #   f32      tp_match.py --dtype float32 at JAX_DEFAULT_MATMUL_PRECISION=highest: tp=2 under the default = tp=1
 #   tests    tests/test_gemv.py -m gpu (the kernel compiled against its reference)
 #   PYTHONPATH=src OUT=/tmp/out STEPS="latency ref profile" bash benchmarks/tp2_allreduce.sh   # nvidia-h100-x2
@@ -88,9 +87,7 @@ every) COLL=--xla_gpu_enable_command_buffer=+COLLECTIVES
 fixed) bench_latency tp2_defaults - --tensor-parallel-size 2; bench_latency tp2_fixed JAXLLM_DECODE_LOOP=fixed --tensor-parallel-size 2
        bench_latency tp2_defaults_again - --tensor-parallel-size 2
        bench_latency tp2_fixed_again JAXLLM_DECODE_LOOP=fixed --tensor-parallel-size 2
-       bench_latency tp2_skip JAXLLM_DECODE_LOOP=skip --tensor-parallel-size 2
-       bench_latency tp2_defaults_third - --tensor-parallel-size 2
-       bench_latency tp2_skip_again JAXLLM_DECODE_LOOP=skip --tensor-parallel-size 2 ;;
+       bench_latency tp2_defaults_third - --tensor-parallel-size 2 ;;
 f32) JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${F32_TIMEOUT:-200} python benchmarks/tp_match.py --model "$M" \
        --prompts 4 --max-tokens 32 --tp 2 --dtype float32 > "$OUT/f32.txt" 2>&1; tail -3 "$OUT/f32.txt" ;;
 tests) timeout ${TESTS_TIMEOUT:-150} python -m pytest -q -m gpu tests/test_gemv.py > "$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt" ;;
