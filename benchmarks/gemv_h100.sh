@@ -12,7 +12,8 @@
 # defaults (bf16, fp8, fp8 with JAXLLM_DECODE_LOOP=fixed, and with fused q/k/v too),
 # tilings (fp8 batch 1 with other gemv tilings forced per weight shape, JAXLLM_GEMV_TILING),
 # timeline (a real fp8 decode step's kernels and the gaps between them), kvab (the k/v tiling
-# A/B, interleaved twice), w8a8 (a profile of 256-row fp8-w8a8 decode).
+# A/B, interleaved twice), w8a8 (a profile of 256-row fp8-w8a8 decode), silu (pallas.silu_mul_quant's
+# GPU tests and timing alone; fp8 batch 1 with fused q/k/v (the default) and apart).
 #   PYTHONPATH=src OUT=/tmp/out STEPS="tests kernel latency profile" bash benchmarks/gemv_h100.sh   # nvidia-h100-x1
 #   PYTHONPATH=src OUT=/tmp/out STEPS="kernel tp2" bash benchmarks/gemv_h100.sh             # nvidia-h100-x2
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-gemv
@@ -52,6 +53,12 @@ w8a8) # where a 256-row fp8-w8a8 decode step's 14.9 ms go (sixth session; ~3 ms 
         --hlo-dir /tmp/hlo_w8a8 > "$OUT/profile_w8a8_b256.txt" 2>&1 || echo "w8a8 profile failed"
       mkdir -p "$OUT/thunks_w8a8"; cp /tmp/hlo_w8a8/*thunk_sequence_after_thunk_passes.txt "$OUT/thunks_w8a8/" 2>/dev/null
       head -3 "$OUT/profile_w8a8_b256.txt"; sed -n '/device_us_by_kernel/,/}/p' "$OUT/profile_w8a8_b256.txt" | head -30 ;;
+silu) # pallas.silu_mul_quant (fp8-w8a8's MLP middle, opt-in JAXLLM_FUSED_SILU_QUANT) compiled against its
+      # reference, and timed alone against XLA's path; fp8 batch 1 under the new default (fused q/k/v for
+      # fp8 on one GPU) and with q and k/v apart (JAXLLM_FUSED_QKV=0)
+      timeout 150 python -m pytest -q -m gpu tests/test_silu_mul_quant.py > "$OUT/tests_silu.txt" 2>&1; tail -1 "$OUT/tests_silu.txt"
+      timeout 120 python benchmarks/silu_mul_quant.py > "$OUT/silu_mul_quant.txt" 2>&1; cat "$OUT/silu_mul_quant.txt" | tail -4
+      bench_latency fp8 - --quantization fp8; bench_latency fp8_qkv_apart JAXLLM_FUSED_QKV=0 --quantization fp8 ;;
 timeline) # a real fp8 decode step's kernels and gaps (command buffers kept while profiling)
          XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true timeout 120 python benchmarks/profile_decode.py \
            --model "$M" --quantization fp8 --top 40 --output-len 32 --timeline ${TIMELINE:-90} \

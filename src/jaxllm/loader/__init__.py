@@ -142,6 +142,16 @@ def fused_norm_wanted(mesh=None) -> bool:
     return mesh is not None and mesh.devices.flat[0].platform == "gpu" and triton_available()
 
 
+def fused_silu_quant_wanted(mesh=None) -> bool:
+    """Whether fp8-w8a8's FP8 x FP8 MLP calls run the gate/up product's scaling, silu(gate) * up
+    and the per-token quantization for the down projection as one kernel (pallas.silu_mul_quant;
+    models/llama.py). JAXLLM_FUSED_SILU_QUANT=1 / 0; "auto" (the default) leaves it off until it is
+    measured in the model on a GPU (BENCHMARKS.md "Eleventh session": XLA spends 30.5 us a layer
+    on those three steps at 256 rows on an H100)."""
+    forced = _auto_switch("JAXLLM_FUSED_SILU_QUANT")
+    return bool(forced)
+
+
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
                quantization=None) -> LoadedModel:
     src = resolve_model(model, revision)
@@ -154,7 +164,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
         raise ValueError(f"quantization='fp8-w8a8' needs fp8 weights; this checkpoint holds {stored} weights")
     cfg = replace(ModelConfig.from_hf(hf_config), quantization=stored, fp8_activations=w8a8,
                   fp8_gemv=stored == "fp8" and gemv_wanted(mesh), triton_gemv=triton_gemv_wanted(mesh),
-                  fused_norm=fused_norm_wanted(mesh))
+                  fused_norm=fused_norm_wanted(mesh), fused_silu_quant=fused_silu_quant_wanted(mesh))
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)

@@ -65,6 +65,10 @@ class ModelConfig:
     # the residual add and the RMSNorm after it in one kernel at decode-sized calls (pallas.add_norm):
     # set by the loader (JAXLLM_FUSED_NORM, default auto: on NVIDIA GPUs)
     fused_norm: bool = False
+    # fp8-w8a8 calls of >= 64 tokens: the gate/up product's scaling, silu(gate) * up and the per-token
+    # FP8 quantization for down in one kernel (pallas.silu_mul_quant): set by the loader
+    # (JAXLLM_FUSED_SILU_QUANT, opt-in until measured on a GPU)
+    fused_silu_quant: bool = False
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":

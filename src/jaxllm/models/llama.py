@@ -317,13 +317,18 @@ class MLP(nnx.Module):
         self.gemv = _gemv_kernel(cfg)
         self.has_bias = cfg.mlp_bias
         self.fused_norm = cfg.fused_norm  # the output may stay float32 under shard_map (add_norm rounds it)
+        self.silu_quant = cfg.fused_silu_quant and cfg.fp8_activations and not cfg.mlp_bias
         if cfg.mlp_bias:
             self.gate_up_bias = _param(rngs, (2, f), ("stack", "mlp"), dtype, init="zeros")
             self.down_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
 
     def __call__(self, x, attend=None):
         """`attend`: the step's, for its tensor-parallel projections (see _parallel)."""
-        gu = _parallel("column", attend, lambda x, w, s: qeinsum("...e,esf->...sf", x, w, s, self.w8a8, self.gemv),
+        # fp8-w8a8 on one device (cfg.fused_silu_quant): an FP8 x FP8 gate/up product comes back
+        # unscaled (quant.Scaled) for the down projection's pallas.silu_mul_quant to scale
+        raw = self.silu_quant and getattr(attend, "tensor_parallel", None) is None
+        gu = _parallel("column", attend, lambda x, w, s: qeinsum("...e,esf->...sf", x, w, s, self.w8a8, self.gemv,
+                                                                 raw=raw),
                        x, (None,) * (x.ndim - 1) + ("embed",), self.gate_up, self.gate_up_scale)
         if self.has_bias:
             gu = gu + self.gate_up_bias[...]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +83,28 @@ class Partials(NamedTuple):
         return jnp.sum(self.parts, axis=0).astype(dtype)
 
 
+class Scaled(NamedTuple):
+    """An FP8 x FP8 product still to be scaled: float32 `raw` [..., N] times `x_scale` (per token,
+    broadcastable) times `w_scale` (per output channel) -- what qeinsum returns with ``raw=True``
+    where it runs FP8 x FP8, for a consumer that scales it in its own kernel (the down projection's
+    pallas.silu_mul_quant)."""
+
+    raw: jax.Array
+    x_scale: jax.Array
+    w_scale: jax.Array
+    dtype: Any  # the result's, once scaled
+
+    @property
+    def ndim(self) -> int:
+        return self.raw.ndim
+
+    def value(self, dtype=None):
+        """The product as _fp8_matmul returns it (in its dtype, or `dtype`)."""
+        return (self.raw * self.x_scale * self.w_scale).astype(dtype or self.dtype)
+
+
 def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None,
-            act: str | None = None, partials: bool = False):
+            act: str | None = None, partials: bool = False, raw: bool = False):
     """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
 
     x's contracting dims are its trailing ones and the scale's dims the trailing (output) dims of
@@ -97,7 +117,14 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     out_dtype: the result's (default x's; float32 for partial sums still to be added). `act`
     "silu_mul": x is [..., 2, f] (a gate/up output) and the product is of silu(gate) * up -- computed
     inside pallas.gemv where the call goes there, else here first (the model's own ops). `partials`:
-    where pallas.gemv splits K at one row, return its float32 partial sums as ``Partials``."""
+    where pallas.gemv splits K at one row, return its float32 partial sums as ``Partials``.
+    `raw`: where the call runs FP8 x FP8, return the product unscaled as ``Scaled`` (x's dtype
+    stays the result's); with act, x may be ``Scaled`` (a gate/up output): FP8 x FP8 here goes
+    through pallas.silu_mul_quant, else x is scaled first."""
+    if isinstance(x, Scaled):
+        if act == "silu_mul" and w.dtype == jnp.float8_e4m3fn and w8a8:
+            return _silu_mul_fp8_matmul(spec, x, w, scale, out_dtype)
+        x = x.value(out_dtype)
     out_dtype = out_dtype or x.dtype
     k_minor = w.dtype == jnp.float8_e4m3fn
     if act is not None:
@@ -112,7 +139,7 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
         spec, n_in = _k_minor_spec(spec)
         tokens = math.prod(x.shape[: x.ndim - n_in])
         if w8a8 and tokens >= FP8_MATMUL_MIN_TOKENS:
-            return _fp8_matmul(spec, x, w, scale, n_in, out_dtype)
+            return _fp8_matmul(spec, x, w, scale, n_in, out_dtype, raw)
         if gemv is True:
             y = _fp8_gemv(spec, x, w, scale)
             if y is not None:
@@ -127,9 +154,10 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     return (y * scale).astype(out_dtype)
 
 
-def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None):
+def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None, raw: bool = False):
     """FP8 x FP8 einsum of x (its last n_in dims contracting), quantized per token, and a K-minor
-    fp8 weight with per-output-channel scale; in out_dtype (default x's)."""
+    fp8 weight with per-output-channel scale; in out_dtype (default x's), or with `raw` as
+    ``Scaled`` (the float32 product and both scales, not yet applied)."""
     batch = x.shape[: x.ndim - n_in]
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
@@ -137,7 +165,30 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None):
     xq = jnp.clip(xf / x_scale, -QMAX["fp8"], QMAX["fp8"]).astype(jnp.float8_e4m3fn)
     y = jnp.einsum(spec, xq, w, preferred_element_type=jnp.float32)
     x_scale = x_scale.reshape(batch + (1,) * (y.ndim - len(batch)))
+    if raw:
+        return Scaled(y, x_scale, scale, out_dtype or x.dtype)
     return (y * x_scale * scale).astype(out_dtype or x.dtype)
+
+
+def _silu_mul_fp8_matmul(spec: str, gu: Scaled, w, scale, out_dtype):
+    """The down projection of silu(gate) * up for a gate/up product still to be scaled (gu.raw
+    [..., 2, f] float32): scaling, activation and per-token FP8 quantization in one
+    pallas.silu_mul_quant kernel (Pallas interpret mode on a CPU backend), then FP8 x FP8 with the
+    K-minor fp8 weight w; spec is written for silu(gate) * up's shape and the plain layout. Where
+    the kernel does not serve the shape, the same steps in jnp."""
+    from ..pallas.silu_mul_quant import block_for, silu_mul_quant
+
+    dtype = out_dtype or gu.dtype
+    *batch, two, f = gu.raw.shape
+    m = math.prod(batch)
+    kspec, n_in = _k_minor_spec(spec)
+    if two != 2 or n_in != 1 or block_for(f) is None:
+        return qeinsum(spec, gu.value(dtype), w, scale, True, out_dtype=dtype, act="silu_mul")
+    hq, h_scale = silu_mul_quant(gu.raw.reshape(m, 2 * f), jnp.broadcast_to(gu.x_scale, (*batch, 1, 1)).reshape(m),
+                                 jnp.broadcast_to(gu.w_scale, (2, f)).reshape(2 * f),
+                                 interpret=jax.default_backend() == "cpu")
+    y = jnp.einsum(kspec, hq.reshape(*batch, f), w, preferred_element_type=jnp.float32)
+    return (y * h_scale.reshape(tuple(batch) + (1,) * (y.ndim - len(batch))) * scale).astype(dtype)
 
 
 def _as_2d(spec: str, x, w, k_minor: bool):

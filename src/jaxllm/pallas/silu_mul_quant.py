@@ -1,0 +1,92 @@
+"""An FP8 x FP8 MLP's middle in one kernel (Pallas, Triton backend): the gate/up product's scaling,
+silu(gate) * up, and the per-token FP8 quantization of the result for the down projection.
+
+Why: under ``quantization="fp8-w8a8"`` a call of >= 64 tokens runs the gate/up projection as an FP8
+GEMM whose float32 result XLA scales (per token x per channel), rounds, and multiplies as
+silu(gate) * up in one fusion, then takes each token's absolute maximum in a second kernel and
+converts to float8 in a third: 22.5 + 2.7 + 5.3 us a layer at 256 rows on an H100, ~11% of the
+decode step (BENCHMARKS.md "Eleventh session"). Here each token's row is one program that reads
+the float32 product twice (its max, then its values; the second pass mostly from L2) and writes
+the float8 row and its scale: ~29 MB read at 256 rows.
+
+Numerics: the model's (models/quant.py: _fp8_matmul, then qeinsum's silu_mul) all in float32 --
+gate and up scaled, silu(gate) * up, quantized by amax / 448 per token -- without the model's
+roundings to bfloat16 in between, which XLA itself may drop (it keeps excess precision by
+default), so the jnp path's exact bits are not defined to match.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value (quant.QMAX["fp8"])
+
+
+def block_for(f: int) -> int | None:
+    """The widest power-of-two block (<= 2048, >= 128) that divides f, or None (XLA's path)."""
+    return next((b for b in (2048, 1024, 512, 256, 128) if f % b == 0), None)
+
+
+def reference_silu_mul_quant(y, x_scale, w_scale):
+    """(float8 h [M, F], float32 scale [M]) in plain jnp: y [M, 2F] float32 (gate, then up: an FP8
+    GEMM's unscaled product), x_scale [M] per token, w_scale [2F] per channel; h = silu(gate) * up
+    in float32, quantized per token."""
+    f = y.shape[-1] // 2
+    gu = y * x_scale[:, None] * w_scale[None, :]
+    g, u = gu[:, :f], gu[:, f:]
+    hf = g * jax.nn.sigmoid(g) * u
+    scale = jnp.maximum(jnp.max(jnp.abs(hf), axis=-1), 1e-12) / FP8_MAX
+    return jnp.clip(hf / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
+
+
+@functools.partial(jax.jit, static_argnames=("num_warps", "interpret"))
+def silu_mul_quant(y, x_scale, w_scale, *, num_warps: int = 8, interpret: bool = False):
+    """y [M, 2F] float32, x_scale [M], w_scale [2F] -> (h float8_e4m3fn [M, F], scale float32 [M]):
+    reference_silu_mul_quant in one kernel, one program per row."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    m, two_f = y.shape
+    f = two_f // 2
+    block = block_for(f) if two_f % 2 == 0 else None
+    if block is None or x_scale.shape != (m,) or w_scale.shape != (two_f,):
+        raise ValueError(f"silu_mul_quant: y {y.shape}, x_scale {x_scale.shape}, w_scale {w_scale.shape}: expected "
+                         "[M, 2F], [M], [2F] with F a multiple of 128")
+    steps = f // block
+    f32 = jnp.float32
+
+    def kernel(y_ref, xs_ref, ws_ref, h_ref, s_ref):
+        i = pl.program_id(0)
+        xs = xs_ref[...].astype(f32)  # [1]
+
+        def h_block(j):  # silu(gate) * up of block j, in float32
+            off = pl.multiple_of(j * block, block)
+            g = y_ref[i, pl.ds(off, block)] * xs * ws_ref[pl.ds(off, block)]
+            u = y_ref[i, pl.ds(f + off, block)] * xs * ws_ref[pl.ds(f + off, block)]
+            return off, g * jax.nn.sigmoid(g) * u
+
+        amax = jax.lax.fori_loop(0, steps, lambda j, a: jnp.maximum(a, jnp.max(jnp.abs(h_block(j)[1]))),
+                                 jnp.zeros((), f32))
+        scale = jnp.maximum(amax, 1e-12) / FP8_MAX
+
+        def store(j, carry):
+            off, h = h_block(j)
+            h_ref[i, pl.ds(off, block)] = jnp.clip(h / scale, -FP8_MAX, FP8_MAX).astype(h_ref.dtype)
+            return carry
+
+        jax.lax.fori_loop(0, steps, store, 0)
+        s_ref[...] = jnp.full((1,), scale, f32)
+
+    one = pl.BlockSpec((1,), lambda i: (i,))
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((m, f), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m,), f32)),
+        grid=(m,),
+        in_specs=[pl.BlockSpec(), one, pl.BlockSpec()],  # y and w_scale whole: loads slice them
+        out_specs=[pl.BlockSpec(), one],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps),
+        interpret=interpret,
+    )(y.astype(f32), x_scale.astype(f32), w_scale.astype(f32))

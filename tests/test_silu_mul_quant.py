@@ -1,0 +1,109 @@
+"""pallas.silu_mul_quant: an fp8-w8a8 MLP's gate/up scaling, silu(gate) * up and per-token FP8
+quantization in one kernel -- against its jnp reference (Pallas interpret mode on CPU, compiled on
+a GPU), and in the model (JAXLLM_FUSED_SILU_QUANT=1) against XLA's path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.pallas.silu_mul_quant import block_for, reference_silu_mul_quant, silu_mul_quant
+
+
+def _inputs(m, f, seed=0):
+    k = jax.random.key(seed)
+    y = 30.0 * jax.random.normal(k, (m, 2 * f), jnp.float32)
+    x_scale = 0.01 + 0.1 * jax.random.uniform(jax.random.fold_in(k, 1), (m,))
+    w_scale = 0.001 + 0.05 * jax.random.uniform(jax.random.fold_in(k, 2), (2 * f,))
+    return y, x_scale, w_scale
+
+
+@pytest.mark.parametrize("m, f", [(1, 128), (5, 384), (3, 2048 * 3)])
+def test_kernel_matches_reference(m, f):
+    y, xs, ws = _inputs(m, f, seed=m + f)
+    h, s = silu_mul_quant(y, xs, ws, interpret=True)
+    rh, rs = reference_silu_mul_quant(y, xs, ws)
+    assert h.dtype == jnp.float8_e4m3fn and h.shape == (m, f) and s.shape == (m,)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
+    np.testing.assert_array_equal(np.asarray(h.astype(jnp.float32)), np.asarray(rh.astype(jnp.float32)))
+    # h * scale is silu(gate) * up to fp8's precision, and each row's largest value maps to 448
+    hf = np.asarray(h.astype(jnp.float32)) * np.asarray(s)[:, None]
+    g, u = np.split(np.asarray(y * xs[:, None] * ws[None, :]), 2, axis=1)
+    want = g / (1 + np.exp(-g)) * u
+    np.testing.assert_allclose(hf, want, rtol=0.07, atol=np.abs(want).max() * 2 ** -9)
+    assert np.allclose(np.abs(np.asarray(h.astype(jnp.float32))).max(axis=1), 448.0)
+
+
+def test_shapes_it_does_not_serve_are_refused():
+    assert block_for(14336) == 2048 and block_for(1536) == 512 and block_for(100) is None
+    y, xs, ws = _inputs(2, 100)
+    with pytest.raises(ValueError, match="silu_mul_quant.*F a multiple of 128"):
+        silu_mul_quant(y, xs, ws, interpret=True)
+    y, xs, ws = _inputs(2, 128)
+    with pytest.raises(ValueError, match="silu_mul_quant"):
+        silu_mul_quant(y, xs[:1], ws, interpret=True)
+
+
+def _w8a8_model(path, monkeypatch, flag, dtype):
+    """(logits of a 3 x 70-token call, greedy tokens of 4 prompts, the kernel's calls) of the model
+    under fp8-w8a8 with JAXLLM_FUSED_SILU_QUANT=flag."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.pallas import silu_mul_quant as module
+
+    calls = []
+    monkeypatch.setattr(module, "silu_mul_quant", lambda y, *a, **kw: calls.append(y.shape) or silu_mul_quant(y, *a, **kw))
+    monkeypatch.setenv("JAXLLM_FUSED_SILU_QUANT", flag)
+    jax.clear_caches()  # the shared layer's traces of the other setting
+    try:
+        with LLM(str(path), max_seq_len=256, max_batch_size=8, compilation_cache=False, quantization="fp8-w8a8",
+                 dtype=dtype) as llm:
+            assert llm.model_config.fused_silu_quant == (flag == "1")
+            ids = jnp.asarray(np.arange(3 * 70).reshape(3, 70) % 200 + 3, jnp.int32)  # >= 64 tokens: FP8 x FP8
+            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1], np.float32)
+            prompts = [{"prompt_token_ids": list(range(5 + i, 75 + i))} for i in range(4)]
+            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0),
+                                                                    use_tqdm=False)]
+    finally:
+        jax.clear_caches()
+    return logits, tokens, calls
+
+
+def test_model_with_the_kernel_matches_xla_path(tiny_checkpoints, monkeypatch):
+    """float32 activations: the same logits and tokens with the kernel as without (the tiny model's
+    intermediate size, 128, is one block); the kernel serves every FP8 x FP8 MLP call."""
+    path = tiny_checkpoints["llama3"]
+    ref, ref_tokens, off_calls = _w8a8_model(path, monkeypatch, "0", "float32")
+    got, tokens, on_calls = _w8a8_model(path, monkeypatch, "1", "float32")
+    assert off_calls == [] and on_calls and all(s[1] == 256 and s[0] >= 64 for s in on_calls), on_calls
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert tokens == ref_tokens
+
+
+def test_model_with_the_kernel_is_as_close_to_unquantized_in_bf16(tiny_checkpoints, monkeypatch):
+    """bfloat16: the kernel keeps silu(gate) * up in float32 where XLA's path may round to bf16 in
+    between, so bits differ; both stay as close to the unquantized float32 model."""
+    from jaxllm import LLM
+
+    path = tiny_checkpoints["llama3"]
+    with LLM(str(path), max_seq_len=256, max_batch_size=8, compilation_cache=False, dtype="float32") as llm:
+        exact = np.asarray(llm._engine.runner.hidden_states(
+            jnp.asarray(np.arange(3 * 70).reshape(3, 70) % 200 + 3, jnp.int32))[1], np.float32)
+    xla = np.abs(_w8a8_model(path, monkeypatch, "0", "bfloat16")[0] - exact).mean()
+    kernel = np.abs(_w8a8_model(path, monkeypatch, "1", "bfloat16")[0] - exact).mean()
+    assert kernel <= 1.05 * xla, (kernel, xla)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [64, 256])
+def test_kernel_compiled_on_the_gpu_matches_reference(m):
+    """Llama-3.1-8B's MLP (F = 14336) at 64 and 256 tokens: Triton's sigmoid and division may differ
+    from XLA's in the last bit, so a few values may land one fp8 step apart."""
+    y, xs, ws = _inputs(m, 14336, seed=m)
+    h, s = silu_mul_quant(y, xs, ws)
+    rh, rs = reference_silu_mul_quant(y, xs, ws)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-5)
+    a, b = np.asarray(h.astype(jnp.float32)), np.asarray(rh.astype(jnp.float32))
+    assert (a != b).mean() < 1e-3
+    np.testing.assert_allclose(a, b, rtol=0.07, atol=2 ** -9)
