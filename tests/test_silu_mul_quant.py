@@ -20,10 +20,11 @@ def _inputs(m, f, seed=0):
     return y, x_scale, w_scale
 
 
+@pytest.mark.parametrize("unroll", [True, False])
 @pytest.mark.parametrize("m, f", [(1, 128), (5, 384), (3, 2048 * 3)])
-def test_kernel_matches_reference(m, f):
+def test_kernel_matches_reference(m, f, unroll):
     y, xs, ws = _inputs(m, f, seed=m + f)
-    h, s = silu_mul_quant(y, xs, ws, interpret=True)
+    h, s = silu_mul_quant(y, xs, ws, unroll=unroll, interpret=True)
     rh, rs = reference_silu_mul_quant(y, xs, ws)
     assert h.dtype == jnp.float8_e4m3fn and h.shape == (m, f) and s.shape == (m,)
     np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
@@ -96,12 +97,13 @@ def test_model_with_the_kernel_is_as_close_to_unquantized_in_bf16(tiny_checkpoin
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("unroll", [True, False])
 @pytest.mark.parametrize("m", [64, 256])
-def test_kernel_compiled_on_the_gpu_matches_reference(m):
+def test_kernel_compiled_on_the_gpu_matches_reference(m, unroll):
     """Llama-3.1-8B's MLP (F = 14336) at 64 and 256 tokens: Triton's sigmoid and division may differ
     from XLA's in the last bit, so a few values may land one fp8 step apart."""
     y, xs, ws = _inputs(m, 14336, seed=m)
-    h, s = silu_mul_quant(y, xs, ws)
+    h, s = silu_mul_quant(y, xs, ws, unroll=unroll)
     rh, rs = reference_silu_mul_quant(y, xs, ws)
     np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-5)
     a, b = np.asarray(h.astype(jnp.float32)), np.asarray(rh.astype(jnp.float32))

@@ -6,8 +6,9 @@ GEMM whose float32 result XLA scales (per token x per channel), rounds, and mult
 silu(gate) * up in one fusion, then takes each token's absolute maximum in a second kernel and
 converts to float8 in a third: 22.5 + 2.7 + 5.3 us a layer at 256 rows on an H100, ~11% of the
 decode step (BENCHMARKS.md "Eleventh session"). Here each token's row is one program that reads
-the float32 product twice (its max, then its values; the second pass mostly from L2) and writes
-the float8 row and its scale: ~29 MB read at 256 rows.
+the float32 product (at once where the row fits in registers, else twice: its max, then its
+values) and writes the float8 row and its scale: ~29 MB read at 256 rows. Opt-in
+(JAXLLM_FUSED_SILU_QUANT): the first, looped form measured slower than XLA's path alone.
 
 Numerics: the model's (models/quant.py: _fp8_matmul, then qeinsum's silu_mul) all in float32 --
 gate and up scaled, silu(gate) * up, quantized by amax / 448 per token -- without the model's
@@ -42,10 +43,21 @@ def reference_silu_mul_quant(y, x_scale, w_scale):
     return jnp.clip(hf / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
 
 
-@functools.partial(jax.jit, static_argnames=("num_warps", "interpret"))
-def silu_mul_quant(y, x_scale, w_scale, *, num_warps: int = 8, interpret: bool = False):
+MAX_UNROLL = 16  # blocks of a row held in registers at once (F <= 32768 at 2048 a block)
+
+
+@functools.partial(jax.jit, static_argnames=("num_warps", "unroll", "interpret"))
+def silu_mul_quant(y, x_scale, w_scale, *, num_warps: int | None = None, unroll: bool | None = None,
+                   interpret: bool = False):
     """y [M, 2F] float32, x_scale [M], w_scale [2F] -> (h float8_e4m3fn [M, F], scale float32 [M]):
-    reference_silu_mul_quant in one kernel, one program per row."""
+    reference_silu_mul_quant in one kernel, one program per row.
+
+    `unroll` (default: where the row has at most MAX_UNROLL blocks): the row's blocks are loaded
+    all at once and kept in registers between its maximum and its quantization (y read once, the
+    loads in flight together); else a loop over the blocks twice (the maximum, then the values,
+    re-read). The loop form ran slower than XLA's three kernels on an H100 (38.5 vs 31.2 us at 256
+    rows, 31.6 vs 21.9 at 64: each program's loads one block at a time; BENCHMARKS.md "Eleventh
+    session"); the unrolled form is not measured yet. num_warps: 16 unrolled, 8 looped by default."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -56,28 +68,36 @@ def silu_mul_quant(y, x_scale, w_scale, *, num_warps: int = 8, interpret: bool =
         raise ValueError(f"silu_mul_quant: y {y.shape}, x_scale {x_scale.shape}, w_scale {w_scale.shape}: expected "
                          "[M, 2F], [M], [2F] with F a multiple of 128")
     steps = f // block
+    unroll = steps <= MAX_UNROLL if unroll is None else unroll
+    num_warps = num_warps or (16 if unroll else 8)
     f32 = jnp.float32
 
     def kernel(y_ref, xs_ref, ws_ref, h_ref, s_ref):
         i = pl.program_id(0)
         xs = xs_ref[...].astype(f32)  # [1]
 
-        def h_block(j):  # silu(gate) * up of block j, in float32
-            off = pl.multiple_of(j * block, block)
+        def h_block(off):  # silu(gate) * up of the block at offset `off`, in float32
             g = y_ref[i, pl.ds(off, block)] * xs * ws_ref[pl.ds(off, block)]
             u = y_ref[i, pl.ds(f + off, block)] * xs * ws_ref[pl.ds(f + off, block)]
-            return off, g * jax.nn.sigmoid(g) * u
+            return g * jax.nn.sigmoid(g) * u
 
-        amax = jax.lax.fori_loop(0, steps, lambda j, a: jnp.maximum(a, jnp.max(jnp.abs(h_block(j)[1]))),
-                                 jnp.zeros((), f32))
-        scale = jnp.maximum(amax, 1e-12) / FP8_MAX
-
-        def store(j, carry):
-            off, h = h_block(j)
+        def store(off, h, scale):
             h_ref[i, pl.ds(off, block)] = jnp.clip(h / scale, -FP8_MAX, FP8_MAX).astype(h_ref.dtype)
-            return carry
 
-        jax.lax.fori_loop(0, steps, store, 0)
+        if unroll:
+            hs = [h_block(j * block) for j in range(steps)]
+            amax = jnp.max(jnp.stack([jnp.max(jnp.abs(h)) for h in hs]))
+            scale = jnp.maximum(amax, 1e-12) / FP8_MAX
+            for j, h in enumerate(hs):
+                store(j * block, h, scale)
+        else:
+            def at(j):
+                return pl.multiple_of(j * block, block)
+
+            amax = jax.lax.fori_loop(0, steps, lambda j, a: jnp.maximum(a, jnp.max(jnp.abs(h_block(at(j))))),
+                                     jnp.zeros((), f32))
+            scale = jnp.maximum(amax, 1e-12) / FP8_MAX
+            jax.lax.fori_loop(0, steps, lambda j, c: store(at(j), h_block(at(j)), scale) or c, 0)
         s_ref[...] = jnp.full((1,), scale, f32)
 
     one = pl.BlockSpec((1,), lambda i: (i,))
