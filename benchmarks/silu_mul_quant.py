@@ -8,12 +8,12 @@ variant jitted over `--copies` different inputs, time per copy.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemv import timed  # benchmarks/gemv.py: a jitted call's time over a few repetitions
 from jaxllm.pallas.silu_mul_quant import silu_mul_quant
 
 
@@ -25,15 +25,6 @@ def xla_path(y, x_scale, w_scale):
     h = (jax.nn.silu(gu[:, :f]) * gu[:, f:]).astype(jnp.float32)
     scale = jnp.maximum(jnp.max(jnp.abs(h), axis=-1, keepdims=True), 1e-12) / 448.0
     return jnp.clip(h / scale, -448.0, 448.0).astype(jnp.float8_e4m3fn), scale[:, 0]
-
-
-def timed(f, *args, reps: int = 5) -> float:
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
 
 
 def main():
