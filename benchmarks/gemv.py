@@ -1,6 +1,6 @@
 """Decode-sized matmuls: jaxllm.pallas.gemv (a few tilings) against XLA's dot, at Llama-3.1-8B shapes.
 
-    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 fp8 tp1 int8] [--stages 4]
+    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 tp2k fp8 tp1 int8] [--stages 4]
 
 Each timed call is one jitted program of --copies independent products, each with its own weight
 (so no weight stays in L2 between them; a split-K tiling's partial sums are added by one more small
@@ -26,6 +26,10 @@ SHAPES = {  # name: (K, N)
             "tp2 kv": (4096, 1024)},
     "tp1": {"tp1 gate/up": (4096, 28672), "tp1 down": (14336, 4096), "tp1 o": (4096, 4096), "tp1 kv": (4096, 2048)},
     "fp8": {"fp8 gate/up": (4096, 28672), "fp8 down": (14336, 4096), "fp8 o": (4096, 4096), "fp8 kv": (4096, 2048)},
+    # a tp=2 shard's bf16 weights stored [N, K] as fp8's are (untried layout for bf16: multiply-adds over
+    # 512-2048-byte runs of each weight row reached 75-81% of HBM bandwidth for fp8; the [K, N] bf16 gemvs
+    # of the model ran at 47-59% at tp=2, tenth session)
+    "tp2k": {"tp2k down": (7168, 4096), "tp2k o": (2048, 4096), "tp2k qkv": (4096, 3072)},
     "int8": {"int8 gate/up": (4096, 28672), "int8 down": (14336, 4096), "int8 o": (4096, 4096)},
 }
 
@@ -74,10 +78,11 @@ def main():
     table = []
     for group in args.shapes:
         fp8, int8 = group == "fp8", group == "int8"  # as the models store them: fp8 [N, K], int8 [K, N]
+        k_minor = fp8 or group == "tp2k"  # weights stored [N, K]
         for name, (k, n) in SHAPES[group].items():
             key = jax.random.key(k * 7 + n)
             x = jax.random.normal(key, (rows, k), jnp.bfloat16)
-            wshape = (n, k) if fp8 else (k, n)
+            wshape = (n, k) if k_minor else (k, n)
             dtype = jnp.float8_e4m3fn if fp8 else jnp.int8 if int8 else jnp.bfloat16
             ws = [((100.0 if int8 else 0.02) * jax.random.normal(jax.random.fold_in(key, i), wshape, jnp.float32)
                    ).clip(-127, 127).astype(dtype) for i in range(c)]
@@ -89,20 +94,20 @@ def main():
                     return [(jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
                              * scale).astype(x.dtype) for w in ws]
             else:
-                def xla(x, ws):
-                    return [x @ w for w in ws]
+                def xla(x, ws, spec="mk,nk->mn" if k_minor else "mk,kn->mn"):
+                    return [jnp.einsum(spec, x, w) for w in ws]
             xla = jax.jit(xla)
             ref = np.asarray(xla(x, ws[:1])[0], np.float32)
             t = timed(xla, x, ws) / c
             table.append((name, "xla", t, nbytes))
             print(f"{name:<12} {'xla':<34} {1e6 * t:8.1f} us {nbytes / t / 1e9:7.0f} GB/s", flush=True)
-            for tiling in tilings(k, n, rows, ws[0].dtype.itemsize, fp8):
+            for tiling in tilings(k, n, rows, ws[0].dtype.itemsize, k_minor):
                 default = tiling.pop("default", False)
                 for stages in args.stages:
                     label = ("default " if default else "") + " ".join(
                         f"{a}={b}" for a, b in tiling.items()) + f" st={stages}"
                     f = jax.jit(lambda x, ws, tiling=tiling, stages=stages: [
-                        gemv(x, w, scale, k_minor=fp8, num_stages=stages, **tiling) for w in ws])
+                        gemv(x, w, scale, k_minor=k_minor, num_stages=stages, **tiling) for w in ws])
                     try:
                         got = np.asarray(f(x, ws[:1])[0], np.float32)
                         err = float(np.max(np.abs(got - ref)) / (np.max(np.abs(ref)) + 1e-9))
