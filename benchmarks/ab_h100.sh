@@ -6,7 +6,8 @@
 # A tree is NAME:PATH of a `src` folder (e.g. `git archive REV src | tar -x -C .base`, carried to
 # the device), optionally NAME:PATH:VAR=value for an environment switch, e.g.
 # TREES="apart:src fused:src:JAXLLM_FUSED_QKV=1" (q and k/v as separate matmuls vs one). QUANT (e.g. "fp8 fp8-w8a8") adds throughput runs of the last tree with those
-# quantization modes; BATCH sets throughput's --max-batch-size (default 256).
+# quantization modes (QARGS: more arguments for them, e.g. "--kv-cache-dtype fp8", named by the suffix QTAG);
+# BATCH sets throughput's --max-batch-size (default 256).
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-ab
 TREES=${TREES:-new:src}
 RUNS=${RUNS:-latency throughput}
@@ -37,7 +38,7 @@ for run in $RUNS; do
   done
 done
 envs=""
-for q in ${QUANT:-}; do bench "tput_${q}" "${last:-src}" throughput $tput --quantization "$q"; done
+for q in ${QUANT:-}; do bench "tput_${q}${QTAG:-}" "${last:-src}" throughput $tput --quantization "$q" ${QARGS:-}; done
 python - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
