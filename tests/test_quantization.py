@@ -262,6 +262,21 @@ def test_prequantized_checkpoint_matches_its_dequantized_twin(prequantized, kind
         LLM(str(path), quantization="int8")
 
 
+@pytest.mark.parametrize("kind", ["ct-tensor", "modelopt"])
+def test_prequantized_checkpoint_with_fused_qkv_matches_it_apart(prequantized, kind, monkeypatch):
+    """Fused q/k/v is the default for fp8 weights on a GPU: a pre-quantized checkpoint's q, k and v
+    (per-tensor scales here, each its own) fused on load give the logits and tokens of q and k/v apart."""
+    path, out = str(prequantized[kind]), {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("JAXLLM_FUSED_QKV", fused)
+        with LLM(path, max_seq_len=128, compilation_cache=False) as llm:
+            assert llm.model_config.fused_qkv == (fused == "1")
+            out[fused] = (_logits(llm), llm.generate(["The capital of France is"], SamplingParams(
+                max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids)
+    assert _rel(out["1"][0], out["0"][0]) < 1e-5
+    assert out["1"][1] == out["0"][1]
+
+
 def test_a_projection_the_checkpoint_left_unquantized_is_quantized_at_load(tmp_path, prequantized):
     from safetensors.torch import load_file, save_file
 
