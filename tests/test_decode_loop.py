@@ -19,8 +19,8 @@ def _run(path, monkeypatch, mode, params):
         call = next(c for c in engine._warmup_calls(32, [True]) if c[0] == "decode")
         fn, args, kwargs = engine.runner._jit_call(*call)
         eqns = fn.trace(*args, **kwargs).jaxpr.eqns
-        # the step loop: a while (its predicate's primitives) or a scan (a fixed trip count)
-        # (a while: its predicate's primitives and the lengths of the scans in its body)
+        # the step loop: a while (its predicate's primitives and the lengths of the scans in its
+        # body) or a scan (a fixed trip count: its length and its body's primitives)
         loops = {e.primitive.name: ({c.primitive.name for c in e.params["cond_jaxpr"].jaxpr.eqns},
                                     [c.params["length"] for c in e.params["body_jaxpr"].jaxpr.eqns
                                      if c.primitive.name == "scan"])

@@ -326,7 +326,7 @@ class MLP(nnx.Module):
         """`attend`: the step's, for its tensor-parallel projections (see _parallel)."""
         # fp8-w8a8 on one device (cfg.fused_silu_quant): an FP8 x FP8 gate/up product comes back
         # unscaled (quant.Scaled) for the down projection's pallas.silu_mul_quant to scale
-        raw = self.silu_quant and getattr(attend, "tensor_parallel", None) is None
+        raw = self.silu_quant and _one_device(attend)
         gu = _parallel("column", attend, lambda x, w, s: qeinsum("...e,esf->...sf", x, w, s, self.w8a8, self.gemv,
                                                                  raw=raw),
                        x, (None,) * (x.ndim - 1) + ("embed",), self.gate_up, self.gate_up_scale)
@@ -350,7 +350,13 @@ def _partials_wanted(to_add_norm: bool, attend) -> bool:
     """Whether a row-parallel projection (o, down) may hand add_norm its split-K partial sums
     (quant.Partials: the gemv's epilogue kernel is then add_norm's): when its result goes straight
     into the fused add + norm, and not under a TensorParallel (whose all-reduce adds a shard's sum)."""
-    return to_add_norm and getattr(attend, "tensor_parallel", None) is None
+    return to_add_norm and _one_device(attend)
+
+
+def _one_device(attend) -> bool:
+    """Whether the step's projections run as they are, not through a TensorParallel (see _parallel):
+    where a projection may hand its consumer an unfinished result (quant.Partials, quant.Scaled)."""
+    return getattr(attend, "tensor_parallel", None) is None
 
 
 def add_norm(x, y, norm: RMSNorm, attend=None, fused: bool = False):

@@ -158,16 +158,20 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None, raw: bool = F
     """FP8 x FP8 einsum of x (its last n_in dims contracting), quantized per token, and a K-minor
     fp8 weight with per-output-channel scale; in out_dtype (default x's), or with `raw` as
     ``Scaled`` (the float32 product and both scales, not yet applied)."""
-    batch = x.shape[: x.ndim - n_in]
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
     x_scale = jnp.maximum(amax, 1e-12) / QMAX["fp8"]  # per token
     xq = jnp.clip(xf / x_scale, -QMAX["fp8"], QMAX["fp8"]).astype(jnp.float8_e4m3fn)
+    y = _fp8_product(spec, xq, x_scale, w, scale, n_in, out_dtype or x.dtype)
+    return y if raw else y.value()
+
+
+def _fp8_product(spec: str, xq, x_scale, w, scale, n_in: int, dtype) -> Scaled:
+    """The FP8 x FP8 einsum of per-token quantized xq (its last n_in dims contracting; x_scale one
+    value per token) and a K-minor fp8 weight with per-output-channel scale, still to be scaled."""
+    batch = xq.shape[: xq.ndim - n_in]
     y = jnp.einsum(spec, xq, w, preferred_element_type=jnp.float32)
-    x_scale = x_scale.reshape(batch + (1,) * (y.ndim - len(batch)))
-    if raw:
-        return Scaled(y, x_scale, scale, out_dtype or x.dtype)
-    return (y * x_scale * scale).astype(out_dtype or x.dtype)
+    return Scaled(y, x_scale.reshape(batch + (1,) * (y.ndim - len(batch))), scale, dtype)
 
 
 def _silu_mul_fp8_matmul(spec: str, gu: Scaled, w, scale, out_dtype):
@@ -187,8 +191,7 @@ def _silu_mul_fp8_matmul(spec: str, gu: Scaled, w, scale, out_dtype):
     hq, h_scale = silu_mul_quant(gu.raw.reshape(m, 2 * f), jnp.broadcast_to(gu.x_scale, (*batch, 1, 1)).reshape(m),
                                  jnp.broadcast_to(gu.w_scale, (2, f)).reshape(2 * f),
                                  interpret=jax.default_backend() == "cpu")
-    y = jnp.einsum(kspec, hq.reshape(*batch, f), w, preferred_element_type=jnp.float32)
-    return (y * h_scale.reshape(tuple(batch) + (1,) * (y.ndim - len(batch))) * scale).astype(dtype)
+    return _fp8_product(kspec, hq.reshape(*batch, f), h_scale, w, scale, n_in, dtype).value()
 
 
 def _as_2d(spec: str, x, w, k_minor: bool):
