@@ -47,6 +47,20 @@ def test_shapes_it_does_not_serve_are_refused():
         silu_mul_quant(y, xs[:1], ws, interpret=True)
 
 
+def test_fused_silu_quant_by_default_on_gpus(monkeypatch):
+    """JAXLLM_FUSED_SILU_QUANT=auto (the default): on a (stand-in) GPU mesh, where the Pallas Triton
+    backend exists; not on CPUs or without a mesh (1 / 0 and bad values: test_fused_qkv.py)."""
+    from conftest import stand_in_mesh as mesh
+    from jaxllm.loader import fused_silu_quant_wanted
+    from jaxllm.pallas import gemv
+
+    monkeypatch.delenv("JAXLLM_FUSED_SILU_QUANT", raising=False)
+    assert fused_silu_quant_wanted(mesh(1)) and fused_silu_quant_wanted(mesh(2))
+    assert not fused_silu_quant_wanted(mesh(1, "cpu")) and not fused_silu_quant_wanted(None)
+    monkeypatch.setattr(gemv, "triton_available", lambda: False)
+    assert not fused_silu_quant_wanted(mesh(1))  # XLA's path where the kernel's backend is gone
+
+
 def _w8a8_model(path, monkeypatch, flag, dtype):
     """(logits of a 3 x 70-token call, greedy tokens of 4 prompts, the kernel's calls) of the model
     under fp8-w8a8 with JAXLLM_FUSED_SILU_QUANT=flag."""

@@ -67,7 +67,7 @@ class ModelConfig:
     fused_norm: bool = False
     # fp8-w8a8 calls of >= 64 tokens: the gate/up product's scaling, silu(gate) * up and the per-token
     # FP8 quantization for down in one kernel (pallas.silu_mul_quant): set by the loader
-    # (JAXLLM_FUSED_SILU_QUANT, opt-in until measured on a GPU)
+    # (JAXLLM_FUSED_SILU_QUANT, default auto: on NVIDIA GPUs)
     fused_silu_quant: bool = False
 
     @classmethod
