@@ -67,12 +67,15 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
     t0, t1 = busy[0][0], busy[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] > gap_us]
     by_kernel, launches, by_module = collections.Counter(), collections.Counter(), collections.Counter()
+    module_kernels = collections.defaultdict(collections.Counter)
     for e in events:
         if is_device(e):
             by_kernel[e["name"]] += e["dur"]
             launches[e["name"]] += 1
             # the XLA program a kernel belongs to (prefill vs decode), where the trace names it
-            by_module[str((e.get("args") or {}).get("hlo_module", "?"))] += e["dur"]
+            module = str((e.get("args") or {}).get("hlo_module", "?"))
+            by_module[module] += e["dur"]
+            module_kernels[module][e["name"]] += e["dur"]
     overlap = collections.Counter()
     for e in host:
         s, t = e["ts"], e["ts"] + e["dur"]
@@ -91,6 +94,9 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
         "device_us_by_kernel": {k: round(v, 1) for k, v in by_kernel.most_common(top)},
         "launches_by_kernel": {k: launches[k] for k, _ in by_kernel.most_common(top)},
         "device_us_by_module": {k: round(v, 1) for k, v in by_module.most_common(top)},
+        # the two busiest programs (a throughput run's prefill and decode), kernel by kernel
+        "device_us_by_kernel_of_module": {m: {k: round(v, 1) for k, v in module_kernels[m].most_common(top)}
+                                          for m, _ in by_module.most_common(2)},
         "kernel_launches": sum(launches.values()),
         "timeline": kernel_timeline([e for e in events if is_device(e)], timeline, timeline_from),
     }
@@ -123,6 +129,8 @@ def main():
     ap.add_argument("--batch", type=int, default=1, help="requests decoded together")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (--device-pattern /device:GPU:0: one GPU's streams)")
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default=None, help='KvCacheConfig(dtype=...), e.g. "fp8"')
+    ap.add_argument("--max-num-tokens", type=int, default=8192, help="a prefill call's token budget")
     ap.add_argument("--trace-dir", default="/tmp/jaxllm-trace")
     ap.add_argument("--device-pattern", default="/device:GPU", help="process names of the device's streams")
     ap.add_argument("--gap-us", type=float, default=20.0)
@@ -136,13 +144,15 @@ def main():
     args = ap.parse_args()
     if args.hlo_dir:  # before JAX starts
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.hlo_dir}"
-                                   " --xla_dump_hlo_module_re=.*decode_impl.*").strip()
+                                   " --xla_dump_hlo_module_re=.*(decode|prefill)_impl.*").strip()
     import jax
 
-    from jaxllm import LLM, SamplingParams
+    from jaxllm import KvCacheConfig, LLM, SamplingParams
 
+    kv = KvCacheConfig(dtype=args.kv_cache_dtype) if args.kv_cache_dtype else None
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_batch_size=args.batch,
-              tensor_parallel_size=args.tp, quantization=args.quantization,
+              tensor_parallel_size=args.tp, quantization=args.quantization, kv_cache_config=kv,
+              max_num_tokens=args.max_num_tokens,
               max_seq_len=128 + args.output_len + args.decode_steps,
               decode_steps=args.decode_steps)
     sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
@@ -170,21 +180,24 @@ def main():
     s = summarize(*load_trace(args.trace_dir), args.device_pattern, args.gap_us, args.top, timeline=args.timeline,
                   timeline_from=args.timeline_from)
     if args.hlo_dir:
-        s["kernel_hlo"] = kernel_hlo(args.hlo_dir, s.get("device_us_by_kernel", {}))
+        named = dict(s.get("device_us_by_kernel", {}))
+        for kernels in s.get("device_us_by_kernel_of_module", {}).values():
+            named.update(kernels)
+        s["kernel_hlo"] = kernel_hlo(args.hlo_dir, named)
     print(json.dumps(s, indent=1))
 
 
 def kernel_hlo(hlo_dir: str, kernels) -> dict:
     """{kernel name: its HLO instruction's result type and the jnp op it came from}, read from the
-    newest optimized decode program dumped in hlo_dir (a kernel named like ``gemm_fusion_dot_387``
+    newest optimized decode program dumped in hlo_dir, then the newest prefill program (a kernel named like ``gemm_fusion_dot_387``
     is the fusion ``%gemm_fusion_dot.387``; XLA reuses one kernel for identical fusions, so a name
     may stand for several instructions of the same shape)."""
     import re
 
-    files = sorted(glob.glob(os.path.join(hlo_dir, "*decode_impl*after_optimizations.txt")), key=os.path.getmtime)
-    if not files:
-        return {}
-    text = open(files[-1]).read()
+    text = ""
+    for kind in ("decode", "prefill"):  # the newest of each: a decode kernel's name first
+        files = sorted(glob.glob(os.path.join(hlo_dir, f"*{kind}_impl*after_optimizations.txt")), key=os.path.getmtime)
+        text += open(files[-1]).read() + "\n" if files else ""
     out = {}
     for name in kernels:
         for cand in (name, re.sub(r"_(\d+)$", r".\1", name)):

@@ -564,14 +564,15 @@ class Engine:
         toks, done = toks.tolist(), done.tolist()  # Python values: per-token numpy indexing is slow at 256 rows
         info = {k: v.tolist() for k, v in info.items()}
         produced = 0
+        steps = len(toks[0]) if toks else 0
         for i, r in enumerate(plan.decode):
             if r.finished:
                 continue
-            row = [(j, t) for j, t in enumerate(toks[i]) if t >= 0]
-            for n, (j, t) in enumerate(row):
-                r.receive(t, {k: v[i][j] for k, v in info.items()}, bool(done[i]) and n == len(row) - 1)
-            if row:
-                produced += len(row)
+            row = toks[i]
+            n = steps - row.count(-1)  # a row's tokens are a prefix: -1 once it is done
+            if n:
+                r.receive_many(row[:n], {k: v[i][:n] for k, v in info.items()}, bool(done[i]))
+                produced += n
                 # the KV of every token but the newest is now written
                 self._after_compute(r, len(r.all_ids) - 1)
                 self._received(r, bool(done[i]))
