@@ -10,7 +10,7 @@
 # BATCH sets throughput's --max-batch-size (default 256).
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-ab
 TREES=${TREES:-new:src}
-RUNS=${RUNS:-latency throughput}
+RUNS=${RUNS-latency throughput}  # RUNS="" runs none (only QUANT)
 BATCH=${BATCH:-256}
 ttft="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 2048 --output-len 2 --iterations 5"
 lat="--model $M --load-format dummy --dtype bfloat16 --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5"

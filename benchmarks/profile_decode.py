@@ -130,6 +130,7 @@ def main():
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (--device-pattern /device:GPU:0: one GPU's streams)")
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--kv-cache-dtype", default=None, help='KvCacheConfig(dtype=...), e.g. "fp8"')
+    ap.add_argument("--kv-fraction", type=float, default=0.9, help="KvCacheConfig(free_gpu_memory_fraction=...)")
     ap.add_argument("--max-num-tokens", type=int, default=8192, help="a prefill call's token budget")
     ap.add_argument("--trace-dir", default="/tmp/jaxllm-trace")
     ap.add_argument("--device-pattern", default="/device:GPU", help="process names of the device's streams")
@@ -149,7 +150,7 @@ def main():
 
     from jaxllm import KvCacheConfig, LLM, SamplingParams
 
-    kv = KvCacheConfig(dtype=args.kv_cache_dtype) if args.kv_cache_dtype else None
+    kv = KvCacheConfig(dtype=args.kv_cache_dtype or "auto", free_gpu_memory_fraction=args.kv_fraction)
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_batch_size=args.batch,
               tensor_parallel_size=args.tp, quantization=args.quantization, kv_cache_config=kv,
               max_num_tokens=args.max_num_tokens,

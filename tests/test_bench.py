@@ -33,6 +33,7 @@ def test_throughput_report(tiny_checkpoints, tmp_path, capsys):
     # at most 4 run at once: later requests wait, so the slowest TTFT exceeds the fastest e2e
     assert r["ttft_s"]["p99"] > r["e2e_latency_s"]["p50"] / 4
     assert 1 <= r["peak_kv_blocks"] <= r["kv_capacity_blocks"]
+    assert r["device_memory"] == {"at_kv_planning": None, "after_run": None}  # allocator figures: GPUs only
     assert r["mfu"] is None and r["mbu"] is None  # no peak rates known for a CPU
     assert r["startup_to_first_token_s"] >= r["load_s"] > 0
     # where the engine thread's time went in the timed run, phase by phase

@@ -234,6 +234,12 @@ def _run(llm, requests) -> tuple[list, float]:
     return outs, time.perf_counter() - t0
 
 
+def _device_memory(mesh):
+    from .runner import device_memory
+
+    return device_memory(mesh)
+
+
 def _progress(msg: str) -> None:
     """A phase line on stderr, so that a run cut short by a time limit still shows where it was."""
     print(f"jaxllm bench: {msg}", file=sys.stderr, flush=True)
@@ -319,6 +325,8 @@ def run(args) -> dict:
         phases = _phases(llm)
         startup = dict(llm.startup_seconds)
         kv_capacity_blocks = llm.kv_capacity_tokens // llm._engine.runner.block_size
+        # the allocator when the KV pool was planned and after the run (GPU; None on CPUs)
+        memory = dict(at_kv_planning=llm.memory_at_kv_planning, after_run=_device_memory(llm._mesh))
     finally:
         llm.shutdown()
 
@@ -359,6 +367,7 @@ def run(args) -> dict:
         itl_s=_stats(tpot),
         e2e_latency_s=_stats(e2e),
         peak_kv_blocks=max([s["kv_blocks_used"] for s in stats], default=None),
+        device_memory=memory,
         kv_capacity_blocks=kv_capacity_blocks,
         mfu=(flops / elapsed / peak_flops) if peak_flops else None,
         mbu=mbu,

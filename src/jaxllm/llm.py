@@ -17,7 +17,7 @@ from .engine import Engine, GroupHandle, Request, RequestHandle
 from .kv_cache_config import KvCacheConfig
 from .loader import DTYPES, LOAD_FORMATS, QUANTIZATIONS, load_model, save_checkpoint
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .runner import ATTENTION_BACKENDS, ModelRunner, plan_num_blocks
+from .runner import ATTENTION_BACKENDS, ModelRunner, device_memory, plan_num_blocks
 from .runner.paged import is_fp8
 from .sampling import fold_key_data, key_data_for_seed
 from .sampling_params import SamplingParams, _check_int
@@ -178,6 +178,7 @@ class LLM:
         kv_dtype = kv_cache_config.pool_dtype(loaded.dtype)
         block = kv_cache_config.tokens_per_block
         num_blocks = plan_num_blocks(loaded.config, kv_dtype, block, kv_cache_config, self._mesh)
+        self.memory_at_kv_planning = device_memory(self._mesh)  # what the pool was planned from
         self.kv_capacity_tokens = num_blocks * block
         limit = loaded.config.max_position_embeddings
         if max_seq_len is not None and max_seq_len > limit:

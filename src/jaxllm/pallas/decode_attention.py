@@ -40,6 +40,18 @@ Why it is written this way
   scale into the output, so they cost nothing per element. The staging tiles are reused every
   step: the wgmma that read one has completed (its accumulator was read) before the next step
   overwrites it, and the conversion's stores are fenced for the tensor cores by ``commit_smem``.
+* Several KV heads per program (``heads_per_program``, default 1): at a large batch of short
+  contexts a (head, sequence) program runs 2-3 steps, so its fixed latency (Q load, filling the
+  ring, the epilogue) is never hidden. A program may serve ``heads_per_program`` consecutive KV
+  heads of one (sequence, split) instead: a single loop over ``t < heads_per_program * n_steps``
+  (head ``t // n_steps``, step ``t % n_steps``) drives the ring, so ``fill_ring`` and
+  ``refill_previous`` issue the next head's first pages while the last steps of the current one
+  run -- one barrier wait per copy issued, exactly as with one head. The softmax state restarts at
+  each head's first step; each head's rows and log-sum-exps are stored when its last step is done
+  (after waiting for the previous head's stores to have read the output tiles). The query rows of
+  consecutive KV heads are consecutive rows of the flattened query, so one 64-row Q tile serves
+  all the program's heads where they fit (``heads_per_program * G`` rows from offset r0);
+  otherwise each head's tile is loaded when the previous head finishes (after its last QK).
 """
 
 from __future__ import annotations
@@ -240,6 +252,41 @@ def _max_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2) -> i
     return (SMEM_BYTES - fixed) // (2 * tile * d * kv_bytes)
 
 
+def _check_heads_per_program(heads_per_program, kvh: int) -> int:
+    """heads_per_program (None: 1) checked: a divisor of the KV heads."""
+    if heads_per_program is None:
+        return 1
+    allowed = [n for n in range(1, kvh + 1) if kvh % n == 0]
+    if isinstance(heads_per_program, bool) or not isinstance(heads_per_program, int) or heads_per_program not in allowed:
+        raise ValueError(f"heads_per_program must divide the KV heads ({kvh}): one of {allowed} (or None for 1), "
+                         f"got {heads_per_program!r}")
+    return heads_per_program
+
+
+def _max_r0(h: int, rows_per_program: int) -> int:
+    """The largest offset in its 8-row-aligned Q tile of a program's first query row
+    (seq * h + p * rows_per_program): those rows are multiples of gcd(h, rows_per_program, 8)."""
+    return 8 - math.gcd(h, rows_per_program, 8)
+
+
+def choose_heads_per_program(batch: int, kv_heads: int, num_splits: int = 1, num_sms: int = 132) -> int:
+    """A proposal for ``paged_decode_attention(heads_per_program=...)``, not yet measured: the largest
+    divisor of ``kv_heads`` that still leaves at least 4 programs per SM (``batch * num_splits *
+    kv_heads / heads_per_program >= 4 * num_sms``), else 1.
+
+    The reasoning: at a large batch of short contexts (1024 sequences of ~150 tokens, 8 KV heads)
+    each (head, sequence) program streams only 2-3 steps, so its fixed latency (the Q load, filling
+    the ring, the epilogue's stores) is never hidden behind other work; serving several heads in one
+    program pays it once for all of them, with the ring running on across heads. At a small batch the
+    SMs need every program there is, so it stays 1. The threshold (4 programs per SM) is a guess; the
+    choice is wired into no caller until benchmarks/decode_kernel.py --heads-per-program says so."""
+    best = 1
+    for n in range(1, kv_heads + 1):
+        if kv_heads % n == 0 and batch * num_splits * (kv_heads // n) >= 4 * num_sms:
+            best = n
+    return best
+
+
 MIN_SPLIT_STEPS = 8  # see _choose_splits
 
 
@@ -258,7 +305,7 @@ def _choose_splits(batch: int, kv_heads: int, steps: int, num_sms: int = 132) ->
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                            soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
-                           k_scale=1.0, v_scale=1.0, interpret=False):
+                           k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -268,6 +315,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     ``p_in_registers`` feeds the probabilities to the second wgmma from registers instead of
     shared memory (GPU only: the CPU interpreter's wgmma takes shared-memory operands).
     ``heads_major``: the pools are ``[kv_heads, slots, head_dim]`` (each page of a head contiguous).
+    ``heads_per_program`` (a divisor of the KV heads; None: 1): each program serves that many
+    consecutive KV heads of one (sequence, split), one after another, its TMA ring running on across
+    the head boundary (see "Several KV heads per program" in the module docstring).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -280,6 +330,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         raise ValueError(f"at most {ROWS} query heads per KV head, got {g}")
     if d % 64:
         raise ValueError(f"head_dim must be a multiple of 64, got {d}")
+    hpp = _check_heads_per_program(heads_per_program, kvh)
     kv_dtype = jnp.dtype(k_pool.dtype)
     fp8 = kv_dtype == FP8
     dtype = jnp.dtype(jnp.float16) if fp8 else kv_dtype  # what the tensor cores read (see above)
@@ -296,7 +347,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     if fit < 2:
         raise ValueError(f"block_kv={tile} with head_dim {d} ({kv_dtype.name} pools) leaves no room for two stages "
                          f"in shared memory; use block_kv=64")
-    stages = max(2, min(max_concurrent_steps, steps_per_split, fit))
+    # the ring runs over all the program's heads: up to hpp * steps_per_split steps
+    stages = max(2, min(max_concurrent_steps, hpp * steps_per_split, fit))
+    # one Q load serves all the program's heads when their rows fit the tile at any offset r0
+    q_shared = hpp == 1 or _max_r0(h, hpp * g) + hpp * g <= ROWS
     scale = (d**-0.5 if sm_scale is None else sm_scale)
     q_in, scale = tensor_core_q(q, scale, k_scale, dtype)
 
@@ -307,7 +361,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
 
     def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, o_smem,
                lse_smem, p_smem, q_bar, k_bar, v_bar, *staging):
-        head = lax.axis_index("kvh")
+        head0 = lax.axis_index("kvh") if hpp == 1 else lax.axis_index("kvh") * hpp  # the program's first KV head
         split = lax.axis_index("split")
         seq = lax.axis_index("seq")
         length = lens_ref[seq]
@@ -319,31 +373,73 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         else:
             win_lo = None
             start = lo
-        n_steps = jnp.maximum(0, lax.div(hi - start + tile - 1, tile))
+        n_steps = jnp.maximum(0, lax.div(hi - start + tile - 1, tile))  # per head
+
+        def local(t):
+            """(KV head, step within that head) of ring step t: the program's heads one after another."""
+            if hpp == 1:
+                return head0, t
+            k = lax.div(t, jnp.maximum(n_steps, 1))
+            return head0 + k, t - k * n_steps
 
         # TMA boxes into the tiled Q buffer start on a row multiple of 8: this group's G rows
-        # sit at row r0 of the 64 loaded.
-        q_first = seq * h + head * g
-        q_start = lax.div(q_first, 8) * 8
-        r0 = q_first - q_start
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, ROWS)], q_smem, q_bar)
+        # sit at row r0 of the 64 loaded (q_shared: head head0 + k's at r0 + k * g).
+        def q_start_of(head):
+            q_first = seq * h + head * g
+            q_start = lax.div(q_first, 8) * 8
+            return q_start, q_first - q_start
 
-        def issue(step, slot):
+        def load_q(q_start):
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, ROWS)], q_smem, q_bar)
+
+        q_start, r0 = q_start_of(head0)
+        load_q(q_start)
+
+        def q_row(head):  # the first row of this KV head's G in the Q tile
+            if hpp == 1:
+                return r0
+            if q_shared:
+                return r0 + (head - head0) * g
+            return q_start_of(head)[1]
+
+        def issue(t, slot):
+            head, step = local(t)
             for j in range(copies):
                 src, dst = page_copy(tables_ref, seq, start + step * tile, j, rows_per_copy, block_size, w)
                 at = (head, src) if heads_major else (src, head)
                 plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot, dst], v_bar.at[slot])
 
-        fill_ring(stages, n_steps, issue)
+        n_total = n_steps if hpp == 1 else n_steps * hpp  # the ring's steps, all heads
+        fill_ring(stages, n_total, issue)
 
         plgpu.barrier_wait(q_bar)
         acc, m_i, l_i = softmax_start(ROWS, d)
         operand = staged_operand(staging, fp8, dtype)
 
-        def body(step, carry):
+        def store(head, acc, m_i, l_i):
+            """Normalize and store one KV head's G output rows and its log-sum-exps."""
+            out, empty = softmax_finish(acc, l_i)
+            if hpp > 1:  # the previous head's stores must have read o_smem / lse_smem
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem[...] = out.astype(dtype)
+            # log-sum-exp in base 2; -inf for a split with no tokens
+            lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(q_row(head), g)], o_ref.at[split, seq, pl.ds(head * g, g)])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, seq, head])
+
+        def body(t, carry):
             acc, m_i, l_i = carry
-            slot, s = step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
+            head, step = local(t)
+            if hpp > 1:
+                first = step == 0  # a new KV head: its softmax starts afresh
+                acc = jnp.where(first, 0.0, acc)
+                m_i = jnp.where(first, -jnp.inf, m_i)
+                l_i = jnp.where(first, 0.0, l_i)
+                if not q_shared:  # its Q tile was loaded when the previous head finished
+                    pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
+            slot, s = step_scores(t, stages, n_total, issue, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
                                   soft_cap)
             pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
             pos = pos + (start + step * tile)
@@ -367,16 +463,28 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
 
             pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, d), jnp.float32))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+            if hpp > 1:  # a head other than the last one finishes here, the last one after the loop
+
+                @pl.when((step == n_steps - 1) & (head < head0 + hpp - 1))
+                def _():
+                    store(head, acc, m_new, l_i)
+                    if not q_shared:  # store's commit_smem: the whole warpgroup is past this QK
+                        load_q(q_start_of(head + 1)[0])
+
             return acc, m_new, l_i
 
-        acc, m_i, l_i = lax.fori_loop(0, n_steps, body, (acc, m_i, l_i))
-        out, empty = softmax_finish(acc, l_i)
-        o_smem[...] = out.astype(dtype)
-        # log-sum-exp in base 2; -inf for a split with no tokens
-        lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(r0, g)], o_ref.at[split, seq, pl.ds(head * g, g)])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, seq, head])
+        acc, m_i, l_i = lax.fori_loop(0, n_total, body, (acc, m_i, l_i))
+        if hpp > 1:  # no step for this split: every head but the last stores the empty state here
+
+            @pl.when(n_steps == 0)
+            def _():
+                def empty(k, carry):
+                    store(head0 + k, *carry)
+                    return carry
+
+                lax.fori_loop(0, hpp - 1, empty, softmax_start(ROWS, d))
+
+        store(head0 + hpp - 1, acc, m_i, l_i)
         plgpu.wait_smem_to_gmem(0)
 
     transforms = swizzled(d, 2)
@@ -400,14 +508,19 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             jax.ShapeDtypeStruct((num_splits, b, h, d), dtype),
             jax.ShapeDtypeStruct((num_splits, b, kvh, ROWS), jnp.float32),
         ),
-        grid=(kvh, num_splits, b),
+        grid=(kvh // hpp, num_splits, b),
         grid_names=("kvh", "split", "seq"),
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )(block_tables, lengths, q_rows, k_pool, v_pool)
-    # each group's G rows start at row (its first flattened query row) % 8 of its 64
-    r0 = (jnp.arange(b)[:, None] * h + jnp.arange(kvh)[None, :] * g) % 8  # [B, KVH]
+    # each group's G rows start at row (its first flattened query row) % 8 of its 64 (q_shared: of
+    # its program's 64, the heads' rows one after another)
+    kv = jnp.arange(kvh)[None, :]
+    if hpp > 1 and q_shared:
+        r0 = (jnp.arange(b)[:, None] * h + (kv - kv % hpp) * g) % 8 + (kv % hpp) * g  # [B, KVH]
+    else:
+        r0 = (jnp.arange(b)[:, None] * h + kv * g) % 8  # [B, KVH]
     rows = r0[None, :, :, None] + jnp.arange(g)  # [1, B, KVH, G]
     lse = jnp.take_along_axis(lse_parts, jnp.broadcast_to(rows, (num_splits, b, kvh, g)), axis=3).reshape(num_splits, b, h)
     out = o_parts[0] if num_splits == 1 else _merge(o_parts, lse)

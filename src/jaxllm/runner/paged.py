@@ -314,6 +314,15 @@ def write_slots(pool, slots, rows, padding_page: bool):
     return pool.at[jnp.where(flat < 0, n, flat)].set(rows, mode="drop")  # padding -> past the pool -> dropped
 
 
+def device_memory(mesh) -> dict | None:
+    """The first device's allocator figures (bytes): limit, in use, peak in use; None on CPUs."""
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats:
+        return None
+    return {k: stats[k] for k in ("bytes_limit", "bytes_in_use", "peak_bytes_in_use") if k in stats}
+
+
 def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, mesh) -> int:
     """How many KV blocks to allocate (see KvCacheConfig).
 
