@@ -177,3 +177,33 @@ def test_decode_state_passed_on_between_calls_is_the_host_built_one(small_pool_l
     assert reused >= 3 and none == 0, (reused, none)
     assert reused_out == rebuilt_out
     assert engine.scheduler.num_preemptions > 0
+
+
+def test_device_out_of_memory_says_what_to_change(tiny_llm, monkeypatch):
+    """A step program that runs out of device memory (compiling -- XLA's autotuner -- or running)
+    reaches the caller as a MemoryError naming the KV fraction to lower; other runtime errors pass
+    through as they are."""
+    import jax
+
+    from jaxllm.runner.runner import explained_oom
+
+    with pytest.raises(MemoryError, match=r"free_gpu_memory_fraction.*XLA said: RESOURCE_EXHAUSTED: Out of memory"):
+        with explained_oom():
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1018.00MiB")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: something else"):
+        with explained_oom():
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    runner = tiny_llm._engine.runner
+    real = runner._jit_call
+
+    def failing(kind, statics, args):
+        fn, fn_args, kwargs = real(kind, statics, args)
+
+        def oom(*a, **kw):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+        return oom, fn_args, kwargs
+
+    monkeypatch.setattr(runner, "_jit_call", failing)
+    with pytest.raises(MemoryError, match="free_gpu_memory_fraction"):
+        runner.call(*tiny_llm._engine._warmup_calls(32, [True])[0])

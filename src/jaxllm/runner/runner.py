@@ -14,6 +14,7 @@ buckets (powers of two) so a handful of compilations serve every batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -39,6 +40,26 @@ from .paged import (
     prefill_kernel_for,
     slots_for,
 )
+
+
+@contextlib.contextmanager
+def explained_oom():
+    """Device out-of-memory errors of a step program (compiling it -- XLA's GEMM autotuning takes
+    scratch memory -- or running it) re-raised with what to change: the KV pool takes
+    KvCacheConfig.free_gpu_memory_fraction of the memory the weights leave, and the rest is all a
+    step's activations and the compiler have (BENCHMARKS.md "Twelfth session": fp8-w8a8 at 1024
+    rows and 8192-token prefill calls ran out at 0.9 on an H100 while autotuning, and ran at 0.7)."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise MemoryError(
+            "the device ran out of memory compiling or running a step program; leave it more room: a lower "
+            "KvCacheConfig(free_gpu_memory_fraction=...) (default 0.9; jaxllm bench: "
+            "--kv-cache-free-gpu-memory-fraction), or a smaller max_num_tokens / max_batch_size. XLA said: "
+            + str(e).splitlines()[0][:300]
+        ) from e
 
 
 @jax.tree_util.register_dataclass
@@ -324,7 +345,8 @@ class ModelRunner:
 
         def compile_one(c):
             fn, args, kwargs = self._jit_call(*c)
-            fn.lower(*args, **kwargs).compile()
+            with explained_oom():
+                fn.lower(*args, **kwargs).compile()
 
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as ex:
             list(ex.map(compile_one, calls))
@@ -337,7 +359,8 @@ class ModelRunner:
 
     def _run(self, kind: str, statics: dict, args: tuple):
         fn, fn_args, kwargs = self._jit_call(kind, statics, args)
-        self.pool, *out = fn(*fn_args, **kwargs)
+        with explained_oom():
+            self.pool, *out = fn(*fn_args, **kwargs)
         return local_tree(tuple(out)) if self._mirror is not None else tuple(out)
 
     # -- several hosts: process 0 announces each call, the others make it too ----------------
