@@ -2,6 +2,11 @@
 
     PYTHONPATH=src python benchmarks/decode_kernel.py [--contexts 2048,8192] [--batch 64]
 
+    # several KV heads per program at the throughput shape (1024 sequences of 160 tokens, 16-token
+    # pages), bf16 and fp8 pools, each heads_per_program x block_kv x stages (only this sweep):
+    PYTHONPATH=src python benchmarks/decode_kernel.py --batch 1024 --contexts 160 --block-size 16 \
+        --heads-per-program 1,2,4,8 --block-kv 64,128 --stages 2,3,4 --variants hpp
+
 Llama-3.1-8B attention shapes (32 query / 8 KV heads, head dim 128, bf16), every sequence at the
 full context, pages in a shuffled order. Figures: the effective KV read bandwidth (K and V bytes of
 every sequence / kernel time, the issue's metric) next to the roofline (a device-to-device copy of
@@ -12,6 +17,11 @@ attention. With --fp8 (default on) the kernel also reads float8_e4m3fn pools of 
 us column with bf16's). Each variant is checked against the float32 reference before it is timed. Times are the
 median of --iters calls, each call timed with a device sync; inputs rotate over 3 copies of the
 pool so no call reads what the last one left in L2.
+
+--heads-per-program 1,2,4,8 adds a sweep (variants named "mosaic hpp ..."): the kernel with each
+heads_per_program value, on bf16 pools and (--fp8) fp8 pools, crossed with each --block-kv and
+--stages (max_concurrent_steps) value (the kernel's defaults, 64 and 2, where those are not given);
+a short table of the sweep (variant, us, effective TB/s) is printed last.
 """
 
 from __future__ import annotations
@@ -61,7 +71,15 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--variants", default="all")
     ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="also fp8 KV pools")
+    ap.add_argument("--heads-per-program", default=None,
+                    help="comma-separated heads_per_program values to sweep (e.g. 1,2,4,8; divisors of the 8 KV "
+                         "heads)")
+    ap.add_argument("--block-kv", default=None,
+                    help="comma-separated block_kv values for the --heads-per-program sweep")
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated max_concurrent_steps values for the --heads-per-program sweep")
     args = ap.parse_args()
+    sweep = _hpp_sweep(args)
     b, h, kvh, d, bs = args.batch, 32, 8, 128, args.block_size
     rows = []
     roof = copy_bandwidth(args.iters)
@@ -140,6 +158,9 @@ def main():
                     fp8_sets, ref8, kv_bytes // 2,
                 )
 
+        for name, fn in _hpp_variants(sweep, bs, sets, ref, kv_bytes, args.fp8).items():
+            variants[name] = fn
+
         for name, fn in variants.items():
             fn, fsets, fref, fbytes = (fn + (ref, kv_bytes))[:4] if isinstance(fn, tuple) else (fn, sets, ref, kv_bytes)
             if args.variants != "all" and not any(s in name for s in args.variants.split(",")):
@@ -164,6 +185,50 @@ def main():
         else:
             print(f"{r['variant']:<52} {r['ctx']:>5} {r['us']:>9.1f} {r['tbps']:>6.2f} {r['of_roofline']:>7.1%} "
                   f"{r['rel_err']:>8.1e}")
+    if sweep:
+        print(f"\nheads_per_program sweep, batch {b}, block size {bs} (TB/s: K+V bytes read / time; fp8 counts fp8 bytes)")
+        print(f"{'variant':<60} {'ctx':>5} {'us':>9} {'TB/s':>6}")
+        for r in rows:
+            if r["variant"].startswith("mosaic hpp"):
+                if "error" in r:
+                    print(f"{r['variant']:<60} {r['ctx']:>5}  ERROR {r['error'][:60]}")
+                else:
+                    print(f"{r['variant']:<60} {r['ctx']:>5} {r['us']:>9.1f} {r['tbps']:>6.2f}")
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",")] if text else None
+
+
+def _hpp_sweep(args):
+    """The (heads_per_program, block_kv, max_concurrent_steps) combinations of --heads-per-program
+    (None: no sweep); --block-kv / --stages not given: the kernel's defaults."""
+    hpps = _ints(args.heads_per_program)
+    if not hpps:
+        return []
+    return [(n, bkv, st) for n in hpps for bkv in (_ints(args.block_kv) or [64]) for st in (_ints(args.stages) or [2])]
+
+
+def _hpp_variants(sweep, bs, sets, ref, kv_bytes, fp8):
+    """Variants of the sweep in the script's form: name -> (fn, input sets, reference, KV bytes)."""
+    variants = {}
+    if not sweep:
+        return variants
+    pools = [("bf16", sets, ref, kv_bytes)]
+    if fp8:
+        f8 = jnp.float8_e4m3fn
+        fp8_sets = [(q, k.astype(f8), v.astype(f8), t, l) for (q, k, v, t, l) in sets]
+        ref8 = np.asarray(jax.jit(lambda *a: reference_decode_attention(*a, bs))(*fp8_sets[0]))
+        pools.append(("fp8", fp8_sets, ref8, kv_bytes // 2))
+    for pool, psets, pref, pbytes in pools:
+        for n, bkv, st in sweep:
+            kw = dict(heads_per_program=n, block_kv=bkv, max_concurrent_steps=st)
+            name = f"mosaic hpp {pool} heads_per_program={n},block_kv={bkv},stages={st}"
+            variants[name] = (
+                jax.jit(lambda q, k, v, t, l, kw=kw: paged_decode_attention(q, k, v, t, l, bs, **kw)),
+                psets, pref, pbytes,
+            )
+    return variants
 
 
 if __name__ == "__main__":

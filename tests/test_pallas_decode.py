@@ -212,13 +212,20 @@ def test_bad_arguments_are_refused():
         paged_decode_attention(q, k, v, tables, lens, 16, block_kv=96)
 
 
-@pytest.mark.parametrize("kv", ["auto", "fp8"])
-def test_engine_decodes_through_the_kernel(tmp_path, kv):
+@pytest.mark.parametrize("kv,hpp", [("auto", "1"), ("fp8", "1"), ("fp8", "2")])
+def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp):
     """The runner's decode path with the (interpreted) kernel gives the reference path's tokens
-    (fp8: over an fp8 pool with per-layer scales that are not 1)."""
+    (fp8: over an fp8 pool with per-layer scales that are not 1; hpp: the kernel's KV heads per
+    program, JAXLLM_ATTN_HEADS_PER_PROGRAM)."""
     from jaxllm import LLM, KvCacheConfig, SamplingParams
+    from jaxllm.pallas import decode_attention
     from jaxllm.runner.paged import decode_kernel_for
 
+    monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", hpp)
+    grids = []
+    real_kernel = decode_attention.paged_decode_attention
+    monkeypatch.setattr(decode_attention, "paged_decode_attention",
+                        lambda *a, **kw: grids.append(kw["heads_per_program"]) or real_kernel(*a, **kw))
     write_kernel_sized_config(tmp_path)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -240,7 +247,25 @@ def test_engine_decodes_through_the_kernel(tmp_path, kv):
                                          traced)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
+    assert grids and set(grids) == {int(hpp)}
     assert got == expected
+
+
+def test_heads_per_program_switch(monkeypatch):
+    """JAXLLM_ATTN_HEADS_PER_PROGRAM: 1 by default, N forced (capped at the device's KV heads), auto
+    the kernel's proposal; other values are refused naming the switch."""
+    from jaxllm.runner.paged import attention_heads_per_program as hpp
+
+    monkeypatch.delenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", raising=False)
+    assert hpp(1024, 8) == 1 and hpp(1, 8) == 1
+    monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", "4")
+    assert hpp(1, 8) == 4 and hpp(1, 2) == 2
+    monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", "auto")
+    assert hpp(1024, 8) == 8 and hpp(1, 8) == 1
+    for bad, match in (("0", "positive integer"), ("two", "positive integer"), ("3", "does not divide the 8")):
+        monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", bad)
+        with pytest.raises(ValueError, match=f"JAXLLM_ATTN_HEADS_PER_PROGRAM='{bad}'.*{match}"):
+            hpp(64, 8)
 
 
 def test_auto_picks_the_kernel_for_fp8_pools_on_a_gpu():
@@ -266,6 +291,95 @@ def test_pallas_backend_is_refused_where_it_cannot_run(tiny_checkpoints):
     if jax.devices()[0].platform != "gpu":
         with pytest.raises(ValueError, match="attention_backend='pallas' is not available: the Pallas kernels run on NVIDIA GPUs"):
             LLM(str(tiny_checkpoints["llama3"]), attention_backend="pallas")
+
+
+# -- several KV heads per program (heads_per_program) -------------------------------------------
+HPP_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, lengths, kernel kwargs)
+    (3, 8, 4, 64, 16, (200, 1, 77), {"heads_per_program": 2}),  # a 1-token sequence, ragged lengths
+    (2, 8, 4, 64, 16, (300, 40), {"heads_per_program": 4, "num_splits": 3}),  # all heads; empty splits
+    (2, 12, 4, 64, 32, (250, 130), {"heads_per_program": 2, "sliding_window": 100, "max_concurrent_steps": 3}),
+    (2, 8, 4, 64, 16, (150, 20), {"heads_per_program": 2, "heads_major": True, "block_kv": 128}),
+    # G = 33: two heads' 66 rows exceed the 64-row Q tile, so each head loads its own
+    (2, 66, 2, 64, 16, (150, 70), {"heads_per_program": 2}),
+]
+
+
+@pytest.mark.parametrize("case", HPP_CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}".format(*c[:5]) + "-hpp{}".format(
+    c[6]["heads_per_program"]))
+def test_heads_per_program_matches_reference_in_interpret_mode(case):
+    """Several KV heads per program, the ring running on across heads: one Q tile for the program
+    (G = 2, 3 at any row offset r0) or one per head (G = 33), splits that are empty for a sequence."""
+    b, h, kvh, d, bs, lengths, kw = case
+    _check(_inputs(0, b, h, kvh, d, bs, max(lengths), lengths=lengths), bs, interpret=_interpret(), **kw)
+
+
+FP8_HPP_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, lengths, k_scale, v_scale, kernel kwargs)
+    (3, 8, 2, 64, 16, (200, 1, 90), 0.5, 2.0, {"heads_per_program": 2, "max_concurrent_steps": 3}),
+    (2, 16, 8, 64, 32, (150, 60), 1.0, 1.0, {"heads_per_program": 8, "num_splits": 2, "sliding_window": 64}),
+    (2, 8, 4, 64, 16, (120, 50), 0.25, 0.5, {"heads_per_program": 4, "soft_cap": 5.0}),
+]
+
+
+@pytest.mark.parametrize("case", FP8_HPP_CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}".format(*c[:5]) + "-hpp{}".format(
+    c[8]["heads_per_program"]))
+def test_fp8_heads_per_program_matches_reference_in_interpret_mode(case):
+    b, h, kvh, d, bs, lengths, ks, vs, kw = case
+    args = _fp8_inputs(1, b, h, kvh, d, bs, max(lengths), ks, vs, lengths=lengths)
+    _check(args, bs, interpret=_interpret(), k_scale=ks, v_scale=vs, **kw)
+
+
+def test_heads_per_program_is_the_default_for_one():
+    """heads_per_program=1 is the default kernel: the same values, bit for bit."""
+    args = _inputs(3, 2, 8, 2, 64, 16, 100)
+    q, k, v, tables, lens = args
+    a = paged_decode_attention(q, k, v, tables, lens, 16, interpret=_interpret())
+    b = paged_decode_attention(q, k, v, tables, lens, 16, heads_per_program=1, interpret=_interpret())
+    assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_no_races_across_heads_in_the_ring():
+    """The race detector follows the ring across the head boundary (the next head's first pages in
+    flight while the last steps of this one run), the output tiles reused head after head, and
+    (G = 33) the per-head Q loads."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    args = _inputs(7, 2, 4, 2, 64, 16, 200, lengths=(200, 90))  # 4 + 2 steps per head
+    for stages in (2, 3):
+        _check(args, 16, interpret=_interpret(detect_races=True), max_concurrent_steps=stages, heads_per_program=2)
+        assert not get_races().races_found
+    args = _fp8_inputs(7, 1, 66, 2, 64, 16, 130, 0.5, 0.5)
+    _check(args, 16, interpret=_interpret(detect_races=True), heads_per_program=2, k_scale=0.5, v_scale=0.5)
+    assert not get_races().races_found
+
+
+@pytest.mark.parametrize("case", [(64, 32, 8, 128, 16, 8, {}), (64, 32, 8, 128, 16, 2, {"p_in_registers": True}),
+                                  (5, 56, 7, 128, 32, 7, {}), (3, 80, 2, 64, 16, 2, {"p_in_registers": True})], ids=str)
+def test_heads_per_program_lowers_for_cuda(case):
+    """Several heads per program lower for an NVIDIA GPU, bf16 and fp8 pools, one Q tile per program
+    or (G = 40) one per head."""
+    b, h, kvh, d, bs, hpp, kw = case
+    assert "mosaic_gpu" in _lower(b, h, kvh, d, bs, heads_per_program=hpp, **kw)
+    text = _lower(b, h, kvh, d, bs, jnp.float8_e4m3fn, heads_per_program=hpp, k_scale=0.5, **kw)
+    assert "cvt.rn.f16x2.e4m3x2" in text
+
+
+def test_bad_heads_per_program_is_refused():
+    q, k, v, tables, lens = _inputs(0, 1, 16, 8, 64, 16, 32)
+    for bad in (0, 3, 16, -2, 2.0):
+        with pytest.raises(ValueError, match=r"heads_per_program must divide the KV heads \(8\): "
+                                             r"one of \[1, 2, 4, 8\]"):
+            paged_decode_attention(q, k, v, tables, lens, 16, heads_per_program=bad)
+
+
+def test_heads_per_program_choice():
+    """A full batch of programs serves several heads each; a small batch needs every program."""
+    from jaxllm.pallas.decode_attention import choose_heads_per_program
+
+    assert choose_heads_per_program(1, 8, 1) == 1
+    assert choose_heads_per_program(64, 8, 1) == 1
+    assert choose_heads_per_program(1024, 8, 1) > 1
+    assert 8 % choose_heads_per_program(1024, 8, 1) == 0
+    assert choose_heads_per_program(256, 8, 1) == 2  # 1024 programs of 2 heads >= 4 x 132
 
 
 # -- GPU suite ---------------------------------------------------------------------------------
@@ -300,6 +414,21 @@ def test_kernel_variants_on_gpu(kw):
     for seed in range(2):
         _check(_inputs(seed, 16, 32, 8, 128, 32, 4000), 32, **kw)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hpp", [2, 8])
+@pytest.mark.parametrize("kw", [{}, {"p_in_registers": True}, {"sliding_window": 1000}, {"num_splits": 4},
+                                {"max_concurrent_steps": 4}, {"block_kv": 128}], ids=str)
+def test_heads_per_program_variants_on_gpu(hpp, kw):
+    """test_kernel_variants_on_gpu with several KV heads per program, bf16 and fp8 pools, and the
+    throughput shape's short contexts (block size 16, ~150 tokens)."""
+    for seed in range(2):
+        _check(_inputs(seed, 16, 32, 8, 128, 32, 4000), 32, heads_per_program=hpp, **kw)
+        _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0,
+               heads_per_program=hpp, **kw)
+    _check(_fp8_inputs(2, 256, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, heads_per_program=hpp,
+           **kw)
 
 FP8_GPU_GRID = [  # (batch, heads, kv heads, head dim, block size, context, k_scale, v_scale)
     (1, 32, 8, 128, 32, 1, 1.0, 1.0),

@@ -57,6 +57,7 @@ Why it is written this way
 from __future__ import annotations
 
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -257,10 +258,14 @@ def _check_heads_per_program(heads_per_program, kvh: int) -> int:
     if heads_per_program is None:
         return 1
     allowed = [n for n in range(1, kvh + 1) if kvh % n == 0]
-    if isinstance(heads_per_program, bool) or not isinstance(heads_per_program, int) or heads_per_program not in allowed:
+    try:
+        n = None if isinstance(heads_per_program, bool) else operator.index(heads_per_program)
+    except TypeError:
+        n = None
+    if n not in allowed:
         raise ValueError(f"heads_per_program must divide the KV heads ({kvh}): one of {allowed} (or None for 1), "
                          f"got {heads_per_program!r}")
-    return heads_per_program
+    return n
 
 
 def _max_r0(h: int, rows_per_program: int) -> int:
@@ -434,9 +439,11 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             head, step = local(t)
             if hpp > 1:
                 first = step == 0  # a new KV head: its softmax starts afresh
-                acc = jnp.where(first, 0.0, acc)
-                m_i = jnp.where(first, -jnp.inf, m_i)
-                l_i = jnp.where(first, 0.0, l_i)
+
+                def restart(x, value):  # (Mosaic GPU selects only between arrays of one shape)
+                    return lax.select(jnp.broadcast_to(first, x.shape), jnp.full(x.shape, value, x.dtype), x)
+
+                acc, m_i, l_i = restart(acc, 0.0), restart(m_i, -jnp.inf), restart(l_i, 0.0)
                 if not q_shared:  # its Q tile was loaded when the previous head finished
                     pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
             slot, s = step_scores(t, stages, n_total, issue, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
@@ -516,11 +523,11 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     )(block_tables, lengths, q_rows, k_pool, v_pool)
     # each group's G rows start at row (its first flattened query row) % 8 of its 64 (q_shared: of
     # its program's 64, the heads' rows one after another)
-    kv = jnp.arange(kvh)[None, :]
     if hpp > 1 and q_shared:
+        kv = jnp.arange(kvh)[None, :]
         r0 = (jnp.arange(b)[:, None] * h + (kv - kv % hpp) * g) % 8 + (kv % hpp) * g  # [B, KVH]
     else:
-        r0 = (jnp.arange(b)[:, None] * h + kv * g) % 8  # [B, KVH]
+        r0 = (jnp.arange(b)[:, None] * h + jnp.arange(kvh)[None, :] * g) % 8  # [B, KVH]
     rows = r0[None, :, :, None] + jnp.arange(g)  # [1, B, KVH, G]
     lse = jnp.take_along_axis(lse_parts, jnp.broadcast_to(rows, (num_splits, b, kvh, g)), axis=3).reshape(num_splits, b, h)
     out = o_parts[0] if num_splits == 1 else _merge(o_parts, lse)

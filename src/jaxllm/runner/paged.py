@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,26 @@ def pallas_decode_supported(cfg: ModelConfig, kv_dtype, mesh, block_size: int) -
     return None
 
 
+def attention_heads_per_program(batch: int, kv_heads: int) -> int:
+    """The decode kernel's KV heads per program for a call of `batch` rows over `kv_heads` (one
+    device's): JAXLLM_ATTN_HEADS_PER_PROGRAM = 1 (the default: one program per KV head, sequence
+    and split), N (forced; capped at kv_heads, and must divide them), or auto
+    (pallas.decode_attention.choose_heads_per_program: several heads where the batch alone fills the
+    GPU). Not yet measured on a GPU (BENCHMARKS.md "Twelfth session": at 1024 rows of ~150 tokens
+    the one-head programs read fp8 KV at ~38% of an H100's bandwidth), so 1 stays the default."""
+    from ..pallas.decode_attention import choose_heads_per_program
+
+    value = os.environ.get("JAXLLM_ATTN_HEADS_PER_PROGRAM", "1")
+    if value == "auto":
+        return choose_heads_per_program(batch, kv_heads)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"JAXLLM_ATTN_HEADS_PER_PROGRAM={value!r}: expected auto or a positive integer")
+    n = min(int(value), kv_heads)
+    if kv_heads % n:
+        raise ValueError(f"JAXLLM_ATTN_HEADS_PER_PROGRAM={value!r} does not divide the {kv_heads} KV heads of a device")
+    return n
+
+
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     """The Pallas decode kernel as attend's decode path, run per device over its KV heads.
 
@@ -154,9 +175,11 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
 
     @functools.partial(jax.jit, static_argnames=("k_scale", "v_scale"))  # lowered once: see _per_device
     def run(q, k_pool, v_pool, tables, lengths, k_scale=1.0, v_scale=1.0):
+        kv_heads = k_pool.shape[1]
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
-            v_scale=v_scale, interpret=interpret,
+            v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
+            interpret=interpret,
         )
 
     heads = P(None, "model", None)
