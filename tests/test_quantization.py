@@ -525,3 +525,26 @@ def test_fp8_w8a8_reaches_cublaslt_fp8_on_gpu(spec, x_shape, w_shape, axes, out_
     got = np.asarray(f(x, stored, scale), np.float32)
     want = np.einsum(spec, np.asarray(x, np.float32), np.asarray(dequantize_weight(q, scale, axes, out_axes)))
     assert _rel(got, want) < 0.05
+
+
+@pytest.mark.gpu
+def test_raw_fp8_product_in_bf16_reaches_cublaslt_fp8_on_gpu():
+    """The gate/up product handed unscaled to pallas.silu_mul_quant (raw=True, bf16 activations)
+    comes out of cuBLASLt's FP8 GEMM in bf16 -- the GEMM writes half the bytes of float32 -- and
+    matches the float32 product to bf16's precision."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    axes, out_axes = ("embed", "stack", "mlp"), ("stack", "mlp")
+    w = jnp.asarray(rng.normal(size=(4096, 2, 1024)).astype(np.float32) * 0.02)
+    q, scale = quantize_weight(w, "fp8", axes, out_axes)
+    stored = jnp.transpose(q, k_minor_order(axes, out_axes))
+    x = jnp.asarray(rng.normal(size=(256, 4096)), jnp.bfloat16)
+    f = jax.jit(lambda a, b, c: qeinsum("...e,esf->...sf", a, b, c, w8a8=True, raw=True))
+    hlo = f.lower(x, stored, scale).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "cublas$lt$matmul$f8" in line]
+    assert calls and all("bf16[" in line.split("custom-call")[0] for line in calls), calls
+    got = f(x, stored, scale)
+    assert got.raw.dtype == jnp.bfloat16
+    want = np.einsum("...e,esf->...sf", np.asarray(x, np.float32), np.asarray(dequantize_weight(q, scale, axes, out_axes)))
+    assert _rel(np.asarray(got.value(jnp.float32)), want) < 0.05

@@ -37,6 +37,18 @@ def test_kernel_matches_reference(m, f, unroll):
     assert np.allclose(np.abs(np.asarray(h.astype(jnp.float32))).max(axis=1), 448.0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kernel_reads_a_16_bit_product(dtype):
+    """The model hands the kernel a bf16 gate/up product where its activations are bf16 (half the
+    bytes of float32): read as it is, computed in float32 -- the reference on the same values."""
+    y, xs, ws = _inputs(4, 384, seed=7)
+    y16 = y.astype(dtype)
+    h, s = silu_mul_quant(y16, xs, ws, interpret=True)
+    rh, rs = reference_silu_mul_quant(y16.astype(jnp.float32), xs, ws)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
+    np.testing.assert_array_equal(np.asarray(h.astype(jnp.float32)), np.asarray(rh.astype(jnp.float32)))
+
+
 def test_shapes_it_does_not_serve_are_refused():
     assert block_for(14336) == 2048 and block_for(1536) == 512 and block_for(100) is None
     y, xs, ws = _inputs(2, 100)
@@ -68,7 +80,7 @@ def _w8a8_model(path, monkeypatch, flag, dtype):
     from jaxllm.pallas import silu_mul_quant as module
 
     calls = []
-    monkeypatch.setattr(module, "silu_mul_quant", lambda y, *a, **kw: calls.append(y.shape) or silu_mul_quant(y, *a, **kw))
+    monkeypatch.setattr(module, "silu_mul_quant", lambda y, *a, **kw: calls.append((*y.shape, y.dtype.name)) or silu_mul_quant(y, *a, **kw))
     monkeypatch.setenv("JAXLLM_FUSED_SILU_QUANT", flag)
     jax.clear_caches()  # the shared layer's traces of the other setting
     try:
@@ -91,14 +103,15 @@ def test_model_with_the_kernel_matches_xla_path(tiny_checkpoints, monkeypatch):
     path = tiny_checkpoints["llama3"]
     ref, ref_tokens, off_calls = _w8a8_model(path, monkeypatch, "0", "float32")
     got, tokens, on_calls = _w8a8_model(path, monkeypatch, "1", "float32")
-    assert off_calls == [] and on_calls and all(s[1] == 256 and s[0] >= 64 for s in on_calls), on_calls
+    assert off_calls == [] and on_calls and all(s[1] == 256 and s[0] >= 64 and s[2] == "float32" for s in on_calls), on_calls
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert tokens == ref_tokens
 
 
 def test_model_with_the_kernel_is_as_close_to_unquantized_in_bf16(tiny_checkpoints, monkeypatch):
-    """bfloat16: the kernel keeps silu(gate) * up in float32 where XLA's path may round to bf16 in
-    between, so bits differ; both stay as close to the unquantized float32 model."""
+    """bfloat16: the gate/up GEMM hands the kernel its unscaled product in bf16, and the kernel keeps
+    silu(gate) * up in float32 where XLA's path rounds the scaled product to bf16, so bits differ;
+    both stay as close to the unquantized float32 model."""
     from jaxllm import LLM
 
     path = tiny_checkpoints["llama3"]
@@ -106,7 +119,9 @@ def test_model_with_the_kernel_is_as_close_to_unquantized_in_bf16(tiny_checkpoin
         exact = np.asarray(llm._engine.runner.hidden_states(
             jnp.asarray(np.arange(3 * 70).reshape(3, 70) % 200 + 3, jnp.int32))[1], np.float32)
     xla = np.abs(_w8a8_model(path, monkeypatch, "0", "bfloat16")[0] - exact).mean()
-    kernel = np.abs(_w8a8_model(path, monkeypatch, "1", "bfloat16")[0] - exact).mean()
+    logits, _, calls = _w8a8_model(path, monkeypatch, "1", "bfloat16")
+    kernel = np.abs(logits - exact).mean()
+    assert calls and all(c[2] == "bfloat16" for c in calls), calls  # the GEMM's product, unscaled, in bf16
     assert kernel <= 1.05 * xla, (kernel, xla)
 
 

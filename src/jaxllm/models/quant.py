@@ -84,7 +84,8 @@ class Partials(NamedTuple):
 
 
 class Scaled(NamedTuple):
-    """An FP8 x FP8 product still to be scaled: float32 `raw` [..., N] times `x_scale` (per token,
+    """An FP8 x FP8 product still to be scaled: `raw` [..., N] (float32, or the activations' 16-bit
+    dtype) times `x_scale` (per token,
     broadcastable) times `w_scale` (per output channel) -- what qeinsum returns with ``raw=True``
     where it runs FP8 x FP8, for a consumer that scales it in its own kernel (the down projection's
     pallas.silu_mul_quant)."""
@@ -100,7 +101,7 @@ class Scaled(NamedTuple):
 
     def value(self, dtype=None):
         """The product as _fp8_matmul returns it (in its dtype, or `dtype`)."""
-        return (self.raw * self.x_scale * self.w_scale).astype(dtype or self.dtype)
+        return (self.raw.astype(jnp.float32) * self.x_scale * self.w_scale).astype(dtype or self.dtype)
 
 
 def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None,
@@ -162,21 +163,26 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None, raw: bool = F
     amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
     x_scale = jnp.maximum(amax, 1e-12) / QMAX["fp8"]  # per token
     xq = jnp.clip(xf / x_scale, -QMAX["fp8"], QMAX["fp8"]).astype(jnp.float8_e4m3fn)
-    y = _fp8_product(spec, xq, x_scale, w, scale, n_in, out_dtype or x.dtype)
+    # raw, for a kernel that scales it: in x's dtype where that is 16-bit (half the bytes written
+    # by the GEMM and read by the kernel: at 1024 rows the gate/up product is 117 MB in float32;
+    # XLA's own path rounds the scaled product to x's dtype too), else float32
+    acc = x.dtype if raw and x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    y = _fp8_product(spec, xq, x_scale, w, scale, n_in, out_dtype or x.dtype, acc)
     return y if raw else y.value()
 
 
-def _fp8_product(spec: str, xq, x_scale, w, scale, n_in: int, dtype) -> Scaled:
+def _fp8_product(spec: str, xq, x_scale, w, scale, n_in: int, dtype, acc_dtype=jnp.float32) -> Scaled:
     """The FP8 x FP8 einsum of per-token quantized xq (its last n_in dims contracting; x_scale one
-    value per token) and a K-minor fp8 weight with per-output-channel scale, still to be scaled."""
+    value per token) and a K-minor fp8 weight with per-output-channel scale, still to be scaled;
+    the product in acc_dtype (the GEMM accumulates in float32 either way)."""
     batch = xq.shape[: xq.ndim - n_in]
-    y = jnp.einsum(spec, xq, w, preferred_element_type=jnp.float32)
+    y = jnp.einsum(spec, xq, w, preferred_element_type=acc_dtype)
     return Scaled(y, x_scale.reshape(batch + (1,) * (y.ndim - len(batch))), scale, dtype)
 
 
 def _silu_mul_fp8_matmul(spec: str, gu: Scaled, w, scale, out_dtype):
     """The down projection of silu(gate) * up for a gate/up product still to be scaled (gu.raw
-    [..., 2, f] float32): scaling, activation and per-token FP8 quantization in one
+    [..., 2, f], float32 or 16-bit): scaling, activation and per-token FP8 quantization in one
     pallas.silu_mul_quant kernel (Pallas interpret mode on a CPU backend), then FP8 x FP8 with the
     K-minor fp8 weight w; spec is written for silu(gate) * up's shape and the plain layout. Where
     the kernel does not serve the shape, the same steps in jnp."""

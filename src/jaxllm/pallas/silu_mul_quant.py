@@ -51,7 +51,8 @@ MAX_UNROLL = 16  # blocks of a row held in registers at once (F <= 32768 at 2048
 @functools.partial(jax.jit, static_argnames=("num_warps", "unroll", "interpret"))
 def silu_mul_quant(y, x_scale, w_scale, *, num_warps: int | None = None, unroll: bool | None = None,
                    interpret: bool = False):
-    """y [M, 2F] float32, x_scale [M], w_scale [2F] -> (h float8_e4m3fn [M, F], scale float32 [M]):
+    """y [M, 2F] float32 / bfloat16 / float16 (read as it is, computed in float32), x_scale [M],
+    w_scale [2F] -> (h float8_e4m3fn [M, F], scale float32 [M]):
     reference_silu_mul_quant in one kernel, one program per row.
 
     `unroll` (default: where the row has at most MAX_UNROLL blocks): the row's blocks are loaded
@@ -80,8 +81,8 @@ def silu_mul_quant(y, x_scale, w_scale, *, num_warps: int | None = None, unroll:
         xs = xs_ref[...].astype(f32)  # [1]
 
         def h_block(off):  # silu(gate) * up of the block at offset `off`, in float32
-            g = y_ref[i, pl.ds(off, block)] * xs * ws_ref[pl.ds(off, block)]
-            u = y_ref[i, pl.ds(f + off, block)] * xs * ws_ref[pl.ds(f + off, block)]
+            g = y_ref[i, pl.ds(off, block)].astype(f32) * xs * ws_ref[pl.ds(off, block)]
+            u = y_ref[i, pl.ds(f + off, block)].astype(f32) * xs * ws_ref[pl.ds(f + off, block)]
             return g * jax.nn.sigmoid(g) * u
 
         def store(off, h, scale):
@@ -112,4 +113,4 @@ def silu_mul_quant(y, x_scale, w_scale, *, num_warps: int | None = None, unroll:
         out_specs=[pl.BlockSpec(), one],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps),
         interpret=interpret,
-    )(y.astype(f32), x_scale.astype(f32), w_scale.astype(f32))
+    )(y if y.dtype in (jnp.bfloat16, jnp.float16) else y.astype(f32), x_scale.astype(f32), w_scale.astype(f32))
