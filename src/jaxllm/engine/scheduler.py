@@ -132,7 +132,7 @@ class Scheduler:
         plan = Plan()
         budget = self.max_num_tokens
         for req in list(self.running):
-            if req not in self.running:  # preempted earlier in this loop
+            if req.status is not Status.RUNNING:  # preempted earlier in this loop (O(1): not a list search)
                 continue
             remaining = len(req.all_ids) - req.num_computed
             if remaining == 1:  # decode phase: only the last sampled token lacks KV
