@@ -8,12 +8,13 @@
 #   OUT=/tmp/out VARIANTS="default heads2:JAXLLM_ATTN_HEADS_PER_PROGRAM=2 default" bash benchmarks/tput_h100.sh
 # A variant is NAME or NAME:VAR=value[,VAR=value] (environment switches); ARGS adds bench arguments
 # to every run (e.g. "--max-num-tokens 16384"); BF16=1 appends the bf16 run (same shapes, bf16 KV).
-# Each run gets what is left of LIMIT seconds (default 580) and is skipped under 60.
+# Each run gets what is left of LIMIT seconds (default 580) and is skipped under 60. A dry run on
+# CPU: MODEL=(a small checkpoint) REQUESTS=8 ... (nvidia-smi missing is harmless).
 export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$PWD/build/jaxcache}
 mkdir -p "$JAXLLM_CACHE_DIR"
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-tput
 start=$SECONDS
-base="--model $M --load-format dummy --dtype bfloat16 --num-requests 1000 --input-len 128 --output-len 128
+base="--model $M --load-format dummy --dtype bfloat16 --num-requests ${REQUESTS:-1000} --input-len 128 --output-len 128
       --max-batch-size 1024 --max-seq-len 512 --kv-cache-free-gpu-memory-fraction 0.7 ${ARGS:-}"
 run() {  # name, "VAR=value ..." or "", bench arguments...
   local name=$1 envs=$2; shift 2
