@@ -106,15 +106,16 @@ def test_fused_qkv_by_default_under_tensor_parallelism_or_fp8_on_gpus(monkeypatc
     assert not fused_qkv_wanted(None) and not fused_qkv_wanted(None, "fp8")
 
 
-@pytest.mark.parametrize("name", ["JAXLLM_FUSED_QKV", "JAXLLM_FUSED_NORM", "JAXLLM_FUSED_SILU_QUANT"])
+@pytest.mark.parametrize("name", ["JAXLLM_FUSED_QKV", "JAXLLM_FUSED_NORM", "JAXLLM_FUSED_SILU_QUANT",
+                                  "JAXLLM_FUSED_NORM_QUANT"])
 def test_loader_switches_force_and_refuse(monkeypatch, name):
     """The loader's auto / 1 / 0 switches: 1 forces the fusion on a CPU mesh, 0 keeps it off on a
     GPU mesh where auto would take it; other values are errors naming the switch and its values."""
     from conftest import stand_in_mesh as mesh
-    from jaxllm.loader import fused_norm_wanted, fused_qkv_wanted, fused_silu_quant_wanted
+    from jaxllm.loader import fused_norm_quant_wanted, fused_norm_wanted, fused_qkv_wanted, fused_silu_quant_wanted
 
     wanted = {"JAXLLM_FUSED_QKV": fused_qkv_wanted, "JAXLLM_FUSED_NORM": fused_norm_wanted,
-              "JAXLLM_FUSED_SILU_QUANT": fused_silu_quant_wanted}[name]
+              "JAXLLM_FUSED_SILU_QUANT": fused_silu_quant_wanted, "JAXLLM_FUSED_NORM_QUANT": fused_norm_quant_wanted}[name]
     monkeypatch.delenv(name, raising=False)
     assert not wanted(mesh(1, "cpu"))  # auto: never on CPUs
     monkeypatch.setenv(name, "1")

@@ -157,6 +157,16 @@ def fused_silu_quant_wanted(mesh=None) -> bool:
     return mesh is not None and mesh.devices.flat[0].platform == "gpu" and triton_available()
 
 
+def fused_norm_quant_wanted(mesh=None) -> bool:
+    """Whether fp8-w8a8's FP8 x FP8 calls get their input from one kernel that adds the residual,
+    normalizes and quantizes per token (pallas.add_norm.add_rmsnorm_quant; models/llama.py, one
+    device only). JAXLLM_FUSED_NORM_QUANT=1 / 0; "auto" (the default) leaves it off until it is
+    measured on a GPU (XLA's 3-4 kernels take ~19 us a layer-norm at 1024 rows on an H100, the bytes
+    ~8; BENCHMARKS.md "Twelfth session"). The mesh will decide once measured, as for the others."""
+    forced = _auto_switch("JAXLLM_FUSED_NORM_QUANT")
+    return bool(forced)
+
+
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
                quantization=None) -> LoadedModel:
     src = resolve_model(model, revision)
@@ -169,7 +179,8 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
         raise ValueError(f"quantization='fp8-w8a8' needs fp8 weights; this checkpoint holds {stored} weights")
     cfg = replace(ModelConfig.from_hf(hf_config), quantization=stored, fp8_activations=w8a8,
                   fp8_gemv=stored == "fp8" and gemv_wanted(mesh), triton_gemv=triton_gemv_wanted(mesh),
-                  fused_norm=fused_norm_wanted(mesh), fused_silu_quant=fused_silu_quant_wanted(mesh))
+                  fused_norm=fused_norm_wanted(mesh), fused_silu_quant=fused_silu_quant_wanted(mesh),
+                  fused_norm_quant=fused_norm_quant_wanted(mesh))
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)

@@ -69,6 +69,10 @@ class ModelConfig:
     # FP8 quantization for down in one kernel (pallas.silu_mul_quant): set by the loader
     # (JAXLLM_FUSED_SILU_QUANT, default auto: on NVIDIA GPUs)
     fused_silu_quant: bool = False
+    # fp8-w8a8 calls of >= 64 tokens on one device: the residual add, the RMSNorm and the per-token
+    # FP8 quantization of the projection's input in one kernel (pallas.add_norm.add_rmsnorm_quant):
+    # set by the loader (JAXLLM_FUSED_NORM_QUANT, opt-in until measured on a GPU)
+    fused_norm_quant: bool = False
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":

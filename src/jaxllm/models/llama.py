@@ -359,14 +359,19 @@ def _one_device(attend) -> bool:
     return getattr(attend, "tensor_parallel", None) is None
 
 
-def add_norm(x, y, norm: RMSNorm, attend=None, fused: bool = False):
+def add_norm(x, y, norm: RMSNorm, attend=None, fused: bool = False, quantize: bool = False):
     """(h, norm(h)) for h = x + y: the residual stream x after adding a block's output y, and its
     RMSNorm. With `fused` (cfg.fused_norm), decode-sized calls run both in one kernel
     (pallas.add_norm), per device under the step's TensorParallel (its shard_map modes; not under
     XLA's partitioner, which cannot split a kernel); else, and for other shapes, as written here.
     y None: nothing to add (the first layer); y float32 (a row-parallel sum kept unrounded for the
     kernel): rounded to x's dtype first, as the projection would have; y ``Partials`` (a split-K
-    gemv's float32 sums, _partials_wanted): added by the kernel, else here."""
+    gemv's float32 sums, _partials_wanted): added by the kernel, else here. `quantize`
+    (cfg.fused_norm_quant, fp8-w8a8): where the call multiplies FP8 x FP8 (at least
+    quant.FP8_MATMUL_MIN_TOKENS tokens, one device), the norm comes back quantized per token
+    (quant.Quantized) from one kernel with the add (pallas.add_norm.add_rmsnorm_quant)."""
+    if quantize and (out := _add_norm_quant(x, y, norm, attend)) is not None:
+        return out
     if y is None:
         return x, norm(x)
     if fused and (out := _fused_add_norm(x, y, norm, attend)) is not None:
@@ -375,6 +380,21 @@ def add_norm(x, y, norm: RMSNorm, attend=None, fused: bool = False):
         y = y.total(jnp.float32)
     h = x + y.astype(x.dtype)
     return h, norm(h)
+
+
+def _add_norm_quant(x, y, norm: RMSNorm, attend):
+    from ..pallas.add_norm import add_rmsnorm_quant, add_rmsnorm_quant_fits
+    from .quant import FP8_MATMUL_MIN_TOKENS, Quantized
+
+    e = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    if not (_one_device(attend) and rows >= FP8_MATMUL_MIN_TOKENS and add_rmsnorm_quant_fits(e)):
+        return None
+    if isinstance(y, Partials):
+        y = y.total(jnp.float32)
+    h, q, scale = add_rmsnorm_quant(x.reshape(rows, e), None if y is None else y.reshape(rows, e), norm.weight[...],
+                                    eps=norm.eps, interpret=jax.default_backend() == "cpu")
+    return h.reshape(x.shape), Quantized(q.reshape(x.shape), scale.reshape(x.shape[:-1]), x.dtype)
 
 
 def _fused_add_norm(x, y, norm: RMSNorm, attend):
@@ -399,14 +419,15 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.mlp = MLP(cfg, dtype, rngs)
         self.fused_norm = cfg.fused_norm
+        self.norm_quant = cfg.fused_norm_quant and cfg.fp8_activations
 
     def __call__(self, layer: int, xy, positions, cache, attend: Attend):
         """xy: (the residual stream, the previous layer's MLP output still to be added to it -- so
         that the add and this layer's input norm can be one kernel). Returns (the residual stream,
         this layer's MLP output), cache."""
-        x, n = add_norm(*xy, self.input_norm, attend, self.fused_norm)
+        x, n = add_norm(*xy, self.input_norm, attend, self.fused_norm, self.norm_quant)
         h, cache = self.attn(layer, n, positions, cache, attend)
-        x, n = add_norm(x, h, self.post_attn_norm, attend, self.fused_norm)
+        x, n = add_norm(x, h, self.post_attn_norm, attend, self.fused_norm, self.norm_quant)
         return (x, self.mlp(n, attend)), cache
 
 

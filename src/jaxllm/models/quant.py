@@ -104,6 +104,28 @@ class Scaled(NamedTuple):
         return (self.raw.astype(jnp.float32) * self.x_scale * self.w_scale).astype(dtype or self.dtype)
 
 
+class Quantized(NamedTuple):
+    """Activations already quantized per token for an FP8 x FP8 projection: fp8 `q` [..., K] and
+    float32 `scale` [...] (q * scale ~ the activations), as pallas.add_norm.add_rmsnorm_quant makes
+    them from the norm before the projection; `dtype`: the activations' own (the result's)."""
+
+    q: jax.Array
+    scale: jax.Array
+    dtype: Any
+
+    @property
+    def shape(self) -> tuple:
+        return self.q.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.q.ndim
+
+    def value(self):
+        """The activations, dequantized (for a consumer that does not multiply FP8 x FP8)."""
+        return (self.q.astype(jnp.float32) * self.scale[..., None]).astype(self.dtype)
+
+
 def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None,
             act: str | None = None, partials: bool = False, raw: bool = False):
     """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
@@ -120,12 +142,21 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     inside pallas.gemv where the call goes there, else here first (the model's own ops). `partials`:
     where pallas.gemv splits K at one row, return its float32 partial sums as ``Partials``.
     `raw`: where the call runs FP8 x FP8, return the product unscaled as ``Scaled`` (x's dtype
-    stays the result's); with act, x may be ``Scaled`` (a gate/up output): FP8 x FP8 here goes
+    stays the result's). x may be ``Quantized`` (quantized per token already, by the norm before
+    the projection): multiplied FP8 x FP8 as it is, or dequantized where the call does not; with act, x may be ``Scaled`` (a gate/up output): FP8 x FP8 here goes
     through pallas.silu_mul_quant, else x is scaled first."""
     if isinstance(x, Scaled):
         if act == "silu_mul" and w.dtype == jnp.float8_e4m3fn and w8a8:
             return _silu_mul_fp8_matmul(spec, x, w, scale, out_dtype)
         x = x.value(out_dtype)
+    if isinstance(x, Quantized):
+        if act is None and w.dtype == jnp.float8_e4m3fn and w8a8:
+            kspec, n_in = _k_minor_spec(spec)
+            if n_in == 1 and math.prod(x.shape[:-1]) >= FP8_MATMUL_MIN_TOKENS:
+                acc = x.dtype if raw and x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+                y = _fp8_product(kspec, x.q, x.scale, w, scale, n_in, out_dtype or x.dtype, acc)
+                return y if raw else y.value()
+        x = x.value()
     out_dtype = out_dtype or x.dtype
     k_minor = w.dtype == jnp.float8_e4m3fn
     if act is not None:

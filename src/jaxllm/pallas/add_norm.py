@@ -77,3 +77,64 @@ def add_rmsnorm(x, y, w, *, eps: float, num_warps: int = 8, interpret: bool = Fa
         compiler_params=pltriton.CompilerParams(num_warps=num_warps),
         interpret=interpret,
     )(x, y, w)
+
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value (quant.QMAX["fp8"])
+
+
+def add_rmsnorm_quant_fits(e: int) -> bool:
+    """Whether add_rmsnorm_quant serves rows of e (any number of rows)."""
+    return 64 <= e <= 16384 and e & (e - 1) == 0
+
+
+def reference_add_rmsnorm_quant(x, y, w, eps: float):
+    """(h, q, scale) in plain jnp as the model computes them without the kernel: h = x + y (x when y
+    is None), n = RMSNorm(h) * w rounded to x's dtype, then quantized per row for an FP8 x FP8
+    projection (models/quant.py: _fp8_matmul): scale = max(|n|) / 448, q = n / scale in fp8."""
+    h, n = (x, reference_add_rmsnorm(x, jnp.zeros_like(x), w, eps)[1]) if y is None else reference_add_rmsnorm(x, y, w, eps)
+    nf = n.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(nf), axis=-1), 1e-12) / FP8_MAX
+    q = jnp.clip(nf / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return h, q, scale
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def add_rmsnorm_quant(x, y, w, *, eps: float, num_warps: int = 8, interpret: bool = False):
+    """x [rows, e], y [rows, e] or None, w [e] -> (h [rows, e] x's dtype, q [rows, e] float8_e4m3fn,
+    scale [rows] float32): reference_add_rmsnorm_quant in one kernel, one program per row -- the
+    residual add, the RMSNorm and the per-token FP8 quantization of an fp8-w8a8 projection's input
+    (XLA runs them as 3-4 kernels: at 1024 rows ~19 us where the bytes take ~8 on an H100, BENCHMARKS.md
+    "Twelfth session"). With y None (the first layer) only the norm and the quantization, h is x."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    rows, e = x.shape
+    if not add_rmsnorm_quant_fits(e) or (y is not None and y.shape != x.shape) or w.shape != (e,):
+        raise ValueError(f"add_rmsnorm_quant: x {x.shape}, y {None if y is None else y.shape}, w {w.shape}: expected "
+                         "[rows, e], [rows, e] or None, [e] with e a power of two in [64, 16384]")
+    dtype, f32 = x.dtype, jnp.float32
+
+    def body(h, w_ref, q_ref, s_ref):
+        hf = h.astype(f32)
+        n = (hf * jax.lax.rsqrt(jnp.sum(hf * hf, axis=-1, keepdims=True) / e + eps))
+        nf = (n * w_ref[...].astype(f32)[None, :]).astype(dtype).astype(f32)  # rounded as the model's norm
+        scale = jnp.maximum(jnp.max(jnp.abs(nf)), 1e-12) / FP8_MAX
+        q_ref[...] = jnp.clip(nf / scale, -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
+        s_ref[...] = jnp.full((1,), scale, f32)
+
+    def add_kernel(x_ref, y_ref, w_ref, h_ref, q_ref, s_ref):
+        h = (x_ref[...].astype(f32) + y_ref[...].astype(dtype).astype(f32)).astype(dtype)
+        h_ref[...] = h
+        body(h, w_ref, q_ref, s_ref)
+
+    def norm_kernel(x_ref, w_ref, q_ref, s_ref):
+        body(x_ref[...], w_ref, q_ref, s_ref)
+
+    row, one, whole = pl.BlockSpec((1, e), lambda i: (i, 0)), pl.BlockSpec((1,), lambda i: (i,)), pl.BlockSpec((e,), lambda i: (0,))
+    q_s = (jax.ShapeDtypeStruct((rows, e), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((rows,), f32))
+    params = dict(grid=(rows,), compiler_params=pltriton.CompilerParams(num_warps=num_warps), interpret=interpret)
+    if y is None:
+        q, s = pl.pallas_call(norm_kernel, out_shape=q_s, in_specs=[row, whole], out_specs=[row, one], **params)(x, w)
+        return x, q, s
+    return pl.pallas_call(add_kernel, out_shape=(jax.ShapeDtypeStruct((rows, e), dtype), *q_s),
+                          in_specs=[row, row, whole], out_specs=[row, row, one], **params)(x, y, w)
