@@ -181,3 +181,27 @@ def tiny_llm(tiny_checkpoints):
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return smollm2_gguf()
+
+
+def w8a8_logits_and_tokens(path, dtype: str, config_field: str, flag: str):
+    """(logits of a 3 x 70-token call, greedy tokens of 4 prompts of 70) of a tiny model under
+    fp8-w8a8 -- calls of >= 64 tokens multiply FP8 x FP8 -- once its kernel switch is set (the
+    caller's monkeypatch.setenv); checks the loaded config's `config_field` says flag == "1"."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxllm import LLM, SamplingParams
+
+    jax.clear_caches()  # the shared layer's traces of the other setting
+    try:
+        with LLM(str(path), max_seq_len=256, max_batch_size=8, compilation_cache=False, quantization="fp8-w8a8",
+                 dtype=dtype) as llm:
+            assert getattr(llm.model_config, config_field) == (flag == "1")
+            ids = jnp.asarray(np.arange(3 * 70).reshape(3, 70) % 200 + 3, jnp.int32)
+            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1], np.float32)
+            prompts = [{"prompt_token_ids": list(range(5 + i, 75 + i))} for i in range(4)]
+            outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+            return logits, [o.outputs[0].token_ids for o in outs]
+    finally:
+        jax.clear_caches()

@@ -51,26 +51,14 @@ def test_shapes_it_does_not_serve_are_refused():
 def _w8a8_model(path, monkeypatch, flag, dtype):
     """(logits of a 3 x 70-token call, greedy tokens of 4 prompts, the kernel's calls) under
     fp8-w8a8 with JAXLLM_FUSED_NORM_QUANT=flag."""
-    from jaxllm import LLM, SamplingParams
+    from conftest import w8a8_logits_and_tokens
     from jaxllm.pallas import add_norm as module
 
     calls = []  # (the module's own function, not an earlier call's wrapper)
     monkeypatch.setattr(module, "add_rmsnorm_quant",
                         lambda x, y, *a, **kw: calls.append((x.shape, y is None)) or add_rmsnorm_quant(x, y, *a, **kw))
     monkeypatch.setenv("JAXLLM_FUSED_NORM_QUANT", flag)
-    jax.clear_caches()  # the shared layer's traces of the other setting
-    try:
-        with LLM(str(path), max_seq_len=256, max_batch_size=8, compilation_cache=False, quantization="fp8-w8a8",
-                 dtype=dtype) as llm:
-            assert llm.model_config.fused_norm_quant == (flag == "1")
-            ids = jnp.asarray(np.arange(3 * 70).reshape(3, 70) % 200 + 3, jnp.int32)  # >= 64 tokens: FP8 x FP8
-            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1], np.float32)
-            prompts = [{"prompt_token_ids": list(range(5 + i, 75 + i))} for i in range(4)]
-            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0),
-                                                                    use_tqdm=False)]
-    finally:
-        jax.clear_caches()
-    return logits, tokens, calls
+    return (*w8a8_logits_and_tokens(path, dtype, "fused_norm_quant", flag), calls)
 
 
 @pytest.mark.parametrize("silu", ["0", "1"])

@@ -76,25 +76,13 @@ def test_fused_silu_quant_by_default_on_gpus(monkeypatch):
 def _w8a8_model(path, monkeypatch, flag, dtype):
     """(logits of a 3 x 70-token call, greedy tokens of 4 prompts, the kernel's calls) of the model
     under fp8-w8a8 with JAXLLM_FUSED_SILU_QUANT=flag."""
-    from jaxllm import LLM, SamplingParams
+    from conftest import w8a8_logits_and_tokens
     from jaxllm.pallas import silu_mul_quant as module
 
     calls = []
     monkeypatch.setattr(module, "silu_mul_quant", lambda y, *a, **kw: calls.append((*y.shape, y.dtype.name)) or silu_mul_quant(y, *a, **kw))
     monkeypatch.setenv("JAXLLM_FUSED_SILU_QUANT", flag)
-    jax.clear_caches()  # the shared layer's traces of the other setting
-    try:
-        with LLM(str(path), max_seq_len=256, max_batch_size=8, compilation_cache=False, quantization="fp8-w8a8",
-                 dtype=dtype) as llm:
-            assert llm.model_config.fused_silu_quant == (flag == "1")
-            ids = jnp.asarray(np.arange(3 * 70).reshape(3, 70) % 200 + 3, jnp.int32)  # >= 64 tokens: FP8 x FP8
-            logits = np.asarray(llm._engine.runner.hidden_states(ids)[1], np.float32)
-            prompts = [{"prompt_token_ids": list(range(5 + i, 75 + i))} for i in range(4)]
-            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0),
-                                                                    use_tqdm=False)]
-    finally:
-        jax.clear_caches()
-    return logits, tokens, calls
+    return (*w8a8_logits_and_tokens(path, dtype, "fused_silu_quant", flag), calls)
 
 
 def test_model_with_the_kernel_matches_xla_path(tiny_checkpoints, monkeypatch):
