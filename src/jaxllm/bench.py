@@ -234,12 +234,6 @@ def _run(llm, requests) -> tuple[list, float]:
     return outs, time.perf_counter() - t0
 
 
-def _device_memory(mesh):
-    from .runner import device_memory
-
-    return device_memory(mesh)
-
-
 def _progress(msg: str) -> None:
     """A phase line on stderr, so that a run cut short by a time limit still shows where it was."""
     print(f"jaxllm bench: {msg}", file=sys.stderr, flush=True)
@@ -257,6 +251,8 @@ def _timings(outs) -> tuple[list, list, list]:
 
 
 def run(args) -> dict:
+    from .runner import device_memory
+
     _positive("--input-len", args.input_len)
     _positive("--output-len", args.output_len)
     if args.mode == "throughput":
@@ -326,7 +322,7 @@ def run(args) -> dict:
         startup = dict(llm.startup_seconds)
         kv_capacity_blocks = llm.kv_capacity_tokens // llm._engine.runner.block_size
         # the allocator when the KV pool was planned and after the run (GPU; None on CPUs)
-        memory = dict(at_kv_planning=llm.memory_at_kv_planning, after_run=_device_memory(llm._mesh))
+        memory = dict(at_kv_planning=llm.memory_at_kv_planning, after_run=device_memory(llm._mesh))
     finally:
         llm.shutdown()
 

@@ -153,9 +153,7 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
         if act is None and w.dtype == jnp.float8_e4m3fn and w8a8:
             kspec, n_in = _k_minor_spec(spec)
             if n_in == 1 and math.prod(x.shape[:-1]) >= FP8_MATMUL_MIN_TOKENS:
-                acc = x.dtype if raw and x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-                y = _fp8_product(kspec, x.q, x.scale, w, scale, n_in, out_dtype or x.dtype, acc)
-                return y if raw else y.value()
+                return _fp8_matmul(kspec, x, w, scale, n_in, out_dtype, raw)
         x = x.value()
     out_dtype = out_dtype or x.dtype
     k_minor = w.dtype == jnp.float8_e4m3fn
@@ -187,13 +185,16 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
 
 
 def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None, raw: bool = False):
-    """FP8 x FP8 einsum of x (its last n_in dims contracting), quantized per token, and a K-minor
-    fp8 weight with per-output-channel scale; in out_dtype (default x's), or with `raw` as
-    ``Scaled`` (the float32 product and both scales, not yet applied)."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
-    x_scale = jnp.maximum(amax, 1e-12) / QMAX["fp8"]  # per token
-    xq = jnp.clip(xf / x_scale, -QMAX["fp8"], QMAX["fp8"]).astype(jnp.float8_e4m3fn)
+    """FP8 x FP8 einsum of x (its last n_in dims contracting), quantized per token (here, or
+    already: ``Quantized``), and a K-minor fp8 weight with per-output-channel scale; in out_dtype
+    (default x's), or with `raw` as ``Scaled`` (the product and both scales, not yet applied)."""
+    if isinstance(x, Quantized):
+        xq, x_scale = x.q, x.scale
+    else:
+        xf = x.astype(jnp.float32)
+        amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
+        x_scale = jnp.maximum(amax, 1e-12) / QMAX["fp8"]  # per token
+        xq = jnp.clip(xf / x_scale, -QMAX["fp8"], QMAX["fp8"]).astype(jnp.float8_e4m3fn)
     # raw, for a kernel that scales it: in x's dtype where that is 16-bit (half the bytes written
     # by the GEMM and read by the kernel: at 1024 rows the gate/up product is 117 MB in float32;
     # XLA's own path rounds the scaled product to x's dtype too), else float32

@@ -28,7 +28,24 @@ MAX_ROWS = 16  # decode-sized calls; more rows stay with XLA, which fuses a many
 
 def add_rmsnorm_fits(rows: int, e: int) -> bool:
     """Whether the kernel serves [rows, e] (a Triton block is a power of two wide)."""
-    return 1 <= rows <= MAX_ROWS and 64 <= e <= 16384 and e & (e - 1) == 0
+    return 1 <= rows <= MAX_ROWS and add_rmsnorm_quant_fits(e)
+
+
+def add_rmsnorm_quant_fits(e: int) -> bool:
+    """Whether add_rmsnorm_quant serves rows of e (any number of rows); add_rmsnorm's width too."""
+    return 64 <= e <= 16384 and e & (e - 1) == 0
+
+
+def _residual(x, y, dtype):
+    """A kernel's h = x + y (a row block), y rounded to x's dtype first, as the model's add rounds."""
+    return (x.astype(jnp.float32) + y.astype(dtype).astype(jnp.float32)).astype(dtype)
+
+
+def _normed(h, w, eps: float):
+    """A kernel's RMSNorm(h) * w for a row block h [1, e], in float32 (the caller rounds it)."""
+    hf = h.astype(jnp.float32)
+    n = hf * jax.lax.rsqrt(jnp.sum(hf * hf, axis=-1, keepdims=True) / h.shape[-1] + eps)
+    return n * w.astype(jnp.float32)[None, :]
 
 
 def reference_add_rmsnorm(x, y, w, eps: float):
@@ -60,11 +77,9 @@ def add_rmsnorm(x, y, w, *, eps: float, num_warps: int = 8, interpret: bool = Fa
 
     def kernel(x_ref, y_ref, w_ref, h_ref, n_ref):
         y = jnp.sum(y_ref[...].astype(jnp.float32), axis=0) if parts else y_ref[...]  # [1, e]
-        h = (x_ref[...].astype(jnp.float32) + y.astype(dtype).astype(jnp.float32)).astype(dtype)
+        h = _residual(x_ref[...], y, dtype)
         h_ref[...] = h
-        hf = h.astype(jnp.float32)
-        n = hf * jax.lax.rsqrt(jnp.sum(hf * hf, axis=-1, keepdims=True) / e + eps)
-        n_ref[...] = (n * w_ref[...].astype(jnp.float32)[None, :]).astype(dtype)
+        n_ref[...] = _normed(h, w_ref[...], eps).astype(dtype)
 
     row = pl.BlockSpec((1, e), lambda i: (i, 0))
     return pl.pallas_call(
@@ -80,11 +95,6 @@ def add_rmsnorm(x, y, w, *, eps: float, num_warps: int = 8, interpret: bool = Fa
 
 
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value (quant.QMAX["fp8"])
-
-
-def add_rmsnorm_quant_fits(e: int) -> bool:
-    """Whether add_rmsnorm_quant serves rows of e (any number of rows)."""
-    return 64 <= e <= 16384 and e & (e - 1) == 0
 
 
 def reference_add_rmsnorm_quant(x, y, w, eps: float):
@@ -115,15 +125,13 @@ def add_rmsnorm_quant(x, y, w, *, eps: float, num_warps: int = 8, interpret: boo
     dtype, f32 = x.dtype, jnp.float32
 
     def body(h, w_ref, q_ref, s_ref):
-        hf = h.astype(f32)
-        n = (hf * jax.lax.rsqrt(jnp.sum(hf * hf, axis=-1, keepdims=True) / e + eps))
-        nf = (n * w_ref[...].astype(f32)[None, :]).astype(dtype).astype(f32)  # rounded as the model's norm
+        nf = _normed(h, w_ref[...], eps).astype(dtype).astype(f32)  # rounded as the model's norm
         scale = jnp.maximum(jnp.max(jnp.abs(nf)), 1e-12) / FP8_MAX
         q_ref[...] = jnp.clip(nf / scale, -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
         s_ref[...] = jnp.full((1,), scale, f32)
 
     def add_kernel(x_ref, y_ref, w_ref, h_ref, q_ref, s_ref):
-        h = (x_ref[...].astype(f32) + y_ref[...].astype(dtype).astype(f32)).astype(dtype)
+        h = _residual(x_ref[...], y_ref[...], dtype)
         h_ref[...] = h
         body(h, w_ref, q_ref, s_ref)
 

@@ -360,8 +360,7 @@ def plan_num_blocks(cfg: ModelConfig, dtype, block_size: int, kv_config, mesh) -
         if axis is not None:
             shards *= mesh.shape[axis]
     per_token = pool_bytes_per_token(cfg, dtype, tensor_parallel_size(mesh)) // shards  # on each device
-    device = mesh.devices.flat[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
+    stats = device_memory(mesh)
     # a budget of bytes holds init_pool's padding page too; a budget of tokens counts usable ones
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
