@@ -25,7 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value (quant.QMAX["fp8"])
+from ..kv_cache_config import FP8_MAX  # float8_e4m3fn's largest finite value
+
 
 
 def block_for(f: int) -> int | None:
