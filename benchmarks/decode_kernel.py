@@ -109,6 +109,7 @@ def main():
         for kw in [
             {},
             {"p_in_registers": True},
+            {"lean_smem": True},
             {"max_concurrent_steps": 2},
             {"max_concurrent_steps": 3},
             {"block_kv": 128},
@@ -150,7 +151,9 @@ def main():
             f8 = jnp.float8_e4m3fn
             fp8_sets = [(q, k.astype(f8), v.astype(f8), t, l) for (q, k, v, t, l) in sets]
             ref8 = np.asarray(jax.jit(lambda *a: reference_decode_attention(*a, bs))(*fp8_sets[0]))
-            for kw in [{}, {"p_in_registers": True}, {"max_concurrent_steps": 3}, {"max_concurrent_steps": 4},
+            for kw in [{}, {"p_in_registers": True}, {"lean_smem": True}, {"lean_smem": True, "p_in_registers": True},
+                       {"lean_smem": True, "heads_per_program": 2}, {"lean_smem": True, "heads_per_program": 8},
+                       {"max_concurrent_steps": 3}, {"max_concurrent_steps": 4},
                        {"block_kv": 128}, {"num_splits": 1}, {"num_splits": 8}]:
                 name = "mosaic fp8 " + (",".join(f"{a}={c}" for a, c in kw.items()) or "default")
                 variants[name] = (

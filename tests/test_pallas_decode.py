@@ -588,3 +588,78 @@ def test_layers_share_one_lowering_of_the_kernel(which, tp):
     text = jax.jit(three_layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
     assert text.count("call @") >= 3 + 1  # three calls of the kernel's function, plus its custom call
+
+
+# -- lean_smem: one fp8 staging tile, scoped loop / epilogue buffers (three programs an SM) -------
+LEAN_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, lengths, fp8, kernel kwargs)
+    (2, 8, 2, 64, 16, (150, 40), True, {}),
+    (2, 8, 2, 64, 16, (150, 40), False, {}),
+    (3, 8, 2, 64, 16, (200, 1, 90), True, {"heads_per_program": 2, "max_concurrent_steps": 3}),
+    (2, 16, 8, 64, 32, (150, 60), True, {"num_splits": 2, "sliding_window": 64, "soft_cap": 5.0}),
+    (2, 8, 4, 64, 16, (150, 20), True, {"heads_major": True, "block_kv": 128}),
+]
+
+
+@pytest.mark.parametrize("case", LEAN_CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}".format(*c[:5]) + ("-fp8" if c[6] else ""))
+def test_lean_smem_matches_reference_in_interpret_mode(case):
+    b, h, kvh, d, bs, lengths, fp8, kw = case
+    if fp8:
+        args = _fp8_inputs(4, b, h, kvh, d, bs, max(lengths), 0.5, 2.0, lengths=lengths)
+        _check(args, bs, interpret=_interpret(), k_scale=0.5, v_scale=2.0, lean_smem=True, **kw)
+    else:
+        _check(_inputs(4, b, h, kvh, d, bs, max(lengths), lengths=lengths), bs, interpret=_interpret(), lean_smem=True,
+               **kw)
+
+
+def test_lean_smem_has_no_races():
+    """K and V converted into the one staging tile step after step, and the epilogue's O over the
+    loop's bytes: the race detector finds nothing (one and two heads per program, two and three stages)."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    args = _fp8_inputs(7, 2, 8, 2, 64, 16, 200, 0.5, 0.5, lengths=(200, 90))
+    for kw in ({"max_concurrent_steps": 2}, {"max_concurrent_steps": 3}, {"heads_per_program": 2}):
+        _check(args, 16, interpret=_interpret(detect_races=True), k_scale=0.5, v_scale=0.5, lean_smem=True, **kw)
+        assert not get_races().races_found, kw
+
+
+def test_lean_smem_fits_three_programs_an_sm():
+    """The throughput shape (fp8, head_dim 128, block_kv 64, two stages) drops from two programs an
+    SM to three; bf16 is unchanged in count (its stages are most of it)."""
+    from jaxllm.pallas.decode_attention import SMEM_BYTES, _smem_besides_stages
+
+    def per_sm(kv_bytes, lean, p_in_registers=False, hpp=1):
+        stages = 2 * 2 * 64 * 128 * kv_bytes
+        return SMEM_BYTES // (stages + _smem_besides_stages(128, 64, p_in_registers, kv_bytes, lean, hpp) + 1024)
+
+    assert per_sm(1, False) == 2 and per_sm(1, True) == 3 and per_sm(1, True, True) == 3
+    assert per_sm(1, True, hpp=2) == 2  # several heads per program keep O beside the loop's buffers
+    assert per_sm(2, True) == per_sm(2, False) == 2
+
+
+@pytest.mark.parametrize("kw", [{}, {"p_in_registers": True}, {"heads_per_program": 2}], ids=str)
+def test_lean_smem_lowers_for_cuda(kw):
+    assert "mosaic_gpu" in _lower(64, 32, 8, 128, 16, lean_smem=True, **kw)
+    assert "cvt.rn.f16x2.e4m3x2" in _lower(64, 32, 8, 128, 16, jnp.float8_e4m3fn, k_scale=0.5, lean_smem=True, **kw)
+
+
+def test_lean_smem_switch(monkeypatch):
+    from jaxllm.runner.paged import attention_lean_smem
+
+    monkeypatch.delenv("JAXLLM_ATTN_LEAN_SMEM", raising=False)
+    assert attention_lean_smem() is False
+    monkeypatch.setenv("JAXLLM_ATTN_LEAN_SMEM", "1")
+    assert attention_lean_smem() is True
+    monkeypatch.setenv("JAXLLM_ATTN_LEAN_SMEM", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_ATTN_LEAN_SMEM='yes': expected 0 or 1"):
+        attention_lean_smem()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"p_in_registers": True}, {"heads_per_program": 2}, {"max_concurrent_steps": 3},
+                                {"num_splits": 4}], ids=str)
+def test_lean_smem_on_gpu(kw):
+    for seed in range(2):
+        _check(_inputs(seed, 16, 32, 8, 128, 32, 4000), 32, lean_smem=True, **kw)
+        _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0, lean_smem=True,
+               **kw)
+    _check(_fp8_inputs(2, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, lean_smem=True, **kw)

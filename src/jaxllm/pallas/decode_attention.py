@@ -52,6 +52,14 @@ Why it is written this way
   consecutive KV heads are consecutive rows of the flattened query, so one 64-row Q tile serves
   all the program's heads where they fit (``heads_per_program * G`` rows from offset r0);
   otherwise each head's tile is loaded when the previous head finishes (after its last QK).
+* Programs per SM (``lean_smem``, opt-in): one warpgroup runs a step's waits, conversions, wgmmas
+  and softmax one after another, so an SM is only kept busy by several resident programs, and at
+  block_kv 64 shared memory allows two (~104 KiB each). At 1024 sequences of 160 tokens the fp8
+  kernel took as long as the bf16 one (256-270 vs 267-293 us on an H100, thirteenth session) for
+  half the bytes, whatever heads_per_program: bound by latency, not bytes. ``lean_smem`` converts K
+  and V into one staging tile (a warpgroup barrier before each conversion) and scopes P and the
+  staging tile to the loop and O to the epilogue (``pl.run_scoped`` allocations are a stack, so the
+  two scopes share their bytes): ~72 KiB, three programs per SM. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -96,13 +104,19 @@ def swizzled(d, itemsize):
 
 def staged_operand(staging, fp8, dtype):
     """operand(stage_ref, slot, which): the 16-bit tile wgmma reads -- the stage itself, or (fp8
-    pools) its copy converted into staging[which] (0: K, 1: V)."""
+    pools) its copy converted into staging[which] (0: K, 1: V). One staging tile for both (``lean_smem``):
+    a warpgroup barrier before each conversion, so that no warp overwrites the tile while another
+    one's wgmma that read it (its accumulator already waited for by this warp) is not yet past it."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    shared = fp8 and len(staging) == 1
 
     def operand(stage_ref, slot, which):
         if not fp8:
             return stage_ref.at[slot]
-        staged = staging[which]
+        staged = staging[0 if shared else which]
+        if shared:
+            plgpu.commit_smem()  # (a fence and the warpgroup barrier)
         staged[...] = stage_ref.at[slot][...].astype(dtype)
         plgpu.commit_smem()
         return staged
@@ -244,13 +258,26 @@ def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_s
 SMEM_BYTES = 232448  # per block on Hopper (227 KiB)
 
 
-def _max_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2) -> int:
-    """The most K/V stages that fit in shared memory beside Q, O, P, the barriers and (fp8 pools,
-    ``kv_bytes == 1``) the two 16-bit staging tiles."""
-    fixed = 2 * ROWS * d * 2 + ROWS * 4 + (0 if p_in_registers else ROWS * tile * 2) + 1024
-    if kv_bytes == 1:
-        fixed += 2 * tile * d * 2
-    return (SMEM_BYTES - fixed) // (2 * tile * d * kv_bytes)
+def _smem_besides_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2, lean: bool = False,
+                         hpp: int = 1) -> int:
+    """Shared memory of everything but the K/V stages: Q, O and the log-sum-exps, P (in shared memory
+    unless ``p_in_registers``), the barriers and (fp8 pools, ``kv_bytes == 1``) the 16-bit staging
+    tiles. ``lean``: one staging tile for K and V, and the loop's buffers (P, staging; O too with
+    several heads per program) scoped apart from the epilogue's O (see ``lean_smem``)."""
+    q = ROWS * d * 2 + 1024
+    out = ROWS * d * 2 + ROWS * 4
+    p = 0 if p_in_registers else ROWS * tile * 2
+    staging = 0 if kv_bytes != 1 else (1 if lean else 2) * tile * d * 2
+    if not lean:
+        return q + out + p + staging
+    loop = p + staging + (out if hpp > 1 else 0)
+    return q + max(loop, 0 if hpp > 1 else out)
+
+
+def _max_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2, lean: bool = False,
+                hpp: int = 1) -> int:
+    """The most K/V stages that fit in shared memory beside the rest (``_smem_besides_stages``)."""
+    return (SMEM_BYTES - _smem_besides_stages(d, tile, p_in_registers, kv_bytes, lean, hpp)) // (2 * tile * d * kv_bytes)
 
 
 def _check_heads_per_program(heads_per_program, kvh: int) -> int:
@@ -310,7 +337,8 @@ def _choose_splits(batch: int, kv_heads: int, steps: int, num_sms: int = 132) ->
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                            soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
-                           k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, interpret=False):
+                           k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
+                           interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -323,6 +351,11 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     ``heads_per_program`` (a divisor of the KV heads; None: 1): each program serves that many
     consecutive KV heads of one (sequence, split), one after another, its TMA ring running on across
     the head boundary (see "Several KV heads per program" in the module docstring).
+    ``lean_smem``: less shared memory per program, so that more programs fit an SM -- fp8 pools
+    convert K and V into one staging tile (not one each), and the buffers only the loop needs (P,
+    the staging tile) and those only the epilogue needs (O, the log-sum-exps; one head per program)
+    live in scopes one after the other, sharing their bytes. fp8, block_kv 64, two stages: 104 KiB
+    -> 72 KiB (64 KiB with ``p_in_registers``), three programs per SM instead of two.
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -348,7 +381,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     steps_per_split = -(-total_steps // num_splits)
     split_tokens = steps_per_split * tile
     num_splits = -(-total_steps // steps_per_split)  # no split that is empty for every sequence
-    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize)
+    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp)
     if fit < 2:
         raise ValueError(f"block_kv={tile} with head_dim {d} ({kv_dtype.name} pools) leaves no room for two stages "
                          f"in shared memory; use block_kv=64")
@@ -364,8 +397,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
 
-    def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, o_smem,
-               lse_smem, p_smem, q_bar, k_bar, v_bar, *staging):
+    def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, q_bar, k_bar,
+               v_bar, *buffers):  # buffers: out_types + loop_types, unless lean_smem (then scoped below)
         head0 = lax.axis_index("kvh") if hpp == 1 else lax.axis_index("kvh") * hpp  # the program's first KV head
         split = lax.axis_index("split")
         seq = lax.axis_index("seq")
@@ -419,11 +452,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         fill_ring(stages, n_total, issue)
 
         plgpu.barrier_wait(q_bar)
-        acc, m_i, l_i = softmax_start(ROWS, d)
-        operand = staged_operand(staging, fp8, dtype)
 
-        def store(head, acc, m_i, l_i):
+        def store(out_bufs, head, acc, m_i, l_i):
             """Normalize and store one KV head's G output rows and its log-sum-exps."""
+            o_smem, lse_smem = out_bufs
             out, empty = softmax_finish(acc, l_i)
             if hpp > 1:  # the previous head's stores must have read o_smem / lse_smem
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -434,81 +466,105 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(q_row(head), g)], o_ref.at[split, seq, pl.ds(head * g, g)])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, seq, head])
 
-        def body(t, carry):
-            acc, m_i, l_i = carry
-            head, step = local(t)
+        def loop(*bufs):
+            """The ring's steps over the program's heads, and with several heads per program their
+            stores; bufs: the loop's buffers (see loop_types). Returns the last head's state."""
+            bufs = list(bufs)
+            p_smem = None if p_in_registers else bufs.pop(0)
+            operand = staged_operand([bufs.pop(0) for _ in range(n_staging)], fp8, dtype)
+            out_bufs = bufs  # several heads per program: O and the log-sum-exps
+
+            def body(t, carry):
+                acc, m_i, l_i = carry
+                head, step = local(t)
+                if hpp > 1:
+                    first = step == 0  # a new KV head: its softmax starts afresh
+
+                    def restart(x, value):  # (Mosaic GPU selects only between arrays of one shape)
+                        return lax.select(jnp.broadcast_to(first, x.shape), jnp.full(x.shape, value, x.dtype), x)
+
+                    acc, m_i, l_i = restart(acc, 0.0), restart(m_i, -jnp.inf), restart(l_i, 0.0)
+                    if not q_shared:  # its Q tile was loaded when the previous head finished
+                        pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
+                slot, s = step_scores(t, stages, n_total, issue, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
+                                      soft_cap)
+                pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
+                pos = pos + (start + step * tile)
+                valid = pos < hi
+                if win_lo is not None:
+                    valid = valid & (pos >= win_lo)
+                s = jnp.where(valid, s, -jnp.inf)
+                m_new, alpha, p, l_i = softmax_step(s, m_i, l_i)
+                if p_in_registers:
+                    p_op = p.astype(dtype)
+                else:
+                    p_smem[...] = p.astype(dtype)
+                    plgpu.commit_smem()
+                    p_op = p_smem
+                plgpu.barrier_wait(v_bar.at[slot])
+                v_op = operand(v_smem, slot, 1)
+
+                def pv_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, p_op, v_op)
+                    return acc_ref[...]
+
+                pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, d), jnp.float32))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+                if hpp > 1:  # a head other than the last one finishes here, the last one after the loop
+
+                    @pl.when((step == n_steps - 1) & (head < head0 + hpp - 1))
+                    def _():
+                        store(out_bufs, head, acc, m_new, l_i)
+                        if not q_shared:  # store's commit_smem: the whole warpgroup is past this QK
+                            load_q(q_start_of(head + 1)[0])
+
+                return acc, m_new, l_i
+
+            carry = lax.fori_loop(0, n_total, body, softmax_start(ROWS, d))
             if hpp > 1:
-                first = step == 0  # a new KV head: its softmax starts afresh
-
-                def restart(x, value):  # (Mosaic GPU selects only between arrays of one shape)
-                    return lax.select(jnp.broadcast_to(first, x.shape), jnp.full(x.shape, value, x.dtype), x)
-
-                acc, m_i, l_i = restart(acc, 0.0), restart(m_i, -jnp.inf), restart(l_i, 0.0)
-                if not q_shared:  # its Q tile was loaded when the previous head finished
-                    pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
-            slot, s = step_scores(t, stages, n_total, issue, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
-                                  soft_cap)
-            pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
-            pos = pos + (start + step * tile)
-            valid = pos < hi
-            if win_lo is not None:
-                valid = valid & (pos >= win_lo)
-            s = jnp.where(valid, s, -jnp.inf)
-            m_new, alpha, p, l_i = softmax_step(s, m_i, l_i)
-            if p_in_registers:
-                p_op = p.astype(dtype)
-            else:
-                p_smem[...] = p.astype(dtype)
-                plgpu.commit_smem()
-                p_op = p_smem
-            plgpu.barrier_wait(v_bar.at[slot])
-            v_op = operand(v_smem, slot, 1)
-
-            def pv_scope(acc_ref):
-                plgpu.wgmma(acc_ref, p_op, v_op)
-                return acc_ref[...]
-
-            pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, d), jnp.float32))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
-            if hpp > 1:  # a head other than the last one finishes here, the last one after the loop
-
-                @pl.when((step == n_steps - 1) & (head < head0 + hpp - 1))
+                # no step for this split: every head but the last stores the empty state here
+                @pl.when(n_steps == 0)
                 def _():
-                    store(head, acc, m_new, l_i)
-                    if not q_shared:  # store's commit_smem: the whole warpgroup is past this QK
-                        load_q(q_start_of(head + 1)[0])
+                    def empty(k, state):
+                        store(out_bufs, head0 + k, *state)
+                        return state
 
-            return acc, m_new, l_i
+                    lax.fori_loop(0, hpp - 1, empty, softmax_start(ROWS, d))
 
-        acc, m_i, l_i = lax.fori_loop(0, n_total, body, (acc, m_i, l_i))
-        if hpp > 1:  # no step for this split: every head but the last stores the empty state here
+                store(out_bufs, head0 + hpp - 1, *carry)
+            return carry
 
-            @pl.when(n_steps == 0)
-            def _():
-                def empty(k, carry):
-                    store(head0 + k, *carry)
-                    return carry
+        if not lean_smem:
+            out_bufs, loop_bufs = buffers[:2], buffers[2:]
+            carry = loop(*loop_bufs, *(out_bufs if hpp > 1 else ()))
+            if hpp == 1:
+                store(out_bufs, head0, *carry)
+        elif hpp > 1:
+            pl.run_scoped(lambda *bufs: (loop(*bufs), None)[1], *loop_types, *out_types)
+        else:
+            carry = pl.run_scoped(loop, *loop_types) if loop_types else loop()
 
-                lax.fori_loop(0, hpp - 1, empty, softmax_start(ROWS, d))
+            def epilogue(*out_bufs):  # O's bytes are the loop's: past the barrier, every wgmma is done
+                plgpu.commit_smem()
+                store(out_bufs, head0, *carry)
 
-        store(head0 + hpp - 1, acc, m_i, l_i)
+            pl.run_scoped(epilogue, *out_types)
         plgpu.wait_smem_to_gmem(0)
 
     transforms = swizzled(d, 2)
     kv_transforms = swizzled(d, kv_dtype.itemsize)
+    out_types = (plgpu.SMEM((ROWS, d), dtype), plgpu.SMEM((ROWS,), jnp.float32))  # O, log-sum-exps
+    n_staging = 0 if not fp8 else 1 if lean_smem else 2  # the 16-bit staging tiles of K and V
+    loop_types = (() if p_in_registers else (plgpu.SMEM((ROWS, tile), dtype, transforms=transforms),)) + (
+        plgpu.SMEM((tile, d), dtype, transforms=transforms),) * n_staging
     scratch = (  # in the order of the kernel's scratch arguments
         plgpu.SMEM((ROWS, d), dtype, transforms=transforms),  # q_smem
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # k_smem
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # v_smem
-        plgpu.SMEM((ROWS, d), dtype),  # o_smem
-        plgpu.SMEM((ROWS,), jnp.float32),  # lse_smem
-        plgpu.SMEM((ROWS, tile), dtype, transforms=transforms),  # p_smem
         plgpu.Barrier(num_arrivals=1),  # q_bar
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # k_bar
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # v_bar
-    )
-    if fp8:  # the 16-bit staging tiles of K and V
-        scratch += (plgpu.SMEM((tile, d), dtype, transforms=transforms),) * 2
+    ) + (() if lean_smem else out_types + loop_types)
     o_parts, lse_parts = plgpu.kernel(
         kernel,
         out_type=(

@@ -163,6 +163,16 @@ def attention_heads_per_program(batch: int, kv_heads: int) -> int:
     return n
 
 
+def attention_lean_smem() -> bool:
+    """JAXLLM_ATTN_LEAN_SMEM=1: the decode kernel's ``lean_smem`` layout (one fp8 staging tile, scoped
+    loop and epilogue buffers: three programs an SM where two fit). Opt-in until measured on a GPU in
+    the model (BENCHMARKS.md, thirteenth session)."""
+    value = os.environ.get("JAXLLM_ATTN_LEAN_SMEM", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"JAXLLM_ATTN_LEAN_SMEM={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     """The Pallas decode kernel as attend's decode path, run per device over its KV heads.
 
@@ -179,7 +189,7 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
             v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
-            interpret=interpret,
+            lean_smem=attention_lean_smem(), interpret=interpret,
         )
 
     heads = P(None, "model", None)
