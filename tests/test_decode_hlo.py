@@ -7,6 +7,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxllm import SamplingParams
@@ -98,6 +99,25 @@ def test_padding_rows_write_the_padding_page_only():
     assert (pad_one[:5] == pool[:5]).all() and (pad_one[5] == -1).all()
     dropped = write_slots(pool, jnp.array([[2], [-1]]), rows, padding_page=False)
     assert (dropped == pool.at[2].set(-1)).all()
+
+
+def test_several_row_kv_writes_are_a_unique_index_scatter():
+    """Several rows (padding among them) store with one scatter that declares its indices unique --
+    each padding row its own index past the pool -- so XLA writes the rows as they are instead of
+    compare-and-swap loops on the 8/16-bit elements; the values are those of the plain scatter."""
+    from jaxllm.runner.paged import write_slots
+
+    pool = jnp.zeros((64, 2, 8), jnp.float8_e4m3fn)
+    slots = jnp.array([[3, 17, -1, 40], [-1, -1, 63, 0]])
+    rows = jnp.arange(8 * 2 * 8, dtype=jnp.float32).reshape(2, 4, 2, 8).astype(jnp.float8_e4m3fn)
+    fn = jax.jit(lambda p, s, r: write_slots(p, s, r, padding_page=False))
+    hlo = fn.lower(pool, slots, rows).as_text()
+    assert "unique_indices=true" in hlo.replace(" ", "").lower()
+    out = np.asarray(fn(pool, slots, rows), np.float32)
+    flat, r = np.asarray(slots).reshape(-1), np.asarray(rows, np.float32).reshape(-1, 2, 8)
+    want = np.zeros((64, 2, 8), np.float32)
+    want[flat[flat >= 0]] = r[flat >= 0]
+    assert np.array_equal(out, want)
 
 
 def test_batch1_decode_writes_kv_by_dynamic_update_slice(tiny_llm):
