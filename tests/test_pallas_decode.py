@@ -663,3 +663,17 @@ def test_lean_smem_on_gpu(kw):
         _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0, lean_smem=True,
                **kw)
     _check(_fp8_inputs(2, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, lean_smem=True, **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"heads_per_program": 2}, {"max_concurrent_steps": 3, "lean_smem": True}], ids=str)
+def test_page_ids_read_ahead_change_nothing(kw):
+    """prefetch_pages (the refills' page ids read a step ahead, the default) gives the values of the
+    ids read at each refill, bit for bit, over shuffled pages and past the table's end; no races."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    q, k, v, tables, lens = _fp8_inputs(5, 2, 8, 2, 64, 16, 260, 0.5, 0.5, lengths=(260, 33))
+    a = paged_decode_attention(q, k, v, tables, lens, 16, k_scale=0.5, interpret=_interpret(detect_races=True), **kw)
+    assert not get_races().races_found
+    b = paged_decode_attention(q, k, v, tables, lens, 16, k_scale=0.5, prefetch_pages=False, interpret=_interpret(),
+                               **kw)
+    assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -60,6 +60,11 @@ Why it is written this way
   and V into one staging tile (a warpgroup barrier before each conversion) and scopes P and the
   staging tile to the loop and O to the epilogue (``pl.run_scoped`` allocations are a stack, so the
   two scopes share their bytes): ~72 KiB, three programs per SM. Not yet timed on a GPU.
+* Page ids ahead of their copies: a tile's page ids are global loads (the block table stays in
+  HBM), ~0.5 us each, that a TMA copy issued between them would serialize (its side effects keep
+  the next load behind it). So a tile's ids are read together (``tile_pages``), and the ring's
+  refills take ids read one step earlier (``prefetch_pages``, on by default; off: read at the
+  refill), so their latency hides behind a step of work. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -159,14 +164,21 @@ def softmax_finish(acc, l_i):
     return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), empty
 
 
-def page_copy(tables_ref, seq, first, j, rows, block_size, width):
-    """(pool rows, stage rows) of the j-th TMA copy of the K/V tile starting at token `first` of
-    row `seq`: each copy moves `rows` tokens (<= block_size) that sit in one page."""
+def tile_pages(tables_ref, seq, first, copies, rows, block_size, width):
+    """The page ids of the `copies` TMA copies of the K/V tile starting at token `first` of row
+    `seq` (copy j moves `rows` tokens, <= block_size, that sit in one page; past the table: its last
+    entry). All read before any copy is issued: each is a global load whose latency a copy issued in
+    between would wait out on its own."""
+    return tuple(tables_ref[seq, jnp.minimum(lax.div(first + j * rows, block_size), width - 1)] for j in range(copies))
+
+
+def page_copy(pages, first, j, rows, block_size):
+    """(pool rows, stage rows) of the j-th TMA copy of the tile starting at token `first` (pages:
+    ``tile_pages``)."""
     import jax.experimental.pallas as pl
 
     token = first + j * rows
-    page = tables_ref[seq, jnp.minimum(lax.div(token, block_size), width - 1)]
-    return pl.ds(page * block_size + lax.rem(token, block_size), rows), pl.ds(j * rows, rows)
+    return pl.ds(pages[j] * block_size + lax.rem(token, block_size), rows), pl.ds(j * rows, rows)
 
 
 def fill_ring(stages, n_steps, issue):
@@ -338,7 +350,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
-                           interpret=False):
+                           prefetch_pages: bool = True, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -351,6 +363,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     ``heads_per_program`` (a divisor of the KV heads; None: 1): each program serves that many
     consecutive KV heads of one (sequence, split), one after another, its TMA ring running on across
     the head boundary (see "Several KV heads per program" in the module docstring).
+    ``prefetch_pages``: the refills' page ids read a step ahead (see the module docstring).
     ``lean_smem``: less shared memory per program, so that more programs fit an SM -- fp8 pools
     convert K and V into one staging tile (not one each), and the buffers only the loop needs (P,
     the staging tile) and those only the epilogue needs (O, the log-sum-exps; one head per program)
@@ -440,10 +453,14 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                 return r0 + (head - head0) * g
             return q_start_of(head)[1]
 
-        def issue(t, slot):
+        def pages_of(t):  # the page ids of ring step t's copies (the same for every head)
+            return tile_pages(tables_ref, seq, start + local(t)[1] * tile, copies, rows_per_copy, block_size, w)
+
+        def issue(t, slot, pages=None):
             head, step = local(t)
+            pages = pages_of(t) if pages is None else pages
             for j in range(copies):
-                src, dst = page_copy(tables_ref, seq, start + step * tile, j, rows_per_copy, block_size, w)
+                src, dst = page_copy(pages, start + step * tile, j, rows_per_copy, block_size)
                 at = (head, src) if heads_major else (src, head)
                 plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot, dst], v_bar.at[slot])
@@ -475,7 +492,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             out_bufs = bufs  # several heads per program: O and the log-sum-exps
 
             def body(t, carry):
-                acc, m_i, l_i = carry
+                acc, m_i, l_i, pages = carry  # pages: those of ring step t - 1 + stages, read a step ago
                 head, step = local(t)
                 if hpp > 1:
                     first = step == 0  # a new KV head: its softmax starts afresh
@@ -486,8 +503,11 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                     acc, m_i, l_i = restart(acc, 0.0), restart(m_i, -jnp.inf), restart(l_i, 0.0)
                     if not q_shared:  # its Q tile was loaded when the previous head finished
                         pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
-                slot, s = step_scores(t, stages, n_total, issue, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
+                refill = (lambda u, slot: issue(u, slot, pages)) if prefetch_pages else issue  # u = t - 1 + stages
+                slot, s = step_scores(t, stages, n_total, refill, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
                                       soft_cap)
+                if prefetch_pages:  # the next step's refill: the loads' latency hides behind this step
+                    pages = pages_of(t + stages)
                 pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
                 pos = pos + (start + step * tile)
                 valid = pos < hi
@@ -518,9 +538,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                         if not q_shared:  # store's commit_smem: the whole warpgroup is past this QK
                             load_q(q_start_of(head + 1)[0])
 
-                return acc, m_new, l_i
+                return acc, m_new, l_i, pages
 
-            carry = lax.fori_loop(0, n_total, body, softmax_start(ROWS, d))
+            *carry, _ = lax.fori_loop(0, n_total, body, (*softmax_start(ROWS, d), pages_of(stages) if prefetch_pages else ()))
             if hpp > 1:
                 # no step for this split: every head but the last stores the empty state here
                 @pl.when(n_steps == 0)

@@ -61,6 +61,7 @@ from .decode_attention import (
     step_scores,
     swizzled,
     tensor_core_q,
+    tile_pages,
 )
 
 BLOCK_Q = 64  # query tokens per program (wgmma M)
@@ -180,8 +181,9 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, q_start, q_lens, bl
         plgpu.copy_gmem_to_smem(q_ref.at[seq, pl.ds(t0, BLOCK_Q), head], qo_smem, q_bar)
 
         def issue(step, slot):
+            pages = tile_pages(tables_ref, seq, start + step * tile, copies, rows_per_copy, block_size, w)
             for j in range(copies):
-                src, dst = page_copy(tables_ref, seq, start + step * tile, j, rows_per_copy, block_size, w)
+                src, dst = page_copy(pages, start + step * tile, j, rows_per_copy, block_size)
                 plgpu.copy_gmem_to_smem(k_ref.at[src, kv_head], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[src, kv_head], v_smem.at[slot, dst], v_bar.at[slot])
 
