@@ -4,7 +4,9 @@ Callers submit requests (``add_request`` returns a ``RequestHandle``) from any t
 the engine thread admits them between device calls, so new work joins while other requests
 decode. Each step: the scheduler plans prefill chunks and decode runs, the runner executes them,
 and the host applies the tokens (detokenization, stop strings) and publishes outputs — at the
-start of the next step, before its device calls (see ``_step``).
+start of the next step, before its device calls (see ``_step``). A step that only prefills leaves
+its call running and collects it in the next step, after dispatching that step's own call, so the
+host's work between consecutive prefill calls overlaps the device's (``Engine.overlap_prefill``).
 
 If a step raises, every in-flight request fails with that cause and the engine is dead: later
 submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
@@ -26,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..runner import ModelRunner, RowState, bucket
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays
 from .block_manager import BlockManager
-from .request import Request, RequestHandle
+from .request import Request, RequestHandle, Status
 from .scheduler import Plan, Scheduler, prefill_length_cap
 
 # Prefill calls past position 0 (cached prefixes, later chunks) through the Pallas prefill kernel get
@@ -81,7 +83,9 @@ class Engine:
         # seconds spent in each part of the engine step, and how many times (bench reports them):
         # text, schedule, {prefill,decode}_{inputs,call,fetch,collect}. A phase's time includes any wait on
         # the device it blocks on: on a GPU a decode call's includes its device time (dispatching a
-        # while loop blocks until it ends); a prefill's device time falls where its result is read.
+        # while loop blocks until it ends); a prefill's device time falls where its result is read
+        # (prefill_fetch), less what the host did meanwhile (with overlap_prefill, the next step's
+        # schedule and prefill inputs and dispatch). prefill_call: dispatch and the KV bookkeeping.
         self.phase_seconds: collections.Counter = collections.Counter()
         self.phase_calls: collections.Counter = collections.Counter()
         self._mark_time = 0.0
@@ -92,6 +96,11 @@ class Engine:
         self._aborts: set[int] = set()
         self._live: dict[int, Request] = {}  # every accepted, unfinished request (engine thread)
         self._text_pending: set[Request] = set()  # requests with tokens not yet turned into text
+        # A prefill-only step's (plan, call result), dispatched and not yet collected: the next step
+        # collects it after dispatching its own prefill call (see _step). JAXLLM_OVERLAP=0: off, each
+        # call is collected in its own step.
+        self._pending: tuple[Plan, tuple] | None = None
+        self.overlap_prefill = os.environ.get("JAXLLM_OVERLAP", "1") != "0"
         # what the last decode call left for the next one to pass on (_decode_inputs); not across
         # processes, where process 0 sends every call's inputs
         self._last_decode: _DecodeCarry | None = None
@@ -159,7 +168,8 @@ class Engine:
         t0 = time.perf_counter()
         with self._lock:  # the engine thread waits (and submissions queue) until this is done
             self._check_alive()
-            if self._live or self._incoming or self.scheduler.has_work or self._text_pending or self.blocks.num_used:
+            if (self._live or self._incoming or self.scheduler.has_work or self._text_pending or self.blocks.num_used
+                    or self._pending is not None):
                 raise RuntimeError("precompile() must run before any request is submitted")
             self.blocks.forget_cached()  # the prefill calls overwrite free blocks: no prefix may point at them
             if jax.config.jax_compilation_cache_dir and (workers or 2) > 1:
@@ -223,6 +233,7 @@ class Engine:
                 with self._lock:
                     while not (
                         self._stop or self._incoming or self._aborts or self.scheduler.has_work or self._text_pending
+                        or self._pending is not None
                     ):
                         self._wake.wait()
                     if self._stop:
@@ -237,7 +248,7 @@ class Engine:
                     if req is not None:
                         req.finish("cancelled")
                         self._retire(req)
-                if self.scheduler.has_work or self._text_pending:
+                if self.scheduler.has_work or self._text_pending or self._pending is not None:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting callers
             with self._lock:
@@ -249,6 +260,9 @@ class Engine:
             self._live.clear()
             return
         # shutdown: whatever is still in flight ends with a reason, never silently
+        if self._pending is not None:  # a call left running: done before the runner may free its pool
+            jax.block_until_ready(self._pending[1])
+            self._pending = None
         with self._lock:
             stranded = list(self._live.values()) + self._incoming
             self._incoming = []
@@ -274,20 +288,36 @@ class Engine:
         slots before the scheduler runs. For the same reason a step with both kinds of work
         collects its prefill, and publishes those first tokens, before dispatching its decode
         (whose inputs are built while the prefill runs).
+
+        A step that only prefills (overlap_prefill) leaves its call on the device: the next step
+        schedules, builds and dispatches its own call first and then collects the last one, so
+        the device runs the calls back to back while the host prepares the next and publishes the
+        last. A prefill chunk needs nothing from the chunks before it but their KV, which the
+        device writes in call order; the scheduler counts a call's KV as computed when it is
+        dispatched (_dispatch_prefill) and leaves out the requests whose next token it is still
+        computing; once collected they join this step's decode rows (Scheduler.join_decode).
         """
         t0 = self._mark_time = time.perf_counter()
         self._apply_text()
         self._mark("text")
-        if not self.scheduler.has_work:
+        pending, self._pending = self._pending, None
+        if not self.scheduler.has_work and pending is None:
             return
         plan = self.scheduler.schedule()
         self._mark("schedule")
         prefill = self._dispatch_prefill(plan) if plan.prefill else None
-        decode_inputs = self._decode_inputs(plan) if plan.decode else None  # built while the prefill runs
         new_tokens = 0
-        if prefill is not None:
-            new_tokens += self._collect_prefill(plan, prefill)
-            self._mark("prefill_collect")
+        if pending is not None:  # the last step's prefill call, collected while this step's runs
+            got = self._collect_prefill(*pending)
+            new_tokens += len(got)
+            self._apply_text()  # its first tokens go out now (stop strings free their slots)
+            self._mark("text")
+            self.scheduler.join_decode(plan, got)
+        decode_inputs = self._decode_inputs(plan) if plan.decode else None  # built while the prefill runs
+        if prefill is not None and decode_inputs is None and self.overlap_prefill:
+            self._pending = (plan, prefill)
+        elif prefill is not None:
+            new_tokens += len(self._collect_prefill(plan, prefill))
             if decode_inputs is not None:
                 # the decode dispatch below blocks until its loop ends: the prefilled requests'
                 # first tokens go out now, not a whole decode call later
@@ -492,6 +522,10 @@ class Engine:
             prompt_logprobs=self._top_count(asked),
             fresh=fresh,
         )
+        # the chunks' KV counts as computed now, while the device computes it: every later call runs
+        # after this one, so a later chunk, or a prefix reuse of these blocks, reads it written
+        for r, _, end in plan.prefill:
+            self._after_compute(r, end)
         self._mark("prefill_call")
         return out
 
@@ -504,23 +538,24 @@ class Engine:
     def _num_logprobs(cls, reqs: list[Request]) -> int | None:
         return cls._top_count([r.params.logprobs for r in reqs if r.params.logprobs is not None])
 
-    def _collect_prefill(self, plan: Plan, result) -> int:
+    def _collect_prefill(self, plan: Plan, result) -> list[Request]:
+        """Apply a prefill call's results; returns the requests it gave their next token."""
         tok, info, prompt_info = jax.device_get(result)
         self._mark("prefill_fetch")
-        produced = 0
+        got = []
         for i, (r, start, end) in enumerate(plan.prefill):
-            if r.finished:  # ended (stop string, abort) while this call ran
+            if r.status is not Status.RUNNING:  # ended (stop string, abort) or preempted while this call ran
                 continue
             if prompt_info is not None and r.needs_prompt_logprobs:
                 count = min(end, len(r.prompt_token_ids) - 1) - start  # positions whose next token is a prompt token
                 r.receive_prompt_logprobs(start + 1, {k: v[i] for k, v in prompt_info.items()}, max(count, 0))
-            self._after_compute(r, end)
             if end == len(r.all_ids):  # prompt complete: the sample is the next token
                 tid = int(tok[i])
                 end_here = tid in r.stop_ids or r.num_generated + 1 >= r.params.max_tokens
                 self._receive(r, tid, {k: v[i] for k, v in info.items()}, end_here)
-                produced += 1
-        return produced
+                got.append(r)
+        self._mark("prefill_collect")
+        return got
 
     def _decode_inputs(self, plan: Plan):
         """Block tables and row state of a decode call. When the rows are the last decode call's

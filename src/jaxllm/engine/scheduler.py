@@ -18,6 +18,11 @@ Each engine step the scheduler decides, on the host and without touching the dev
    the step runs its prefill chunks only and the decode rows wait (as vLLM's prefill-priority
    scheduling); they decode once the batch is full or nobody waits, or after
    ``max_prefill_streak`` such steps in a row.
+
+A request whose prompt's last chunk is in a prefill call still on the device (the engine collects a
+prefill-only step's call after dispatching the next step's: ``Engine._step``) has its KV counted as
+computed but not yet its next token; the scheduler leaves it out until that token arrives, and
+``join_decode`` then adds it to the decode rows of the plan made meanwhile.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Plan:
     prefill: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, start, end) of all_ids
     decode: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    decode_deferred: bool = False  # decode rows held back this step (prefill first)
 
     @property
     def empty(self) -> bool:
@@ -127,6 +133,7 @@ class Scheduler:
             self.waiting.remove(req)
         self.blocks.release(req.blocks)
         req.blocks = []
+        req.status = Status.FINISHED  # for the scheduler (its output may still await its text)
 
     def schedule(self) -> Plan:
         plan = Plan()
@@ -135,6 +142,8 @@ class Scheduler:
             if req.status is not Status.RUNNING:  # preempted earlier in this loop (O(1): not a list search)
                 continue
             remaining = len(req.all_ids) - req.num_computed
+            if remaining == 0:  # its next token comes from a prefill call still in flight
+                continue
             if remaining == 1:  # decode phase: only the last sampled token lacks KV
                 want = min(req.num_computed + self.decode_steps, req.max_kv_tokens)
                 if self._reserve(req, want, plan):
@@ -169,6 +178,11 @@ class Scheduler:
             self.prefix_hit_tokens += req.num_computed
             plan.prefill.append((req, req.num_computed, req.num_computed + chunk))
             budget -= chunk
+        self._settle_decode(plan)
+        return plan
+
+    def _settle_decode(self, plan: Plan) -> None:
+        """Whether the plan's decode rows run this step or wait (prefill first)."""
         deferrable = plan.decode and plan.prefill and self.waiting and len(self.running) < self.max_batch_size
         if deferrable and not plan.preempted and self._prefill_streak < self.max_prefill_streak:
             # Prefill first: requests still wait for free slots, so this step only prefills and the
@@ -179,6 +193,23 @@ class Scheduler:
             self._prefill_streak += 1
             self.num_deferred_decodes += len(plan.decode)
             plan.decode = []
+            plan.decode_deferred = True
         elif plan.decode:
             self._prefill_streak = 0
-        return plan
+
+    def join_decode(self, plan: Plan, reqs: list[Request]) -> None:
+        """reqs got their next token after `plan` was made (from a prefill call then in flight, which
+        `schedule` left them out for): they join its decode rows, in admission order, as `schedule`
+        would have placed them -- unless the plan holds its decode rows back. Only where their blocks
+        fit without preempting (the plan's calls may be on the device already); the others decode
+        next step."""
+        if plan.decode_deferred:
+            return
+        joining = [r for r in reqs if r.status is Status.RUNNING and len(r.all_ids) - r.num_computed == 1
+                   and self._grow(r, min(r.num_computed + self.decode_steps, r.max_kv_tokens))]
+        if not joining:
+            return
+        undecided = not plan.decode  # schedule settled nothing about an empty decode
+        plan.decode = sorted(plan.decode + joining, key=lambda r: r.admitted_seq)
+        if undecided:
+            self._settle_decode(plan)

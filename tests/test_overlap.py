@@ -1,0 +1,249 @@
+"""Overlapped prefill calls (Engine.overlap_prefill): a prefill-only step's call is collected in the
+next step, after that step's own call is dispatched, so the host's work runs while the device
+computes. The promises: it does overlap, and nothing a caller sees changes -- tokens, text,
+logprobs, finish reasons, streaming -- through chunked prompts, prefix reuse, preemption, stop
+strings, aborts and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from jaxllm import LLM, KvCacheConfig, SamplingParams
+from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine.request import Request, Status
+from jaxllm.engine.scheduler import Scheduler
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoints):
+    """Small token budget (many prefill calls, long prompts chunked) and a small pool (preemption)."""
+    llm = LLM(
+        str(tiny_checkpoints["llama3"]),
+        max_seq_len=256,
+        max_batch_size=16,
+        max_num_tokens=64,
+        decode_steps=4,
+        kv_cache_config=KvCacheConfig(max_tokens=640, tokens_per_block=16),
+    )
+    yield llm
+    llm.shutdown()
+
+
+def _trace(engine, monkeypatch) -> list[tuple[str, int]]:
+    """Records ("dispatch" | "collect", call number) of every prefill call, in order."""
+    events, numbers = [], {}  # id(plan) -> call number (a plan lives until its call is collected)
+    dispatch, collect = engine._dispatch_prefill, engine._collect_prefill
+
+    def traced_dispatch(plan):
+        numbers[id(plan)] = k = sum(kind == "dispatch" for kind, _ in events)
+        events.append(("dispatch", k))
+        return dispatch(plan)
+
+    def traced_collect(plan, result):
+        events.append(("collect", numbers.pop(id(plan))))
+        return collect(plan, result)
+
+    monkeypatch.setattr(engine, "_dispatch_prefill", traced_dispatch)
+    monkeypatch.setattr(engine, "_collect_prefill", traced_collect)
+    return events
+
+
+def _workload(vocab: int, n: int = 48, seed: int = 0):
+    """Prompts sharing prefixes (some longer than the token budget), and every kind of sampling."""
+    rng = np.random.default_rng(seed)
+    shared = rng.integers(3, vocab, size=40).tolist()
+    prompts = []
+    for i in range(n):
+        tail = rng.integers(3, vocab, size=int(rng.integers(1, 120))).tolist()
+        prompts.append({"prompt_token_ids": (shared if i % 3 == 0 else []) + tail})
+    kinds = [dict(temperature=0), dict(temperature=0.8, seed=11, top_k=20), dict(temperature=0, repetition_penalty=1.3),
+             dict(temperature=0.7, seed=5, bad_token_ids=[5, 7]), dict(temperature=0, stop=["a"], min_tokens=2),
+             dict(temperature=0, logprobs=2), dict(temperature=0, prompt_logprobs=1), dict(temperature=0, max_tokens=1)]
+    params = []
+    for i in range(n):
+        kw = dict(max_tokens=int(rng.integers(1, 40)), ignore_eos=True) | kinds[i % len(kinds)]
+        params.append(SamplingParams(**kw))
+    return prompts, params
+
+
+def _view(out):
+    """What a caller sees of a request, exactly; its log probabilities apart (see _same)."""
+    c = out.outputs[0]
+    entries = [e for e in (c.logprobs or []) + (out.prompt_logprobs or []) if e is not None]
+    exact = [[(t, lp.rank, lp.decoded_token) for t, lp in e.items()] for e in entries]
+    floats = [c.cumulative_logprob] + [lp.logprob for e in entries for lp in e.values()]
+    return (c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs is None, out.prompt_logprobs is None,
+            exact), floats
+
+
+def _same(a: list, b: list) -> None:
+    """Equal outputs. Which requests share a call (and its row bucket) differs between the runs, and
+    with it float32 rounding: log probabilities agree to ~1 ulp, not bit for bit. (In bfloat16 such
+    rounding can flip a greedy near-tie, with or without overlap: a request alone and in a batch can
+    differ there too.)"""
+    assert [x for x, _ in a] == [y for y, _ in b]
+    for (_, fa), (_, fb) in zip(a, b):
+        assert fa == pytest.approx(fb, rel=1e-5, abs=1e-5)
+
+
+def _run(llm, overlap: bool, prompts, params):
+    engine = llm._engine
+    before, engine.overlap_prefill = engine.overlap_prefill, overlap
+    try:
+        return [_view(o) for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        engine.overlap_prefill = before
+
+
+def test_next_prefill_call_is_dispatched_before_the_last_one_is_collected(llm, monkeypatch):
+    engine = llm._engine
+    events = _trace(engine, monkeypatch)
+    prompts, params = _workload(llm.model_config.vocab_size, seed=1)
+    off = _run(llm, False, prompts, params)
+    assert events and all(events[i] == ("dispatch", k) and events[i + 1] == ("collect", k)
+                          for k, i in enumerate(range(0, len(events), 2))), "without overlap: each call in its own step"
+    events.clear()
+    on = _run(llm, True, prompts, params)
+    ahead = [k for i, (kind, k) in enumerate(events)
+             if kind == "collect" and ("dispatch", k + 1) in events[:i]]
+    assert len(ahead) >= 3, f"prefill calls were meant to overlap: {events}"
+    assert sorted(k for kind, k in events if kind == "collect") == sorted(k for kind, k in events if kind == "dispatch")
+    _same(on, off)
+
+
+def test_overlap_changes_no_output_through_chunking_prefix_reuse_and_preemption(llm):
+    engine = llm._engine
+    prompts, params = _workload(llm.model_config.vocab_size, n=80, seed=2)
+    hits0, pre0 = engine.scheduler.prefix_hit_tokens, engine.scheduler.num_preemptions
+    on = _run(llm, True, prompts, params)
+    assert engine.scheduler.prefix_hit_tokens > hits0, "the shared prefixes were meant to be reused"
+    assert engine.scheduler.num_preemptions > pre0, "the pool was meant to be too small: no preemption happened"
+    off = _run(llm, False, prompts, params)
+    _same(on, off)
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and engine._pending is None
+
+
+def test_streaming_with_overlap_yields_every_token_in_order(llm):
+    prompts, params = _workload(llm.model_config.vocab_size, n=24, seed=3)
+    expected = _run(llm, False, prompts, params)
+
+    async def stream_all():
+        handles = [llm.generate_async(p, sp, streaming=True) for p, sp in zip(prompts, params)]
+
+        async def one(h):
+            return [o async for o in h]
+
+        return await asyncio.gather(*(one(h) for h in handles))
+
+    for outs, (exp, _) in zip(asyncio.run(stream_all()), expected):
+        assert [t for o in outs for t in o.outputs[0].token_ids_diff] == exp[0]
+        assert "".join(o.outputs[0].text_diff for o in outs) == exp[1]
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+
+
+def test_abort_while_its_prefill_call_is_pending(llm, monkeypatch):
+    """A request aborted while its prefill call is still uncollected ends "cancelled"; every other
+    request gives what it gives without the abort, and nothing leaks."""
+    engine = llm._engine
+    prompts, params = _workload(llm.model_config.vocab_size, n=32, seed=4)
+    expected = _run(llm, False, prompts, params)
+    aborted = []
+    step = engine._step
+
+    def step_then_abort():
+        step()
+        if not aborted and engine._pending is not None:
+            victim = engine._pending[0].prefill[0][0]
+            aborted.append(victim.request_id)
+            engine.abort(victim.request_id)  # handled before the next step collects the call
+
+    monkeypatch.setattr(engine, "_step", step_then_abort)
+    handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
+    outs = [h.result(timeout=120) for h in handles]
+    assert aborted, "no prefill call was left pending"
+    for h, out, exp in zip(handles, outs, expected):
+        if h.request_id in aborted:
+            assert out.outputs[0].finish_reason == "cancelled"
+        else:
+            _same([_view(out)], [exp])
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and engine._pending is None
+
+
+def test_shutdown_with_a_prefill_call_pending_cancels_and_loses_nothing(tiny_checkpoints, monkeypatch):
+    llm = LLM(str(tiny_checkpoints["llama3"]), max_seq_len=256, max_batch_size=16, max_num_tokens=64)
+    engine = llm._engine
+    step = engine._step
+
+    def step_then_stop():
+        step()
+        if engine._pending is not None:
+            engine.shutdown()  # from the engine thread: sets the flag, the loop ends after this step
+
+    monkeypatch.setattr(engine, "_step", step_then_stop)
+    rng = np.random.default_rng(6)
+    handles = [llm.generate_async({"prompt_token_ids": rng.integers(3, 200, size=60).tolist()},
+                                  SamplingParams(max_tokens=8)) for _ in range(8)]
+    outs = [h.result(timeout=120) for h in handles]
+    assert all(o.finished for o in outs)
+    assert {(o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs} <= {("cancelled", "shutdown"),
+                                                                                        ("length", None)}
+    assert engine._pending is None
+    llm.shutdown()
+
+
+# -- the scheduler's side, without a device -------------------------------------------------------
+def _req(rid: int, prompt_len: int, max_tokens: int = 8) -> Request:
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Request(rid, None, [3 + (rid + i) % 50 for i in range(prompt_len)], sp, np.zeros(2, np.uint32), [])
+
+
+def test_scheduler_skips_requests_awaiting_an_in_flight_token_and_joins_them_later():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=100, decode_steps=4)
+    a, b, c = _req(0, 6), _req(1, 6), _req(2, 6)
+    for r in (a, b):
+        sched.add(r)
+    first = sched.schedule()
+    assert [r for r, _, _ in first.prefill] == [a, b]
+    a.num_computed = b.num_computed = 6  # what dispatching the call records; their tokens are not back
+    sched.add(c)
+    second = sched.schedule()
+    assert [r for r, _, _ in second.prefill] == [c] and second.decode == [], "a and b await their token"
+    for r in (b, a):  # the first call's tokens arrive (b's first, to check the order)
+        r.receive(7, {"logprob": 0.0}, False)
+    sched.join_decode(second, [b, a])
+    assert second.decode == [a, b], "they decode this step, in admission order"
+    assert len(a.blocks) * bm.block_size >= 6 + 4, "their decode steps' KV slots are allocated"
+
+    # a request whose sequence ended (released) or that was preempted meanwhile does not join
+    d = _req(3, 6)
+    sched.add(d)
+    third = sched.schedule()
+    d.num_computed = 6
+    d.receive(7, {"logprob": 0.0}, True)
+    sched.release(d)
+    assert d.status is Status.FINISHED
+    sched.join_decode(third, [d])
+    assert d not in third.decode
+
+
+def test_join_decode_respects_prefill_first():
+    """A plan that held its decode rows back (requests still wait for slots) takes no joiners."""
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=6, decode_steps=4)
+    reqs = [_req(i, 6) for i in range(4)]
+    for r in reqs:
+        sched.add(r)
+    plan = sched.schedule()
+    assert [r for r, _, _ in plan.prefill] == reqs[:1]
+    reqs[0].num_computed = 6
+    reqs[0].receive(7, {"logprob": 0.0}, False)
+    plan = sched.schedule()  # reqs[0] decodes, reqs[1] prefills, two still wait: decode held back
+    assert plan.decode_deferred and plan.decode == []
+    reqs[1].num_computed = 6
+    reqs[1].receive(7, {"logprob": 0.0}, False)
+    sched.join_decode(plan, [reqs[1]])
+    assert plan.decode == []
