@@ -677,3 +677,34 @@ def test_page_ids_read_ahead_change_nothing(kw):
     b = paged_decode_attention(q, k, v, tables, lens, 16, k_scale=0.5, prefetch_pages=False, interpret=_interpret(),
                                **kw)
     assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("kw", [{}, {"heads_per_program": 2, "max_concurrent_steps": 3},
+                                {"num_splits": 2, "sliding_window": 64, "soft_cap": 5.0}], ids=str)
+def test_early_v_matches_reference_without_races(kw):
+    """early_v (fp8: V converted while the tensor cores run Q K^T) against the reference, the race
+    detector watching the staging tiles; with lean_smem it changes nothing (one staging tile)."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    args = _fp8_inputs(6, 2, 8, 2, 64, 16, 230, 0.5, 2.0, lengths=(230, 70))
+    _check(args, 16, interpret=_interpret(detect_races=True), k_scale=0.5, v_scale=2.0, early_v=True, **kw)
+    assert not get_races().races_found
+    q, k, v, tables, lens = args
+    a, b = (paged_decode_attention(q, k, v, tables, lens, 16, k_scale=0.5, lean_smem=True, early_v=e,
+                                   interpret=_interpret(), **kw) for e in (True, False))
+    assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("kw", [{}, {"p_in_registers": True}, {"heads_per_program": 8}], ids=str)
+def test_early_v_lowers_for_cuda(kw):
+    assert "cvt.rn.f16x2.e4m3x2" in _lower(64, 32, 8, 128, 16, jnp.float8_e4m3fn, k_scale=0.5, early_v=True, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"p_in_registers": True}, {"heads_per_program": 2}, {"num_splits": 4},
+                                {"prefetch_pages": False}], ids=str)
+def test_early_v_and_page_prefetch_on_gpu(kw):
+    for seed in range(2):
+        _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0, early_v=True, **kw)
+    _check(_fp8_inputs(2, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, early_v=True, **kw)
+    _check(_inputs(3, 1024, 32, 8, 128, 16, 160), 16, **kw)

@@ -189,13 +189,16 @@ def fill_ring(stages, n_steps, issue):
         pl.when(i < n_steps)(lambda i=i: issue(i, i))
 
 
-def qk_scores(q_smem, k_op, rows, tile):
-    """Raw scores Q K^T [rows, tile] in float32 (one wgmma)."""
+def qk_scores(q_smem, k_op, rows, tile, meanwhile=None):
+    """Raw scores Q K^T [rows, tile] in float32 (one wgmma); `meanwhile()` (if any) runs while the
+    tensor cores work, between the wgmma's issue and the wait for its result."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     def scope(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_op.transpose((1, 0)))
+        if meanwhile is not None:
+            meanwhile()
         return acc_ref[...]
 
     return pl.run_scoped(scope, plgpu.ACC((rows, tile), jnp.float32))
@@ -228,15 +231,17 @@ def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
     return h // kvh
 
 
-def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, rows, tile, scale, soft_cap):
+def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, rows, tile, scale, soft_cap,
+                meanwhile=None):
     """The start of one ring step, the same in both kernels: wait for this step's K stage, Q K^T on
-    the tensor cores, refill the stage the previous step freed, then scale (base 2, soft cap).
-    Returns (the step's ring slot, the scores [rows, tile])."""
+    the tensor cores (``meanwhile(slot)`` while they work), refill the stage the previous step
+    freed, then scale (base 2, soft cap). Returns (the step's ring slot, the scores [rows, tile])."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     slot = lax.rem(step, stages)
     plgpu.barrier_wait(k_bar.at[slot])
-    s = qk_scores(q_smem, operand(k_smem, slot, 0), rows, tile)
+    s = qk_scores(q_smem, operand(k_smem, slot, 0), rows, tile,
+                  None if meanwhile is None else (lambda: meanwhile(slot)))
     refill_previous(step, stages, n_steps, issue)
     return slot, log2_scores(s, scale, soft_cap)
 
@@ -350,7 +355,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
-                           prefetch_pages: bool = True, interpret=False):
+                           prefetch_pages: bool = True, early_v: bool = False, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -364,6 +369,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     consecutive KV heads of one (sequence, split), one after another, its TMA ring running on across
     the head boundary (see "Several KV heads per program" in the module docstring).
     ``prefetch_pages``: the refills' page ids read a step ahead (see the module docstring).
+    ``early_v`` (fp8 pools with a staging tile each for K and V, i.e. not ``lean_smem``; no effect
+    otherwise): a step's V stage is waited for and converted while the tensor cores run its Q K^T,
+    instead of after the softmax -- the conversion off the warpgroup's serial path.
     ``lean_smem``: less shared memory per program, so that more programs fit an SM -- fp8 pools
     convert K and V into one staging tile (not one each), and the buffers only the loop needs (P,
     the staging tile) and those only the epilogue needs (O, the log-sum-exps; one head per program)
@@ -488,8 +496,14 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             stores; bufs: the loop's buffers (see loop_types). Returns the last head's state."""
             bufs = list(bufs)
             p_smem = None if p_in_registers else bufs.pop(0)
-            operand = staged_operand([bufs.pop(0) for _ in range(n_staging)], fp8, dtype)
+            staging = [bufs.pop(0) for _ in range(n_staging)]
+            operand = staged_operand(staging, fp8, dtype)
             out_bufs = bufs  # several heads per program: O and the log-sum-exps
+            v_early = early_v and n_staging == 2
+
+            def convert_v(slot):  # V's stage, waited for and converted into its staging tile
+                plgpu.barrier_wait(v_bar.at[slot])
+                return operand(v_smem, slot, 1)
 
             def body(t, carry):
                 acc, m_i, l_i, pages = carry  # pages: those of ring step t - 1 + stages, read a step ago
@@ -505,7 +519,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                         pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
                 refill = (lambda u, slot: issue(u, slot, pages)) if prefetch_pages else issue  # u = t - 1 + stages
                 slot, s = step_scores(t, stages, n_total, refill, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
-                                      soft_cap)
+                                      soft_cap, convert_v if v_early else None)
                 if prefetch_pages:  # the next step's refill: the loads' latency hides behind this step
                     pages = pages_of(t + stages)
                 pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
@@ -521,8 +535,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                     p_smem[...] = p.astype(dtype)
                     plgpu.commit_smem()
                     p_op = p_smem
-                plgpu.barrier_wait(v_bar.at[slot])
-                v_op = operand(v_smem, slot, 1)
+                v_op = staging[1] if v_early else convert_v(slot)
 
                 def pv_scope(acc_ref):
                     plgpu.wgmma(acc_ref, p_op, v_op)
