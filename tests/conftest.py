@@ -168,6 +168,14 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def llm_with_small_pool(path, kv_tokens: int, **kw):
+    """An LLM on a tiny checkpoint with a small KV pool of 16-token blocks (chunking, preemption);
+    use it as a context manager."""
+    from jaxllm import LLM, KvCacheConfig
+
+    return LLM(str(path), kv_cache_config=KvCacheConfig(max_tokens=kv_tokens, tokens_per_block=16), **kw)
+
+
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_checkpoints):
     """A float32 LLM on the tiny Llama-3.1-style checkpoint, shared by the API tests."""

@@ -5,22 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import llm_with_small_pool
 from jaxllm import LLM, KvCacheConfig, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def small_pool_llm(tiny_checkpoints):
     """A KV pool of 64 blocks x 16 tokens: far too small for 200 requests of up to 400 tokens."""
-    llm = LLM(
-        str(tiny_checkpoints["llama3"]),
-        max_seq_len=512,
-        max_batch_size=32,
-        max_num_tokens=256,
-        decode_steps=16,
-        kv_cache_config=KvCacheConfig(max_tokens=1024, tokens_per_block=16),
-    )
-    yield llm
-    llm.shutdown()
+    with llm_with_small_pool(tiny_checkpoints["llama3"], 1024, max_seq_len=512, max_batch_size=32, max_num_tokens=256,
+                             decode_steps=16) as llm:
+        yield llm
 
 
 def _random_requests(n, vocab, seed=0):

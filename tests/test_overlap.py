@@ -11,7 +11,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from jaxllm import LLM, KvCacheConfig, SamplingParams
+from conftest import llm_with_small_pool
+from jaxllm import LLM, SamplingParams
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.request import Request, Status
 from jaxllm.engine.scheduler import Scheduler
@@ -20,16 +21,9 @@ from jaxllm.engine.scheduler import Scheduler
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoints):
     """Small token budget (many prefill calls, long prompts chunked) and a small pool (preemption)."""
-    llm = LLM(
-        str(tiny_checkpoints["llama3"]),
-        max_seq_len=256,
-        max_batch_size=16,
-        max_num_tokens=64,
-        decode_steps=4,
-        kv_cache_config=KvCacheConfig(max_tokens=640, tokens_per_block=16),
-    )
-    yield llm
-    llm.shutdown()
+    with llm_with_small_pool(tiny_checkpoints["llama3"], 640, max_seq_len=256, max_batch_size=16, max_num_tokens=64,
+                             decode_steps=4) as llm:
+        yield llm
 
 
 def _trace(engine, monkeypatch) -> list[tuple[str, int]]:
