@@ -110,6 +110,8 @@ def main():
             {},
             {"p_in_registers": True},
             {"lean_smem": True},
+            {"swap_ab": True},
+            {"swap_ab": True, "max_concurrent_steps": 3},
             {"prefetch_pages": False},
             {"max_concurrent_steps": 2},
             {"max_concurrent_steps": 3},
@@ -152,7 +154,11 @@ def main():
             f8 = jnp.float8_e4m3fn
             fp8_sets = [(q, k.astype(f8), v.astype(f8), t, l) for (q, k, v, t, l) in sets]
             ref8 = np.asarray(jax.jit(lambda *a: reference_decode_attention(*a, bs))(*fp8_sets[0]))
-            for kw in [{}, {"prefetch_pages": False}, {"early_v": True}, {"early_v": True, "p_in_registers": True},
+            for kw in [{}, {"prefetch_pages": False}, {"swap_ab": True}, {"swap_ab": True, "lean_smem": True},
+                       {"swap_ab": True, "early_v": True}, {"swap_ab": True, "max_concurrent_steps": 3},
+                       {"swap_ab": True, "lean_smem": True, "max_concurrent_steps": 3},
+                       {"swap_ab": True, "heads_per_program": 2}, {"swap_ab": True, "block_kv": 128},
+                       {"early_v": True}, {"early_v": True, "p_in_registers": True},
                        {"p_in_registers": True}, {"lean_smem": True},
                        {"lean_smem": True, "p_in_registers": True},
                        {"lean_smem": True, "heads_per_program": 2}, {"lean_smem": True, "heads_per_program": 8},

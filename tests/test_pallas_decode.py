@@ -212,20 +212,24 @@ def test_bad_arguments_are_refused():
         paged_decode_attention(q, k, v, tables, lens, 16, block_kv=96)
 
 
-@pytest.mark.parametrize("kv,hpp", [("auto", "1"), ("fp8", "1"), ("fp8", "2")])
-def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp):
+@pytest.mark.parametrize("kv,hpp,swap", [("auto", "1", "0"), ("fp8", "1", "0"), ("fp8", "2", "0"), ("fp8", "1", "1"),
+                                         ("auto", "2", "1")])
+def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap):
     """The runner's decode path with the (interpreted) kernel gives the reference path's tokens
     (fp8: over an fp8 pool with per-layer scales that are not 1; hpp: the kernel's KV heads per
-    program, JAXLLM_ATTN_HEADS_PER_PROGRAM)."""
+    program, JAXLLM_ATTN_HEADS_PER_PROGRAM; swap: JAXLLM_ATTN_SWAP_AB, with JAXLLM_ATTN_LEAN_SMEM)."""
     from jaxllm import LLM, KvCacheConfig, SamplingParams
     from jaxllm.pallas import decode_attention
     from jaxllm.runner.paged import decode_kernel_for
 
     monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", hpp)
+    monkeypatch.setenv("JAXLLM_ATTN_SWAP_AB", swap)
+    monkeypatch.setenv("JAXLLM_ATTN_LEAN_SMEM", swap)
     grids = []
     real_kernel = decode_attention.paged_decode_attention
     monkeypatch.setattr(decode_attention, "paged_decode_attention",
-                        lambda *a, **kw: grids.append(kw["heads_per_program"]) or real_kernel(*a, **kw))
+                        lambda *a, **kw: grids.append((kw["heads_per_program"], kw["swap_ab"], kw["lean_smem"]))
+                        or real_kernel(*a, **kw))
     write_kernel_sized_config(tmp_path)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -247,7 +251,7 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp):
                                          traced)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
-    assert grids and set(grids) == {int(hpp)}
+    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1")}
     assert got == expected
 
 
@@ -708,3 +712,76 @@ def test_early_v_and_page_prefetch_on_gpu(kw):
         _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0, early_v=True, **kw)
     _check(_fp8_inputs(2, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, early_v=True, **kw)
     _check(_inputs(3, 1024, 32, 8, 128, 16, 160), 16, **kw)
+
+
+# -- swap_ab: S^T = K Q^T and O^T = V^T P^T, the query rows on the wgmma's N -------------------------
+SWAP_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, lengths, fp8, kernel kwargs)
+    (3, 8, 2, 64, 16, (200, 1, 90), False, {}),
+    (3, 8, 2, 64, 16, (200, 1, 90), True, {}),
+    (3, 8, 2, 64, 16, (200, 1, 90), True, {"heads_per_program": 2, "max_concurrent_steps": 3, "lean_smem": True}),
+    (3, 8, 2, 64, 16, (200, 1, 90), True, {"num_splits": 2, "sliding_window": 64, "soft_cap": 5.0, "early_v": True}),
+    (3, 8, 2, 64, 16, (200, 1, 90), False, {"heads_major": True, "block_kv": 128}),
+    (2, 12, 4, 64, 32, (150, 60), False, {"heads_per_program": 2}),  # G = 3: rows at offsets 0..5 of 8
+    (2, 66, 2, 64, 16, (150, 70), False, {"heads_per_program": 2}),  # G = 33: N = 40, one Q load a head
+]
+
+
+@pytest.mark.parametrize("case", SWAP_CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}".format(*c[:5]) + ("-fp8" if c[6] else "")
+                         + "".join(f"-{k}" for k in c[7]))
+def test_swap_ab_matches_reference_in_interpret_mode(case):
+    b, h, kvh, d, bs, lengths, fp8, kw = case
+    if fp8:
+        args = _fp8_inputs(4, b, h, kvh, d, bs, max(lengths), 0.5, 2.0, lengths=lengths)
+        _check(args, bs, interpret=_interpret(), k_scale=0.5, v_scale=2.0, swap_ab=True, **kw)
+    else:
+        _check(_inputs(4, b, h, kvh, d, bs, max(lengths), lengths=lengths), bs, interpret=_interpret(), swap_ab=True,
+               **kw)
+
+
+def test_swap_ab_has_no_races():
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    args = _fp8_inputs(7, 2, 8, 2, 64, 16, 200, 0.5, 0.5, lengths=(200, 90))
+    for kw in ({}, {"max_concurrent_steps": 3, "lean_smem": True}, {"heads_per_program": 2, "early_v": True}):
+        _check(args, 16, interpret=_interpret(detect_races=True), k_scale=0.5, v_scale=0.5, swap_ab=True, **kw)
+        assert not get_races().races_found, kw
+
+
+@pytest.mark.parametrize("kw", [{}, {"lean_smem": True}, {"heads_per_program": 8}, {"block_kv": 128, "num_splits": 4}],
+                         ids=str)
+def test_swap_ab_lowers_for_cuda(kw):
+    assert "mosaic_gpu" in _lower(64, 32, 8, 128, 16, swap_ab=True, **kw)
+    assert "cvt.rn.f16x2.e4m3x2" in _lower(64, 32, 8, 128, 16, jnp.float8_e4m3fn, k_scale=0.5, swap_ab=True, **kw)
+
+
+def test_swap_ab_tiles_and_refusals(monkeypatch):
+    """The query tile shrinks to the rows the heads need (8 for Llama's G = 4 at any offset, so a
+    program's shared memory drops below three an SM's share); P in registers is refused; the switch."""
+    from jaxllm.pallas.decode_attention import SMEM_BYTES, _smem_besides_stages
+    from jaxllm.runner.paged import attention_swap_ab
+
+    fp8_stages = 2 * 2 * 64 * 128
+    assert SMEM_BYTES // (fp8_stages + _smem_besides_stages(128, 64, False, 1, False, 1, 8) + 1024) == 3
+    assert SMEM_BYTES // (fp8_stages + _smem_besides_stages(128, 64, False, 1, True, 1, 8) + 1024) == 4
+    q, k, v, tables, lens = _inputs(0, 2, 8, 2, 64, 16, 40)
+    with pytest.raises(ValueError, match="swap_ab takes P from shared memory"):
+        paged_decode_attention(q, k, v, tables, lens, 16, swap_ab=True, p_in_registers=True, interpret=_interpret())
+    monkeypatch.delenv("JAXLLM_ATTN_SWAP_AB", raising=False)
+    assert attention_swap_ab() is False
+    monkeypatch.setenv("JAXLLM_ATTN_SWAP_AB", "1")
+    assert attention_swap_ab() is True
+    monkeypatch.setenv("JAXLLM_ATTN_SWAP_AB", "on")
+    with pytest.raises(ValueError, match="JAXLLM_ATTN_SWAP_AB='on': expected 0 or 1"):
+        attention_swap_ab()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"lean_smem": True}, {"heads_per_program": 2}, {"num_splits": 4},
+                                {"max_concurrent_steps": 3}, {"block_kv": 128}, {"sliding_window": 1000},
+                                {"soft_cap": 30.0}], ids=str)
+def test_swap_ab_on_gpu(kw):
+    for seed in range(2):
+        _check(_inputs(seed, 16, 32, 8, 128, 32, 4000), 32, swap_ab=True, **kw)
+        _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0, swap_ab=True, **kw)
+    _check(_fp8_inputs(2, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, swap_ab=True, **kw)
+    _check(_inputs(3, 1, 32, 8, 128, 16, 20000), 16, swap_ab=True, **kw)

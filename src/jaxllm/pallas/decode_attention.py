@@ -60,6 +60,16 @@ Why it is written this way
   and V into one staging tile (a warpgroup barrier before each conversion) and scopes P and the
   staging tile to the loop and O to the epilogue (``pl.run_scoped`` allocations are a stack, so the
   two scopes share their bytes): ~72 KiB, three programs per SM. Not yet timed on a GPU.
+* Swapped products (``swap_ab``, opt-in): Q K^T with the G query rows padded to wgmma's 64-row M
+  spends 64 / G times the tensor-core work a step needs (16x for Llama's G = 4): at 1024 x 160
+  tokens that is ~52 GFLOP a call, ~50 us of an H100's dense f16 peak, several times that at the
+  small, waited-for wgmmas of a decode step. Transposed, S^T = K Q^T [tile, N] and O^T = V^T P^T
+  [d, N] put the query rows on the wgmma's N, a multiple of 8 (N = 8 for G = 4): an eighth of the
+  work, accumulators of 4 + 8 registers a thread instead of 32 + 64, and Q, P and O tiles of 8 rows
+  (fp8, block_kv 64, two stages: ~70 KiB a program, ~54 KiB with ``lean_smem``). The softmax then
+  reduces over the tile's rows (across the warpgroup's warps), P is stored transposed for the
+  second wgmma's B, V is read transposed as its A (16-bit: wgmma takes an MN-major A from shared
+  memory), and O is stored transposed into its tile before the same row-slice copy out.
 * Page ids ahead of their copies: a tile's page ids are global loads (the block table stays in
   HBM), ~0.5 us each, that a TMA copy issued between them would serialize (its side effects keep
   the next load behind it). So a tile's ids are read together (``tile_pages``), and the ring's
@@ -129,13 +139,15 @@ def staged_operand(staging, fp8, dtype):
     return operand
 
 
-def softmax_start(rows, d):
-    """(acc [rows, d], running max m, running sum l) of an online softmax, in wgmma layouts."""
+def softmax_start(rows, d, swapped=False):
+    """(acc [rows, d], running max m, running sum l) of an online softmax, in wgmma layouts
+    (`swapped`: the transposed form, acc [d, rows], the query rows along the wgmma's N)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    m_i = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    l_i = plgpu.layout_cast(jnp.full((rows,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc = plgpu.layout_cast(jnp.full((rows, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    vec = plgpu.Layout.WGMMA.reduce(0 if swapped else 1)
+    m_i = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), vec)
+    l_i = plgpu.layout_cast(jnp.full((rows,), 0.0, jnp.float32), vec)
+    acc = plgpu.layout_cast(jnp.full((d, rows) if swapped else (rows, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
     return acc, m_i, l_i
 
 
@@ -146,22 +158,24 @@ def log2_scores(s, scale, soft_cap):
     return s * (scale * LOG2E)
 
 
-def softmax_step(s, m_i, l_i, may_be_empty=True):
-    """One online-softmax step over base-2 scores s [rows, tile]: (new max, the factor alpha that
-    rescales what was accumulated, probabilities p, new sum). `may_be_empty`: a row may have seen
-    only masked scores so far (its max is -inf), which must not make NaNs."""
-    m_new = jnp.maximum(m_i, s.max(axis=1))
+def softmax_step(s, m_i, l_i, may_be_empty=True, swapped=False):
+    """One online-softmax step over base-2 scores s [rows, tile] (`swapped`: [tile, rows]): (new
+    max, the factor alpha that rescales what was accumulated, probabilities p, new sum).
+    `may_be_empty`: a row may have seen only masked scores so far (its max is -inf), which must not
+    make NaNs."""
+    tokens = 0 if swapped else 1
+    m_new = jnp.maximum(m_i, s.max(axis=tokens))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if may_be_empty else m_new
     alpha = jnp.exp2(m_i - m_safe)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-    return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [1 - tokens]))
+    return m_new, alpha, p, l_i * alpha + p.sum(axis=tokens)
 
 
-def softmax_finish(acc, l_i):
+def softmax_finish(acc, l_i, swapped=False):
     """(acc normalized by the softmax sum, rows with no token) -- empty rows give zeros."""
     empty = l_i == 0.0
     inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l_i))
-    return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), empty
+    return acc * lax.broadcast_in_dim(inv, acc.shape, [1 if swapped else 0]), empty
 
 
 def tile_pages(tables_ref, seq, first, copies, rows, block_size, width):
@@ -189,19 +203,23 @@ def fill_ring(stages, n_steps, issue):
         pl.when(i < n_steps)(lambda i=i: issue(i, i))
 
 
-def qk_scores(q_smem, k_op, rows, tile, meanwhile=None):
-    """Raw scores Q K^T [rows, tile] in float32 (one wgmma); `meanwhile()` (if any) runs while the
-    tensor cores work, between the wgmma's issue and the wait for its result."""
+def qk_scores(q_smem, k_op, rows, tile, meanwhile=None, swapped=False):
+    """Raw scores Q K^T [rows, tile] in float32 (one wgmma; `swapped`: K Q^T [tile, rows], the query
+    rows along the wgmma's N); `meanwhile()` (if any) runs while the tensor cores work, between the
+    wgmma's issue and the wait for its result."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     def scope(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_op.transpose((1, 0)))
+        if swapped:
+            plgpu.wgmma(acc_ref, k_op, q_smem.transpose((1, 0)))
+        else:
+            plgpu.wgmma(acc_ref, q_smem, k_op.transpose((1, 0)))
         if meanwhile is not None:
             meanwhile()
         return acc_ref[...]
 
-    return pl.run_scoped(scope, plgpu.ACC((rows, tile), jnp.float32))
+    return pl.run_scoped(scope, plgpu.ACC((tile, rows) if swapped else (rows, tile), jnp.float32))
 
 
 def refill_previous(step, stages, n_steps, issue):
@@ -232,7 +250,7 @@ def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
 
 
 def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, rows, tile, scale, soft_cap,
-                meanwhile=None):
+                meanwhile=None, swapped=False):
     """The start of one ring step, the same in both kernels: wait for this step's K stage, Q K^T on
     the tensor cores (``meanwhile(slot)`` while they work), refill the stage the previous step
     freed, then scale (base 2, soft cap). Returns (the step's ring slot, the scores [rows, tile])."""
@@ -241,7 +259,7 @@ def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, ro
     slot = lax.rem(step, stages)
     plgpu.barrier_wait(k_bar.at[slot])
     s = qk_scores(q_smem, operand(k_smem, slot, 0), rows, tile,
-                  None if meanwhile is None else (lambda: meanwhile(slot)))
+                  None if meanwhile is None else (lambda: meanwhile(slot)), swapped)
     refill_previous(step, stages, n_steps, issue)
     return slot, log2_scores(s, scale, soft_cap)
 
@@ -276,14 +294,14 @@ SMEM_BYTES = 232448  # per block on Hopper (227 KiB)
 
 
 def _smem_besides_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2, lean: bool = False,
-                         hpp: int = 1) -> int:
+                         hpp: int = 1, qrows: int = ROWS) -> int:
     """Shared memory of everything but the K/V stages: Q, O and the log-sum-exps, P (in shared memory
     unless ``p_in_registers``), the barriers and (fp8 pools, ``kv_bytes == 1``) the 16-bit staging
     tiles. ``lean``: one staging tile for K and V, and the loop's buffers (P, staging; O too with
     several heads per program) scoped apart from the epilogue's O (see ``lean_smem``)."""
-    q = ROWS * d * 2 + 1024
-    out = ROWS * d * 2 + ROWS * 4
-    p = 0 if p_in_registers else ROWS * tile * 2
+    q = qrows * d * 2 + 1024
+    out = qrows * d * 2 + qrows * 4
+    p = 0 if p_in_registers else qrows * tile * 2
     staging = 0 if kv_bytes != 1 else (1 if lean else 2) * tile * d * 2
     if not lean:
         return q + out + p + staging
@@ -292,9 +310,10 @@ def _smem_besides_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int 
 
 
 def _max_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2, lean: bool = False,
-                hpp: int = 1) -> int:
+                hpp: int = 1, qrows: int = ROWS) -> int:
     """The most K/V stages that fit in shared memory beside the rest (``_smem_besides_stages``)."""
-    return (SMEM_BYTES - _smem_besides_stages(d, tile, p_in_registers, kv_bytes, lean, hpp)) // (2 * tile * d * kv_bytes)
+    besides = _smem_besides_stages(d, tile, p_in_registers, kv_bytes, lean, hpp, qrows)
+    return (SMEM_BYTES - besides) // (2 * tile * d * kv_bytes)
 
 
 def _check_heads_per_program(heads_per_program, kvh: int) -> int:
@@ -355,7 +374,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            soft_cap=None, sliding_window=None, block_kv=64, num_splits=None,
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
-                           prefetch_pages: bool = True, early_v: bool = False, interpret=False):
+                           prefetch_pages: bool = True, early_v: bool = False, swap_ab: bool = False,
+                           interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -369,6 +389,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     consecutive KV heads of one (sequence, split), one after another, its TMA ring running on across
     the head boundary (see "Several KV heads per program" in the module docstring).
     ``prefetch_pages``: the refills' page ids read a step ahead (see the module docstring).
+    ``swap_ab``: the transposed products, S^T = K Q^T and O^T = V^T P^T, so the G query rows are the
+    wgmma's N (a multiple of 8) instead of its 64-row M (see "Swapped products" in the module
+    docstring); P goes through shared memory (not with ``p_in_registers``).
     ``early_v`` (fp8 pools with a staging tile each for K and V, i.e. not ``lean_smem``; no effect
     otherwise): a step's V stage is waited for and converted while the tensor cores run its Q K^T,
     instead of after the softmax -- the conversion off the warpgroup's serial path.
@@ -390,6 +413,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     if d % 64:
         raise ValueError(f"head_dim must be a multiple of 64, got {d}")
     hpp = _check_heads_per_program(heads_per_program, kvh)
+    if swap_ab and p_in_registers:
+        raise ValueError("swap_ab takes P from shared memory: p_in_registers must be False")
     kv_dtype = jnp.dtype(k_pool.dtype)
     fp8 = kv_dtype == FP8
     dtype = jnp.dtype(jnp.float16) if fp8 else kv_dtype  # what the tensor cores read (see above)
@@ -402,19 +427,22 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     steps_per_split = -(-total_steps // num_splits)
     split_tokens = steps_per_split * tile
     num_splits = -(-total_steps // steps_per_split)  # no split that is empty for every sequence
-    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp)
+    # one Q load serves all the program's heads when their rows fit the tile at any offset r0
+    q_shared = hpp == 1 or _max_r0(h, hpp * g) + hpp * g <= ROWS
+    # the Q tile's rows: the wgmma's M (64), or swapped its N, the rows the program's heads need
+    per_load = hpp * g if q_shared else g
+    qrows = -(-(_max_r0(h, per_load) + per_load) // 8) * 8 if swap_ab else ROWS
+    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp, qrows)
     if fit < 2:
         raise ValueError(f"block_kv={tile} with head_dim {d} ({kv_dtype.name} pools) leaves no room for two stages "
                          f"in shared memory; use block_kv=64")
     # the ring runs over all the program's heads: up to hpp * steps_per_split steps
     stages = max(2, min(max_concurrent_steps, hpp * steps_per_split, fit))
-    # one Q load serves all the program's heads when their rows fit the tile at any offset r0
-    q_shared = hpp == 1 or _max_r0(h, hpp * g) + hpp * g <= ROWS
     scale = (d**-0.5 if sm_scale is None else sm_scale)
     q_in, scale = tensor_core_q(q, scale, k_scale, dtype)
 
     # Q rows [B*H + 64, D]: a 64-row TMA box starting at any group stays in bounds.
-    q_rows = jnp.pad(q_in.reshape(b * h, d).astype(dtype), ((0, ROWS), (0, 0)))
+    q_rows = jnp.pad(q_in.reshape(b * h, d).astype(dtype), ((0, qrows), (0, 0)))
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
 
@@ -449,7 +477,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             return q_start, q_first - q_start
 
         def load_q(q_start):
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, ROWS)], q_smem, q_bar)
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, qrows)], q_smem, q_bar)
 
         q_start, r0 = q_start_of(head0)
         load_q(q_start)
@@ -481,10 +509,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         def store(out_bufs, head, acc, m_i, l_i):
             """Normalize and store one KV head's G output rows and its log-sum-exps."""
             o_smem, lse_smem = out_bufs
-            out, empty = softmax_finish(acc, l_i)
+            out, empty = softmax_finish(acc, l_i, swap_ab)
             if hpp > 1:  # the previous head's stores must have read o_smem / lse_smem
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            o_smem[...] = out.astype(dtype)
+            (o_smem.transpose((1, 0)) if swap_ab else o_smem)[...] = out.astype(dtype)
             # log-sum-exp in base 2; -inf for a split with no tokens
             lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
             plgpu.commit_smem()
@@ -518,31 +546,35 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                     if not q_shared:  # its Q tile was loaded when the previous head finished
                         pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
                 refill = (lambda u, slot: issue(u, slot, pages)) if prefetch_pages else issue  # u = t - 1 + stages
-                slot, s = step_scores(t, stages, n_total, refill, k_bar, k_smem, operand, q_smem, ROWS, tile, scale,
-                                      soft_cap, convert_v if v_early else None)
+                slot, s = step_scores(t, stages, n_total, refill, k_bar, k_smem, operand, q_smem, qrows, tile, scale,
+                                      soft_cap, convert_v if v_early else None, swap_ab)
                 if prefetch_pages:  # the next step's refill: the loads' latency hides behind this step
                     pages = pages_of(t + stages)
-                pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, tile), 1, layout=plgpu.Layout.WGMMA)
+                pos = plgpu.broadcasted_iota(jnp.int32, (tile, qrows) if swap_ab else (qrows, tile), 0 if swap_ab else 1,
+                                             layout=plgpu.Layout.WGMMA)
                 pos = pos + (start + step * tile)
                 valid = pos < hi
                 if win_lo is not None:
                     valid = valid & (pos >= win_lo)
                 s = jnp.where(valid, s, -jnp.inf)
-                m_new, alpha, p, l_i = softmax_step(s, m_i, l_i)
+                m_new, alpha, p, l_i = softmax_step(s, m_i, l_i, swapped=swap_ab)
                 if p_in_registers:
                     p_op = p.astype(dtype)
                 else:
-                    p_smem[...] = p.astype(dtype)
+                    (p_smem.transpose((1, 0)) if swap_ab else p_smem)[...] = p.astype(dtype)
                     plgpu.commit_smem()
                     p_op = p_smem
                 v_op = staging[1] if v_early else convert_v(slot)
 
                 def pv_scope(acc_ref):
-                    plgpu.wgmma(acc_ref, p_op, v_op)
+                    if swap_ab:  # O^T += V^T P^T
+                        plgpu.wgmma(acc_ref, v_op.transpose((1, 0)), p_op.transpose((1, 0)))
+                    else:
+                        plgpu.wgmma(acc_ref, p_op, v_op)
                     return acc_ref[...]
 
-                pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, d), jnp.float32))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+                pv = pl.run_scoped(pv_scope, plgpu.ACC((d, qrows) if swap_ab else (qrows, d), jnp.float32))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1 if swap_ab else 0]) + pv
                 if hpp > 1:  # a head other than the last one finishes here, the last one after the loop
 
                     @pl.when((step == n_steps - 1) & (head < head0 + hpp - 1))
@@ -553,7 +585,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
 
                 return acc, m_new, l_i, pages
 
-            *carry, _ = lax.fori_loop(0, n_total, body, (*softmax_start(ROWS, d), pages_of(stages) if prefetch_pages else ()))
+            start_state = softmax_start(qrows, d, swap_ab)
+            *carry, _ = lax.fori_loop(0, n_total, body, (*start_state, pages_of(stages) if prefetch_pages else ()))
             if hpp > 1:
                 # no step for this split: every head but the last stores the empty state here
                 @pl.when(n_steps == 0)
@@ -562,7 +595,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                         store(out_bufs, head0 + k, *state)
                         return state
 
-                    lax.fori_loop(0, hpp - 1, empty, softmax_start(ROWS, d))
+                    lax.fori_loop(0, hpp - 1, empty, softmax_start(qrows, d, swap_ab))
 
                 store(out_bufs, head0 + hpp - 1, *carry)
             return carry
@@ -586,12 +619,12 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
 
     transforms = swizzled(d, 2)
     kv_transforms = swizzled(d, kv_dtype.itemsize)
-    out_types = (plgpu.SMEM((ROWS, d), dtype), plgpu.SMEM((ROWS,), jnp.float32))  # O, log-sum-exps
+    out_types = (plgpu.SMEM((qrows, d), dtype), plgpu.SMEM((qrows,), jnp.float32))  # O, log-sum-exps
     n_staging = 0 if not fp8 else 1 if lean_smem else 2  # the 16-bit staging tiles of K and V
-    loop_types = (() if p_in_registers else (plgpu.SMEM((ROWS, tile), dtype, transforms=transforms),)) + (
+    loop_types = (() if p_in_registers else (plgpu.SMEM((qrows, tile), dtype, transforms=transforms),)) + (
         plgpu.SMEM((tile, d), dtype, transforms=transforms),) * n_staging
     scratch = (  # in the order of the kernel's scratch arguments
-        plgpu.SMEM((ROWS, d), dtype, transforms=transforms),  # q_smem
+        plgpu.SMEM((qrows, d), dtype, transforms=transforms),  # q_smem
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # k_smem
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # v_smem
         plgpu.Barrier(num_arrivals=1),  # q_bar
@@ -602,7 +635,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         kernel,
         out_type=(
             jax.ShapeDtypeStruct((num_splits, b, h, d), dtype),
-            jax.ShapeDtypeStruct((num_splits, b, kvh, ROWS), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, b, kvh, qrows), jnp.float32),
         ),
         grid=(kvh // hpp, num_splits, b),
         grid_names=("kvh", "split", "seq"),

@@ -167,9 +167,19 @@ def attention_lean_smem() -> bool:
     """JAXLLM_ATTN_LEAN_SMEM=1: the decode kernel's ``lean_smem`` layout (one fp8 staging tile, scoped
     loop and epilogue buffers: three programs an SM where two fit). Opt-in until measured on a GPU in
     the model (BENCHMARKS.md, thirteenth session)."""
-    value = os.environ.get("JAXLLM_ATTN_LEAN_SMEM", "0")
+    return _flag("JAXLLM_ATTN_LEAN_SMEM")
+
+
+def attention_swap_ab() -> bool:
+    """JAXLLM_ATTN_SWAP_AB=1: the decode kernel's ``swap_ab`` form (the query rows on the wgmma's N:
+    an eighth of the tensor-core work at G = 4). Opt-in until measured on a GPU."""
+    return _flag("JAXLLM_ATTN_SWAP_AB")
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "0")
     if value not in ("0", "1"):
-        raise ValueError(f"JAXLLM_ATTN_LEAN_SMEM={value!r}: expected 0 or 1")
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
     return value == "1"
 
 
@@ -189,7 +199,7 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
             v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
-            lean_smem=attention_lean_smem(), interpret=interpret,
+            lean_smem=attention_lean_smem(), swap_ab=attention_swap_ab(), interpret=interpret,
         )
 
     heads = P(None, "model", None)
