@@ -441,7 +441,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     scale = (d**-0.5 if sm_scale is None else sm_scale)
     q_in, scale = tensor_core_q(q, scale, k_scale, dtype)
 
-    # Q rows [B*H + 64, D]: a 64-row TMA box starting at any group stays in bounds.
+    # Q rows [B*H + qrows, D]: a qrows-row TMA box starting at any group stays in bounds.
     q_rows = jnp.pad(q_in.reshape(b * h, d).astype(dtype), ((0, qrows), (0, 0)))
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
