@@ -78,6 +78,10 @@ def main():
                     help="comma-separated block_kv values for the --heads-per-program sweep")
     ap.add_argument("--stages", default=None,
                     help="comma-separated max_concurrent_steps values for the --heads-per-program sweep")
+    ap.add_argument("--profile", default=None,
+                    help="';'-separated kernel keyword sets as JSON (e.g. '{};{\"swap_ab\": true}'): each runs once "
+                         "on the fp8 pools with Mosaic GPU's in-kernel profiler, and the mean time of each named "
+                         "region a program spends is printed (per program and per ring step)")
     args = ap.parse_args()
     sweep = _hpp_sweep(args)
     b, h, kvh, d, bs = args.batch, 32, 8, 128, args.block_size
@@ -173,6 +177,12 @@ def main():
         for name, fn in _hpp_variants(sweep, bs, sets, ref, kv_bytes, args.fp8).items():
             variants[name] = fn
 
+        if args.profile:
+            f8 = jnp.float8_e4m3fn
+            q, k, v, t, l = sets[0]
+            for kw in args.profile.split(";"):
+                _profile(json.loads(kw), (q, k.astype(f8), v.astype(f8), t, l), bs, ctx)
+
         for name, fn in variants.items():
             fn, fsets, fref, fbytes = (fn + (ref, kv_bytes))[:4] if isinstance(fn, tuple) else (fn, sets, ref, kv_bytes)
             if args.variants != "all" and not any(s in name for s in args.variants.split(",")):
@@ -206,6 +216,49 @@ def main():
                     print(f"{r['variant']:<60} {r['ctx']:>5}  ERROR {r['error'][:60]}")
                 else:
                     print(f"{r['variant']:<60} {r['ctx']:>5} {r['us']:>9.1f} {r['tbps']:>6.2f}")
+
+
+def _profile(kw, args, bs, ctx):
+    """Run the kernel once with its in-kernel profiler (paged_decode_attention's profile_dir) and print
+    each named region's mean time per program (all its steps) and per occurrence."""
+    import glob
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            jax.block_until_ready(jax.jit(lambda *a: paged_decode_attention(*a, bs, profile_dir=tmp, **kw))(*args))
+            trace = json.load(open(sorted(glob.glob(f"{tmp}/*.json"))[-1]))["traceEvents"]
+        except Exception as e:  # noqa: BLE001
+            print(f"profile {kw}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            return
+    _print_profile(_summarize(trace), f"profile {kw or 'default'} (fp8, ctx {ctx})")
+
+
+def _summarize(trace):
+    """(programs, mean us from a program's first to last event, {region: (total us, occurrences)})."""
+    from collections import defaultdict
+
+    total, count, open_at, spans = defaultdict(float), defaultdict(int), {}, {}
+    for ev in trace:  # B/E pairs per program (tid), nested regions on a stack
+        key = (ev["tid"], ev["name"])
+        if ev["ph"] == "B":
+            open_at[key] = ev["ts"]
+        elif key in open_at:
+            total[ev["name"]] += ev["ts"] - open_at.pop(key)
+            count[ev["name"]] += 1
+        lo, hi = spans.get(ev["tid"], (ev["ts"], ev["ts"]))
+        spans[ev["tid"]] = (min(lo, ev["ts"]), max(hi, ev["ts"]))
+    programs = len(spans)
+    span = sum(hi - lo for lo, hi in spans.values()) / max(programs, 1)
+    return programs, span, {n: (total[n], count[n]) for n in total}
+
+
+def _print_profile(summary, title):
+    programs, span, regions = summary
+    n = max(programs, 1)
+    print(f"\n{title}: {programs} programs, {span:.2f} us from first to last event a program", flush=True)
+    for name, (tot, cnt) in sorted(regions.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {name:<10} {tot / n:8.3f} us a program  {tot / cnt:8.3f} us x {cnt / n:.1f}", flush=True)
 
 
 def _ints(text):

@@ -253,14 +253,19 @@ def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, ro
                 meanwhile=None, swapped=False):
     """The start of one ring step, the same in both kernels: wait for this step's K stage, Q K^T on
     the tensor cores (``meanwhile(slot)`` while they work), refill the stage the previous step
-    freed, then scale (base 2, soft cap). Returns (the step's ring slot, the scores [rows, tile])."""
+    freed, then scale (base 2, soft cap). Returns (the step's ring slot, the scores [rows, tile]).
+    (The named scopes are the regions of a kernel profile, ``profile_dir``.)"""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     slot = lax.rem(step, stages)
-    plgpu.barrier_wait(k_bar.at[slot])
-    s = qk_scores(q_smem, operand(k_smem, slot, 0), rows, tile,
-                  None if meanwhile is None else (lambda: meanwhile(slot)), swapped)
-    refill_previous(step, stages, n_steps, issue)
+    with jax.named_scope("wait_k"):
+        plgpu.barrier_wait(k_bar.at[slot])
+    with jax.named_scope("convert_k"):
+        k_op = operand(k_smem, slot, 0)
+    with jax.named_scope("qk"):
+        s = qk_scores(q_smem, k_op, rows, tile, None if meanwhile is None else (lambda: meanwhile(slot)), swapped)
+    with jax.named_scope("refill"):
+        refill_previous(step, stages, n_steps, issue)
     return slot, log2_scores(s, scale, soft_cap)
 
 
@@ -291,6 +296,7 @@ def reference_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_s
 
 
 SMEM_BYTES = 232448  # per block on Hopper (227 KiB)
+PROFILE_EVENTS = 512  # profiler events a program may record (profile_dir; bounds-checked past that)
 
 
 def _smem_besides_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2, lean: bool = False,
@@ -375,7 +381,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
                            prefetch_pages: bool = True, early_v: bool = False, swap_ab: bool = False,
-                           interpret=False):
+                           profile_dir: str | None = None, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -389,6 +395,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     consecutive KV heads of one (sequence, split), one after another, its TMA ring running on across
     the head boundary (see "Several KV heads per program" in the module docstring).
     ``prefetch_pages``: the refills' page ids read a step ahead (see the module docstring).
+    ``profile_dir``: Mosaic GPU's in-kernel profiler writes a trace of every program's named regions
+    (wait_k, convert_k, qk, refill, softmax, p_store, v, pv, epilogue) there (benchmarks only).
     ``swap_ab``: the transposed products, S^T = K Q^T and O^T = V^T P^T, so the G query rows are the
     wgmma's N (a multiple of 8) instead of its 64-row M (see "Swapped products" in the module
     docstring); P goes through shared memory (not with ``p_in_registers``).
@@ -502,10 +510,12 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                 plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot, dst], v_bar.at[slot])
 
         n_total = n_steps if hpp == 1 else n_steps * hpp  # the ring's steps, all heads
-        fill_ring(stages, n_total, issue)
+        with jax.named_scope("fill"):
+            fill_ring(stages, n_total, issue)
 
         plgpu.barrier_wait(q_bar)
 
+        @jax.named_scope("epilogue")
         def store(out_bufs, head, acc, m_i, l_i):
             """Normalize and store one KV head's G output rows and its log-sum-exps."""
             o_smem, lse_smem = out_bufs
@@ -556,15 +566,21 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                 valid = pos < hi
                 if win_lo is not None:
                     valid = valid & (pos >= win_lo)
-                s = jnp.where(valid, s, -jnp.inf)
-                m_new, alpha, p, l_i = softmax_step(s, m_i, l_i, swapped=swap_ab)
+                with jax.named_scope("softmax"):
+                    s = jnp.where(valid, s, -jnp.inf)
+                    m_new, alpha, p, l_i = softmax_step(s, m_i, l_i, swapped=swap_ab)
                 if p_in_registers:
                     p_op = p.astype(dtype)
                 else:
-                    (p_smem.transpose((1, 0)) if swap_ab else p_smem)[...] = p.astype(dtype)
-                    plgpu.commit_smem()
+                    with jax.named_scope("p_store"):
+                        (p_smem.transpose((1, 0)) if swap_ab else p_smem)[...] = p.astype(dtype)
+                        plgpu.commit_smem()
                     p_op = p_smem
-                v_op = staging[1] if v_early else convert_v(slot)
+                if v_early:
+                    v_op = staging[1]
+                else:
+                    with jax.named_scope("v"):
+                        v_op = convert_v(slot)
 
                 def pv_scope(acc_ref):
                     if swap_ab:  # O^T += V^T P^T
@@ -573,8 +589,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                         plgpu.wgmma(acc_ref, p_op, v_op)
                     return acc_ref[...]
 
-                pv = pl.run_scoped(pv_scope, plgpu.ACC((d, qrows) if swap_ab else (qrows, d), jnp.float32))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1 if swap_ab else 0]) + pv
+                with jax.named_scope("pv"):
+                    pv = pl.run_scoped(pv_scope, plgpu.ACC((d, qrows) if swap_ab else (qrows, d), jnp.float32))
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1 if swap_ab else 0]) + pv
                 if hpp > 1:  # a head other than the last one finishes here, the last one after the loop
 
                     @pl.when((step == n_steps - 1) & (head < head0 + hpp - 1))
@@ -640,7 +657,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         grid=(kvh // hpp, num_splits, b),
         grid_names=("kvh", "split", "seq"),
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **(
+            dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),
         interpret=interpret,
     )(block_tables, lengths, q_rows, k_pool, v_pool)
     # each group's G rows start at row (its first flattened query row) % 8 of its 64 (q_shared: of
