@@ -604,26 +604,37 @@ LEAN_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, lengths, fp8
 ]
 
 
-@pytest.mark.parametrize("case", LEAN_CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}".format(*c[:5]) + ("-fp8" if c[6] else ""))
-def test_lean_smem_matches_reference_in_interpret_mode(case):
+def _check_grid_case(case, **extra):
+    """One (batch, heads, kv_heads, head_dim, block_size, lengths, fp8, kernel kwargs) case of the
+    layout grids below, in interpret mode against the reference (fp8: scales 0.5 and 2)."""
     b, h, kvh, d, bs, lengths, fp8, kw = case
     if fp8:
         args = _fp8_inputs(4, b, h, kvh, d, bs, max(lengths), 0.5, 2.0, lengths=lengths)
-        _check(args, bs, interpret=_interpret(), k_scale=0.5, v_scale=2.0, lean_smem=True, **kw)
+        _check(args, bs, interpret=_interpret(), k_scale=0.5, v_scale=2.0, **extra, **kw)
     else:
-        _check(_inputs(4, b, h, kvh, d, bs, max(lengths), lengths=lengths), bs, interpret=_interpret(), lean_smem=True,
-               **kw)
+        _check(_inputs(4, b, h, kvh, d, bs, max(lengths), lengths=lengths), bs, interpret=_interpret(), **extra, **kw)
+
+
+def _assert_no_races(kw_sets, **extra):
+    """The race detector over fp8 pools (2 x 200 / 90 tokens), one run per kernel kwargs set."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    args = _fp8_inputs(7, 2, 8, 2, 64, 16, 200, 0.5, 0.5, lengths=(200, 90))
+    for kw in kw_sets:
+        _check(args, 16, interpret=_interpret(detect_races=True), k_scale=0.5, v_scale=0.5, **extra, **kw)
+        assert not get_races().races_found, kw
+
+
+@pytest.mark.parametrize("case", LEAN_CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}".format(*c[:5]) + ("-fp8" if c[6] else ""))
+def test_lean_smem_matches_reference_in_interpret_mode(case):
+    _check_grid_case(case, lean_smem=True)
 
 
 def test_lean_smem_has_no_races():
     """K and V converted into the one staging tile step after step, and the epilogue's O over the
     loop's bytes: the race detector finds nothing (one and two heads per program, two and three stages)."""
-    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
-
-    args = _fp8_inputs(7, 2, 8, 2, 64, 16, 200, 0.5, 0.5, lengths=(200, 90))
-    for kw in ({"max_concurrent_steps": 2}, {"max_concurrent_steps": 3}, {"heads_per_program": 2}):
-        _check(args, 16, interpret=_interpret(detect_races=True), k_scale=0.5, v_scale=0.5, lean_smem=True, **kw)
-        assert not get_races().races_found, kw
+    _assert_no_races(({"max_concurrent_steps": 2}, {"max_concurrent_steps": 3}, {"heads_per_program": 2}),
+                     lean_smem=True)
 
 
 def test_lean_smem_fits_three_programs_an_sm():
@@ -646,16 +657,19 @@ def test_lean_smem_lowers_for_cuda(kw):
     assert "cvt.rn.f16x2.e4m3x2" in _lower(64, 32, 8, 128, 16, jnp.float8_e4m3fn, k_scale=0.5, lean_smem=True, **kw)
 
 
-def test_lean_smem_switch(monkeypatch):
-    from jaxllm.runner.paged import attention_lean_smem
+@pytest.mark.parametrize("name", ["JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB"])
+def test_decode_kernel_switches(monkeypatch, name):
+    """Off by default, 1 turns it on, anything else is refused naming the switch."""
+    from jaxllm.runner import paged
 
-    monkeypatch.delenv("JAXLLM_ATTN_LEAN_SMEM", raising=False)
-    assert attention_lean_smem() is False
-    monkeypatch.setenv("JAXLLM_ATTN_LEAN_SMEM", "1")
-    assert attention_lean_smem() is True
-    monkeypatch.setenv("JAXLLM_ATTN_LEAN_SMEM", "yes")
-    with pytest.raises(ValueError, match="JAXLLM_ATTN_LEAN_SMEM='yes': expected 0 or 1"):
-        attention_lean_smem()
+    read = {"JAXLLM_ATTN_LEAN_SMEM": paged.attention_lean_smem, "JAXLLM_ATTN_SWAP_AB": paged.attention_swap_ab}[name]
+    monkeypatch.delenv(name, raising=False)
+    assert read() is False
+    monkeypatch.setenv(name, "1")
+    assert read() is True
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name}='yes': expected 0 or 1"):
+        read()
 
 
 @pytest.mark.gpu
@@ -729,22 +743,12 @@ SWAP_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, lengths, fp8
 @pytest.mark.parametrize("case", SWAP_CPU_GRID, ids=lambda c: "b{}h{}kv{}d{}bs{}".format(*c[:5]) + ("-fp8" if c[6] else "")
                          + "".join(f"-{k}" for k in c[7]))
 def test_swap_ab_matches_reference_in_interpret_mode(case):
-    b, h, kvh, d, bs, lengths, fp8, kw = case
-    if fp8:
-        args = _fp8_inputs(4, b, h, kvh, d, bs, max(lengths), 0.5, 2.0, lengths=lengths)
-        _check(args, bs, interpret=_interpret(), k_scale=0.5, v_scale=2.0, swap_ab=True, **kw)
-    else:
-        _check(_inputs(4, b, h, kvh, d, bs, max(lengths), lengths=lengths), bs, interpret=_interpret(), swap_ab=True,
-               **kw)
+    _check_grid_case(case, swap_ab=True)
 
 
 def test_swap_ab_has_no_races():
-    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
-
-    args = _fp8_inputs(7, 2, 8, 2, 64, 16, 200, 0.5, 0.5, lengths=(200, 90))
-    for kw in ({}, {"max_concurrent_steps": 3, "lean_smem": True}, {"heads_per_program": 2, "early_v": True}):
-        _check(args, 16, interpret=_interpret(detect_races=True), k_scale=0.5, v_scale=0.5, swap_ab=True, **kw)
-        assert not get_races().races_found, kw
+    _assert_no_races(({}, {"max_concurrent_steps": 3, "lean_smem": True}, {"heads_per_program": 2, "early_v": True}),
+                     swap_ab=True)
 
 
 @pytest.mark.parametrize("kw", [{}, {"lean_smem": True}, {"heads_per_program": 8}, {"block_kv": 128, "num_splits": 4}],
@@ -754,11 +758,10 @@ def test_swap_ab_lowers_for_cuda(kw):
     assert "cvt.rn.f16x2.e4m3x2" in _lower(64, 32, 8, 128, 16, jnp.float8_e4m3fn, k_scale=0.5, swap_ab=True, **kw)
 
 
-def test_swap_ab_tiles_and_refusals(monkeypatch):
+def test_swap_ab_tiles_and_refusals():
     """The query tile shrinks to the rows the heads need (8 for Llama's G = 4 at any offset, so a
-    program's shared memory drops below three an SM's share); P in registers is refused; the switch."""
+    program's shared memory drops below three an SM's share); P in registers is refused."""
     from jaxllm.pallas.decode_attention import SMEM_BYTES, _smem_besides_stages
-    from jaxllm.runner.paged import attention_swap_ab
 
     fp8_stages = 2 * 2 * 64 * 128
     assert SMEM_BYTES // (fp8_stages + _smem_besides_stages(128, 64, False, 1, False, 1, 8) + 1024) == 3
@@ -766,13 +769,6 @@ def test_swap_ab_tiles_and_refusals(monkeypatch):
     q, k, v, tables, lens = _inputs(0, 2, 8, 2, 64, 16, 40)
     with pytest.raises(ValueError, match="swap_ab takes P from shared memory"):
         paged_decode_attention(q, k, v, tables, lens, 16, swap_ab=True, p_in_registers=True, interpret=_interpret())
-    monkeypatch.delenv("JAXLLM_ATTN_SWAP_AB", raising=False)
-    assert attention_swap_ab() is False
-    monkeypatch.setenv("JAXLLM_ATTN_SWAP_AB", "1")
-    assert attention_swap_ab() is True
-    monkeypatch.setenv("JAXLLM_ATTN_SWAP_AB", "on")
-    with pytest.raises(ValueError, match="JAXLLM_ATTN_SWAP_AB='on': expected 0 or 1"):
-        attention_swap_ab()
 
 
 @pytest.mark.gpu
