@@ -161,6 +161,35 @@ def test_quantization_at_load(tiny, plain, mode, tol):
     assert (logits.argmax(-1) == plain["logits"].argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.parametrize("mode", ["fp8", "fp8-w8a8"])
+def test_fp8_lm_head_opt_in(tiny, plain, monkeypatch, mode):
+    """JAXLLM_FP8_LM_HEAD=1: the head is quantized per vocabulary row exactly as a projection (stored
+    K-minor), the logits move a little more than with a 16-bit head and keep the top tokens."""
+    with LLM(str(tiny), max_seq_len=128, compilation_cache=False, quantization=mode) as llm:
+        head16 = _logits(llm)
+    monkeypatch.setenv("JAXLLM_FP8_LM_HEAD", "1")
+    with LLM(str(tiny), max_seq_len=128, compilation_cache=False, quantization=mode) as llm:
+        assert llm.model_config.quantize_lm_head
+        params, logits = _params(llm), _logits(llm)
+    ax, out = ("embed", "vocab"), ("vocab",)
+    q, scale = quantize_weight(jnp.asarray(plain["params"]["lm_head"]), "fp8", ax, out)
+    np.testing.assert_array_equal(params["lm_head"].astype(np.float32),
+                                  np.asarray(jnp.transpose(q, k_minor_order(ax, out))).astype(np.float32))
+    np.testing.assert_allclose(params["lm_head_scale"], np.asarray(scale), rtol=1e-7)
+    err, err16 = _rel(logits, plain["logits"]), _rel(head16, plain["logits"])
+    assert err16 < err < 0.1, (err, err16)
+    assert (logits.argmax(-1) == plain["logits"].argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("variant,mode,why", [("llama3", "int8", "the weights are not fp8"),
+                                              ("llama_tied", "fp8", "the LM head is tied to the embedding")])
+def test_fp8_lm_head_refusals(tmp_path, monkeypatch, variant, mode, why):
+    monkeypatch.setenv("JAXLLM_FP8_LM_HEAD", "1")
+    path = write_tiny_checkpoint(variant, tmp_path / variant)
+    with pytest.raises(ValueError, match=f"JAXLLM_FP8_LM_HEAD=1: {why}"):
+        LLM(str(path), max_seq_len=64, compilation_cache=False, quantization=mode)
+
+
 def test_quantization_with_dummy_weights(tiny):
     with LLM(str(tiny), max_seq_len=64, compilation_cache=False, quantization="int8", load_format="dummy") as llm:
         p = _params(llm)

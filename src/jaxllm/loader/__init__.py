@@ -167,6 +167,22 @@ def fused_norm_quant_wanted(mesh=None) -> bool:
     return bool(forced)
 
 
+def fp8_lm_head_wanted(cfg, mesh, orbax: bool) -> bool:
+    """JAXLLM_FP8_LM_HEAD=1: the LM head quantized to fp8 at load as the projections are
+    (ModelConfig.quantize_lm_head) -- for fp8 weights, an untied head and one device; anything else
+    is refused naming the switch. Off by default: the checkpoints' own FP8 formats and vLLM /
+    TensorRT-LLM keep the head in 16 bits."""
+    if not _auto_switch("JAXLLM_FP8_LM_HEAD"):
+        return False
+    why = ("the weights are not fp8" if cfg.quantization != "fp8" else
+           "the LM head is tied to the embedding" if cfg.tie_word_embeddings else
+           "it runs on one device only" if mesh.devices.size > 1 else
+           "an Orbax checkpoint restores its head as it was saved" if orbax else None)
+    if why:
+        raise ValueError(f"JAXLLM_FP8_LM_HEAD=1: {why}")
+    return True
+
+
 def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revision=None, mesh,
                quantization=None) -> LoadedModel:
     src = resolve_model(model, revision)
@@ -181,6 +197,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
                   fp8_gemv=stored == "fp8" and gemv_wanted(mesh), triton_gemv=triton_gemv_wanted(mesh),
                   fused_norm=fused_norm_wanted(mesh), fused_silu_quant=fused_silu_quant_wanted(mesh),
                   fused_norm_quant=fused_norm_quant_wanted(mesh))
+    cfg = replace(cfg, quantize_lm_head=fp8_lm_head_wanted(cfg, mesh, orbax))
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)

@@ -73,6 +73,10 @@ class ModelConfig:
     # FP8 quantization of the projection's input in one kernel (pallas.add_norm.add_rmsnorm_quant):
     # set by the loader (JAXLLM_FUSED_NORM_QUANT, opt-in until measured on a GPU)
     fused_norm_quant: bool = False
+    # fp8 weights, untied LM head, one device: the LM head in fp8 too (per vocabulary row), as the
+    # projections are -- half its bytes at batch 1, FP8 x FP8 at large batches with fp8-w8a8; set by
+    # the loader (JAXLLM_FP8_LM_HEAD=1, opt-in: it moves the logits more than the projections do)
+    quantize_lm_head: bool = False
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":

@@ -461,7 +461,9 @@ class LlamaForCausalLM(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+            self.lm_head, self.lm_head_scale = _projection(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                                           ("vocab",), dtype,
+                                                           cfg.quantization if cfg.quantize_lm_head else None)
 
     def __call__(self, tokens, positions, cache, attend: Attend):
         """tokens, positions: [B, T] int32. Returns (hidden [B, T, E] after the final norm, cache)."""
@@ -477,4 +479,8 @@ class LlamaForCausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             w = self.embed[...]
             return jnp.einsum("...e,ve->...v", hidden, w, preferred_element_type=jnp.float32)
+        if self.lm_head_scale is not None:  # fp8 (ModelConfig.quantize_lm_head): as the projections
+            cfg = self.config
+            return qeinsum("...e,ev->...v", hidden, self.lm_head[...], self.lm_head_scale[...], cfg.fp8_activations,
+                           _gemv_kernel(cfg), jnp.float32)
         return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
