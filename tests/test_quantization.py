@@ -181,6 +181,28 @@ def test_fp8_lm_head_opt_in(tiny, plain, monkeypatch, mode):
     assert (logits.argmax(-1) == plain["logits"].argmax(-1)).mean() >= 0.9
 
 
+def test_fp8_lm_head_survives_an_orbax_round_trip(tiny, tmp_path, monkeypatch):
+    """LLM.save records the fp8 head; the checkpoint restores with it (no switch needed) and the same
+    logits; a 16-bit-head checkpoint refuses the switch, an fp8-head one refuses it off."""
+    with monkeypatch.context() as mp:
+        mp.setenv("JAXLLM_FP8_LM_HEAD", "1")
+        with LLM(str(tiny), max_seq_len=128, compilation_cache=False, quantization="fp8") as llm:
+            before = _logits(llm)
+            llm.save(tmp_path / "head8")
+    with LLM(str(tmp_path / "head8"), max_seq_len=128, compilation_cache=False) as llm:
+        assert llm.model_config.quantize_lm_head and _params(llm)["lm_head"].dtype == jnp.float8_e4m3fn
+        np.testing.assert_array_equal(_logits(llm), before)
+        llm.save(tmp_path / "again")
+    with LLM(str(tiny), max_seq_len=128, compilation_cache=False, quantization="fp8") as llm:
+        llm.save(tmp_path / "head16")
+    monkeypatch.setenv("JAXLLM_FP8_LM_HEAD", "1")
+    with pytest.raises(ValueError, match="JAXLLM_FP8_LM_HEAD=1: this jaxllm checkpoint was saved with a 16-bit head"):
+        LLM(str(tmp_path / "head16"), max_seq_len=128, compilation_cache=False)
+    monkeypatch.setenv("JAXLLM_FP8_LM_HEAD", "0")
+    with pytest.raises(ValueError, match="JAXLLM_FP8_LM_HEAD=0: this jaxllm checkpoint was saved with an fp8 LM head"):
+        LLM(str(tmp_path / "again"), max_seq_len=128, compilation_cache=False)
+
+
 @pytest.mark.parametrize("variant,mode,why", [("llama3", "int8", "the weights are not fp8"),
                                               ("llama_tied", "fp8", "the LM head is tied to the embedding")])
 def test_fp8_lm_head_refusals(tmp_path, monkeypatch, variant, mode, why):

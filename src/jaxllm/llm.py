@@ -247,7 +247,8 @@ class LLM:
         from .models.llama import unfused_qkv_dict
 
         params = unfused_qkv_dict(engine.runner.params, self.model_config)
-        save_checkpoint(Path(path), params, self.hf_config, self.tokenizer, self.dtype, self.model_config.quantization)
+        save_checkpoint(Path(path), params, self.hf_config, self.tokenizer, self.dtype, self.model_config.quantization,
+                        self.model_config.quantize_lm_head)
 
     def precompile(self, max_len: int | None = None, *, greedy: bool = True, sampled: bool = True,
                    min_len: int = 1, cached_prefixes: bool = True) -> dict:

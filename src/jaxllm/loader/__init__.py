@@ -22,7 +22,14 @@ from ..sharding import tensor_parallel_size
 from ..pallas.fp8_gemv import gemv_wanted
 from ..pallas.gemv import gemv_wanted as triton_gemv_wanted
 from .resolve import ResolvedModel, resolve_model
-from .orbax_ckpt import is_jaxllm_checkpoint, restore_params, saved_dtype, saved_quantization, save_checkpoint
+from .orbax_ckpt import (
+    is_jaxllm_checkpoint,
+    restore_params,
+    save_checkpoint,
+    saved_dtype,
+    saved_fp8_lm_head,
+    saved_quantization,
+)
 from .quant_config import checkpoint_quantization
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
@@ -167,17 +174,24 @@ def fused_norm_quant_wanted(mesh=None) -> bool:
     return bool(forced)
 
 
-def fp8_lm_head_wanted(cfg, mesh, orbax: bool) -> bool:
+def fp8_lm_head_wanted(cfg, mesh, saved: bool | None) -> bool:
     """JAXLLM_FP8_LM_HEAD=1: the LM head quantized to fp8 at load as the projections are
     (ModelConfig.quantize_lm_head) -- for fp8 weights, an untied head and one device; anything else
     is refused naming the switch. Off by default: the checkpoints' own FP8 formats and vLLM /
-    TensorRT-LLM keep the head in 16 bits."""
-    if not _auto_switch("JAXLLM_FP8_LM_HEAD"):
+    TensorRT-LLM keep the head in 16 bits. `saved`: a jaxllm (Orbax) checkpoint's own choice (None:
+    another kind of checkpoint), which it is restored with."""
+    wanted = _auto_switch("JAXLLM_FP8_LM_HEAD")
+    if saved is not None and wanted is None:
+        wanted = saved
+    if saved and not wanted:
+        raise ValueError("JAXLLM_FP8_LM_HEAD=0: this jaxllm checkpoint was saved with an fp8 LM head; load the "
+                         "original checkpoint for a 16-bit one")
+    if not wanted:
         return False
     why = ("the weights are not fp8" if cfg.quantization != "fp8" else
            "the LM head is tied to the embedding" if cfg.tie_word_embeddings else
            "it runs on one device only" if mesh.devices.size > 1 else
-           "an Orbax checkpoint restores its head as it was saved" if orbax else None)
+           "this jaxllm checkpoint was saved with a 16-bit head" if saved is False else None)
     if why:
         raise ValueError(f"JAXLLM_FP8_LM_HEAD=1: {why}")
     return True
@@ -197,7 +211,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
                   fp8_gemv=stored == "fp8" and gemv_wanted(mesh), triton_gemv=triton_gemv_wanted(mesh),
                   fused_norm=fused_norm_wanted(mesh), fused_silu_quant=fused_silu_quant_wanted(mesh),
                   fused_norm_quant=fused_norm_quant_wanted(mesh))
-    cfg = replace(cfg, quantize_lm_head=fp8_lm_head_wanted(cfg, mesh, orbax))
+    cfg = replace(cfg, quantize_lm_head=fp8_lm_head_wanted(cfg, mesh, saved_fp8_lm_head(src.path) if orbax else None))
     if orbax and dtype == "auto":
         dtype = saved_dtype(src.path)
     jdtype = resolve_dtype(dtype, cfg)

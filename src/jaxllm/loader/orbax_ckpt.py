@@ -41,7 +41,13 @@ def saved_quantization(folder: Path) -> str | None:
     return json.loads((folder / MARKER).read_text()).get("quantization")
 
 
-def save_checkpoint(path: Path, params: dict, hf_config, tokenizer, dtype, quantization=None) -> None:
+def saved_fp8_lm_head(folder: Path) -> bool:
+    """Whether the checkpoint was saved with its LM head in fp8 (JAXLLM_FP8_LM_HEAD=1)."""
+    return bool(json.loads((folder / MARKER).read_text()).get("fp8_lm_head", False))
+
+
+def save_checkpoint(path: Path, params: dict, hf_config, tokenizer, dtype, quantization=None,
+                    fp8_lm_head: bool = False) -> None:
     """Write `params` (a pure dict of arrays in the canonical layout: q and kv apart, see
     models/llama.py: unfused_qkv_dict), the HF config and the tokenizer into a new folder."""
     import orbax.checkpoint as ocp
@@ -56,7 +62,8 @@ def save_checkpoint(path: Path, params: dict, hf_config, tokenizer, dtype, quant
     hf_config.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     (path / MARKER).write_text(json.dumps(
-        {"format_version": FORMAT_VERSION, "dtype": jnp.dtype(dtype).name, "quantization": quantization}
+        {"format_version": FORMAT_VERSION, "dtype": jnp.dtype(dtype).name, "quantization": quantization,
+         "fp8_lm_head": fp8_lm_head}
     ))
 
 
