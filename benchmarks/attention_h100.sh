@@ -6,7 +6,8 @@
 #   OUT=$OUT/attn bash benchmarks/attention_h100.sh
 # TESTS="-k swap" narrows the tests; VARIANTS overrides the kernel variants' name filter.
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-attention
-timeout ${TEST_TIMEOUT:-200} python -m pytest -q -m gpu tests/test_pallas_decode.py ${TESTS:--k "swap or lean or early_v or prefetch or variants"} \
+timeout ${TEST_TIMEOUT:-240} python -m pytest -q -m gpu tests/test_pallas_decode.py \
+  ${TESTS:--k "swap_ab_on_gpu or lean_smem_on_gpu or early_v_and_page_prefetch or fp8_kernel_matches"} \
   > "$OUT/tests.txt" 2>&1; echo "tests rc=$? ($(tail -1 "$OUT/tests.txt"))"
 filter=${VARIANTS:-"mosaic fp8,mosaic default,mosaic swap,mosaic lean,mosaic prefetch,mosaic early"}
 timeout ${KERNEL_TIMEOUT:-240} python benchmarks/decode_kernel.py --batch 1024 --contexts 160 --block-size 16 \
