@@ -100,11 +100,10 @@ def reference_add_rmsnorm_quant(x, y, w, eps: float):
     """(h, q, scale) in plain jnp as the model computes them without the kernel: h = x + y (x when y
     is None), n = RMSNorm(h) * w rounded to x's dtype, then quantized per row for an FP8 x FP8
     projection (models/quant.py: _fp8_matmul): scale = max(|n|) / 448, q = n / scale in fp8."""
+    from .silu_mul_quant import quantize_rows
+
     h, n = (x, reference_add_rmsnorm(x, jnp.zeros_like(x), w, eps)[1]) if y is None else reference_add_rmsnorm(x, y, w, eps)
-    nf = n.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(nf), axis=-1), 1e-12) / FP8_MAX
-    q = jnp.clip(nf / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-    return h, q, scale
+    return h, *quantize_rows(n.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from ..kv_cache_config import FP8_MAX  # float8_e4m3fn's largest finite value
 
 
-
 def block_for(f: int) -> int | None:
     """The widest power-of-two block (<= 2048, >= 128) that divides f, or None (XLA's path)."""
     return next((b for b in (2048, 1024, 512, 256, 128) if f % b == 0), None)
@@ -41,9 +40,14 @@ def reference_silu_mul_quant(y, x_scale, w_scale):
     f = y.shape[-1] // 2
     gu = y * x_scale[:, None] * w_scale[None, :]
     g, u = gu[:, :f], gu[:, f:]
-    hf = g * jax.nn.sigmoid(g) * u
-    scale = jnp.maximum(jnp.max(jnp.abs(hf), axis=-1), 1e-12) / FP8_MAX
-    return jnp.clip(hf / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
+    return quantize_rows(g * jax.nn.sigmoid(g) * u)
+
+
+def quantize_rows(xf):
+    """(float8_e4m3fn q, float32 scale [...]) of float32 rows xf [..., K], quantized per row (per
+    token) as the FP8 x FP8 projections take them: scale = max(|row|) / 448, q = row / scale."""
+    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-12) / FP8_MAX
+    return jnp.clip(xf / scale[..., None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
 
 
 MAX_UNROLL = 16  # blocks of a row held in registers at once (F <= 32768 at 2048 a block)
