@@ -241,3 +241,18 @@ def test_join_decode_respects_prefill_first():
     reqs[1].receive(7, {"logprob": 0.0}, False)
     sched.join_decode(plan, [reqs[1]])
     assert plan.decode == []
+
+
+def test_overlap_switch(tiny_checkpoints, monkeypatch):
+    """JAXLLM_OVERLAP: on by default, 0 turns it off, anything else is refused naming the switch."""
+    path = str(tiny_checkpoints["llama3"])
+    for value, on in ((None, True), ("0", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv("JAXLLM_OVERLAP", raising=False)
+        else:
+            monkeypatch.setenv("JAXLLM_OVERLAP", value)
+        with LLM(path, max_seq_len=64, compilation_cache=False) as llm:
+            assert llm._engine.overlap_prefill is on
+    monkeypatch.setenv("JAXLLM_OVERLAP", "off")
+    with pytest.raises(ValueError, match="JAXLLM_OVERLAP='off': expected 0 or 1"):
+        LLM(path, max_seq_len=64, compilation_cache=False)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ..runner import ModelRunner, RowState, bucket
+from ..runner import ModelRunner, RowState, bucket, env_flag
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays
 from .block_manager import BlockManager
 from .request import Request, RequestHandle, Status
@@ -100,7 +100,7 @@ class Engine:
         # collects it after dispatching its own prefill call (see _step). JAXLLM_OVERLAP=0: off, each
         # call is collected in its own step.
         self._pending: tuple[Plan, tuple] | None = None
-        self.overlap_prefill = os.environ.get("JAXLLM_OVERLAP", "1") != "0"
+        self.overlap_prefill = env_flag("JAXLLM_OVERLAP", default="1")
         # what the last decode call left for the next one to pass on (_decode_inputs); not across
         # processes, where process 0 sends every call's inputs
         self._last_decode: _DecodeCarry | None = None

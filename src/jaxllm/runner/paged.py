@@ -168,17 +168,19 @@ def attention_lean_smem() -> bool:
     """JAXLLM_ATTN_LEAN_SMEM=1: the decode kernel's ``lean_smem`` layout (one fp8 staging tile, scoped
     loop and epilogue buffers: three programs an SM where two fit). Opt-in until measured on a GPU in
     the model (BENCHMARKS.md, thirteenth session)."""
-    return _flag("JAXLLM_ATTN_LEAN_SMEM")
+    return env_flag("JAXLLM_ATTN_LEAN_SMEM")
 
 
 def attention_swap_ab() -> bool:
     """JAXLLM_ATTN_SWAP_AB=1: the decode kernel's ``swap_ab`` form (the query rows on the wgmma's N:
     an eighth of the tensor-core work at G = 4). Opt-in until measured on a GPU."""
-    return _flag("JAXLLM_ATTN_SWAP_AB")
+    return env_flag("JAXLLM_ATTN_SWAP_AB")
 
 
-def _flag(name: str) -> bool:
-    value = os.environ.get(name, "0")
+def env_flag(name: str, default: str = "0") -> bool:
+    """An environment switch of values 0 and 1 (`default` when unset); anything else is refused
+    naming it."""
+    value = os.environ.get(name, default)
     if value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}: expected 0 or 1")
     return value == "1"
