@@ -659,14 +659,17 @@ def test_lean_smem_lowers_for_cuda(kw):
 
 @pytest.mark.parametrize("name", ["JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB"])
 def test_decode_kernel_switches(monkeypatch, name):
-    """Off by default, 1 turns it on, anything else is refused naming the switch."""
+    """lean_smem off by default, swap_ab on; 1 turns it on, 0 off, anything else is refused naming
+    the switch."""
     from jaxllm.runner import paged
 
     read = {"JAXLLM_ATTN_LEAN_SMEM": paged.attention_lean_smem, "JAXLLM_ATTN_SWAP_AB": paged.attention_swap_ab}[name]
     monkeypatch.delenv(name, raising=False)
-    assert read() is False
+    assert read() is (name == "JAXLLM_ATTN_SWAP_AB")
     monkeypatch.setenv(name, "1")
     assert read() is True
+    monkeypatch.setenv(name, "0")
+    assert read() is False
     monkeypatch.setenv(name, "yes")
     with pytest.raises(ValueError, match=f"{name}='yes': expected 0 or 1"):
         read()

@@ -59,8 +59,8 @@ Why it is written this way
   half the bytes, whatever heads_per_program: bound by latency, not bytes. ``lean_smem`` converts K
   and V into one staging tile (a warpgroup barrier before each conversion) and scopes P and the
   staging tile to the loop and O to the epilogue (``pl.run_scoped`` allocations are a stack, so the
-  two scopes share their bytes): ~72 KiB, three programs per SM. Not yet timed on a GPU.
-* Swapped products (``swap_ab``, opt-in): Q K^T with the G query rows padded to wgmma's 64-row M
+  two scopes share their bytes): ~72 KiB, three programs per SM. Alone no faster on an H100.
+* Swapped products (``swap_ab``; the engine's default, a kernel argument here): Q K^T with the G query rows padded to wgmma's 64-row M
   spends 64 / G times the tensor-core work a step needs (16x for Llama's G = 4): at 1024 x 160
   tokens that is ~52 GFLOP a call, ~50 us of an H100's dense f16 peak, several times that at the
   small, waited-for wgmmas of a decode step. Transposed, S^T = K Q^T [tile, N] and O^T = V^T P^T
@@ -70,6 +70,8 @@ Why it is written this way
   reduces over the tile's rows (across the warpgroup's warps), P is stored transposed for the
   second wgmma's B, V is read transposed as its A (16-bit: wgmma takes an MN-major A from shared
   memory), and O is stored transposed into its tile before the same row-slice copy out.
+  Measured on an H100 (fp8, 1024 x 160): 194 vs 272 us a call; ``lean_smem`` with it 183 us, but
+  no gain in the model (BENCHMARKS.md, fourteenth session).
 * Page ids ahead of their copies: a tile's page ids are global loads (the block table stays in
   HBM), ~0.5 us each, that a TMA copy issued between them would serialize (its side effects keep
   the next load behind it). So a tile's ids are read together (``tile_pages``), and the ring's
