@@ -140,6 +140,9 @@ def main():
                     help="list this many consecutive kernels from mid-trace with the gaps between them")
     ap.add_argument("--timeline-from", default="", help="start the timeline at the first kernel after mid-trace "
                     "whose name contains this (e.g. MemcpyD2H, the end of a step)")
+    ap.add_argument("--python-tracer-level", type=int, default=0,
+                    help="jax.profiler's Python tracer (its default, 1, records every Python call: at 1024 requests "
+                         "a trace too large to read back within a device call, and the host phases inflated)")
     ap.add_argument("--hlo-dir", default=None,
                     help="dump the decode programs' optimized HLO here and name what each top kernel computes")
     args = ap.parse_args()
@@ -166,7 +169,9 @@ def main():
     llm.generate(prompts(1000), sp, use_tqdm=False)  # compiles
     llm.generate(prompts(2000), sp, use_tqdm=False)
     llm.reset_phase_times()
-    with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = args.python_tracer_level
+    with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True, profiler_options=options):
         t = time.perf_counter()
         out = llm.generate(prompts(3000), sp, use_tqdm=False)
         wall = time.perf_counter() - t
