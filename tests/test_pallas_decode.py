@@ -217,7 +217,9 @@ def test_bad_arguments_are_refused():
 def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap):
     """The runner's decode path with the (interpreted) kernel gives the reference path's tokens
     (fp8: over an fp8 pool with per-layer scales that are not 1; hpp: the kernel's KV heads per
-    program, JAXLLM_ATTN_HEADS_PER_PROGRAM; swap: JAXLLM_ATTN_SWAP_AB, with JAXLLM_ATTN_LEAN_SMEM)."""
+    program, JAXLLM_ATTN_HEADS_PER_PROGRAM; swap: JAXLLM_ATTN_SWAP_AB, with JAXLLM_ATTN_LEAN_SMEM and
+    JAXLLM_ATTN_K_REGS, which the runner passes on for fp8 pools only -- the interpreter runs that
+    call with K staged, as it cannot feed a wgmma from registers)."""
     from jaxllm import LLM, KvCacheConfig, SamplingParams
     from jaxllm.pallas import decode_attention
     from jaxllm.runner.paged import decode_kernel_for
@@ -225,11 +227,13 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap)
     monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", hpp)
     monkeypatch.setenv("JAXLLM_ATTN_SWAP_AB", swap)
     monkeypatch.setenv("JAXLLM_ATTN_LEAN_SMEM", swap)
+    monkeypatch.setenv("JAXLLM_ATTN_K_REGS", swap)
     grids = []
     real_kernel = decode_attention.paged_decode_attention
     monkeypatch.setattr(decode_attention, "paged_decode_attention",
-                        lambda *a, **kw: grids.append((kw["heads_per_program"], kw["swap_ab"], kw["lean_smem"]))
-                        or real_kernel(*a, **kw))
+                        lambda *a, **kw: grids.append((kw["heads_per_program"], kw["swap_ab"], kw["lean_smem"],
+                                                       kw["k_in_registers"]))
+                        or real_kernel(*a, **{**kw, "k_in_registers": False}))
     write_kernel_sized_config(tmp_path)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -251,7 +255,7 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap)
                                          traced)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
-    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1")}
+    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1", swap == "1" and kv == "fp8")}
     assert got == expected
 
 
@@ -657,13 +661,14 @@ def test_lean_smem_lowers_for_cuda(kw):
     assert "cvt.rn.f16x2.e4m3x2" in _lower(64, 32, 8, 128, 16, jnp.float8_e4m3fn, k_scale=0.5, lean_smem=True, **kw)
 
 
-@pytest.mark.parametrize("name", ["JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB"])
+@pytest.mark.parametrize("name", ["JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB", "JAXLLM_ATTN_K_REGS"])
 def test_decode_kernel_switches(monkeypatch, name):
-    """lean_smem off by default, swap_ab on; 1 turns it on, 0 off, anything else is refused naming
-    the switch."""
+    """lean_smem and k_in_registers off by default, swap_ab on; 1 turns it on, 0 off, anything else
+    is refused naming the switch."""
     from jaxllm.runner import paged
 
-    read = {"JAXLLM_ATTN_LEAN_SMEM": paged.attention_lean_smem, "JAXLLM_ATTN_SWAP_AB": paged.attention_swap_ab}[name]
+    read = {"JAXLLM_ATTN_LEAN_SMEM": paged.attention_lean_smem, "JAXLLM_ATTN_SWAP_AB": paged.attention_swap_ab,
+            "JAXLLM_ATTN_K_REGS": paged.attention_k_in_registers}[name]
     monkeypatch.delenv(name, raising=False)
     assert read() is (name == "JAXLLM_ATTN_SWAP_AB")
     monkeypatch.setenv(name, "1")
@@ -784,3 +789,44 @@ def test_swap_ab_on_gpu(kw):
         _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0, swap_ab=True, **kw)
     _check(_fp8_inputs(2, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, swap_ab=True, **kw)
     _check(_inputs(3, 1, 32, 8, 128, 16, 20000), 16, swap_ab=True, **kw)
+
+
+# -- k_in_registers: swap_ab's K tile converted in registers and fed to the wgmma from there ----------
+@pytest.mark.parametrize("kw", [{}, {"lean_smem": True}, {"heads_per_program": 2}, {"max_concurrent_steps": 3},
+                                {"num_splits": 4, "sliding_window": 1000}], ids=str)
+def test_k_in_registers_lowers_for_cuda(kw):
+    """Mosaic GPU's layout inference takes the 8-bit load in the upcasting layout, the conversion and
+    the relayout to the wgmma's A fragments (the CPU interpreter cannot feed a wgmma from registers,
+    so the numbers are checked on a GPU: test_k_in_registers_on_gpu)."""
+    text = _lower(64, 32, 8, 128, 16, jnp.float8_e4m3fn, k_scale=0.5, swap_ab=True, k_in_registers=True, **kw)
+    assert "mosaic_gpu" in text and "cvt.rn.f16x2.e4m3x2" in text
+
+
+def test_k_in_registers_smem_and_refusals():
+    """No staging tile for K: swap_ab's fp8 program fits four an SM (three with K staged); refused
+    without swap_ab or over 16-bit pools, naming the argument."""
+    from jaxllm.pallas.decode_attention import SMEM_BYTES, _smem_besides_stages
+
+    fp8_stages = 2 * 2 * 64 * 128
+    staged = _smem_besides_stages(128, 64, False, 1, False, 1, 8)
+    in_regs = _smem_besides_stages(128, 64, False, 1, False, 1, 8, k_in_registers=True)
+    assert staged - in_regs == 64 * 128 * 2
+    assert SMEM_BYTES // (fp8_stages + in_regs + 1024) == 4
+    q, k, v, tables, lens = _inputs(0, 2, 8, 2, 64, 16, 40)
+    with pytest.raises(ValueError, match="k_in_registers needs swap_ab=True and float8_e4m3fn pools"):
+        paged_decode_attention(q, k, v, tables, lens, 16, swap_ab=True, k_in_registers=True, interpret=_interpret())
+    f8 = jnp.float8_e4m3fn
+    with pytest.raises(ValueError, match="got swap_ab=False and float8_e4m3fn"):
+        paged_decode_attention(q, k.astype(f8), v.astype(f8), tables, lens, 16, k_in_registers=True,
+                               interpret=_interpret())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"lean_smem": True}, {"heads_per_program": 2}, {"num_splits": 4},
+                                {"max_concurrent_steps": 3}, {"sliding_window": 1000}, {"soft_cap": 30.0}], ids=str)
+def test_k_in_registers_on_gpu(kw):
+    for seed in range(2):
+        _check(_fp8_inputs(seed, 16, 32, 8, 128, 32, 4000, 0.5, 2.0), 32, k_scale=0.5, v_scale=2.0, swap_ab=True,
+               k_in_registers=True, **kw)
+    _check(_fp8_inputs(2, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, swap_ab=True,
+           k_in_registers=True, **kw)

@@ -119,19 +119,25 @@ def swizzled(d, itemsize):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def staged_operand(staging, fp8, dtype):
+def staged_operand(staging, fp8, dtype, k_in_registers=False):
     """operand(stage_ref, slot, which): the 16-bit tile wgmma reads -- the stage itself, or (fp8
     pools) its copy converted into staging[which] (0: K, 1: V). One staging tile for both (``lean_smem``):
     a warpgroup barrier before each conversion, so that no warp overwrites the tile while another
-    one's wgmma that read it (its accumulator already waited for by this warp) is not yet past it."""
+    one's wgmma that read it (its accumulator already waited for by this warp) is not yet past it.
+    ``k_in_registers`` (fp8): K is loaded from its stage straight into registers in the layout an
+    8-bit tile upcasts from, converted there and handed to the wgmma as its A operand (no staging
+    store, no fence); staging[0] is V's tile."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    shared = fp8 and len(staging) == 1
+    shared = fp8 and len(staging) == 1 and not k_in_registers
 
     def operand(stage_ref, slot, which):
         if not fp8:
             return stage_ref.at[slot]
-        staged = staging[0 if shared else which]
+        if k_in_registers and which == 0:
+            k8 = plgpu.load(stage_ref.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X)
+            return plgpu.layout_cast(k8.astype(dtype), plgpu.Layout.WGMMA)
+        staged = staging[0 if shared or k_in_registers else which]
         if shared:
             plgpu.commit_smem()  # (a fence and the warpgroup barrier)
         staged[...] = stage_ref.at[slot][...].astype(dtype)
@@ -302,15 +308,16 @@ PROFILE_EVENTS = 512  # profiler events a program may record (profile_dir; bound
 
 
 def _smem_besides_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2, lean: bool = False,
-                         hpp: int = 1, qrows: int = ROWS) -> int:
+                         hpp: int = 1, qrows: int = ROWS, k_in_registers: bool = False) -> int:
     """Shared memory of everything but the K/V stages: Q, O and the log-sum-exps, P (in shared memory
     unless ``p_in_registers``), the barriers and (fp8 pools, ``kv_bytes == 1``) the 16-bit staging
-    tiles. ``lean``: one staging tile for K and V, and the loop's buffers (P, staging; O too with
-    several heads per program) scoped apart from the epilogue's O (see ``lean_smem``)."""
+    tiles (V's alone with ``k_in_registers``). ``lean``: one staging tile for K and V, and the loop's
+    buffers (P, staging; O too with several heads per program) scoped apart from the epilogue's O
+    (see ``lean_smem``)."""
     q = qrows * d * 2 + 1024
     out = qrows * d * 2 + qrows * 4
     p = 0 if p_in_registers else qrows * tile * 2
-    staging = 0 if kv_bytes != 1 else (1 if lean else 2) * tile * d * 2
+    staging = 0 if kv_bytes != 1 else (1 if lean or k_in_registers else 2) * tile * d * 2
     if not lean:
         return q + out + p + staging
     loop = p + staging + (out if hpp > 1 else 0)
@@ -318,9 +325,9 @@ def _smem_besides_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int 
 
 
 def _max_stages(d: int, tile: int, p_in_registers: bool, kv_bytes: int = 2, lean: bool = False,
-                hpp: int = 1, qrows: int = ROWS) -> int:
+                hpp: int = 1, qrows: int = ROWS, k_in_registers: bool = False) -> int:
     """The most K/V stages that fit in shared memory beside the rest (``_smem_besides_stages``)."""
-    besides = _smem_besides_stages(d, tile, p_in_registers, kv_bytes, lean, hpp, qrows)
+    besides = _smem_besides_stages(d, tile, p_in_registers, kv_bytes, lean, hpp, qrows, k_in_registers)
     return (SMEM_BYTES - besides) // (2 * tile * d * kv_bytes)
 
 
@@ -385,7 +392,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
                            prefetch_pages: bool = True, early_v: bool = False, swap_ab: bool = False,
-                           profile_dir: str | None = None, interpret=False):
+                           k_in_registers: bool = False, profile_dir: str | None = None, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -404,6 +411,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     ``swap_ab``: the transposed products, S^T = K Q^T and O^T = V^T P^T, so the G query rows are the
     wgmma's N (a multiple of 8) instead of its 64-row M (see "Swapped products" in the module
     docstring); P goes through shared memory (not with ``p_in_registers``).
+    ``k_in_registers`` (``swap_ab`` over fp8 pools): each K tile, the first wgmma's A, goes from its
+    stage into registers, is converted to 16 bits there and fed to the wgmma from registers -- no
+    staging tile for K (16 KiB less a program), no store and fence on the step's serial path. GPU
+    only (the CPU interpreter's wgmma takes shared-memory operands).
     ``early_v`` (fp8 pools with a staging tile each for K and V, i.e. not ``lean_smem``; no effect
     otherwise): a step's V stage is waited for and converted while the tensor cores run its Q K^T,
     instead of after the softmax -- the conversion off the warpgroup's serial path.
@@ -429,6 +440,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         raise ValueError("swap_ab takes P from shared memory: p_in_registers must be False")
     kv_dtype = jnp.dtype(k_pool.dtype)
     fp8 = kv_dtype == FP8
+    if k_in_registers and not (swap_ab and fp8):
+        raise ValueError(f"k_in_registers needs swap_ab=True and float8_e4m3fn pools (K is then the first wgmma's "
+                         f"A operand, converted from 8 bits in registers), got swap_ab={swap_ab} and {kv_dtype.name}")
     dtype = jnp.dtype(jnp.float16) if fp8 else kv_dtype  # what the tensor cores read (see above)
     tile = block_kv
     rows_per_copy = min(block_size, tile)
@@ -444,7 +458,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     # the Q tile's rows: the wgmma's M (64), or swapped its N, the rows the program's heads need
     per_load = hpp * g if q_shared else g
     qrows = -(-(_max_r0(h, per_load) + per_load) // 8) * 8 if swap_ab else ROWS
-    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp, qrows)
+    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp, qrows, k_in_registers)
     if fit < 2:
         raise ValueError(f"block_kv={tile} with head_dim {d} ({kv_dtype.name} pools) leaves no room for two stages "
                          f"in shared memory; use block_kv=64")
@@ -539,7 +553,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             bufs = list(bufs)
             p_smem = None if p_in_registers else bufs.pop(0)
             staging = [bufs.pop(0) for _ in range(n_staging)]
-            operand = staged_operand(staging, fp8, dtype)
+            operand = staged_operand(staging, fp8, dtype, k_in_registers)
             out_bufs = bufs  # several heads per program: O and the log-sum-exps
             v_early = early_v and n_staging == 2
 
@@ -641,7 +655,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     transforms = swizzled(d, 2)
     kv_transforms = swizzled(d, kv_dtype.itemsize)
     out_types = (plgpu.SMEM((qrows, d), dtype), plgpu.SMEM((qrows,), jnp.float32))  # O, log-sum-exps
-    n_staging = 0 if not fp8 else 1 if lean_smem else 2  # the 16-bit staging tiles of K and V
+    n_staging = 0 if not fp8 else 1 if lean_smem or k_in_registers else 2  # the 16-bit staging tiles of K and V
     loop_types = (() if p_in_registers else (plgpu.SMEM((qrows, tile), dtype, transforms=transforms),)) + (
         plgpu.SMEM((tile, d), dtype, transforms=transforms),) * n_staging
     scratch = (  # in the order of the kernel's scratch arguments

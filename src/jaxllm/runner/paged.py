@@ -179,6 +179,14 @@ def attention_swap_ab() -> bool:
     return env_flag("JAXLLM_ATTN_SWAP_AB", default="1")
 
 
+def attention_k_in_registers() -> bool:
+    """JAXLLM_ATTN_K_REGS=1: with swap_ab over an fp8 pool, the decode kernel converts each K tile in
+    registers and hands it to the wgmma from there (``k_in_registers``: no staging store, 16 KiB
+    less shared memory a program). Opt-in until measured on a GPU (lowered for CUDA on CPU; the
+    CPU interpreter cannot run it)."""
+    return env_flag("JAXLLM_ATTN_K_REGS")
+
+
 def env_flag(name: str, default: str = "0") -> bool:
     """An environment switch of values 0 and 1 (`default` when unset); anything else is refused
     naming it."""
@@ -201,10 +209,12 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     @functools.partial(jax.jit, static_argnames=("k_scale", "v_scale"))  # lowered once: see _per_device
     def run(q, k_pool, v_pool, tables, lengths, k_scale=1.0, v_scale=1.0):
         kv_heads = k_pool.shape[1]
+        swap = attention_swap_ab()
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
             v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
-            lean_smem=attention_lean_smem(), swap_ab=attention_swap_ab(), interpret=interpret,
+            lean_smem=attention_lean_smem(), swap_ab=swap, interpret=interpret,
+            k_in_registers=swap and k_pool.dtype == FP8 and attention_k_in_registers(),
         )
 
     heads = P(None, "model", None)
