@@ -830,3 +830,26 @@ def test_k_in_registers_on_gpu(kw):
                k_in_registers=True, **kw)
     _check(_fp8_inputs(2, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, swap_ab=True,
            k_in_registers=True, **kw)
+
+
+# -- Q's padding: only as far as the furthest Q box reaches --------------------------------------------
+@pytest.mark.parametrize("b,h,kvh,swap", [(1, 32, 8, True), (1024, 32, 8, True), (3, 12, 4, True), (2, 66, 2, True),
+                                          (5, 56, 7, True), (1, 8, 8, True), (1, 32, 8, False), (3, 16, 2, False)])
+def test_q_padding_covers_every_q_box(b, h, kvh, swap):
+    """Every program's Q box [q_start, q_start + rows) -- q_start the 8-aligned start of its KV
+    head's first query row, any head (several heads per program load theirs one by one) -- lies
+    within the padded Q rows; none are added where swap_ab's 8-row boxes fit (Llama's 32 heads), so
+    the kernel's q is no copy (no pad in the lowered program)."""
+    from jaxllm.pallas.decode_attention import ROWS, _max_r0
+
+    g = h // kvh
+    rows = -(-(_max_r0(h, g) + g) // 8) * 8 if swap else ROWS
+    ends = [(s * h + k * g) // 8 * 8 + rows for s in range(b) for k in range(kvh)]
+    q_end = (b * h - g) // 8 * 8 + rows  # what paged_decode_attention pads to
+    assert max(ends) == q_end
+    d, bs = 64, 16
+    text = _lower(b, h, kvh, d, bs, jnp.float8_e4m3fn, swap_ab=swap) if h // kvh <= 64 else ""
+    if text:
+        assert ("stablehlo.pad" in text) == (q_end > b * h)
+    if swap and h % 8 == 0 and g <= 8:
+        assert q_end <= b * h

@@ -467,8 +467,13 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     scale = (d**-0.5 if sm_scale is None else sm_scale)
     q_in, scale = tensor_core_q(q, scale, k_scale, dtype)
 
-    # Q rows [B*H + qrows, D]: a qrows-row TMA box starting at any group stays in bounds.
-    q_rows = jnp.pad(q_in.reshape(b * h, d).astype(dtype), ((0, qrows), (0, 0)))
+    # Q rows [B*H (+ padding), D]: padded only as far as the furthest qrows-row TMA box reaches (the
+    # last sequence's last KV head's, from its 8-aligned start). With swap_ab's 8-row boxes and H a
+    # multiple of 8 that is none: no copy of q, whose scaling / conversion then fuses into its producer.
+    q_end = (b * h - g) // 8 * 8 + qrows
+    q_rows = q_in.reshape(b * h, d).astype(dtype)
+    if q_end > b * h:
+        q_rows = jnp.pad(q_rows, ((0, q_end - b * h), (0, 0)))
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
 
