@@ -256,3 +256,166 @@ def test_overlap_switch(tiny_checkpoints, monkeypatch):
     monkeypatch.setenv("JAXLLM_OVERLAP", "off")
     with pytest.raises(ValueError, match="JAXLLM_OVERLAP='off': expected 0 or 1"):
         LLM(path, max_seq_len=64, compilation_cache=False)
+
+
+# -- chained decode calls (Engine.overlap_decode, opt-in JAXLLM_OVERLAP_DECODE=1) ---------------------
+def _run_decode(llm, on: bool, prompts, params):
+    engine = llm._engine
+    before, engine.overlap_decode = engine.overlap_decode, on
+    try:
+        return [_view(o) for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        engine.overlap_decode = before
+
+
+def _trace_decode(engine, monkeypatch) -> list[tuple[str, int]]:
+    """Records ("dispatch" | "collect", call number) of every decode call, in order (a call is known
+    by its result, which lives until it is collected)."""
+    events, numbers = [], {}
+    dispatch, collect = engine._dispatch_decode, engine._collect_decode
+
+    def traced_dispatch(plan, tables, state):
+        out = dispatch(plan, tables, state)
+        numbers[id(out)] = k = sum(kind == "dispatch" for kind, _ in events)
+        events.append(("dispatch", k))
+        return out
+
+    def traced_collect(plan, result):
+        events.append(("collect", numbers.pop(id(result))))
+        return collect(plan, result)
+
+    monkeypatch.setattr(engine, "_dispatch_decode", traced_dispatch)
+    monkeypatch.setattr(engine, "_collect_decode", traced_collect)
+    return events
+
+
+def test_next_decode_call_is_dispatched_before_the_last_one_is_collected(llm, monkeypatch):
+    """Rows that only decode chain their calls: call k + 1 goes out before call k is collected, from
+    the state call k returns; the tokens are those of unchained calls (greedy, seeded sampling,
+    penalties, logprobs, rows ending at different lengths)."""
+    engine = llm._engine
+    rng = np.random.default_rng(7)
+    prompts = [{"prompt_token_ids": rng.integers(3, 200, size=int(rng.integers(4, 30))).tolist()} for _ in range(6)]
+    kinds = [dict(temperature=0), dict(temperature=0.8, seed=3, top_p=0.9), dict(temperature=0, logprobs=2),
+             dict(temperature=0, repetition_penalty=1.2), dict(temperature=0.6, seed=9), dict(temperature=0)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True, **kw) for m, kw in zip((30, 30, 29, 30, 17, 30), kinds)]
+    events = _trace_decode(engine, monkeypatch)
+    off = _run_decode(llm, False, prompts, params)
+    assert events and all(events[i] == ("dispatch", k) and events[i + 1] == ("collect", k)
+                          for k, i in enumerate(range(0, len(events), 2))), "off: each call collected in its step"
+    events.clear()
+    on = _run_decode(llm, True, prompts, params)
+    ahead = [k for i, (kind, k) in enumerate(events) if kind == "collect" and ("dispatch", k + 1) in events[:i]]
+    assert len(ahead) >= 3, f"decode calls were meant to chain: {events}"
+    assert sorted(k for kind, k in events if kind == "collect") == sorted(k for kind, k in events if kind == "dispatch")
+    _same(on, off)
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+
+
+def test_chained_decode_changes_no_output_through_stops_preemption_and_arrivals(llm):
+    """The mixed workload (stop strings ending rows mid-call, chunked prompts, prefix reuse, a pool
+    small enough to preempt) gives the same outputs chained and not."""
+    engine = llm._engine
+    prompts, params = _workload(llm.model_config.vocab_size, n=64, seed=8)
+    pre0 = engine.scheduler.num_preemptions
+    on = _run_decode(llm, True, prompts, params)
+    assert engine.scheduler.num_preemptions > pre0, "the pool was meant to be too small: no preemption happened"
+    off = _run_decode(llm, False, prompts, params)
+    _same(on, off)
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+
+
+def test_chained_decode_streams_every_token_in_order(llm):
+    prompts, params = _workload(llm.model_config.vocab_size, n=12, seed=9)
+    expected = _run_decode(llm, False, prompts, params)
+    engine = llm._engine
+    engine.overlap_decode = True
+    try:
+        async def stream_all():
+            handles = [llm.generate_async(p, sp, streaming=True) for p, sp in zip(prompts, params)]
+
+            async def one(h):
+                return [o async for o in h]
+
+            return await asyncio.gather(*(one(h) for h in handles))
+
+        got = asyncio.run(stream_all())
+    finally:
+        engine.overlap_decode = False
+    for outs, (exp, _) in zip(got, expected):
+        assert [t for o in outs for t in o.outputs[0].token_ids_diff] == exp[0]
+        assert "".join(o.outputs[0].text_diff for o in outs) == exp[1]
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+
+
+def test_abort_while_a_decode_call_is_pending(llm, monkeypatch):
+    """A request aborted while its decode call is uncollected ends "cancelled"; the others give what
+    they give without the abort; no block leaks."""
+    engine = llm._engine
+    rng = np.random.default_rng(10)
+    prompts = [{"prompt_token_ids": rng.integers(3, 200, size=12).tolist()} for _ in range(5)]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=0) for _ in prompts]
+    expected = _run_decode(llm, False, prompts, params)
+    aborted = []
+    step = engine._step
+
+    def step_then_abort():
+        step()
+        if not aborted and engine._pending_decode is not None:
+            victim = engine._pending_decode[0][1]
+            aborted.append(victim.request_id)
+            engine.abort(victim.request_id)  # handled before the next step collects the call
+
+    monkeypatch.setattr(engine, "_step", step_then_abort)
+    engine.overlap_decode = True
+    try:
+        handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
+        outs = [h.result(timeout=120) for h in handles]
+    finally:
+        engine.overlap_decode = False
+    assert aborted, "no decode call was left pending"
+    for h, out, exp in zip(handles, outs, expected):
+        if h.request_id in aborted:
+            assert out.outputs[0].finish_reason == "cancelled"
+        else:
+            _same([_view(out)], [exp])
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+
+
+def test_shutdown_with_a_decode_call_pending_cancels_and_loses_nothing(tiny_checkpoints, monkeypatch):
+    monkeypatch.setenv("JAXLLM_OVERLAP_DECODE", "1")
+    llm = LLM(str(tiny_checkpoints["llama3"]), max_seq_len=256, max_batch_size=16, max_num_tokens=64, decode_steps=4)
+    engine = llm._engine
+    assert engine.overlap_decode
+    step = engine._step
+
+    def step_then_stop():
+        step()
+        if engine._pending_decode is not None:
+            engine.shutdown()  # from the engine thread: sets the flag, the loop ends after this step
+
+    monkeypatch.setattr(engine, "_step", step_then_stop)
+    rng = np.random.default_rng(11)
+    handles = [llm.generate_async({"prompt_token_ids": rng.integers(3, 200, size=20).tolist()},
+                                  SamplingParams(max_tokens=12, ignore_eos=True)) for _ in range(4)]
+    outs = [h.result(timeout=120) for h in handles]
+    assert all(o.finished for o in outs)
+    assert {(o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs} <= {("cancelled", "shutdown"),
+                                                                                        ("length", None)}
+    assert not engine._in_flight
+    llm.shutdown()
+
+
+def test_overlap_decode_switch(tiny_checkpoints, monkeypatch):
+    """JAXLLM_OVERLAP_DECODE: off by default, 1 turns it on, anything else is refused naming it."""
+    path = str(tiny_checkpoints["llama3"])
+    for value, on in ((None, False), ("0", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv("JAXLLM_OVERLAP_DECODE", raising=False)
+        else:
+            monkeypatch.setenv("JAXLLM_OVERLAP_DECODE", value)
+        with LLM(path, max_seq_len=64, compilation_cache=False) as llm:
+            assert llm._engine.overlap_decode is on
+    monkeypatch.setenv("JAXLLM_OVERLAP_DECODE", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_OVERLAP_DECODE='yes': expected 0 or 1"):
+        LLM(path, max_seq_len=64, compilation_cache=False)

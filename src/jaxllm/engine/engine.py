@@ -7,6 +7,9 @@ and the host applies the tokens (detokenization, stop strings) and publishes out
 start of the next step, before its device calls (see ``_step``). A step that only prefills leaves
 its call running and collects it in the next step, after dispatching that step's own call, so the
 host's work between consecutive prefill calls overlaps the device's (``Engine.overlap_prefill``).
+With ``Engine.overlap_decode`` (opt-in) decode calls chain the same way: while nothing but the
+same rows' decoding is left to do, the next call of those rows is dispatched from the state the
+last one returns, before the last one is collected (see ``_chain_decode``).
 
 If a step raises, every in-flight request fails with that cause and the engine is dead: later
 submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
@@ -101,6 +104,13 @@ class Engine:
         # call is collected in its own step.
         self._pending: tuple[Plan, tuple] | None = None
         self.overlap_prefill = env_flag("JAXLLM_OVERLAP", default="1")
+        # A decode call dispatched and not yet collected: (its rows, its result, its tables, the
+        # rows' blocks then). JAXLLM_OVERLAP_DECODE=1: a decode-only step leaves its call running and
+        # the next step dispatches the same rows' next call before collecting it (_chain_decode).
+        # Off by default: it pays only where dispatching a decode call does not wait for it
+        # (JAXLLM_DECODE_LOOP=fixed on a GPU), and streams each call's tokens a call later.
+        self._pending_decode: tuple | None = None
+        self.overlap_decode = env_flag("JAXLLM_OVERLAP_DECODE")
         # what the last decode call left for the next one to pass on (_decode_inputs); not across
         # processes, where process 0 sends every call's inputs
         self._last_decode: _DecodeCarry | None = None
@@ -169,7 +179,7 @@ class Engine:
         with self._lock:  # the engine thread waits (and submissions queue) until this is done
             self._check_alive()
             if (self._live or self._incoming or self.scheduler.has_work or self._text_pending or self.blocks.num_used
-                    or self._pending is not None):
+                    or self._in_flight):
                 raise RuntimeError("precompile() must run before any request is submitted")
             self.blocks.forget_cached()  # the prefill calls overwrite free blocks: no prefix may point at them
             if jax.config.jax_compilation_cache_dir and (workers or 2) > 1:
@@ -233,7 +243,7 @@ class Engine:
                 with self._lock:
                     while not (
                         self._stop or self._incoming or self._aborts or self.scheduler.has_work or self._text_pending
-                        or self._pending is not None
+                        or self._in_flight
                     ):
                         self._wake.wait()
                     if self._stop:
@@ -248,7 +258,7 @@ class Engine:
                     if req is not None:
                         req.finish("cancelled")
                         self._retire(req)
-                if self.scheduler.has_work or self._text_pending or self._pending is not None:
+                if self.scheduler.has_work or self._text_pending or self._in_flight:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting callers
             with self._lock:
@@ -260,9 +270,10 @@ class Engine:
             self._live.clear()
             return
         # shutdown: whatever is still in flight ends with a reason, never silently
-        if self._pending is not None:  # a call left running: done before the runner may free its pool
-            jax.block_until_ready(self._pending[1])
-            self._pending = None
+        for call in (self._pending, self._pending_decode):  # calls left running: done before the pool may go
+            if call is not None:
+                jax.block_until_ready(call[1])
+        self._pending = self._pending_decode = None
         with self._lock:
             stranded = list(self._live.values()) + self._incoming
             self._incoming = []
@@ -270,6 +281,11 @@ class Engine:
             if not req.finished:
                 req.finish("cancelled", "shutdown")
                 req.handle._publish(req.snapshot())
+
+    @property
+    def _in_flight(self) -> bool:
+        """A call dispatched and not yet collected (overlap_prefill, overlap_decode)."""
+        return self._pending is not None or self._pending_decode is not None
 
     def _retire(self, req: Request) -> None:
         self.scheduler.release(req)
@@ -300,13 +316,27 @@ class Engine:
         t0 = self._mark_time = time.perf_counter()
         self._apply_text()
         self._mark("text")
+        new_tokens = 0
+        if self._pending_decode is not None:  # the last step's decode call (overlap_decode)
+            (rows, result, tables, blocks), self._pending_decode = self._pending_decode, None
+            chained = self._chain_decode(rows, result, tables, blocks)  # the same rows' next call, dispatched
+            new_tokens += self._collect_decode(Plan(decode=rows), result)
+            self._mark("decode_collect")
+            self._record_step(t0, Plan(decode=rows), new_tokens)  # before any of its text goes out
+            if chained is not None:
+                self._pending_decode = chained
+                return
+            if self.reuse_decode_state:
+                self._last_decode = _DecodeCarry.after(rows, result[0], tables)
+            t0, new_tokens = time.perf_counter(), 0  # the rest of the step: a step of its own in the stats
+            self._apply_text()  # its tokens' text before this step schedules (stop strings free slots)
+            self._mark("text")
         pending, self._pending = self._pending, None
         if not self.scheduler.has_work and pending is None:
             return
         plan = self.scheduler.schedule()
         self._mark("schedule")
         prefill = self._dispatch_prefill(plan) if plan.prefill else None
-        new_tokens = 0
         if pending is not None:  # the last step's prefill call, collected while this step's runs
             got = self._collect_prefill(*pending)
             new_tokens += len(got)
@@ -324,11 +354,16 @@ class Engine:
                 self._apply_text()
                 self._mark("text")
         decode = self._dispatch_decode(plan, *decode_inputs) if decode_inputs is not None else None
-        if decode is not None:
+        if decode is not None and self.overlap_decode and prefill is None:  # collected next step
+            self._pending_decode = (plan.decode, decode, decode_inputs[0], [list(r.blocks) for r in plan.decode])
+        elif decode is not None:
             new_tokens += self._collect_decode(plan, decode)
             if self.reuse_decode_state:  # what the next decode call may pass on (see _decode_inputs)
                 self._last_decode = _DecodeCarry.after(plan.decode, decode[0], decode_inputs[0])
             self._mark("decode_collect")
+        self._record_step(t0, plan, new_tokens)
+
+    def _record_step(self, t0: float, plan: Plan, new_tokens: int) -> None:
         elapsed = time.perf_counter() - t0
         self.stats.append(
             dict(
@@ -591,6 +626,36 @@ class Engine:
         )
         self._mark("decode_call")
         return out
+
+    def _chain_decode(self, rows: list[Request], result, tables, blocks):
+        """overlap_decode: the next decode call of `rows`, dispatched from the state their last call
+        (`result`, not yet collected) returns -- or None, when anything else may need the step: a
+        request waiting, arriving or aborted, one not decoding (prefilling, preempted, finished: a
+        stop string, an abort), or the last call ending every row by its max_tokens; nor where the
+        decode state is not passed on between calls (reuse_decode_state: several processes). The device
+        runs the two calls back to back while the host collects the first; a row that the first
+        call ends (EOS, max_tokens) is done in the state the second starts from (masked: no tokens,
+        no KV writes), and one that a stop string ends when its text is made runs on in the second,
+        its tokens dropped at collect. Each row's blocks are grown, without preempting anyone, to
+        cover both calls (the host counts KV as of the call before the first); where the pool is
+        short, no chain. Returns what `_pending_decode` holds, or None."""
+        steps = self.scheduler.decode_steps
+        sched = self.scheduler
+        if (not (self.overlap_decode and self.reuse_decode_state) or sched.waiting or self._incoming or self._aborts
+                or len(sched.running) != len(rows)
+                or any(r.status is not Status.RUNNING or len(r.all_ids) - r.num_computed != 1 for r in rows)):
+            return None
+        going_on = [r for r in rows if r.num_generated + steps < r.params.max_tokens]
+        if not going_on:
+            return None
+        if not all(sched._grow(r, min(r.num_computed + 2 * steps, r.max_kv_tokens)) for r in going_on):
+            return None
+        if blocks != [r.blocks for r in rows]:
+            tables = self._tables(rows, tables.shape[0])
+        self.num_reused_decode_states += 1
+        self._mark("decode_inputs")
+        out = self._dispatch_decode(Plan(decode=rows), tables, result[0])
+        return rows, out, tables, [list(r.blocks) for r in rows]
 
     def _collect_decode(self, plan: Plan, result) -> int:
         state, toks, info = result
