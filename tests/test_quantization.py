@@ -561,7 +561,8 @@ def test_checkpoint_kv_cache_scales_reach_an_fp8_pool(prequantized, tmp_path, st
 ])
 def test_fp8_w8a8_reaches_cublaslt_fp8_on_gpu(spec, x_shape, w_shape, axes, out_axes):
     """On Hopper the W8A8 dot compiles to cuBLASLt's FP8 GEMM with the K-minor weight as it is
-    stored (no transpose of the weight per call), and the result matches the dequantized product."""
+    stored (no transpose of the weight per call), writing its product in bf16 as the activations
+    are (scaled after), and the result matches the dequantized product."""
     import jax
 
     rng = np.random.default_rng(0)
@@ -573,6 +574,8 @@ def test_fp8_w8a8_reaches_cublaslt_fp8_on_gpu(spec, x_shape, w_shape, axes, out_
     hlo = f.lower(x, stored, scale).compile().as_text()
     assert "cublas$lt$matmul$f8" in hlo, [l for l in hlo.splitlines() if "custom-call" in l or "dot(" in l][:8]
     assert not any("transpose" in l and "f8e4m3fn" in l.lower() for l in hlo.splitlines()), "weight transposed per call"
+    calls = [line for line in hlo.splitlines() if "cublas$lt$matmul$f8" in line]
+    assert all("bf16[" in line.split("custom-call")[0] for line in calls), calls
     got = np.asarray(f(x, stored, scale), np.float32)
     want = np.einsum(spec, np.asarray(x, np.float32), np.asarray(dequantize_weight(q, scale, axes, out_axes)))
     assert _rel(got, want) < 0.05
@@ -599,3 +602,32 @@ def test_raw_fp8_product_in_bf16_reaches_cublaslt_fp8_on_gpu():
     assert got.raw.dtype == jnp.bfloat16
     want = np.einsum("...e,esf->...sf", np.asarray(x, np.float32), np.asarray(dequantize_weight(q, scale, axes, out_axes)))
     assert _rel(np.asarray(got.value(jnp.float32)), want) < 0.05
+
+
+def test_fp8_products_come_out_of_the_gemm_in_16_bits(tiny_checkpoints, monkeypatch):
+    """fp8-w8a8 in bfloat16: every FP8 x FP8 product leaves the GEMM in bf16 -- q/k/v, o and down
+    (scaled after) as the gate/up one for the silu kernel -- half the bytes written and read; with
+    JAXLLM_FP8_PRODUCT_F32=1 the scaled ones in float32. The logits stay as close to the unquantized
+    float32 model either way."""
+    from conftest import w8a8_logits_and_tokens
+    from jaxllm import LLM
+    from jaxllm.models import quant
+
+    path = tiny_checkpoints["llama3"]
+    with LLM(str(path), max_seq_len=256, max_batch_size=8, compilation_cache=False, dtype="float32") as llm:
+        exact = np.asarray(llm._engine.runner.hidden_states(
+            jnp.asarray(np.arange(3 * 70).reshape(3, 70) % 200 + 3, jnp.int32))[1], np.float32)
+    products = []
+    real = quant._fp8_product
+    monkeypatch.setattr(quant, "_fp8_product",
+                        lambda *a: products.append(jnp.dtype(a[7] if len(a) > 7 else jnp.float32).name) or real(*a))
+    monkeypatch.setenv("JAXLLM_FUSED_SILU_QUANT", "1")
+    errors = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("JAXLLM_FP8_PRODUCT_F32", flag)
+        products.clear()
+        logits, _ = w8a8_logits_and_tokens(path, "bfloat16", "fused_silu_quant", "1")
+        errors[flag] = np.abs(logits - exact).mean()
+        # with the switch, only the gate/up product (raw, for the silu kernel) stays in bf16
+        assert products and set(products) == ({"float32", "bfloat16"} if flag == "1" else {"bfloat16"}), products
+    assert errors["0"] <= 1.1 * errors["1"], errors

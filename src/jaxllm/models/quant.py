@@ -195,12 +195,27 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None, raw: bool = F
         amax = jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_in, x.ndim)), keepdims=True)
         x_scale = jnp.maximum(amax, 1e-12) / QMAX["fp8"]  # per token
         xq = jnp.clip(xf / x_scale, -QMAX["fp8"], QMAX["fp8"]).astype(jnp.float8_e4m3fn)
-    # raw, for a kernel that scales it: in x's dtype where that is 16-bit (half the bytes written
-    # by the GEMM and read by the kernel: at 1024 rows the gate/up product is 117 MB in float32;
-    # XLA's own path rounds the scaled product to x's dtype too), else float32
-    acc = x.dtype if raw and x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    # The product as the GEMM writes it (it accumulates in float32 either way): raw, for a kernel
+    # that scales it, in x's dtype where that is 16-bit (half the bytes written by the GEMM and read
+    # by the kernel: at 1024 rows the gate/up product is 117 MB in float32); scaled here, in the
+    # result's dtype where that is 16-bit (the q/k/v, o and down products: ~58 MB a layer less
+    # written and read at 1024 rows, ~470 MB in an 8192-token prefill call), rounded once before
+    # scaling as well as after (JAXLLM_FP8_PRODUCT_F32=1: in float32, the A/B). Else float32.
+    if raw:
+        acc = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    else:
+        acc = _scaled_product_dtype(out_dtype or x.dtype)
     y = _fp8_product(spec, xq, x_scale, w, scale, n_in, out_dtype or x.dtype, acc)
     return y if raw else y.value()
+
+
+def _scaled_product_dtype(result_dtype):
+    """The dtype an FP8 x FP8 GEMM writes a product in that is scaled after it: the result's where
+    that is 16-bit, else float32; JAXLLM_FP8_PRODUCT_F32=1: float32 always (the A/B)."""
+    from ..runner.paged import env_flag  # (runner imports the models: imported when called)
+
+    res = jnp.dtype(result_dtype)
+    return res if res in (jnp.bfloat16, jnp.float16) and not env_flag("JAXLLM_FP8_PRODUCT_F32") else jnp.float32
 
 
 def _fp8_product(spec: str, xq, x_scale, w, scale, n_in: int, dtype, acc_dtype=jnp.float32) -> Scaled:
@@ -229,7 +244,8 @@ def _silu_mul_fp8_matmul(spec: str, gu: Scaled, w, scale, out_dtype):
     hq, h_scale = silu_mul_quant(gu.raw.reshape(m, 2 * f), jnp.broadcast_to(gu.x_scale, (*batch, 1, 1)).reshape(m),
                                  jnp.broadcast_to(gu.w_scale, (2, f)).reshape(2 * f),
                                  interpret=jax.default_backend() == "cpu")
-    return _fp8_product(kspec, hq.reshape(*batch, f), h_scale, w, scale, n_in, dtype).value()
+    return _fp8_product(kspec, hq.reshape(*batch, f), h_scale, w, scale, n_in, dtype,
+                        _scaled_product_dtype(dtype)).value()
 
 
 def _as_2d(spec: str, x, w, k_minor: bool):
