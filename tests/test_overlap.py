@@ -26,22 +26,24 @@ def llm(tiny_checkpoints):
         yield llm
 
 
-def _trace(engine, monkeypatch) -> list[tuple[str, int]]:
-    """Records ("dispatch" | "collect", call number) of every prefill call, in order."""
-    events, numbers = [], {}  # id(plan) -> call number (a plan lives until its call is collected)
-    dispatch, collect = engine._dispatch_prefill, engine._collect_prefill
+def _trace(engine, monkeypatch, kind: str = "prefill") -> list[tuple[str, int]]:
+    """Records ("dispatch" | "collect", call number) of every prefill (or decode) call, in order (a
+    call is known by its result, which lives until it is collected)."""
+    events, numbers = [], {}
+    dispatch, collect = getattr(engine, f"_dispatch_{kind}"), getattr(engine, f"_collect_{kind}")
 
-    def traced_dispatch(plan):
-        numbers[id(plan)] = k = sum(kind == "dispatch" for kind, _ in events)
+    def traced_dispatch(*args):
+        out = dispatch(*args)
+        numbers[id(out)] = k = sum(kind == "dispatch" for kind, _ in events)
         events.append(("dispatch", k))
-        return dispatch(plan)
+        return out
 
     def traced_collect(plan, result):
-        events.append(("collect", numbers.pop(id(plan))))
+        events.append(("collect", numbers.pop(id(result))))
         return collect(plan, result)
 
-    monkeypatch.setattr(engine, "_dispatch_prefill", traced_dispatch)
-    monkeypatch.setattr(engine, "_collect_prefill", traced_collect)
+    monkeypatch.setattr(engine, f"_dispatch_{kind}", traced_dispatch)
+    monkeypatch.setattr(engine, f"_collect_{kind}", traced_collect)
     return events
 
 
@@ -83,13 +85,14 @@ def _same(a: list, b: list) -> None:
         assert fa == pytest.approx(fb, rel=1e-5, abs=1e-5)
 
 
-def _run(llm, overlap: bool, prompts, params):
+def _run(llm, overlap: bool, prompts, params, switch: str = "overlap_prefill"):
     engine = llm._engine
-    before, engine.overlap_prefill = engine.overlap_prefill, overlap
+    before = getattr(engine, switch)
+    setattr(engine, switch, overlap)
     try:
         return [_view(o) for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
-        engine.overlap_prefill = before
+        setattr(engine, switch, before)
 
 
 def test_next_prefill_call_is_dispatched_before_the_last_one_is_collected(llm, monkeypatch):
@@ -120,10 +123,9 @@ def test_overlap_changes_no_output_through_chunking_prefix_reuse_and_preemption(
     assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and engine._pending is None
 
 
-def test_streaming_with_overlap_yields_every_token_in_order(llm):
-    prompts, params = _workload(llm.model_config.vocab_size, n=24, seed=3)
-    expected = _run(llm, False, prompts, params)
-
+def _assert_streams_match(llm, prompts, params, expected) -> None:
+    """Streams every request at once: each one's pieces add up to its expected tokens and text, and
+    only its last piece is finished."""
     async def stream_all():
         handles = [llm.generate_async(p, sp, streaming=True) for p, sp in zip(prompts, params)]
 
@@ -138,53 +140,77 @@ def test_streaming_with_overlap_yields_every_token_in_order(llm):
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
 
 
+def test_streaming_with_overlap_yields_every_token_in_order(llm):
+    prompts, params = _workload(llm.model_config.vocab_size, n=24, seed=3)
+    _assert_streams_match(llm, prompts, params, _run(llm, False, prompts, params))
+
+
+def _assert_cancelled_or_exact(handles, outs, expected, aborted) -> None:
+    """The aborted requests ended "cancelled"; every other one gave what it gives without the abort."""
+    for h, out, exp in zip(handles, outs, expected):
+        if h.request_id in aborted:
+            assert out.outputs[0].finish_reason == "cancelled"
+        else:
+            _same([_view(out)], [exp])
+
+
+def _abort_while_pending(engine, monkeypatch, victim_of) -> list[int]:
+    """Wraps the engine's step: after the first step that leaves a call uncollected, aborts the
+    request victim_of(engine) names (None: no call pending), handled before the next step collects
+    the call. Returns the aborted ids (one)."""
+    aborted = []
+    step = engine._step
+
+    def step_then_abort():
+        step()
+        victim = None if aborted else victim_of(engine)
+        if victim is not None:
+            aborted.append(victim.request_id)
+            engine.abort(victim.request_id)
+
+    monkeypatch.setattr(engine, "_step", step_then_abort)
+    return aborted
+
+
 def test_abort_while_its_prefill_call_is_pending(llm, monkeypatch):
     """A request aborted while its prefill call is still uncollected ends "cancelled"; every other
     request gives what it gives without the abort, and nothing leaks."""
     engine = llm._engine
     prompts, params = _workload(llm.model_config.vocab_size, n=32, seed=4)
     expected = _run(llm, False, prompts, params)
-    aborted = []
-    step = engine._step
-
-    def step_then_abort():
-        step()
-        if not aborted and engine._pending is not None:
-            victim = engine._pending[0].prefill[0][0]
-            aborted.append(victim.request_id)
-            engine.abort(victim.request_id)  # handled before the next step collects the call
-
-    monkeypatch.setattr(engine, "_step", step_then_abort)
+    aborted = _abort_while_pending(engine, monkeypatch,
+                                   lambda e: e._pending[0].prefill[0][0] if e._pending is not None else None)
     handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
     outs = [h.result(timeout=120) for h in handles]
     assert aborted, "no prefill call was left pending"
-    for h, out, exp in zip(handles, outs, expected):
-        if h.request_id in aborted:
-            assert out.outputs[0].finish_reason == "cancelled"
-        else:
-            _same([_view(out)], [exp])
+    _assert_cancelled_or_exact(handles, outs, expected, aborted)
     assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and engine._pending is None
 
 
-def test_shutdown_with_a_prefill_call_pending_cancels_and_loses_nothing(tiny_checkpoints, monkeypatch):
-    llm = LLM(str(tiny_checkpoints["llama3"]), max_seq_len=256, max_batch_size=16, max_num_tokens=64)
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_shutdown_with_a_call_pending_cancels_and_loses_nothing(tiny_checkpoints, monkeypatch, kind):
+    """Shut down (from the engine thread) while a prefill call (overlap_prefill) or a decode call
+    (overlap_decode) is uncollected: every request ends, with its tokens or cancelled."""
+    decode = kind == "decode"
+    monkeypatch.setenv("JAXLLM_OVERLAP_DECODE", "1" if decode else "0")
+    llm = LLM(str(tiny_checkpoints["llama3"]), max_seq_len=256, max_batch_size=16, max_num_tokens=64, decode_steps=4)
     engine = llm._engine
     step = engine._step
 
     def step_then_stop():
         step()
-        if engine._pending is not None:
+        if (engine._pending_decode if decode else engine._pending) is not None:
             engine.shutdown()  # from the engine thread: sets the flag, the loop ends after this step
 
     monkeypatch.setattr(engine, "_step", step_then_stop)
     rng = np.random.default_rng(6)
-    handles = [llm.generate_async({"prompt_token_ids": rng.integers(3, 200, size=60).tolist()},
-                                  SamplingParams(max_tokens=8)) for _ in range(8)]
+    handles = [llm.generate_async({"prompt_token_ids": rng.integers(3, 200, size=20 if decode else 60).tolist()},
+                                  SamplingParams(max_tokens=12 if decode else 8, ignore_eos=decode)) for _ in range(8)]
     outs = [h.result(timeout=120) for h in handles]
     assert all(o.finished for o in outs)
     assert {(o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs} <= {("cancelled", "shutdown"),
                                                                                         ("length", None)}
-    assert engine._pending is None
+    assert not engine._in_flight
     llm.shutdown()
 
 
@@ -243,50 +269,27 @@ def test_join_decode_respects_prefill_first():
     assert plan.decode == []
 
 
-def test_overlap_switch(tiny_checkpoints, monkeypatch):
-    """JAXLLM_OVERLAP: on by default, 0 turns it off, anything else is refused naming the switch."""
+@pytest.mark.parametrize("name,attr,default", [("JAXLLM_OVERLAP", "overlap_prefill", True),
+                                               ("JAXLLM_OVERLAP_DECODE", "overlap_decode", False)])
+def test_overlap_switches(tiny_checkpoints, monkeypatch, name, attr, default):
+    """JAXLLM_OVERLAP (prefill calls): on by default; JAXLLM_OVERLAP_DECODE (decode calls): off. 0
+    turns one off, 1 on, anything else is refused naming the switch."""
     path = str(tiny_checkpoints["llama3"])
-    for value, on in ((None, True), ("0", False), ("1", True)):
+    for value, on in ((None, default), ("0", False), ("1", True)):
         if value is None:
-            monkeypatch.delenv("JAXLLM_OVERLAP", raising=False)
+            monkeypatch.delenv(name, raising=False)
         else:
-            monkeypatch.setenv("JAXLLM_OVERLAP", value)
+            monkeypatch.setenv(name, value)
         with LLM(path, max_seq_len=64, compilation_cache=False) as llm:
-            assert llm._engine.overlap_prefill is on
-    monkeypatch.setenv("JAXLLM_OVERLAP", "off")
-    with pytest.raises(ValueError, match="JAXLLM_OVERLAP='off': expected 0 or 1"):
+            assert getattr(llm._engine, attr) is on
+    monkeypatch.setenv(name, "off")
+    with pytest.raises(ValueError, match=f"{name}='off': expected 0 or 1"):
         LLM(path, max_seq_len=64, compilation_cache=False)
 
 
 # -- chained decode calls (Engine.overlap_decode, opt-in JAXLLM_OVERLAP_DECODE=1) ---------------------
 def _run_decode(llm, on: bool, prompts, params):
-    engine = llm._engine
-    before, engine.overlap_decode = engine.overlap_decode, on
-    try:
-        return [_view(o) for o in llm.generate(prompts, params, use_tqdm=False)]
-    finally:
-        engine.overlap_decode = before
-
-
-def _trace_decode(engine, monkeypatch) -> list[tuple[str, int]]:
-    """Records ("dispatch" | "collect", call number) of every decode call, in order (a call is known
-    by its result, which lives until it is collected)."""
-    events, numbers = [], {}
-    dispatch, collect = engine._dispatch_decode, engine._collect_decode
-
-    def traced_dispatch(plan, tables, state):
-        out = dispatch(plan, tables, state)
-        numbers[id(out)] = k = sum(kind == "dispatch" for kind, _ in events)
-        events.append(("dispatch", k))
-        return out
-
-    def traced_collect(plan, result):
-        events.append(("collect", numbers.pop(id(result))))
-        return collect(plan, result)
-
-    monkeypatch.setattr(engine, "_dispatch_decode", traced_dispatch)
-    monkeypatch.setattr(engine, "_collect_decode", traced_collect)
-    return events
+    return _run(llm, on, prompts, params, "overlap_decode")
 
 
 def test_next_decode_call_is_dispatched_before_the_last_one_is_collected(llm, monkeypatch):
@@ -299,7 +302,7 @@ def test_next_decode_call_is_dispatched_before_the_last_one_is_collected(llm, mo
     kinds = [dict(temperature=0), dict(temperature=0.8, seed=3, top_p=0.9), dict(temperature=0, logprobs=2),
              dict(temperature=0, repetition_penalty=1.2), dict(temperature=0.6, seed=9), dict(temperature=0)]
     params = [SamplingParams(max_tokens=m, ignore_eos=True, **kw) for m, kw in zip((30, 30, 29, 30, 17, 30), kinds)]
-    events = _trace_decode(engine, monkeypatch)
+    events = _trace(engine, monkeypatch, "decode")
     off = _run_decode(llm, False, prompts, params)
     assert events and all(events[i] == ("dispatch", k) and events[i + 1] == ("collect", k)
                           for k, i in enumerate(range(0, len(events), 2))), "off: each call collected in its step"
@@ -328,24 +331,11 @@ def test_chained_decode_changes_no_output_through_stops_preemption_and_arrivals(
 def test_chained_decode_streams_every_token_in_order(llm):
     prompts, params = _workload(llm.model_config.vocab_size, n=12, seed=9)
     expected = _run_decode(llm, False, prompts, params)
-    engine = llm._engine
-    engine.overlap_decode = True
+    llm._engine.overlap_decode = True
     try:
-        async def stream_all():
-            handles = [llm.generate_async(p, sp, streaming=True) for p, sp in zip(prompts, params)]
-
-            async def one(h):
-                return [o async for o in h]
-
-            return await asyncio.gather(*(one(h) for h in handles))
-
-        got = asyncio.run(stream_all())
+        _assert_streams_match(llm, prompts, params, expected)
     finally:
-        engine.overlap_decode = False
-    for outs, (exp, _) in zip(got, expected):
-        assert [t for o in outs for t in o.outputs[0].token_ids_diff] == exp[0]
-        assert "".join(o.outputs[0].text_diff for o in outs) == exp[1]
-        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        llm._engine.overlap_decode = False
 
 
 def test_abort_while_a_decode_call_is_pending(llm, monkeypatch):
@@ -356,17 +346,8 @@ def test_abort_while_a_decode_call_is_pending(llm, monkeypatch):
     prompts = [{"prompt_token_ids": rng.integers(3, 200, size=12).tolist()} for _ in range(5)]
     params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=0) for _ in prompts]
     expected = _run_decode(llm, False, prompts, params)
-    aborted = []
-    step = engine._step
-
-    def step_then_abort():
-        step()
-        if not aborted and engine._pending_decode is not None:
-            victim = engine._pending_decode[0][1]
-            aborted.append(victim.request_id)
-            engine.abort(victim.request_id)  # handled before the next step collects the call
-
-    monkeypatch.setattr(engine, "_step", step_then_abort)
+    aborted = _abort_while_pending(engine, monkeypatch,
+                                   lambda e: e._pending_decode[0][1] if e._pending_decode is not None else None)
     engine.overlap_decode = True
     try:
         handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
@@ -374,48 +355,5 @@ def test_abort_while_a_decode_call_is_pending(llm, monkeypatch):
     finally:
         engine.overlap_decode = False
     assert aborted, "no decode call was left pending"
-    for h, out, exp in zip(handles, outs, expected):
-        if h.request_id in aborted:
-            assert out.outputs[0].finish_reason == "cancelled"
-        else:
-            _same([_view(out)], [exp])
+    _assert_cancelled_or_exact(handles, outs, expected, aborted)
     assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
-
-
-def test_shutdown_with_a_decode_call_pending_cancels_and_loses_nothing(tiny_checkpoints, monkeypatch):
-    monkeypatch.setenv("JAXLLM_OVERLAP_DECODE", "1")
-    llm = LLM(str(tiny_checkpoints["llama3"]), max_seq_len=256, max_batch_size=16, max_num_tokens=64, decode_steps=4)
-    engine = llm._engine
-    assert engine.overlap_decode
-    step = engine._step
-
-    def step_then_stop():
-        step()
-        if engine._pending_decode is not None:
-            engine.shutdown()  # from the engine thread: sets the flag, the loop ends after this step
-
-    monkeypatch.setattr(engine, "_step", step_then_stop)
-    rng = np.random.default_rng(11)
-    handles = [llm.generate_async({"prompt_token_ids": rng.integers(3, 200, size=20).tolist()},
-                                  SamplingParams(max_tokens=12, ignore_eos=True)) for _ in range(4)]
-    outs = [h.result(timeout=120) for h in handles]
-    assert all(o.finished for o in outs)
-    assert {(o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs} <= {("cancelled", "shutdown"),
-                                                                                        ("length", None)}
-    assert not engine._in_flight
-    llm.shutdown()
-
-
-def test_overlap_decode_switch(tiny_checkpoints, monkeypatch):
-    """JAXLLM_OVERLAP_DECODE: off by default, 1 turns it on, anything else is refused naming it."""
-    path = str(tiny_checkpoints["llama3"])
-    for value, on in ((None, False), ("0", False), ("1", True)):
-        if value is None:
-            monkeypatch.delenv("JAXLLM_OVERLAP_DECODE", raising=False)
-        else:
-            monkeypatch.setenv("JAXLLM_OVERLAP_DECODE", value)
-        with LLM(path, max_seq_len=64, compilation_cache=False) as llm:
-            assert llm._engine.overlap_decode is on
-    monkeypatch.setenv("JAXLLM_OVERLAP_DECODE", "yes")
-    with pytest.raises(ValueError, match="JAXLLM_OVERLAP_DECODE='yes': expected 0 or 1"):
-        LLM(path, max_seq_len=64, compilation_cache=False)
