@@ -199,7 +199,7 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None, raw: bool = F
     # that scales it, in x's dtype where that is 16-bit (half the bytes written by the GEMM and read
     # by the kernel: at 1024 rows the gate/up product is 117 MB in float32); scaled here, in the
     # result's dtype where that is 16-bit (the q/k/v, o and down products: ~58 MB a layer less
-    # written and read at 1024 rows, ~470 MB in an 8192-token prefill call), rounded once before
+    # written and read at 1024 rows, ~470 MB a layer in an 8192-token prefill call), rounded once before
     # scaling as well as after (JAXLLM_FP8_PRODUCT_F32=1: in float32, the A/B). Else float32.
     if raw:
         acc = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
