@@ -6,8 +6,9 @@
 # ~250-300 s in precompile (twelfth session), later ones 40-70 s. --kv-cache-free-gpu-memory-fraction
 # 0.7: at the default 0.9 a cold precompile ran out of memory while autotuning (twelfth session).
 #   OUT=/tmp/out VARIANTS="default heads2:JAXLLM_ATTN_HEADS_PER_PROGRAM=2 default" bash benchmarks/tput_h100.sh
-# A variant is NAME or NAME:VAR=value[,VAR=value] (environment switches); ARGS adds bench arguments
-# to every run (e.g. "--max-num-tokens 16384"); BF16=1 appends the bf16 run (same shapes, bf16 KV).
+# A variant is NAME[:VAR=value[,VAR=value][:ARGS]] (environment switches, or - for none; ARGS: its own
+# bench arguments, commas for spaces, e.g. "mnt16k:-:--max-num-tokens,16384"); ARGS adds bench
+# arguments to every run; BF16=1 appends the bf16 run (same shapes, bf16 KV).
 # Each run gets what is left of LIMIT seconds (default 580) and is skipped under 60. A dry run on
 # CPU: MODEL=(a small checkpoint) REQUESTS=8 ... (nvidia-smi missing is harmless).
 # XLA's autotune results (the cache's xla_gpu_per_fusion_autotune_cache_dir: small text files) are
@@ -32,8 +33,10 @@ run() {  # name, "VAR=value ..." or "", bench arguments...
 }
 i=0
 for v in ${VARIANTS:-default}; do
-  i=$((i + 1)); name=${v%%:*}; envs=""; [[ $v == *:* ]] && envs=${v#*:}
-  run "$(printf %02d $i)_$name" "${envs//,/ }" --quantization fp8-w8a8 --kv-cache-dtype fp8
+  i=$((i + 1)); name=${v%%:*}; rest=""; [[ $v == *:* ]] && rest=${v#*:}
+  envs=${rest%%:*}; extra=""; [[ $rest == *:* ]] && extra=${rest#*:}
+  [ "$envs" = "-" ] && envs=""
+  run "$(printf %02d $i)_$name" "${envs//,/ }" --quantization fp8-w8a8 --kv-cache-dtype fp8 ${extra//,/ }
 done
 [ "${BF16:-0}" = 1 ] && run 99_bf16 ""
 [ -d "$JAXLLM_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir" ] &&

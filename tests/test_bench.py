@@ -18,9 +18,14 @@ def _report(tmp_path, argv):
     return json.loads(path.read_text())
 
 
-def test_throughput_report(tiny_checkpoints, tmp_path, capsys):
+def test_throughput_report(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXLLM_OVERLAP", "0")  # a switch the report records
     r = _report(tmp_path, ["throughput", "--model", str(tiny_checkpoints["llama3"]), "--num-requests", "12",
-                           "--input-len", "20", "--output-len", "7", "--max-batch-size", "4"])
+                           "--input-len", "20", "--output-len", "7", "--max-batch-size", "4",
+                           "--max-num-tokens", "96"])
+    # what defines the run: its batch, token budget, steps a call, and the jaxllm switches it ran under
+    assert (r["max_batch_size"], r["max_num_tokens"], r["decode_steps"]) == (4, 96, 16)
+    assert r["switches"]["JAXLLM_OVERLAP"] == "0" and all(k.startswith("JAXLLM_") for k in r["switches"])
     assert r["requests"] == 12 and r["input_tokens"] == 12 * 20 and r["output_tokens"] == 12 * 7
     assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["seconds"])
     assert r["total_tok_s"] == pytest.approx((r["input_tokens"] + r["output_tokens"]) / r["seconds"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -379,6 +380,10 @@ def run(args) -> dict:
         engine_phases=phases,
         attention_backend=args.attention_backend,
         max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens,
+        decode_steps=args.decode_steps,
+        # the jaxllm switches the run was made under (A/B runs differ in these alone)
+        switches={k: v for k, v in sorted(os.environ.items()) if k.startswith("JAXLLM_")},
     )
     return report
 
