@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ..runner import ModelRunner, RowState, bucket, env_flag
+from ..runner import ModelRunner, RowState, bucket
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays
+from ..switches import env_flag
 from .block_manager import BlockManager
 from .request import Request, RequestHandle, Status
 from .scheduler import Plan, Scheduler, prefill_length_cap

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..switches import env_flag
+
 WEIGHT_DTYPES = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
 QMAX = {"fp8": 448.0, "int8": 127.0}
 
@@ -212,8 +214,6 @@ def _fp8_matmul(spec: str, x, w, scale, n_in: int, out_dtype=None, raw: bool = F
 def _scaled_product_dtype(result_dtype):
     """The dtype an FP8 x FP8 GEMM writes a product in that is scaled after it: the result's where
     that is 16-bit, else float32; JAXLLM_FP8_PRODUCT_F32=1: float32 always (the A/B)."""
-    from ..runner.paged import env_flag  # (runner imports the models: imported when called)
-
     res = jnp.dtype(result_dtype)
     return res if res in (jnp.bfloat16, jnp.float16) and not env_flag("JAXLLM_FP8_PRODUCT_F32") else jnp.float32
 

@@ -34,6 +34,7 @@ from ..kv_cache_config import FP8_MAX
 from ..models import ModelConfig
 from ..pallas.decode_attention import FP8, KV_DTYPES
 from ..sharding import named_sharding, tensor_parallel_size
+from ..switches import env_flag
 
 
 def pool_kv_heads(cfg: ModelConfig, tp: int = 1) -> int:
@@ -185,15 +186,6 @@ def attention_k_in_registers() -> bool:
     less shared memory a program). Opt-in until measured on a GPU (lowered for CUDA on CPU; the
     CPU interpreter cannot run it)."""
     return env_flag("JAXLLM_ATTN_K_REGS")
-
-
-def env_flag(name: str, default: str = "0") -> bool:
-    """An environment switch of values 0 and 1 (`default` when unset); anything else is refused
-    naming it."""
-    value = os.environ.get(name, default)
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: expected 0 or 1")
-    return value == "1"
 
 
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):

@@ -1,0 +1,15 @@
+"""Environment switches of jaxllm's A/B runs (``JAXLLM_*``), parsed in one place for every layer
+(models, kernels, runner, engine)."""
+
+from __future__ import annotations
+
+import os
+
+
+def env_flag(name: str, default: str = "0") -> bool:
+    """An environment switch of values 0 and 1 (`default` when unset); anything else is refused
+    naming it."""
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
