@@ -250,6 +250,39 @@ def test_scheduler_skips_requests_awaiting_an_in_flight_token_and_joins_them_lat
     assert d not in third.decode
 
 
+def test_continue_decode_grows_blocks_for_two_calls_or_refuses():
+    """Rows whose decode call is in flight run on only while they are all there is to do: then the
+    blocks of those the call leaves unfinished cover that call and the next; a waiting request, a
+    finished row, or every row ending within the call in flight refuse."""
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=100, decode_steps=4)
+    a, b = _req(0, 6, max_tokens=20), _req(1, 6, max_tokens=3)
+    for r in (a, b):
+        sched.add(r)
+    sched.schedule()
+    for r in (a, b):
+        r.num_computed = 6
+        r.receive(7, {"logprob": 0.0}, False)
+    assert sched.schedule().decode == [a, b]
+    b_blocks = list(b.blocks)
+    assert sched.continue_decode([a, b])
+    assert len(a.blocks) * bm.block_size >= 6 + 2 * 4, "a's KV slots for the call in flight and the next"
+    assert b.blocks == b_blocks, "b ends within the call in flight: nothing to grow"
+    assert not sched.continue_decode([a]), "b is running too: not every running request"
+    sched.add(_req(2, 6))
+    assert not sched.continue_decode([a, b]), "a request waits"
+    sched.waiting.clear()
+    sched.release(b)
+    assert not sched.continue_decode([a, b]), "b finished"
+    short = _req(3, 6, max_tokens=4)
+    sched2 = Scheduler(BlockManager(64, 4), max_batch_size=8, max_num_tokens=100, decode_steps=4)
+    sched2.add(short)
+    sched2.schedule()
+    short.num_computed = 6
+    short.receive(7, {"logprob": 0.0}, False)
+    assert not sched2.continue_decode([short]), "the call in flight ends every row"
+
+
 def test_join_decode_respects_prefill_first():
     """A plan that held its decode rows back (requests still wait for slots) takes no joiners."""
     bm = BlockManager(64, 4)

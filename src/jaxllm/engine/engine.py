@@ -321,9 +321,10 @@ class Engine:
         if self._pending_decode is not None:  # the last step's decode call (overlap_decode)
             (rows, result, tables, blocks), self._pending_decode = self._pending_decode, None
             chained = self._chain_decode(rows, result, tables, blocks)  # the same rows' next call, dispatched
-            new_tokens += self._collect_decode(Plan(decode=rows), result)
+            step_plan = Plan(decode=rows)
+            new_tokens += self._collect_decode(step_plan, result)
             self._mark("decode_collect")
-            self._record_step(t0, Plan(decode=rows), new_tokens)  # before any of its text goes out
+            self._record_step(t0, step_plan, new_tokens)  # before any of its text goes out
             if chained is not None:
                 self._pending_decode = chained
                 return
@@ -631,25 +632,16 @@ class Engine:
     def _chain_decode(self, rows: list[Request], result, tables, blocks):
         """overlap_decode: the next decode call of `rows`, dispatched from the state their last call
         (`result`, not yet collected) returns -- or None, when anything else may need the step: a
-        request waiting, arriving or aborted, one not decoding (prefilling, preempted, finished: a
-        stop string, an abort), or the last call ending every row by its max_tokens; nor where the
-        decode state is not passed on between calls (reuse_decode_state: several processes). The device
-        runs the two calls back to back while the host collects the first; a row that the first
-        call ends (EOS, max_tokens) is done in the state the second starts from (masked: no tokens,
-        no KV writes), and one that a stop string ends when its text is made runs on in the second,
-        its tokens dropped at collect. Each row's blocks are grown, without preempting anyone, to
-        cover both calls (the host counts KV as of the call before the first); where the pool is
-        short, no chain. Returns what `_pending_decode` holds, or None."""
-        steps = self.scheduler.decode_steps
-        sched = self.scheduler
-        if (not (self.overlap_decode and self.reuse_decode_state) or sched.waiting or self._incoming or self._aborts
-                or len(sched.running) != len(rows)
-                or any(r.status is not Status.RUNNING or len(r.all_ids) - r.num_computed != 1 for r in rows)):
-            return None
-        going_on = [r for r in rows if r.num_generated + steps < r.params.max_tokens]
-        if not going_on:
-            return None
-        if not all(sched._grow(r, min(r.num_computed + 2 * steps, r.max_kv_tokens)) for r in going_on):
+        request arriving or aborted, or whatever Scheduler.continue_decode refuses (one waiting, a
+        row not decoding: prefilling, preempted, finished by a stop string or an abort; the last call
+        ending every row by its max_tokens; no blocks for both calls); nor where the decode state is
+        not passed on between calls (reuse_decode_state: several processes). The device runs the
+        two calls back to back while the host collects the first; a row that the first call ends
+        (EOS, max_tokens) is done in the state the second starts from (masked: no tokens, no KV
+        writes), and one that a stop string ends when its text is made runs on in the second, its
+        tokens dropped at collect. Returns what `_pending_decode` holds, or None."""
+        if (not (self.overlap_decode and self.reuse_decode_state) or self._incoming or self._aborts
+                or not self.scheduler.continue_decode(rows)):
             return None
         if blocks != [r.blocks for r in rows]:
             tables = self._tables(rows, tables.shape[0])

@@ -197,6 +197,19 @@ class Scheduler:
         elif plan.decode:
             self._prefill_streak = 0
 
+    def continue_decode(self, rows: list[Request]) -> bool:
+        """Whether `rows` -- whose last decode call is still in flight, its tokens not yet received --
+        may have their next call now, without a schedule: nothing waits, they are every running
+        request and each still decodes, and the call in flight leaves one of them short of its
+        max_tokens. Those rows' blocks are grown, without preempting anyone, to cover both calls (KV
+        counted as of the call before); False if the pool is short."""
+        if self.waiting or len(self.running) != len(rows) or any(
+                r.status is not Status.RUNNING or len(r.all_ids) - r.num_computed != 1 for r in rows):
+            return False
+        going_on = [r for r in rows if r.num_generated + self.decode_steps < r.params.max_tokens]
+        return bool(going_on) and all(self._grow(r, min(r.num_computed + 2 * self.decode_steps, r.max_kv_tokens))
+                                      for r in going_on)
+
     def join_decode(self, plan: Plan, reqs: list[Request]) -> None:
         """reqs got their next token after `plan` was made (from a prefill call then in flight, which
         `schedule` left them out for): they join its decode rows, in admission order, as `schedule`
