@@ -1,6 +1,7 @@
-"""JAXLLM_DECODE_LOOP: a decode call's steps in an early-exiting while loop (the default) or a loop
-of fixed trip count (so XLA:GPU need not read the loop predicate on the host each step). Both give
-the same tokens and finish reasons: done rows are masked in the fixed loop's extra steps."""
+"""JAXLLM_DECODE_LOOP: a decode call's steps in an early-exiting while loop or a loop of fixed trip
+count (so XLA:GPU need not read the loop predicate on the host each step); by default (auto) the
+fixed loop for calls of up to 256 rows on GPUs, the while loop otherwise. Both give the same tokens
+and finish reasons: done rows are masked in the fixed loop's extra steps."""
 
 from __future__ import annotations
 
@@ -56,13 +57,13 @@ def test_decode_loop_switch_is_checked(monkeypatch):
     from jaxllm.runner.runner import decode_loop_mode
 
     monkeypatch.delenv("JAXLLM_DECODE_LOOP", raising=False)
-    assert decode_loop_mode() == 1  # every step
-    for value, want in (("while", 1), ("fixed", None), ("4", 4)):
+    assert decode_loop_mode() == "auto"  # ModelRunner.decode_check_every decides
+    for value, want in (("auto", "auto"), ("while", 1), ("fixed", None), ("4", 4)):
         monkeypatch.setenv("JAXLLM_DECODE_LOOP", value)
         assert decode_loop_mode() == want
     for bad in ("unrolled", "skip", "3", "0", "-4"):
         monkeypatch.setenv("JAXLLM_DECODE_LOOP", bad)
-        with pytest.raises(ValueError, match=f"JAXLLM_DECODE_LOOP='{bad}': expected while, fixed or a power"):
+        with pytest.raises(ValueError, match=f"JAXLLM_DECODE_LOOP='{bad}': expected auto, while, fixed or a power"):
             decode_loop_mode()
 
 
@@ -90,3 +91,31 @@ def test_a_fixed_loop_under_tensor_parallelism_records_collectives_in_command_bu
     assert decode_compiler_options(None, tp, mesh("gpu")) is None
     f = jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_command_buffer": DECODE_COMMAND_BUFFERS})
     assert float(f(jnp.float32(1))) == 2.0
+
+
+def test_auto_runs_a_fixed_loop_for_up_to_256_rows_on_gpus_only(monkeypatch):
+    """JAXLLM_DECODE_LOOP=auto: a fixed loop (None) for decode calls of at most FIXED_LOOP_MAX_ROWS
+    rows on GPUs, each step checked (1) above it and on other platforms; an explicit mode holds
+    for every row count. Each loop kind is its own jitted program (decode_compiler_options differ)."""
+    from types import SimpleNamespace
+
+    from conftest import stand_in_mesh
+    from jaxllm.runner.runner import FIXED_LOOP_MAX_ROWS, ModelRunner
+
+    assert FIXED_LOOP_MAX_ROWS == 256
+
+    def every(mode, platform, rows):
+        return ModelRunner.decode_check_every(SimpleNamespace(_loop_mode=mode, mesh=stand_in_mesh(1, platform)), rows)
+
+    assert [every("auto", "gpu", r) for r in (1, 64, 256, 512, 1024)] == [None, None, None, 1, 1]
+    assert [every("auto", "cpu", r) for r in (1, 256, 1024)] == [1, 1, 1]
+    assert [every(None, "cpu", r) for r in (1, 1024)] == [None, None]
+    assert [every(4, "gpu", r) for r in (1, 1024)] == [4, 4]
+    # the programs: one jit per loop kind, made once
+    runner = SimpleNamespace(_loop_mode="auto", mesh=stand_in_mesh(2, "gpu"), _decodes={}, _tensor_parallel=object(),
+                             _decode_impl=lambda *a, **k: None)
+    runner.decode_check_every = lambda rows: ModelRunner.decode_check_every(runner, rows)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    small, large = ModelRunner._decode_fn(runner, 8), ModelRunner._decode_fn(runner, 512)
+    assert small is ModelRunner._decode_fn(runner, 256) and small is not large
+    assert set(runner._decodes) == {None, 1}

@@ -303,10 +303,11 @@ def test_join_decode_respects_prefill_first():
 
 
 @pytest.mark.parametrize("name,attr,default", [("JAXLLM_OVERLAP", "overlap_prefill", True),
-                                               ("JAXLLM_OVERLAP_DECODE", "overlap_decode", False)])
+                                               ("JAXLLM_OVERLAP_DECODE", "overlap_decode", None)])
 def test_overlap_switches(tiny_checkpoints, monkeypatch, name, attr, default):
-    """JAXLLM_OVERLAP (prefill calls): on by default; JAXLLM_OVERLAP_DECODE (decode calls): off. 0
-    turns one off, 1 on, anything else is refused naming the switch."""
+    """JAXLLM_OVERLAP (prefill calls): on by default; JAXLLM_OVERLAP_DECODE (decode calls): auto
+    (None: where the call's loop is fixed). 0 turns one off, 1 on, anything else is refused naming
+    the switch."""
     path = str(tiny_checkpoints["llama3"])
     for value, on in ((None, default), ("0", False), ("1", True)):
         if value is None:
@@ -316,11 +317,11 @@ def test_overlap_switches(tiny_checkpoints, monkeypatch, name, attr, default):
         with LLM(path, max_seq_len=64, compilation_cache=False) as llm:
             assert getattr(llm._engine, attr) is on
     monkeypatch.setenv(name, "off")
-    with pytest.raises(ValueError, match=f"{name}='off': expected 0 or 1"):
+    with pytest.raises(ValueError, match=f"{name}='off': expected (auto, )?0 or 1"):
         LLM(path, max_seq_len=64, compilation_cache=False)
 
 
-# -- chained decode calls (Engine.overlap_decode, opt-in JAXLLM_OVERLAP_DECODE=1) ---------------------
+# -- chained decode calls (Engine.overlap_decode: where the loop is fixed, JAXLLM_OVERLAP_DECODE) ---------
 def _run_decode(llm, on: bool, prompts, params):
     return _run(llm, on, prompts, params, "overlap_decode")
 
@@ -368,7 +369,7 @@ def test_chained_decode_streams_every_token_in_order(llm):
     try:
         _assert_streams_match(llm, prompts, params, expected)
     finally:
-        llm._engine.overlap_decode = False
+        llm._engine.overlap_decode = None  # the default
 
 
 def test_abort_while_a_decode_call_is_pending(llm, monkeypatch):
@@ -386,7 +387,30 @@ def test_abort_while_a_decode_call_is_pending(llm, monkeypatch):
         handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
         outs = [h.result(timeout=120) for h in handles]
     finally:
-        engine.overlap_decode = False
+        engine.overlap_decode = None  # the default
     assert aborted, "no decode call was left pending"
     _assert_cancelled_or_exact(handles, outs, expected, aborted)
     assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+
+
+def test_decode_calls_chain_by_default_exactly_where_their_loop_is_fixed(llm, monkeypatch):
+    """JAXLLM_OVERLAP_DECODE=auto (overlap_decode None): a decode call chains when its program runs a
+    fixed loop (ModelRunner.decode_check_every None: on GPUs, calls of up to 256 rows), whose dispatch
+    does not wait for the device; with a while loop (CPU, or more rows) each call is collected in
+    its own step. Here a stand-in policy makes calls of up to 4 rows fixed; the outputs are those of
+    unchained calls either way."""
+    engine = llm._engine
+    monkeypatch.setattr(engine.runner, "decode_check_every", lambda rows: None if rows <= 4 else 1)
+    reqs = [llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4)) for _ in range(5)]
+    assert engine._chains_decode(reqs[:4]) and not engine._chains_decode(reqs)
+    events = _trace(engine, monkeypatch, "decode")
+    rng = np.random.default_rng(12)
+    params = SamplingParams(max_tokens=20, ignore_eos=True, temperature=0)
+    for n, chains in ((3, True), (8, False)):
+        prompts = [{"prompt_token_ids": rng.integers(3, 200, size=10).tolist()} for _ in range(n)]
+        off = _run_decode(llm, False, prompts, params)
+        events.clear()
+        on = _run_decode(llm, None, prompts, params)
+        ahead = [k for i, (kind, k) in enumerate(events) if kind == "collect" and ("dispatch", k + 1) in events[:i]]
+        assert bool(ahead) is chains, (n, events)
+        _same(on, off)

@@ -20,7 +20,7 @@ def _prompts(n, seed=0, longest=60):
 
 def _programs(llm):
     r = llm._engine.runner
-    return r._prefill._cache_size() + r._decode._cache_size()
+    return r._prefill._cache_size() + sum(f._cache_size() for f in r._decodes.values())
 
 
 def test_no_compilation_while_serving_precompiled_shapes(tiny_checkpoints):

@@ -13,3 +13,12 @@ def env_flag(name: str, default: str = "0") -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}: expected 0 or 1")
     return value == "1"
+
+
+def env_auto_flag(name: str) -> bool | None:
+    """An environment switch of values auto (the default: None, the caller decides), 1 or 0;
+    anything else is refused naming it."""
+    value = os.environ.get(name, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{name}={value!r}: expected auto, 0 or 1")
+    return None if value == "auto" else value == "1"

@@ -7,9 +7,10 @@ and the host applies the tokens (detokenization, stop strings) and publishes out
 start of the next step, before its device calls (see ``_step``). A step that only prefills leaves
 its call running and collects it in the next step, after dispatching that step's own call, so the
 host's work between consecutive prefill calls overlaps the device's (``Engine.overlap_prefill``).
-With ``Engine.overlap_decode`` (opt-in) decode calls chain the same way: while nothing but the
-same rows' decoding is left to do, the next call of those rows is dispatched from the state the
-last one returns, before the last one is collected (see ``_chain_decode``).
+With ``Engine.overlap_decode`` (by default where a decode call runs a fixed loop: decode calls of
+up to 256 rows on GPUs) decode calls chain the same way: while nothing but the same rows'
+decoding is left to do, the next call of those rows is dispatched from the state the last one
+returns, before the last one is collected (see ``_chain_decode``).
 
 If a step raises, every in-flight request fails with that cause and the engine is dead: later
 submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
@@ -30,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ..runner import ModelRunner, RowState, bucket
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays
-from ..switches import env_flag
+from ..switches import env_auto_flag, env_flag
 from .block_manager import BlockManager
 from .request import Request, RequestHandle, Status
 from .scheduler import Plan, Scheduler, prefill_length_cap
@@ -106,12 +107,13 @@ class Engine:
         self._pending: tuple[Plan, tuple] | None = None
         self.overlap_prefill = env_flag("JAXLLM_OVERLAP", default="1")
         # A decode call dispatched and not yet collected: (its rows, its result, its tables, the
-        # rows' blocks then). JAXLLM_OVERLAP_DECODE=1: a decode-only step leaves its call running and
-        # the next step dispatches the same rows' next call before collecting it (_chain_decode).
-        # Off by default: it pays only where dispatching a decode call does not wait for it
-        # (JAXLLM_DECODE_LOOP=fixed on a GPU), and streams each call's tokens a call later.
+        # rows' blocks then). A decode-only step leaves its call running and the next step
+        # dispatches the same rows' next call before collecting it (_chain_decode). It pays only
+        # where dispatching a decode call does not wait for it: a fixed loop (ModelRunner.
+        # decode_check_every), so by default (None, JAXLLM_OVERLAP_DECODE=auto) exactly there;
+        # JAXLLM_OVERLAP_DECODE=1 / 0 (True / False) chains always / never.
         self._pending_decode: tuple | None = None
-        self.overlap_decode = env_flag("JAXLLM_OVERLAP_DECODE")
+        self.overlap_decode: bool | None = env_auto_flag("JAXLLM_OVERLAP_DECODE")
         # what the last decode call left for the next one to pass on (_decode_inputs); not across
         # processes, where process 0 sends every call's inputs
         self._last_decode: _DecodeCarry | None = None
@@ -356,7 +358,7 @@ class Engine:
                 self._apply_text()
                 self._mark("text")
         decode = self._dispatch_decode(plan, *decode_inputs) if decode_inputs is not None else None
-        if decode is not None and self.overlap_decode and prefill is None:  # collected next step
+        if decode is not None and prefill is None and self._chains_decode(plan.decode):  # collected next step
             self._pending_decode = (plan.decode, decode, decode_inputs[0], [list(r.blocks) for r in plan.decode])
         elif decode is not None:
             new_tokens += self._collect_decode(plan, decode)
@@ -629,6 +631,13 @@ class Engine:
         self._mark("decode_call")
         return out
 
+    def _chains_decode(self, reqs: list[Request]) -> bool:
+        """Whether the decode calls of these requests chain (overlap_decode; by default where their
+        call runs a fixed loop, whose dispatch does not wait for the device)."""
+        if self.overlap_decode is not None:
+            return self.overlap_decode
+        return self.runner.decode_check_every(self._decode_rows(len(reqs))) is None
+
     def _chain_decode(self, rows: list[Request], result, tables, blocks):
         """overlap_decode: the next decode call of `rows`, dispatched from the state their last call
         (`result`, not yet collected) returns -- or None, when anything else may need the step: a
@@ -640,7 +649,7 @@ class Engine:
         (EOS, max_tokens) is done in the state the second starts from (masked: no tokens, no KV
         writes), and one that a stop string ends when its text is made runs on in the second, its
         tokens dropped at collect. Returns what `_pending_decode` holds, or None."""
-        if (not (self.overlap_decode and self.reuse_decode_state) or self._incoming or self._aborts
+        if (not (self._chains_decode(rows) and self.reuse_decode_state) or self._incoming or self._aborts
                 or not self.scheduler.continue_decode(rows)):
             return None
         if blocks != [r.blocks for r in rows]:

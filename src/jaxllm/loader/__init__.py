@@ -19,6 +19,7 @@ from ..models import ModelConfig, get_architecture
 from ..models.config import architecture_name
 from ..models.llama import can_fuse_qkv, fuse_qkv
 from ..sharding import tensor_parallel_size
+from ..switches import env_auto_flag
 from ..pallas.fp8_gemv import gemv_wanted
 from ..pallas.gemv import gemv_wanted as triton_gemv_wanted
 from .resolve import ResolvedModel, resolve_model
@@ -108,14 +109,6 @@ def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool)
     return found if found is not None else requested
 
 
-def _auto_switch(name: str) -> bool | None:
-    """An environment switch of values auto (the default: None, the caller decides), 1 or 0."""
-    value = os.environ.get(name, "auto")
-    if value not in ("auto", "0", "1"):
-        raise ValueError(f"{name}={value!r}: expected auto, 0 or 1")
-    return None if value == "auto" else value == "1"
-
-
 def fused_qkv_wanted(mesh=None, quantization: str | None = None) -> bool:
     """Whether q/k/v run as one projection where the tensor-parallel layout allows (models/llama.py:
     can_fuse_qkv). JAXLLM_FUSED_QKV=1 / 0 forces it; by default ("auto") on GPUs, on a mesh of
@@ -127,7 +120,7 @@ def fused_qkv_wanted(mesh=None, quantization: str | None = None) -> bool:
     weights on every call (21.6 us a layer at 256 rows, "Eleventh session"). bf16 on one H100 stays
     apart: the fused GEMM gained 0.03 ms at batch 1 and lost ~8% of 1000 x 128/128 throughput at
     256 rows (sixth session)."""
-    forced = _auto_switch("JAXLLM_FUSED_QKV")
+    forced = env_auto_flag("JAXLLM_FUSED_QKV")
     if forced is not None:
         return forced
     if mesh is None or mesh.devices.flat[0].platform != "gpu":
@@ -143,7 +136,7 @@ def fused_norm_wanted(mesh=None) -> bool:
     fusions (on a CPU backend the kernel would run in Pallas interpret mode)."""
     from ..pallas.gemv import triton_available
 
-    forced = _auto_switch("JAXLLM_FUSED_NORM")
+    forced = env_auto_flag("JAXLLM_FUSED_NORM")
     if forced is not None:
         return forced
     return mesh is not None and mesh.devices.flat[0].platform == "gpu" and triton_available()
@@ -158,7 +151,7 @@ def fused_silu_quant_wanted(mesh=None) -> bool:
     with an fp8 KV cache at 1024 rows 18,843 -> 19,665 output tok/s on the same machine."""
     from ..pallas.gemv import triton_available
 
-    forced = _auto_switch("JAXLLM_FUSED_SILU_QUANT")
+    forced = env_auto_flag("JAXLLM_FUSED_SILU_QUANT")
     if forced is not None:
         return forced
     return mesh is not None and mesh.devices.flat[0].platform == "gpu" and triton_available()
@@ -170,7 +163,7 @@ def fused_norm_quant_wanted(mesh=None) -> bool:
     device only). JAXLLM_FUSED_NORM_QUANT=1 / 0; "auto" (the default) leaves it off until it is
     measured on a GPU (XLA's 3-4 kernels take ~19 us a layer-norm at 1024 rows on an H100, the bytes
     ~8; BENCHMARKS.md "Twelfth session"). The mesh will decide once measured, as for the others."""
-    forced = _auto_switch("JAXLLM_FUSED_NORM_QUANT")
+    forced = env_auto_flag("JAXLLM_FUSED_NORM_QUANT")
     return bool(forced)
 
 
@@ -180,7 +173,7 @@ def fp8_lm_head_wanted(cfg, mesh, saved: bool | None) -> bool:
     is refused naming the switch. Off by default: the checkpoints' own FP8 formats and vLLM /
     TensorRT-LLM keep the head in 16 bits. `saved`: a jaxllm (Orbax) checkpoint's own choice (None:
     another kind of checkpoint), which it is restored with."""
-    wanted = _auto_switch("JAXLLM_FP8_LM_HEAD")
+    wanted = env_auto_flag("JAXLLM_FP8_LM_HEAD")
     if saved is not None and wanted is None:
         wanted = saved
     if saved and not wanted:

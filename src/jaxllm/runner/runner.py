@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -85,25 +87,36 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     return min(b, maximum) if maximum is not None else b
 
 
-def decode_loop_mode() -> int | None:
+# decode calls of at most this many rows run a fixed loop by default on GPUs (JAXLLM_DECODE_LOOP=auto;
+# measured on one H100 with the engine chaining such calls, BENCHMARKS.md "Fifteenth session": batch 1
+# 3.87 -> 3.62 ms, 64 rows +3.9% and 256 rows +4.8% output tok/s; at 1024 rows -1.4%, where the
+# dispatch waited for the device anyway and the while loop's early end of a call saved more)
+FIXED_LOOP_MAX_ROWS = 256
+
+
+def decode_loop_mode() -> int | None | str:
     """JAXLLM_DECODE_LOOP: how often a decode call checks whether every row is done, as the number
-    of steps between checks (None: never, the call runs all its steps). "while" (the default, 1)
-    checks each step and ends the call early -- but XLA:GPU copies the loop predicate to the host
-    each time, and the host then launches the step (its command buffers, and under tensor
-    parallelism each collective) from behind; "fixed" (None) runs the call's `steps` steps as a loop
-    of known trip count, so the host can enqueue them all ahead (done rows are masked: no tokens, no
-    KV writes) -- and under tensor parallelism on GPUs its programs record the collectives into the
-    command buffers (decode_compiler_options); a power of two N checks every N steps (an inner loop
-    of N steps, known trip count). (A fixed loop whose steps after every row is done were skipped by
-    a ``lax.cond`` failed on 2x H200: XLA could not trace the conditional's command buffer around
-    NCCL, BENCHMARKS.md "Eleventh session"; removed.)"""
-    mode = os.environ.get("JAXLLM_DECODE_LOOP", "while")
+    of steps between checks (None: never, the call runs all its steps). "while" (1) checks each step
+    and ends the call early -- but XLA:GPU copies the loop predicate to the host each time, so the
+    dispatch waits for the loop and the host then launches each step (its command buffers, and
+    under tensor parallelism each collective) from behind; "fixed" (None) runs the call's `steps`
+    steps as a loop of known trip count, so the host can enqueue them all ahead (done rows are
+    masked: no tokens, no KV writes), the engine may chain the calls (Engine.overlap_decode), and
+    under tensor parallelism on GPUs its programs record the collectives into the command buffers
+    (decode_compiler_options); a power of two N checks every N steps (an inner loop of N steps,
+    known trip count). "auto" (the default): fixed for decode calls of at most FIXED_LOOP_MAX_ROWS
+    rows on GPUs, while otherwise (ModelRunner.decode_check_every). (A fixed loop whose steps after
+    every row is done were skipped by a ``lax.cond`` failed on 2x H200: XLA could not trace the
+    conditional's command buffer around NCCL, BENCHMARKS.md "Eleventh session"; removed.)"""
+    mode = os.environ.get("JAXLLM_DECODE_LOOP", "auto")
+    if mode == "auto":
+        return mode
     if mode == "while":
         return 1
     if mode == "fixed":
         return None
     if not (mode.isdigit() and int(mode) > 0 and int(mode) & (int(mode) - 1) == 0):
-        raise ValueError(f"JAXLLM_DECODE_LOOP={mode!r}: expected while, fixed or a power of two "
+        raise ValueError(f"JAXLLM_DECODE_LOOP={mode!r}: expected auto, while, fixed or a power of two "
                          f"(steps between checks)")
     return int(mode)
 
@@ -163,7 +176,7 @@ class ModelRunner:
         self._fresh_impl = "cudnn" if use_pallas and self.tp == 1 else None
         # the collectives the step writes itself under tensor parallelism (None on one device)
         self._tensor_parallel = tensor_parallel_for(mesh)
-        self._check_every = decode_loop_mode()
+        self._loop_mode = decode_loop_mode()
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -174,10 +187,8 @@ class ModelRunner:
             donate_argnames=("pool",),
         )
         self._last_logits = jax.jit(self._last_logits_impl)
-        self._decode = jax.jit(
-            self._decode_impl, static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",),
-            compiler_options=decode_compiler_options(self._check_every, self._tensor_parallel, mesh),
-        )
+        # one jitted decode per loop kind (their compiler options differ), made when first used
+        self._decodes: dict[int | None, Callable] = {}
 
     @property
     def prefill_reads_own_pages(self) -> bool:
@@ -272,7 +283,8 @@ class ModelRunner:
         _, tok, info = self._advance(state, model.logits(last), num_logprobs, all_greedy)
         return pool, tok, info, prompt_info
 
-    def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int, num_logprobs, all_greedy):
+    def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int, num_logprobs, all_greedy,
+                     check_every: int | None):
         b = state.tokens.shape[0]
         out = jnp.full((b, steps), -1, jnp.int32)
         # per-step token info, [B, steps, ...] (shapes from one traced step)
@@ -298,11 +310,11 @@ class ModelRunner:
             return lambda carry: jax.lax.fori_loop(0, n, lambda _, c: body(c), carry)
 
         carry = (jnp.int32(0), pool, state, out, out_lp)
-        if self._check_every is None:  # JAXLLM_DECODE_LOOP=fixed
+        if check_every is None:  # a fixed loop (decode_loop_mode)
             carry = run(steps)(carry)
         else:  # ends early once every row is done, checked every `every` steps (a divisor of `steps`);
             # XLA:GPU reads a while loop's predicate on the host
-            every = math.gcd(steps, self._check_every)
+            every = math.gcd(steps, check_every)
             carry = jax.lax.while_loop(cond, body if every == 1 else run(every), carry)
         _, pool, state, out, out_lp = carry
         return pool, state, out, out_lp
@@ -355,7 +367,28 @@ class ModelRunner:
         """(jitted function, positional args, keyword args) that make a call on the current pool."""
         if kind == "prefill":
             return self._prefill, (self.params, self.pool, *args[:6]), dict(targets=args[6], **statics)
-        return self._decode, (self.params, self.pool, *args), statics
+        return self._decode_fn(args[1].tokens.shape[0]), (self.params, self.pool, *args), statics
+
+    def decode_check_every(self, rows: int) -> int | None:
+        """How often a decode call of `rows` rows checks whether every row is done (decode_loop_mode):
+        None (a fixed loop) or a number of steps. JAXLLM_DECODE_LOOP=auto: a fixed loop for at most
+        FIXED_LOOP_MAX_ROWS rows on GPUs, where the dispatch of a while loop waits for it (XLA:GPU
+        reads its predicate on the host); elsewhere each step (a CPU's while loop costs nothing)."""
+        if self._loop_mode != "auto":
+            return self._loop_mode
+        on_gpu = self.mesh.devices.flat[0].platform == "gpu"
+        return None if on_gpu and rows <= FIXED_LOOP_MAX_ROWS else 1
+
+    def _decode_fn(self, rows: int) -> Callable:
+        """The jitted decode program of a call of `rows` rows (its loop kind: decode_check_every)."""
+        every = self.decode_check_every(rows)
+        if every not in self._decodes:
+            self._decodes[every] = jax.jit(
+                functools.partial(self._decode_impl, check_every=every),
+                static_argnames=("steps", "num_logprobs", "all_greedy"), donate_argnames=("pool",),
+                compiler_options=decode_compiler_options(every, self._tensor_parallel, self.mesh),
+            )
+        return self._decodes[every]
 
     def _run(self, kind: str, statics: dict, args: tuple):
         fn, fn_args, kwargs = self._jit_call(kind, statics, args)
