@@ -2,7 +2,10 @@
 silu(gate) * up, per-token FP8 quantization for down) at Llama-3.1-8B's MLP width, alone: each
 variant jitted over `--copies` different inputs, time per copy.
 
-    PYTHONPATH=src python benchmarks/silu_mul_quant.py [--rows 64 256 1024]
+    PYTHONPATH=src python benchmarks/silu_mul_quant.py [--rows 64 256 1024 8192] [--dtype bfloat16]
+
+The product comes in the activations' bf16 since the fourteenth session (--dtype float32: as
+before). rowsN: N rows a program (JAXLLM_SILU_ROWS in the model), sharing w_scale's loads.
 """
 
 from __future__ import annotations
@@ -29,16 +32,19 @@ def xla_path(y, x_scale, w_scale):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 256, 1024, 8192])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--f", type=int, default=14336)
     ap.add_argument("--copies", type=int, default=10)
     args = ap.parse_args()
     variants = {"looped": dict(unroll=False), "unrolled16": dict(unroll=True, num_warps=16),
-                "unrolled32": dict(unroll=True, num_warps=32), "unrolled8": dict(unroll=True, num_warps=8)}
+                "unrolled8": dict(unroll=True, num_warps=8), "rows2": dict(rows=2), "rows4": dict(rows=4),
+                "rows2_w8": dict(rows=2, num_warps=8), "rows4_w32": dict(rows=4, num_warps=32),
+                "rows8_w32": dict(rows=8, num_warps=32)}
     print(f"{'rows':>6} {'xla us':>9} " + " ".join(f"{v + ' us':>14}" for v in variants) + "  best GB/s  mismatch")
     for m in args.rows:
         key = jax.random.key(m)
-        ys = [30.0 * jax.random.normal(jax.random.fold_in(key, i), (m, 2 * args.f), jnp.float32)
+        ys = [(30.0 * jax.random.normal(jax.random.fold_in(key, i), (m, 2 * args.f), jnp.float32)).astype(args.dtype)
               for i in range(args.copies)]
         xs = 0.01 + 0.1 * jax.random.uniform(jax.random.fold_in(key, 99), (m,))
         ws = 0.001 + 0.05 * jax.random.uniform(jax.random.fold_in(key, 98), (2 * args.f,))
@@ -54,7 +60,7 @@ def main():
             except Exception as e:  # a variant Triton cannot compile: say so, go on
                 print(f"  {kw}: failed: {str(e).splitlines()[0][:100]}", flush=True)
                 times.append(float("nan"))
-        nbytes = m * 2 * args.f * 4 + m * args.f
+        nbytes = m * 2 * args.f * jnp.dtype(args.dtype).itemsize + m * args.f  # the product read, h written
         best = np.nanmin(times)
         print(f"{m:>6} {1e6 * tx:9.1f} " + " ".join(f"{1e6 * t:14.1f}" for t in times)
               + f"  {nbytes / best / 1e9:9.0f}  {mismatch:.4f}", flush=True)

@@ -49,6 +49,42 @@ def test_kernel_reads_a_16_bit_product(dtype):
     np.testing.assert_array_equal(np.asarray(h.astype(jnp.float32)), np.asarray(rh.astype(jnp.float32)))
 
 
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("m, f", [(4, 384), (8, 2048 * 3)])
+def test_several_rows_a_program_give_the_one_row_result(m, f, rows):
+    """rows=R: each program quantizes R rows (sharing each w_scale block's load), each row with its
+    own scale -- bit for bit the reference, on a bf16 product as the model hands it."""
+    y, xs, ws = _inputs(m, f, seed=3 * m + f)
+    y16 = y.astype(jnp.bfloat16)
+    y16 = y16.at[1].multiply(0.01)  # rows of very different ranges: the scales are per row, not per program
+    h, s = silu_mul_quant(y16, xs, ws, rows=rows, interpret=True)
+    rh, rs = reference_silu_mul_quant(y16.astype(jnp.float32), xs, ws)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
+    np.testing.assert_array_equal(np.asarray(h.astype(jnp.float32)), np.asarray(rh.astype(jnp.float32)))
+    assert float(rs[1]) < 0.1 * float(rs[0])
+
+
+def test_rows_a_program_switch(monkeypatch):
+    """JAXLLM_SILU_ROWS (A/B, default 1): taken where it divides the rows and the row is unrolled,
+    else 1; anything but a power of two to 16 is refused naming the switch. The kernel refuses rows
+    it cannot serve."""
+    from jaxllm.pallas.silu_mul_quant import rows_for
+
+    monkeypatch.delenv("JAXLLM_SILU_ROWS", raising=False)
+    assert rows_for(1024, 14336) == 1
+    monkeypatch.setenv("JAXLLM_SILU_ROWS", "4")
+    assert [rows_for(m, 14336) for m in (1024, 8192, 6, 1)] == [4, 4, 1, 1]
+    assert rows_for(1024, 2048 * 17) == 1  # 17 blocks: looped, one row a program
+    for bad in ("3", "0", "32", "two"):
+        monkeypatch.setenv("JAXLLM_SILU_ROWS", bad)
+        with pytest.raises(ValueError, match=f"JAXLLM_SILU_ROWS='{bad}': expected a power of two"):
+            rows_for(1024, 14336)
+    y, xs, ws = _inputs(6, 128)
+    for rows, unroll in ((4, True), (3, True), (2, False)):
+        with pytest.raises(ValueError, match=f"rows={rows} must be a power of two dividing M=6"):
+            silu_mul_quant(y, xs, ws, rows=rows, unroll=unroll, interpret=True)
+
+
 def test_shapes_it_does_not_serve_are_refused():
     assert block_for(14336) == 2048 and block_for(1536) == 512 and block_for(100) is None
     y, xs, ws = _inputs(2, 100)
@@ -114,13 +150,13 @@ def test_model_with_the_kernel_is_as_close_to_unquantized_in_bf16(tiny_checkpoin
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("unroll, rows", [(True, 1), (False, 1), (True, 2), (True, 4)])
 @pytest.mark.parametrize("m", [64, 256])
-def test_kernel_compiled_on_the_gpu_matches_reference(m, unroll):
+def test_kernel_compiled_on_the_gpu_matches_reference(m, unroll, rows):
     """Llama-3.1-8B's MLP (F = 14336) at 64 and 256 tokens: Triton's sigmoid and division may differ
     from XLA's in the last bit, so a few values may land one fp8 step apart."""
     y, xs, ws = _inputs(m, 14336, seed=m)
-    h, s = silu_mul_quant(y, xs, ws, unroll=unroll)
+    h, s = silu_mul_quant(y, xs, ws, unroll=unroll, rows=rows)
     rh, rs = reference_silu_mul_quant(y, xs, ws)
     np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=1e-5)
     a, b = np.asarray(h.astype(jnp.float32)), np.asarray(rh.astype(jnp.float32))

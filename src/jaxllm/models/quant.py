@@ -233,7 +233,7 @@ def _silu_mul_fp8_matmul(spec: str, gu: Scaled, w, scale, out_dtype):
     pallas.silu_mul_quant kernel (Pallas interpret mode on a CPU backend), then FP8 x FP8 with the
     K-minor fp8 weight w; spec is written for silu(gate) * up's shape and the plain layout. Where
     the kernel does not serve the shape, the same steps in jnp."""
-    from ..pallas.silu_mul_quant import block_for, silu_mul_quant
+    from ..pallas.silu_mul_quant import block_for, rows_for, silu_mul_quant
 
     dtype = out_dtype or gu.dtype
     *batch, two, f = gu.raw.shape
@@ -242,7 +242,7 @@ def _silu_mul_fp8_matmul(spec: str, gu: Scaled, w, scale, out_dtype):
     if two != 2 or n_in != 1 or block_for(f) is None:
         return qeinsum(spec, gu.value(dtype), w, scale, True, out_dtype=dtype, act="silu_mul")
     hq, h_scale = silu_mul_quant(gu.raw.reshape(m, 2 * f), jnp.broadcast_to(gu.x_scale, (*batch, 1, 1)).reshape(m),
-                                 jnp.broadcast_to(gu.w_scale, (2, f)).reshape(2 * f),
+                                 jnp.broadcast_to(gu.w_scale, (2, f)).reshape(2 * f), rows=rows_for(m, f),
                                  interpret=jax.default_backend() == "cpu")
     return _fp8_product(kspec, hq.reshape(*batch, f), h_scale, w, scale, n_in, dtype,
                         _scaled_product_dtype(dtype)).value()
