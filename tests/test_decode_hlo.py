@@ -28,8 +28,8 @@ def test_pool_is_donated_and_never_copied(tiny_llm, program):
     state = engine._row_state(reqs, 2)
     tables = jnp.zeros((2, 4), jnp.int32)
     if program == "decode":
-        lowered = runner._decode_fn(2).lower(runner.params, runner.pool, tables, state, steps=4, num_logprobs=None,
-                                             all_greedy=True)
+        lowered = runner._decode_for(1).lower(runner.params, runner.pool, tables, state, steps=4, num_logprobs=None,
+                                              all_greedy=True)
     else:
         toks = jnp.zeros((2, 16), jnp.int32)
         lowered = runner._prefill.lower(runner.params, runner.pool, toks, toks, toks > 0, tables,
@@ -70,8 +70,8 @@ def test_layers_share_one_trace_and_all_compile(tmp_path, monkeypatch):
     def compiled_dots():
         jax.clear_caches()
         traced.clear()
-        hlo = runner._decode_fn(2).lower(runner.params, runner.pool, tables, state, steps=3, num_logprobs=None,
-                                         all_greedy=True).compile().as_text()
+        hlo = runner._decode_for(1).lower(runner.params, runner.pool, tables, state, steps=3, num_logprobs=None,
+                                          all_greedy=True).compile().as_text()
         return len(re.findall(r" dot\(", hlo)), len(traced)
 
     shared_dots, shared_traces = compiled_dots()
@@ -129,8 +129,8 @@ def test_batch1_decode_writes_kv_by_dynamic_update_slice(tiny_llm):
     reqs = [tiny_llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4))]
     state = engine._row_state(reqs, 1)
     tables = jnp.zeros((1, 4), jnp.int32)
-    text = runner._decode_fn(1).lower(runner.params, runner.pool, tables, state, steps=2, num_logprobs=None,
-                                      all_greedy=True).as_text()
+    text = runner._decode_for(1).lower(runner.params, runner.pool, tables, state, steps=2, num_logprobs=None,
+                                       all_greedy=True).as_text()
     k = jax.tree.leaves(runner.pool)[0]
     pool_type = "tensor<{}x{}>".format("x".join(map(str, k.shape)), str(k.dtype).replace("float", "f"))
     updates = [ln for ln in text.splitlines() if "dynamic_update_slice" in ln and pool_type in ln]

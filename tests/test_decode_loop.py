@@ -95,8 +95,9 @@ def test_a_fixed_loop_under_tensor_parallelism_records_collectives_in_command_bu
 
 def test_auto_runs_a_fixed_loop_for_up_to_256_rows_on_gpus_only(monkeypatch):
     """JAXLLM_DECODE_LOOP=auto: a fixed loop (None) for decode calls of at most FIXED_LOOP_MAX_ROWS
-    rows on GPUs, each step checked (1) above it and on other platforms; an explicit mode holds
-    for every row count. Each loop kind is its own jitted program (decode_compiler_options differ)."""
+    rows on GPUs, each step checked (1) above it, for a tail call (every row ends within it by
+    max_tokens) and on other platforms; an explicit mode holds for every call. Each loop kind is
+    its own jitted program (decode_compiler_options differ), made once."""
     from types import SimpleNamespace
 
     from conftest import stand_in_mesh
@@ -104,18 +105,17 @@ def test_auto_runs_a_fixed_loop_for_up_to_256_rows_on_gpus_only(monkeypatch):
 
     assert FIXED_LOOP_MAX_ROWS == 256
 
-    def every(mode, platform, rows):
-        return ModelRunner.decode_check_every(SimpleNamespace(_loop_mode=mode, mesh=stand_in_mesh(1, platform)), rows)
+    def every(mode, on_gpu, rows, tail=False):
+        return ModelRunner.decode_check_every(SimpleNamespace(_loop_mode=mode, _on_gpu=on_gpu), rows, tail)
 
-    assert [every("auto", "gpu", r) for r in (1, 64, 256, 512, 1024)] == [None, None, None, 1, 1]
-    assert [every("auto", "cpu", r) for r in (1, 256, 1024)] == [1, 1, 1]
-    assert [every(None, "cpu", r) for r in (1, 1024)] == [None, None]
-    assert [every(4, "gpu", r) for r in (1, 1024)] == [4, 4]
-    # the programs: one jit per loop kind, made once
-    runner = SimpleNamespace(_loop_mode="auto", mesh=stand_in_mesh(2, "gpu"), _decodes={}, _tensor_parallel=object(),
+    assert [every("auto", True, r) for r in (1, 64, 256, 512, 1024)] == [None, None, None, 1, 1]
+    assert [every("auto", True, r, tail=True) for r in (1, 256)] == [1, 1]
+    assert [every("auto", False, r) for r in (1, 256, 1024)] == [1, 1, 1]
+    assert [every(None, False, r, tail) for r in (1, 1024) for tail in (False, True)] == [None] * 4
+    assert [every(4, True, r) for r in (1, 1024)] == [4, 4]
+    runner = SimpleNamespace(mesh=stand_in_mesh(2, "gpu"), _decodes={}, _tensor_parallel=object(),
                              _decode_impl=lambda *a, **k: None)
-    runner.decode_check_every = lambda rows: ModelRunner.decode_check_every(runner, rows)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    small, large = ModelRunner._decode_fn(runner, 8), ModelRunner._decode_fn(runner, 512)
-    assert small is ModelRunner._decode_fn(runner, 256) and small is not large
+    fixed, each = ModelRunner._decode_for(runner, None), ModelRunner._decode_for(runner, 1)
+    assert fixed is ModelRunner._decode_for(runner, None) and fixed is not each
     assert set(runner._decodes) == {None, 1}

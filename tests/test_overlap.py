@@ -32,8 +32,8 @@ def _trace(engine, monkeypatch, kind: str = "prefill") -> list[tuple[str, int]]:
     events, numbers = [], {}
     dispatch, collect = getattr(engine, f"_dispatch_{kind}"), getattr(engine, f"_collect_{kind}")
 
-    def traced_dispatch(*args):
-        out = dispatch(*args)
+    def traced_dispatch(*args, **kwargs):
+        out = dispatch(*args, **kwargs)
         numbers[id(out)] = k = sum(kind == "dispatch" for kind, _ in events)
         events.append(("dispatch", k))
         return out
@@ -400,7 +400,7 @@ def test_decode_calls_chain_by_default_exactly_where_their_loop_is_fixed(llm, mo
     its own step. Here a stand-in policy makes calls of up to 4 rows fixed; the outputs are those of
     unchained calls either way."""
     engine = llm._engine
-    monkeypatch.setattr(engine.runner, "decode_check_every", lambda rows: None if rows <= 4 else 1)
+    monkeypatch.setattr(engine.runner, "decode_check_every", lambda rows, tail=False: None if rows <= 4 else 1)
     reqs = [llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4)) for _ in range(5)]
     assert engine._chains_decode(reqs[:4]) and not engine._chains_decode(reqs)
     events = _trace(engine, monkeypatch, "decode")
@@ -414,3 +414,47 @@ def test_decode_calls_chain_by_default_exactly_where_their_loop_is_fixed(llm, mo
         ahead = [k for i, (kind, k) in enumerate(events) if kind == "collect" and ("dispatch", k + 1) in events[:i]]
         assert bool(ahead) is chains, (n, events)
         _same(on, off)
+
+
+def test_a_tail_call_ends_with_its_rows_and_is_not_chained(llm, monkeypatch):
+    """Where decode calls run a fixed loop by default (GPUs; stood in for here), a call whose every
+    row ends within it by max_tokens (a tail call) runs the loop that ends with them instead -- a
+    fixed one would run its remaining steps for nothing, and the rows' last tokens would wait for
+    them -- and is not chained (its dispatch would wait for it). max_tokens 11 at 4 steps a call:
+    the first token from the prefill, then fixed, fixed (chained), and the last 2 in a while loop;
+    the tokens are those of while loops only."""
+    engine = llm._engine
+    monkeypatch.setattr(engine.runner, "_on_gpu", True)
+    loops = []
+    decode_call = engine.runner.decode_call
+
+    def traced(*args, **kwargs):
+        call = decode_call(*args, **kwargs)
+        loops.append(call[1]["check_every"])
+        return call
+
+    monkeypatch.setattr(engine.runner, "decode_call", traced)
+    events = _trace(engine, monkeypatch, "decode")
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}]
+    params = SamplingParams(max_tokens=11, ignore_eos=True, temperature=0)
+    on = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert loops == [None, None, 1], loops
+    assert events == [("dispatch", 0), ("dispatch", 1), ("collect", 0), ("collect", 1), ("dispatch", 2),
+                      ("collect", 2)], events
+    monkeypatch.setattr(engine.runner, "_on_gpu", False)
+    assert len(on) == 11 and on == llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_precompile_covers_both_loops_where_a_tail_call_runs_another(llm, monkeypatch):
+    """precompile's decode programs: on GPUs (stood in for) each row bucket's fixed loop and its tail
+    calls' while loop, both; on CPUs one while loop a bucket."""
+    engine = llm._engine
+
+    def loops():
+        calls = [c for c in engine._warmup_calls(32, [True]) if c[0] == "decode"]
+        return sorted({(c[2][1].tokens.shape[0], c[1]["check_every"] is None) for c in calls})
+
+    cpu = loops()
+    assert cpu and all(not fixed for _, fixed in cpu)
+    monkeypatch.setattr(engine.runner, "_on_gpu", True)
+    assert loops() == sorted(cpu + [(rows, True) for rows, _ in cpu])

@@ -57,8 +57,8 @@ for tp, dp, source in ((1, 1, "hf"), (2, 1, "hf"), (4, 1, "hf"), (8, 1, "hf"), (
     # the collectives of a decode program (2 rows): their kind and result shape
     e = llm._engine
     reqs = [llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4))]
-    hlo = e.runner._decode_fn(2).lower(e.runner.params, e.runner.pool, e._put(jnp.zeros((2, 4), jnp.int32)),
-                                       e._row_state(reqs, 2), steps=4, num_logprobs=None, all_greedy=True).compile().as_text()
+    hlo = e.runner._decode_for(1).lower(e.runner.params, e.runner.pool, e._put(jnp.zeros((2, 4), jnp.int32)),
+                                        e._row_state(reqs, 2), steps=4, num_logprobs=None, all_greedy=True).compile().as_text()
     collectives = re.findall(r"= \w+\[([\d,]*)\][^ ]* (all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
     params = {}
     for path, var in nnx.to_flat_state(llm._engine.runner.params):

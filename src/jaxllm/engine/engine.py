@@ -207,8 +207,9 @@ class Engine:
             state = self._row_state([], rows)  # every row done
             for width in widths:
                 tables = self._put(np.zeros((rows, width), np.int32))  # as the engine stages its inputs
-                for g in greedy_variants:
-                    calls.append(self.runner.decode_call(tables, state, sched.decode_steps, None, g))
+                for g in greedy_variants:  # and the tail calls' loop where it is another program
+                    for tail in (False, True) if self._tail_loop_differs(rows) else (False,):
+                        calls.append(self.runner.decode_call(tables, state, sched.decode_steps, None, g, tail))
         t_max = min(max_len, sched.max_num_tokens)
         t_buckets = sorted({bucket(n, 16, sched.max_num_tokens) for n in range(min(min_len, t_max), t_max + 1)})
         # (chunk length bucket, table widths, fresh): whole prompts, then chunks past a cached prefix
@@ -619,7 +620,9 @@ class Engine:
         """Rows of a decode call for n requests: their bucket, at least min_decode_rows."""
         return max(self.min_decode_rows, bucket(n, 1, self.scheduler.max_batch_size))
 
-    def _dispatch_decode(self, plan: Plan, tables, state):
+    def _dispatch_decode(self, plan: Plan, tables, state, ahead: int = 0):
+        """A decode call of plan.decode's rows; `ahead`: decode steps already dispatched for them
+        and not yet collected (a chained call)."""
         reqs = plan.decode
         out = self.runner.decode(
             tables,
@@ -627,36 +630,51 @@ class Engine:
             self.scheduler.decode_steps,
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
+            tail=self._tail(reqs, ahead),
         )
         self._mark("decode_call")
         return out
 
-    def _chains_decode(self, reqs: list[Request]) -> bool:
-        """Whether the decode calls of these requests chain (overlap_decode; by default where their
-        call runs a fixed loop, whose dispatch does not wait for the device)."""
+    def _tail_loop_differs(self, rows: int) -> bool:
+        """Whether a tail call of `rows` rows runs another loop, hence another program (precompile)."""
+        return self.runner.decode_check_every(rows, False) != self.runner.decode_check_every(rows, True)
+
+    def _tail(self, reqs: list[Request], ahead: int = 0) -> bool:
+        """Whether every row ends within a decode call by its max_tokens (`ahead` steps of theirs
+        dispatched before it): the runner then runs it as a loop that ends with them
+        (ModelRunner.decode_check_every), not a fixed one that would run on past them."""
+        return max(r.params.max_tokens - r.num_generated for r in reqs) - ahead < self.scheduler.decode_steps
+
+    def _chains_decode(self, reqs: list[Request], ahead: int = 0) -> bool:
+        """Whether a decode call of these requests (after `ahead` steps of theirs still in flight)
+        is one to chain (overlap_decode; by default where it runs a fixed loop, whose dispatch does
+        not wait for the device)."""
         if self.overlap_decode is not None:
             return self.overlap_decode
-        return self.runner.decode_check_every(self._decode_rows(len(reqs))) is None
+        return self.runner.decode_check_every(self._decode_rows(len(reqs)), self._tail(reqs, ahead)) is None
 
     def _chain_decode(self, rows: list[Request], result, tables, blocks):
         """overlap_decode: the next decode call of `rows`, dispatched from the state their last call
         (`result`, not yet collected) returns -- or None, when anything else may need the step: a
         request arriving or aborted, or whatever Scheduler.continue_decode refuses (one waiting, a
         row not decoding: prefilling, preempted, finished by a stop string or an abort; the last call
-        ending every row by its max_tokens; no blocks for both calls); nor where the decode state is
-        not passed on between calls (reuse_decode_state: several processes). The device runs the
+        ending every row by its max_tokens; no blocks for both calls); nor where the next call is not
+        one to chain (_chains_decode: by default, a tail call ending every row by its max_tokens runs
+        a loop that ends with them, whose dispatch waits for it -- collected in a step of its own), or
+        the decode state is not passed on between calls (reuse_decode_state: several processes). The device runs the
         two calls back to back while the host collects the first; a row that the first call ends
         (EOS, max_tokens) is done in the state the second starts from (masked: no tokens, no KV
         writes), and one that a stop string ends when its text is made runs on in the second, its
         tokens dropped at collect. Returns what `_pending_decode` holds, or None."""
-        if (not (self._chains_decode(rows) and self.reuse_decode_state) or self._incoming or self._aborts
-                or not self.scheduler.continue_decode(rows)):
+        steps = self.scheduler.decode_steps
+        if (not (self._chains_decode(rows, ahead=steps) and self.reuse_decode_state) or self._incoming
+                or self._aborts or not self.scheduler.continue_decode(rows)):
             return None
         if blocks != [r.blocks for r in rows]:
             tables = self._tables(rows, tables.shape[0])
         self.num_reused_decode_states += 1
         self._mark("decode_inputs")
-        out = self._dispatch_decode(Plan(decode=rows), tables, result[0])
+        out = self._dispatch_decode(Plan(decode=rows), tables, result[0], ahead=steps)
         return rows, out, tables, [list(r.blocks) for r in rows]
 
     def _collect_decode(self, plan: Plan, result) -> int:

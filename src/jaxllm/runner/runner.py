@@ -105,7 +105,8 @@ def decode_loop_mode() -> int | None | str:
     under tensor parallelism on GPUs its programs record the collectives into the command buffers
     (decode_compiler_options); a power of two N checks every N steps (an inner loop of N steps,
     known trip count). "auto" (the default): fixed for decode calls of at most FIXED_LOOP_MAX_ROWS
-    rows on GPUs, while otherwise (ModelRunner.decode_check_every). (A fixed loop whose steps after
+    rows on GPUs, while otherwise and for a call whose every row ends within it by its max_tokens
+    (ModelRunner.decode_check_every). (A fixed loop whose steps after
     every row is done were skipped by a ``lax.cond`` failed on 2x H200: XLA could not trace the
     conditional's command buffer around NCCL, BENCHMARKS.md "Eleventh session"; removed.)"""
     mode = os.environ.get("JAXLLM_DECODE_LOOP", "auto")
@@ -177,6 +178,7 @@ class ModelRunner:
         # the collectives the step writes itself under tensor parallelism (None on one device)
         self._tensor_parallel = tensor_parallel_for(mesh)
         self._loop_mode = decode_loop_mode()
+        self._on_gpu = mesh.devices.flat[0].platform == "gpu"
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -330,10 +332,11 @@ class ModelRunner:
         return self.call(*self.prefill_call(tokens, positions, valid, block_tables, last_idx, state, num_logprobs,
                                             all_greedy, targets, prompt_logprobs, fresh))
 
-    def decode(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False):
+    def decode(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False, tail=False):
         """Run up to `steps` decode steps; returns (state, tokens [B, steps] (-1: none), token_info
-        with [B, steps, ...] arrays)."""
-        return self.call(*self.decode_call(block_tables, state, steps, num_logprobs, all_greedy))
+        with [B, steps, ...] arrays). `tail`: every row ends within the call by its max_tokens (see
+        decode_check_every)."""
+        return self.call(*self.decode_call(block_tables, state, steps, num_logprobs, all_greedy, tail))
 
     # A call is (kind, static arguments, array arguments): what `prefill` / `decode` run, as data,
     # so that it can also be compiled ahead (`compile_ahead`) or announced to other processes.
@@ -343,8 +346,11 @@ class ModelRunner:
                        fresh=bool(fresh and self._fresh_impl is not None))
         return "prefill", statics, (tokens, positions, valid, block_tables, last_idx, state, targets)
 
-    def decode_call(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False) -> tuple:
-        return "decode", dict(steps=steps, num_logprobs=num_logprobs, all_greedy=all_greedy), (block_tables, state)
+    def decode_call(self, block_tables, state: RowState, steps: int, num_logprobs=None, all_greedy=False,
+                    tail=False) -> tuple:
+        every = self.decode_check_every(state.tokens.shape[0], tail)
+        return "decode", dict(steps=steps, num_logprobs=num_logprobs, all_greedy=all_greedy, check_every=every), (
+            block_tables, state)
 
     def call(self, kind: str, statics: dict, args: tuple):
         return self._run(kind, statics, self._announce(kind, statics, args))
@@ -367,21 +373,23 @@ class ModelRunner:
         """(jitted function, positional args, keyword args) that make a call on the current pool."""
         if kind == "prefill":
             return self._prefill, (self.params, self.pool, *args[:6]), dict(targets=args[6], **statics)
-        return self._decode_fn(args[1].tokens.shape[0]), (self.params, self.pool, *args), statics
+        statics = dict(statics)
+        return self._decode_for(statics.pop("check_every")), (self.params, self.pool, *args), statics
 
-    def decode_check_every(self, rows: int) -> int | None:
+    def decode_check_every(self, rows: int, tail: bool = False) -> int | None:
         """How often a decode call of `rows` rows checks whether every row is done (decode_loop_mode):
         None (a fixed loop) or a number of steps. JAXLLM_DECODE_LOOP=auto: a fixed loop for at most
         FIXED_LOOP_MAX_ROWS rows on GPUs, where the dispatch of a while loop waits for it (XLA:GPU
-        reads its predicate on the host); elsewhere each step (a CPU's while loop costs nothing)."""
+        reads its predicate on the host) -- but each step for a `tail` call, whose every row ends
+        within it by its max_tokens (a fixed loop would run on past them: the while loop returns
+        their last tokens as soon as they are made); elsewhere each step (a CPU's while loop costs
+        nothing)."""
         if self._loop_mode != "auto":
             return self._loop_mode
-        on_gpu = self.mesh.devices.flat[0].platform == "gpu"
-        return None if on_gpu and rows <= FIXED_LOOP_MAX_ROWS else 1
+        return None if self._on_gpu and rows <= FIXED_LOOP_MAX_ROWS and not tail else 1
 
-    def _decode_fn(self, rows: int) -> Callable:
-        """The jitted decode program of a call of `rows` rows (its loop kind: decode_check_every)."""
-        every = self.decode_check_every(rows)
+    def _decode_for(self, every: int | None) -> Callable:
+        """The jitted decode program of a loop kind (decode_check_every), made when first used."""
         if every not in self._decodes:
             self._decodes[every] = jax.jit(
                 functools.partial(self._decode_impl, check_every=every),
