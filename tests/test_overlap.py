@@ -458,3 +458,23 @@ def test_precompile_covers_both_loops_where_a_tail_call_runs_another(llm, monkey
     assert cpu and all(not fixed for _, fixed in cpu)
     monkeypatch.setattr(engine.runner, "_on_gpu", True)
     assert loops() == sorted(cpu + [(rows, True) for rows, _ in cpu])
+
+
+def test_a_call_is_a_tail_once_it_would_waste_an_eighth_of_its_steps():
+    """Engine._tail: at 16 steps a call, a fixed loop wasting 2 or more steps past every row's
+    max_tokens gives way to the while loop; 1 wasted step does not (the while loop's host round trip
+    each step costs more). Steps still in flight (`ahead`) count as made; the row furthest from its
+    end decides."""
+    from types import SimpleNamespace
+
+    from jaxllm.engine.engine import Engine
+
+    engine = SimpleNamespace(scheduler=SimpleNamespace(decode_steps=16))
+
+    def tail(left, ahead=0, *others):
+        reqs = [SimpleNamespace(params=SimpleNamespace(max_tokens=100), num_generated=100 - n) for n in (left, *others)]
+        return Engine._tail(engine, reqs, ahead)
+
+    assert [tail(n) for n in (1, 8, 14, 15, 16, 40)] == [True, True, True, False, False, False]
+    assert tail(30, 16) and not tail(31, 16)
+    assert not tail(3, 0, 15) and tail(3, 0, 14)
