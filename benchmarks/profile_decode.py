@@ -76,6 +76,12 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
             module = str((e.get("args") or {}).get("hlo_module", "?"))
             by_module[module] += e["dur"]
             module_kernels[module][e["name"]] += e["dur"]
+    # the host's own events by total and longest single duration (TraceMe / CUDA API events: where a
+    # dispatch waits -- e.g. a launch blocking on a full queue, or a synchronizing call)
+    host_total, host_longest = collections.Counter(), collections.Counter()
+    for e in host:
+        host_total[e["name"]] += e["dur"]
+        host_longest[e["name"]] = max(host_longest[e["name"]], e["dur"])
     overlap = collections.Counter()
     for e in host:
         s, t = e["ts"], e["ts"] + e["dur"]
@@ -91,6 +97,8 @@ def summarize(events, procs, threads, device_pattern: str, gap_us: float, top: i
         "gap_us": sum(g1 - g0 for g0, g1 in gaps),
         "longest_gaps_us": sorted((round(g1 - g0, 1) for g0, g1 in gaps), reverse=True)[:top],
         "host_in_gaps_us": {k: round(v, 1) for k, v in overlap.most_common(top)},
+        "host_us_by_event": {k: round(v, 1) for k, v in host_total.most_common(top)},
+        "host_longest_us_by_event": {k: round(v, 1) for k, v in host_longest.most_common(top)},
         "device_us_by_kernel": {k: round(v, 1) for k, v in by_kernel.most_common(top)},
         "launches_by_kernel": {k: launches[k] for k, _ in by_kernel.most_common(top)},
         "device_us_by_module": {k: round(v, 1) for k, v in by_module.most_common(top)},
