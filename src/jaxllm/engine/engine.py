@@ -660,17 +660,17 @@ class Engine:
 
     def _chain_decode(self, rows: list[Request], result, tables, blocks):
         """overlap_decode: the next decode call of `rows`, dispatched from the state their last call
-        (`result`, not yet collected) returns -- or None, when anything else may need the step: a
-        request arriving or aborted, or whatever Scheduler.continue_decode refuses (one waiting, a
-        row not decoding: prefilling, preempted, finished by a stop string or an abort; the last call
-        ending every row by its max_tokens; no blocks for both calls); nor where the next call is not
-        one to chain (_chains_decode: by default, a tail call ending every row by its max_tokens runs
-        a loop that ends with them, whose dispatch waits for it -- collected in a step of its own),
-        or the decode state is not passed on between calls (reuse_decode_state: several
-        processes). The device runs the two calls back to back while the host collects the first; a row that the first call ends
-        (EOS, max_tokens) is done in the state the second starts from (masked: no tokens, no KV
-        writes), and one that a stop string ends when its text is made runs on in the second, its
-        tokens dropped at collect. Returns what `_pending_decode` holds, or None."""
+        (`result`, not yet collected) returns -- or None, when anything else may need the step: a request
+        arriving or aborted, or whatever Scheduler.continue_decode refuses (one waiting, a row not decoding:
+        prefilling, preempted, finished by a stop string or an abort; the last call ending every row by its
+        max_tokens; no blocks for both calls); nor where the next call is not one to chain (_chains_decode:
+        by default, a tail call ending every row by its max_tokens runs a loop that ends with them, whose
+        dispatch waits for it -- collected in a step of its own), or the decode state is not passed on
+        between calls (reuse_decode_state: several processes). The device runs the two calls back to back
+        while the host collects the first; a row that the first call ends (EOS, max_tokens) is done in the
+        state the second starts from (masked: no tokens, no KV writes), and one that a stop string ends when
+        its text is made runs on in the second, its tokens dropped at collect. Returns what
+        `_pending_decode` holds, or None."""
         steps = self.scheduler.decode_steps
         if (not (self._chains_decode(rows, ahead=steps) and self.reuse_decode_state) or self._incoming
                 or self._aborts or not self.scheduler.continue_decode(rows)):
