@@ -119,3 +119,42 @@ def test_auto_runs_a_fixed_loop_for_up_to_256_rows_on_gpus_only(monkeypatch):
     fixed, each = ModelRunner._decode_for(runner, None), ModelRunner._decode_for(runner, 1)
     assert fixed is ModelRunner._decode_for(runner, None) and fixed is not each
     assert set(runner._decodes) == {None, 1}
+
+
+TP_SCRIPT = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+from jaxllm import LLM, SamplingParams
+
+prompts = ["The capital of France is", "Hello, my name is", "A"]
+params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 21, 30)]
+out, loops = {}, {}
+for tp, gpu_policy in ((1, False), (2, True)):
+    with LLM(sys.argv[1], tensor_parallel_size=tp, max_seq_len=128, compilation_cache=False, dtype="float32",
+             decode_steps=8) as llm:
+        runner = llm._engine.runner
+        runner._on_gpu = gpu_policy  # the GPU default: fixed loops up to 256 rows, chained; tails on the while loop
+        seen = []
+        decode_call = runner.decode_call
+        runner.decode_call = lambda *a, **k: (lambda c: seen.append(c[1]["check_every"]) or c)(decode_call(*a, **k))
+        out[tp] = [r.outputs[0].token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
+        loops[tp] = seen
+print(json.dumps({"same": out[1] == out[2], "lengths": [len(t) for t in out[2]], "loops": loops}))
+"""
+
+
+def test_tensor_parallel_decode_under_the_gpu_loop_policy_matches_one_device(tiny_checkpoints, tmp_path):
+    """tp=2 (2 virtual CPU devices) with the GPU's default decode policy stood in for -- fixed loops,
+    chained, tail calls on the while loop -- gives tp=1's greedy tokens (float32, while loops)."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "tp_loops.py"
+    script.write_text(TP_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tiny_checkpoints["llama3"])], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    assert res["same"] and res["lengths"] == [3, 21, 30]
+    assert set(res["loops"]["1"]) == {1} and None in res["loops"]["2"] and 1 in res["loops"]["2"], res["loops"]
