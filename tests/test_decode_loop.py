@@ -54,7 +54,16 @@ def test_fixed_and_while_loops_give_the_same_outputs(tiny_checkpoints, monkeypat
 
 
 def test_decode_loop_switch_is_checked(monkeypatch):
-    from jaxllm.runner.runner import decode_loop_mode
+    from jaxllm.runner.runner import FIXED_LOOP_MAX_ROWS, decode_loop_mode, fixed_loop_max_rows
+
+    monkeypatch.delenv("JAXLLM_FIXED_LOOP_MAX_ROWS", raising=False)
+    assert fixed_loop_max_rows() == FIXED_LOOP_MAX_ROWS
+    monkeypatch.setenv("JAXLLM_FIXED_LOOP_MAX_ROWS", "1024")
+    assert fixed_loop_max_rows() == 1024
+    for bad in ("-1", "many", "2.5"):
+        monkeypatch.setenv("JAXLLM_FIXED_LOOP_MAX_ROWS", bad)
+        with pytest.raises(ValueError, match=f"JAXLLM_FIXED_LOOP_MAX_ROWS='{bad}': expected a whole number"):
+            fixed_loop_max_rows()
 
     monkeypatch.delenv("JAXLLM_DECODE_LOOP", raising=False)
     assert decode_loop_mode() == "auto"  # ModelRunner.decode_check_every decides
@@ -105,14 +114,17 @@ def test_auto_runs_a_fixed_loop_for_up_to_256_rows_on_gpus_only(monkeypatch):
 
     assert FIXED_LOOP_MAX_ROWS == 256
 
-    def every(mode, on_gpu, rows, tail=False):
-        return ModelRunner.decode_check_every(SimpleNamespace(_loop_mode=mode, _on_gpu=on_gpu), rows, tail)
+    def every(mode, on_gpu, rows, tail=False, max_rows=FIXED_LOOP_MAX_ROWS):
+        runner = SimpleNamespace(_loop_mode=mode, _on_gpu=on_gpu, _fixed_max_rows=max_rows)
+        return ModelRunner.decode_check_every(runner, rows, tail)
 
     assert [every("auto", True, r) for r in (1, 64, 256, 512, 1024)] == [None, None, None, 1, 1]
     assert [every("auto", True, r, tail=True) for r in (1, 256)] == [1, 1]
     assert [every("auto", False, r) for r in (1, 256, 1024)] == [1, 1, 1]
     assert [every(None, False, r, tail) for r in (1, 1024) for tail in (False, True)] == [None] * 4
     assert [every(4, True, r) for r in (1, 1024)] == [4, 4]
+    assert [every("auto", True, r, max_rows=1024) for r in (512, 1024, 2048)] == [None, None, 1]
+    assert every("auto", True, 1, max_rows=0) == 1
     runner = SimpleNamespace(mesh=stand_in_mesh(2, "gpu"), _decodes={}, _tensor_parallel=object(),
                              _decode_impl=lambda *a, **k: None)
     monkeypatch.delenv("XLA_FLAGS", raising=False)

@@ -94,6 +94,15 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 FIXED_LOOP_MAX_ROWS = 256
 
 
+def fixed_loop_max_rows() -> int:
+    """JAXLLM_FIXED_LOOP_MAX_ROWS (A/B runs; default FIXED_LOOP_MAX_ROWS): the most rows a decode
+    call may have to run a fixed loop under JAXLLM_DECODE_LOOP=auto; 0: none does."""
+    value = os.environ.get("JAXLLM_FIXED_LOOP_MAX_ROWS", str(FIXED_LOOP_MAX_ROWS))
+    if not value.isdigit():
+        raise ValueError(f"JAXLLM_FIXED_LOOP_MAX_ROWS={value!r}: expected a whole number of rows (0 or more)")
+    return int(value)
+
+
 def decode_loop_mode() -> int | None | str:
     """JAXLLM_DECODE_LOOP: how often a decode call checks whether every row is done, as the number
     of steps between checks (None: never, the call runs all its steps). "while" (1) checks each step
@@ -179,6 +188,7 @@ class ModelRunner:
         self._tensor_parallel = tensor_parallel_for(mesh)
         self._loop_mode = decode_loop_mode()
         self._on_gpu = mesh.devices.flat[0].platform == "gpu"
+        self._fixed_max_rows = fixed_loop_max_rows()
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -379,14 +389,14 @@ class ModelRunner:
     def decode_check_every(self, rows: int, tail: bool = False) -> int | None:
         """How often a decode call of `rows` rows checks whether every row is done (decode_loop_mode):
         None (a fixed loop) or a number of steps. JAXLLM_DECODE_LOOP=auto: a fixed loop for at most
-        FIXED_LOOP_MAX_ROWS rows on GPUs, where the dispatch of a while loop waits for it (XLA:GPU
+        FIXED_LOOP_MAX_ROWS rows (JAXLLM_FIXED_LOOP_MAX_ROWS) on GPUs, where the dispatch of a while loop waits for it (XLA:GPU
         reads its predicate on the host) -- but each step for a `tail` call, whose every row ends
         within it by its max_tokens (a fixed loop would run on past them: the while loop returns
         their last tokens as soon as they are made); elsewhere each step (a CPU's while loop costs
         nothing)."""
         if self._loop_mode != "auto":
             return self._loop_mode
-        return None if self._on_gpu and rows <= FIXED_LOOP_MAX_ROWS and not tail else 1
+        return None if self._on_gpu and rows <= self._fixed_max_rows and not tail else 1
 
     def _decode_for(self, every: int | None) -> Callable:
         """The jitted decode program of a loop kind (decode_check_every), made when first used."""
