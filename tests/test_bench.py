@@ -26,6 +26,8 @@ def test_throughput_report(tiny_checkpoints, tmp_path, capsys, monkeypatch):
     # what defines the run: its batch, token budget, steps a call, and the jaxllm switches it ran under
     assert (r["max_batch_size"], r["max_num_tokens"], r["decode_steps"]) == (4, 96, 16)
     assert r["switches"]["JAXLLM_OVERLAP"] == "0" and all(k.startswith("JAXLLM_") for k in r["switches"])
+    # its decode calls by loop kind: on a CPU each a while loop, none chained
+    assert set(r["decode_loops"]) == {"while"} and r["decode_loops"]["while"] >= 3
     assert r["requests"] == 12 and r["input_tokens"] == 12 * 20 and r["output_tokens"] == 12 * 7
     assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["seconds"])
     assert r["total_tok_s"] == pytest.approx((r["input_tokens"] + r["output_tokens"]) / r["seconds"])

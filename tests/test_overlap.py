@@ -437,8 +437,10 @@ def test_a_tail_call_ends_with_its_rows_and_is_not_chained(llm, monkeypatch):
     events = _trace(engine, monkeypatch, "decode")
     prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}]
     params = SamplingParams(max_tokens=11, ignore_eos=True, temperature=0)
+    llm.reset_phase_times()
     on = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
     assert loops == [None, None, 1], loops
+    assert engine.decode_loops == {"fixed": 2, "chained": 1, "while": 1}  # what the bench report records
     assert events == [("dispatch", 0), ("dispatch", 1), ("collect", 0), ("collect", 1), ("dispatch", 2),
                       ("collect", 2)], events
     monkeypatch.setattr(engine.runner, "_on_gpu", False)

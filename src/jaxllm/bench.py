@@ -18,6 +18,7 @@ H200) or --peak-tflops / --peak-tbps; elsewhere MFU and MBU are left out.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -320,6 +321,8 @@ def run(args) -> dict:
                       "its figures include compilation (raise --precompile-max-len, or precompile is off)")
         cost = model_cost(llm)
         phases = _phases(llm)
+        # the timed run's decode calls by loop kind, and how many were chained (runner.decode_check_every)
+        decode_loops = dict(sum((e.decode_loops for e in llm._engines), collections.Counter()))
         startup = dict(llm.startup_seconds)
         kv_capacity_blocks = llm.kv_capacity_tokens // llm._engine.runner.block_size
         # the allocator when the KV pool was planned and after the run (GPU; None on CPUs)
@@ -378,6 +381,7 @@ def run(args) -> dict:
         precompile=precompiled,
         timed_run_compiles=dict(programs=compiles.count, seconds=compiles.seconds),
         engine_phases=phases,
+        decode_loops=decode_loops,
         attention_backend=args.attention_backend,
         max_batch_size=args.max_batch_size,
         max_num_tokens=args.max_num_tokens,

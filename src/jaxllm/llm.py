@@ -302,6 +302,7 @@ class LLM:
         for e in self._engines:
             e.phase_seconds.clear()
             e.phase_calls.clear()
+            e.decode_loops.clear()
 
     @property
     def _engine(self) -> Engine | None:

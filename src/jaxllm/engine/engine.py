@@ -114,6 +114,9 @@ class Engine:
         # JAXLLM_OVERLAP_DECODE=1 / 0 (True / False) chains always / never.
         self._pending_decode: tuple | None = None
         self.overlap_decode: bool | None = env_auto_flag("JAXLLM_OVERLAP_DECODE")
+        # decode calls made, by loop ("fixed", "while", "every N") and "chained" (cleared with the
+        # phase times: LLM.reset_phase_times)
+        self.decode_loops: collections.Counter[str] = collections.Counter()
         # what the last decode call left for the next one to pass on (_decode_inputs); not across
         # processes, where process 0 sends every call's inputs
         self._last_decode: _DecodeCarry | None = None
@@ -624,14 +627,19 @@ class Engine:
         """A decode call of plan.decode's rows; `ahead`: decode steps already dispatched for them
         and not yet collected (a chained call)."""
         reqs = plan.decode
+        tail = self._tail(reqs, ahead)
         out = self.runner.decode(
             tables,
             state,
             self.scheduler.decode_steps,
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
-            tail=self._tail(reqs, ahead),
+            tail=tail,
         )
+        every = self.runner.decode_check_every(self._decode_rows(len(reqs)), tail)
+        self.decode_loops["fixed" if every is None else "while" if every == 1 else f"every {every}"] += 1
+        if ahead:
+            self.decode_loops["chained"] += 1
         self._mark("decode_call")
         return out
 
