@@ -16,13 +16,13 @@ done
 python - "$OUT" ${RUNS:-fp8} <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-print(f"{'run':<16} {'ITL p50':>8} {'TTFT p50':>9} {'startup':>8}")
+print(f"{'run':<16} {'ITL p50':>8} {'TTFT p50':>9} {'startup':>8}  decode calls by loop")
 for r in sys.argv[2:]:
     name = r.split(":")[0]; p = out / f"{name}.json"
     if not p.exists():
         print(f"{name:<16} failed"); continue
     d = json.loads(p.read_text())
     print(f"{name:<16} {1e3 * d['itl_s']['p50']:>6.2f}ms {1e3 * d['ttft_s']['p50']:>7.1f}ms "
-          f"{d.get('startup_to_first_token_s') or 0:>7.0f}s")
+          f"{d.get('startup_to_first_token_s') or 0:>7.0f}s  {d.get('decode_loops')}")
 PY
 tar czf /tmp/batch1.tgz -C "$OUT" . && rm -f "$OUT"/* && mv /tmp/batch1.tgz "$OUT/"
