@@ -627,7 +627,7 @@ class Engine:
         """A decode call of plan.decode's rows; `ahead`: decode steps already dispatched for them
         and not yet collected (a chained call)."""
         reqs = plan.decode
-        tail = self._tail(reqs, ahead)
+        tail, every = self._decode_loop(reqs, ahead)
         out = self.runner.decode(
             tables,
             state,
@@ -636,7 +636,6 @@ class Engine:
             all_greedy=all(r.params.is_greedy for r in reqs),
             tail=tail,
         )
-        every = self.runner.decode_check_every(self._decode_rows(len(reqs)), tail)
         self.decode_loops["fixed" if every is None else "while" if every == 1 else f"every {every}"] += 1
         if ahead:
             self.decode_loops["chained"] += 1
@@ -658,13 +657,19 @@ class Engine:
         left = max(r.params.max_tokens - r.num_generated for r in reqs) - ahead
         return 8 * (steps - left) >= steps
 
+    def _decode_loop(self, reqs: list[Request], ahead: int = 0) -> tuple[bool, int | None]:
+        """(whether it is a tail call, the loop it runs: ModelRunner.decode_check_every) of a decode
+        call of these requests after `ahead` steps of theirs still in flight."""
+        tail = self._tail(reqs, ahead)
+        return tail, self.runner.decode_check_every(self._decode_rows(len(reqs)), tail)
+
     def _chains_decode(self, reqs: list[Request], ahead: int = 0) -> bool:
         """Whether a decode call of these requests (after `ahead` steps of theirs still in flight)
         is one to chain (overlap_decode; by default where it runs a fixed loop, whose dispatch does
         not wait for the device)."""
         if self.overlap_decode is not None:
             return self.overlap_decode
-        return self.runner.decode_check_every(self._decode_rows(len(reqs)), self._tail(reqs, ahead)) is None
+        return self._decode_loop(reqs, ahead)[1] is None
 
     def _chain_decode(self, rows: list[Request], result, tables, blocks):
         """overlap_decode: the next decode call of `rows`, dispatched from the state their last call

@@ -115,9 +115,9 @@ def decode_loop_mode() -> int | None | str:
     (decode_compiler_options); a power of two N checks every N steps (an inner loop of N steps,
     known trip count). "auto" (the default): fixed for decode calls of at most FIXED_LOOP_MAX_ROWS
     rows on GPUs, while otherwise and for a call whose every row ends within it by its max_tokens
-    (ModelRunner.decode_check_every). (A fixed loop whose steps after
-    every row is done were skipped by a ``lax.cond`` failed on 2x H200: XLA could not trace the
-    conditional's command buffer around NCCL, BENCHMARKS.md "Eleventh session"; removed.)"""
+    (ModelRunner.decode_check_every). (A fixed loop whose steps after every row is done were
+    skipped by a ``lax.cond`` failed on 2x H200: XLA could not trace the conditional's command
+    buffer around NCCL, BENCHMARKS.md "Eleventh session"; removed.)"""
     mode = os.environ.get("JAXLLM_DECODE_LOOP", "auto")
     if mode == "auto":
         return mode
@@ -389,11 +389,11 @@ class ModelRunner:
     def decode_check_every(self, rows: int, tail: bool = False) -> int | None:
         """How often a decode call of `rows` rows checks whether every row is done (decode_loop_mode):
         None (a fixed loop) or a number of steps. JAXLLM_DECODE_LOOP=auto: a fixed loop for at most
-        FIXED_LOOP_MAX_ROWS rows (JAXLLM_FIXED_LOOP_MAX_ROWS) on GPUs, where the dispatch of a while loop waits for it (XLA:GPU
-        reads its predicate on the host) -- but each step for a `tail` call, whose every row ends
-        within it by its max_tokens (a fixed loop would run on past them: the while loop returns
-        their last tokens as soon as they are made); elsewhere each step (a CPU's while loop costs
-        nothing)."""
+        FIXED_LOOP_MAX_ROWS rows (JAXLLM_FIXED_LOOP_MAX_ROWS) on GPUs, where the dispatch of a while
+        loop waits for it (XLA:GPU reads its predicate on the host) -- but each step for a `tail`
+        call, whose every row ends within it by its max_tokens (a fixed loop would run on past
+        them: the while loop returns their last tokens as soon as they are made); elsewhere each
+        step (a CPU's while loop costs nothing)."""
         if self._loop_mode != "auto":
             return self._loop_mode
         return None if self._on_gpu and rows <= self._fixed_max_rows and not tail else 1
