@@ -1,6 +1,6 @@
 """Decode-sized matmuls: jaxllm.pallas.gemv (a few tilings) against XLA's dot, at Llama-3.1-8B shapes.
 
-    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 tp2k fp8 tp1 int8] [--stages 4]
+    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 tp2k fp8 tp1 int8] [--stages 4] [--set bits]
 
 Each timed call is one jitted program of --copies independent products, each with its own weight
 (so no weight stays in L2 between them; a split-K tiling's partial sums are added by one more small
@@ -25,13 +25,33 @@ SHAPES = {  # name: (K, N)
     "tp2": {"tp2 gate/up": (4096, 14336), "tp2 down": (7168, 4096), "tp2 o": (2048, 4096), "tp2 q": (4096, 2048),
             "tp2 kv": (4096, 1024)},
     "tp1": {"tp1 gate/up": (4096, 28672), "tp1 down": (14336, 4096), "tp1 o": (4096, 4096), "tp1 kv": (4096, 2048)},
-    "fp8": {"fp8 gate/up": (4096, 28672), "fp8 down": (14336, 4096), "fp8 o": (4096, 4096), "fp8 kv": (4096, 2048)},
+    "fp8": {"fp8 gate/up": (4096, 28672), "fp8 down": (14336, 4096), "fp8 o": (4096, 4096), "fp8 qkv": (4096, 6144),
+            "fp8 kv": (4096, 2048)},
     # a tp=2 shard's bf16 weights stored [N, K] as fp8's are (untried layout for bf16: multiply-adds over
     # 512-2048-byte runs of each weight row reached 75-81% of HBM bandwidth for fp8; the [K, N] bf16 gemvs
     # of the model ran at 47-59% at tp=2, tenth session)
     "tp2k": {"tp2k down": (7168, 4096), "tp2k o": (2048, 4096), "tp2k qkv": (4096, 3072)},
     "int8": {"int8 gate/up": (4096, 28672), "int8 down": (14336, 4096), "int8 o": (4096, 4096)},
 }
+
+
+def bits_tilings(k: int, n: int, itemsize: int):
+    """--set bits (one row, fp8 [N, K]): the models' tiling with each conversion (gemv's `convert`:
+    the conversion instructions or integer ops), then integer ops over other tilings, with and
+    without the 2-D accumulator (one reduction across K at the end)."""
+    default = gemv_tiling(1, k, n, itemsize, True)
+    yield dict(default, default=True)
+    yield dict(default, convert="bits")
+    yield dict(default, convert="bits", num_warps=8)
+    for bn, bk, nw, acc2d in ((16, 512, 4, False), (32, 256, 4, False), (32, 1024, 4, False), (64, 256, 4, False),
+                              (16, 1024, 4, False), (32, 256, 8, True), (16, 512, 8, True), (32, 128, 4, True),
+                              (16, 256, 4, True), (64, 128, 8, True)):
+        blocks = n // bn
+        splits = 1
+        while blocks * splits < 264 and (k // bk) % (2 * splits) == 0 and (k // bk) // (2 * splits) >= 2:
+            splits *= 2
+        if gemv_fits(1, k, n, bn, bk, splits):
+            yield dict(block_n=bn, block_k=bk, splits=splits, fma=True, num_warps=nw, convert="bits", acc2d=acc2d)
 
 
 def tilings(k: int, n: int, rows: int, itemsize: int, k_minor: bool):
@@ -73,9 +93,12 @@ def main():
     ap.add_argument("--copies", type=int, default=20)
     ap.add_argument("--shapes", nargs="+", default=["tp2", "fp8"], choices=list(SHAPES))
     ap.add_argument("--stages", type=int, nargs="+", default=[4])
+    ap.add_argument("--json", help="write every timed variant here (shape, K, N, us, GB/s, tiling)")
+    ap.add_argument("--set", choices=["sweep", "bits"], default="sweep",
+                    help="bits: fp8 shapes at one row, the conversion by integer ops against the instructions")
     args = ap.parse_args()
     rows, c = args.rows, args.copies
-    table = []
+    table, records = [], []
     for group in args.shapes:
         fp8, int8 = group == "fp8", group == "int8"  # as the models store them: fp8 [N, K], int8 [K, N]
         k_minor = fp8 or group == "tp2k"  # weights stored [N, K]
@@ -101,7 +124,9 @@ def main():
             t = timed(xla, x, ws) / c
             table.append((name, "xla", t, nbytes))
             print(f"{name:<12} {'xla':<34} {1e6 * t:8.1f} us {nbytes / t / 1e9:7.0f} GB/s", flush=True)
-            for tiling in tilings(k, n, rows, ws[0].dtype.itemsize, k_minor):
+            variants = (bits_tilings(k, n, 1) if args.set == "bits" and fp8 and rows == 1
+                        else tilings(k, n, rows, ws[0].dtype.itemsize, k_minor))
+            for tiling in variants:
                 default = tiling.pop("default", False)
                 for stages in args.stages:
                     label = ("default " if default else "") + " ".join(
@@ -116,8 +141,14 @@ def main():
                         print(f"{name:<12} {label:<34} failed: {str(e).splitlines()[0][:100]}", flush=True)
                         continue
                     table.append((name, label, t, nbytes))
+                    records.append(dict(shape=name, k=k, n=n, us=1e6 * t, gbs=nbytes / t / 1e9, default=default,
+                                        stages=stages, **tiling))
                     print(f"{name:<12} {label:<34} {1e6 * t:8.1f} us {nbytes / t / 1e9:7.0f} GB/s  rel err {err:.1e}",
                           flush=True)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
     print("\nbest per shape (us, GB/s): xla | gemv's default tiling | best gemv")
     for name in dict.fromkeys(r[0] for r in table):
         rs = [r for r in table if r[0] == name]
