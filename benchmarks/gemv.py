@@ -1,6 +1,6 @@
 """Decode-sized matmuls: jaxllm.pallas.gemv (a few tilings) against XLA's dot, at Llama-3.1-8B shapes.
 
-    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 tp2k fp8 tp1 int8] [--stages 4] [--set bits]
+    python benchmarks/gemv.py [--rows 1] [--copies 20] [--shapes tp2 tp2k fp8 tp1 int8] [--stages 4] [--json PATH]
 
 Each timed call is one jitted program of --copies independent products, each with its own weight
 (so no weight stays in L2 between them; a split-K tiling's partial sums are added by one more small
@@ -33,25 +33,6 @@ SHAPES = {  # name: (K, N)
     "tp2k": {"tp2k down": (7168, 4096), "tp2k o": (2048, 4096), "tp2k qkv": (4096, 3072)},
     "int8": {"int8 gate/up": (4096, 28672), "int8 down": (14336, 4096), "int8 o": (4096, 4096)},
 }
-
-
-def bits_tilings(k: int, n: int, itemsize: int):
-    """--set bits (one row, fp8 [N, K]): the models' tiling with each conversion (gemv's `convert`:
-    the conversion instructions or integer ops), then integer ops over other tilings, with and
-    without the 2-D accumulator (one reduction across K at the end)."""
-    default = gemv_tiling(1, k, n, itemsize, True)
-    yield dict(default, default=True)
-    yield dict(default, convert="bits")
-    yield dict(default, convert="bits", num_warps=8)
-    for bn, bk, nw, acc2d in ((16, 512, 4, False), (32, 256, 4, False), (32, 1024, 4, False), (64, 256, 4, False),
-                              (16, 1024, 4, False), (32, 256, 8, True), (16, 512, 8, True), (32, 128, 4, True),
-                              (16, 256, 4, True), (64, 128, 8, True)):
-        blocks = n // bn
-        splits = 1
-        while blocks * splits < 264 and (k // bk) % (2 * splits) == 0 and (k // bk) // (2 * splits) >= 2:
-            splits *= 2
-        if gemv_fits(1, k, n, bn, bk, splits):
-            yield dict(block_n=bn, block_k=bk, splits=splits, fma=True, num_warps=nw, convert="bits", acc2d=acc2d)
 
 
 def tilings(k: int, n: int, rows: int, itemsize: int, k_minor: bool):
@@ -94,8 +75,6 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["tp2", "fp8"], choices=list(SHAPES))
     ap.add_argument("--stages", type=int, nargs="+", default=[4])
     ap.add_argument("--json", help="write every timed variant here (shape, K, N, us, GB/s, tiling)")
-    ap.add_argument("--set", choices=["sweep", "bits"], default="sweep",
-                    help="bits: fp8 shapes at one row, the conversion by integer ops against the instructions")
     args = ap.parse_args()
     rows, c = args.rows, args.copies
     table, records = [], []
@@ -124,9 +103,7 @@ def main():
             t = timed(xla, x, ws) / c
             table.append((name, "xla", t, nbytes))
             print(f"{name:<12} {'xla':<34} {1e6 * t:8.1f} us {nbytes / t / 1e9:7.0f} GB/s", flush=True)
-            variants = (bits_tilings(k, n, 1) if args.set == "bits" and fp8 and rows == 1
-                        else tilings(k, n, rows, ws[0].dtype.itemsize, k_minor))
-            for tiling in variants:
+            for tiling in tilings(k, n, rows, ws[0].dtype.itemsize, k_minor):
                 default = tiling.pop("default", False)
                 for stages in args.stages:
                     label = ("default " if default else "") + " ".join(

@@ -151,12 +151,6 @@ def test_gemv_tiling_forced_by_environment(monkeypatch):
     assert gemv_tiling(1, 4096, 2048, 1, True) == dict(block_n=8, block_k=2048, splits=1, fma=True)
     assert gemv_tiling(1, 4096, 4096, 1, True) == dict(block_n=32, block_k=512, splits=1, num_warps=8, fma=True)
     assert gemv_tiling(4, 4096, 4096, 2, False)["fma"] is False
-    monkeypatch.setenv("JAXLLM_GEMV_TILING", "4096x6144=16,512,1,8,1")  # with gemv's 2-D accumulator
-    assert gemv_tiling(1, 4096, 6144, 1, True) == dict(block_n=16, block_k=512, splits=1, num_warps=8, acc2d=True,
-                                                       fma=True)
-    monkeypatch.setenv("JAXLLM_GEMV_TILING", "4096x6144=16,512,1,8,2")
-    with pytest.raises(ValueError, match="acc2d 0 or 1"):
-        gemv_tiling(1, 4096, 6144, 1, True)
     monkeypatch.setenv("JAXLLM_GEMV_TILING", "4096x2048=8,2048,1")
     assert gemv_tiling(1, 4096, 4096, 1, True) == default
     for bad in ("4096x2048=8,2048", "4096=8,2048,1", "4096x2048=8,0,1", "axb=1,2,3"):
@@ -339,86 +333,3 @@ def test_quantized_mode_takes_fp8_weights_times_one_row():
     assert plain_gemv("mk,kn->mn", x, jnp.ones((256, 128), jnp.bfloat16), None, False, "quantized") is None
     with pytest.raises(ValueError, match="mode 'fast' is not 'all', 'small' or 'quantized'"):
         plain_gemv("mk,kn->mn", x, jnp.ones((256, 128)), None, False, "fast")
-
-
-def test_fp8_from_bits_is_every_fp8_value_times_2_to_the_minus_120():
-    """The integer-op conversion (gemv's convert="bits"), checked bit for bit on all 256 patterns
-    (NaN's two excepted) against numpy's float32, which keeps subnormals (XLA's CPU flushes them)."""
-    from jaxllm.pallas.gemv import fp8_from_bits
-
-    patterns = np.arange(256, dtype=np.uint8)
-    values = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(patterns), jnp.float8_e4m3fn).astype(jnp.float32))
-    got = np.asarray(jax.lax.bitcast_convert_type(fp8_from_bits(jnp.asarray(patterns.view(np.int8))), jnp.int32))
-    want = (values.astype(np.float64) * 2.0 ** -120).astype(np.float32).view(np.int32)
-    finite = ~np.isnan(values)
-    assert finite.sum() == 254 and np.array_equal(got[finite], want[finite])
-    assert (values[finite] != 0).sum() == 252 and (np.abs(values[finite]) < 2 ** -6).sum() == 16  # subnormals too
-
-
-def _normal_fp8(key, shape):
-    """Random fp8 weights without subnormals (XLA's CPU flushes subnormal float32 operands to zero,
-    so only on a GPU does convert="bits" see them as the conversion instructions do)."""
-    w = jax.random.normal(key, shape, jnp.float32)
-    return jnp.where(jnp.abs(w) < 2 ** -6, 0.0, w).astype(jnp.float8_e4m3fn)
-
-
-@pytest.mark.parametrize("k_minor", [True, False])
-@pytest.mark.parametrize("splits", [1, 4])
-@pytest.mark.parametrize("act", [None, "silu_mul"])
-def test_gemv_bits_conversion_gives_the_cvt_result(k_minor, splits, act):
-    """convert="bits" (fp8 bytes to float32 by integer ops, x lifted by 2**100, the sums by 2**20)
-    is the conversion instructions' result exactly; acc2d (one reduction across K at the end)
-    differs only in the order of float32 sums."""
-    k, n = 1024, 256
-    x = jax.random.normal(jax.random.key(1), (1, k if act is None else 2 * k), jnp.bfloat16)
-    w = _normal_fp8(jax.random.key(2), (n, k) if k_minor else (k, n))
-    scale = jnp.linspace(0.5, 2.0, n)
-    kw = dict(k_minor=k_minor, block_n=32, block_k=128, splits=splits, fma=True, act=act, out_dtype=jnp.float32,
-              interpret=True)
-    cvt = np.asarray(gemv(x, w, scale, **kw))
-    np.testing.assert_array_equal(np.asarray(gemv(x, w, scale, convert="bits", **kw)), cvt)
-    np.testing.assert_allclose(np.asarray(gemv(x, w, scale, convert="bits", acc2d=True, **kw)), cvt, rtol=1e-5,
-                               atol=1e-4)
-    np.testing.assert_allclose(cvt, np.asarray(reference_gemv(x, w, scale, k_minor=k_minor, act=act), np.float32),
-                               rtol=1e-2, atol=1e-1)
-    with pytest.raises(ValueError, match="convert"):
-        gemv(x, w, scale, convert="f16", **kw)
-
-
-def test_models_take_the_conversion_from_the_environment(monkeypatch):
-    """JAXLLM_GEMV_CONVERT picks gemv's `convert` for the models' one-row fp8 products (A/B);
-    other values are refused with the allowed ones named."""
-    from jaxllm.models.quant import plain_gemv
-    from jaxllm.pallas.gemv import convert_wanted
-
-    x = jax.random.normal(jax.random.key(3), (1, 512), jnp.bfloat16)
-    w = _normal_fp8(jax.random.key(4), (256, 512))
-    scale = jnp.linspace(0.5, 2.0, 256)
-    assert convert_wanted() == "cvt"
-    cvt = plain_gemv("mk,nk->mn", x, w, scale, True, "quantized", jnp.float32)
-    monkeypatch.setenv("JAXLLM_GEMV_CONVERT", "bits")
-    assert convert_wanted() == "bits"
-    np.testing.assert_array_equal(np.asarray(plain_gemv("mk,nk->mn", x, w, scale, True, "quantized", jnp.float32)),
-                                  np.asarray(cvt))
-    monkeypatch.setenv("JAXLLM_GEMV_CONVERT", "int")
-    with pytest.raises(ValueError, match="JAXLLM_GEMV_CONVERT='int'.*cvt.*bits"):
-        convert_wanted()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("k, n, act", [(4096, 28672, None), (14336, 4096, "silu_mul"), (4096, 6144, None)])
-def test_gemv_bits_compiled_on_the_gpu_gives_the_cvt_result(k, n, act):
-    """On the GPU, with subnormal weights in the mix (Triton keeps float32 subnormals), convert="bits"
-    gives the conversion instructions' result bit for bit at the models' one-row fp8 tilings; acc2d
-    up to the order of the float32 sums."""
-    from jaxllm.pallas.gemv import gemv_tiling
-
-    x = jax.random.normal(jax.random.key(k), (1, k if act is None else 2 * k), jnp.bfloat16)
-    w = (0.02 * jax.random.normal(jax.random.key(n), (n, k), jnp.float32)).astype(jnp.float8_e4m3fn)
-    assert bool(jnp.any((jnp.abs(w.astype(jnp.float32)) < 2 ** -6) & (w.astype(jnp.float32) != 0)))
-    scale = jnp.full((n,), 0.5, jnp.float32)
-    kw = dict(gemv_tiling(1, k, n, 1, True), k_minor=True, act=act, out_dtype=jnp.float32)
-    cvt = np.asarray(gemv(x, w, scale, **kw))
-    np.testing.assert_array_equal(np.asarray(gemv(x, w, scale, convert="bits", **kw)), cvt)
-    np.testing.assert_allclose(np.asarray(gemv(x, w, scale, convert="bits", acc2d=True, **kw)), cvt, rtol=1e-4,
-                               atol=1e-4)

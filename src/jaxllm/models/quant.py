@@ -288,7 +288,7 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dty
     written for act(x)'s shape). `partials`: a split-K product at one row comes back as
     ``Partials`` (pallas.gemv partials). On a CPU backend the kernel runs in Pallas interpret mode
     (tests)."""
-    from ..pallas.gemv import SMALL_WEIGHT, convert_wanted, gemv, gemv_tiling
+    from ..pallas.gemv import SMALL_WEIGHT, gemv, gemv_tiling
 
     if mode not in ("all", "small", "quantized"):
         raise ValueError(f"plain_gemv: mode {mode!r} is not 'all', 'small' or 'quantized'")
@@ -308,7 +308,7 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dty
     if tiling is None:
         return None
     s = None if scale is None else scale.reshape(n)
-    y = gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, partials=partials, convert=convert_wanted(),
+    y = gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, partials=partials,
              interpret=jax.default_backend() == "cpu", **tiling)
     if y.ndim == 3:  # the partials [S, 1, n]
         return Partials(y.reshape(y.shape[:1] + shape))

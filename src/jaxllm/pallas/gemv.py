@@ -49,22 +49,21 @@ TILING_ENV = "JAXLLM_GEMV_TILING"
 def forced_tiling(k: int, n: int) -> dict | None:
     """The tiling JAXLLM_GEMV_TILING names for a K x N weight, else None: for in-model A/Bs of the
     tilings benchmarks/gemv.py times alone (read when a model traces). Its value is
-    ``KxN=block_n,block_k,splits[,num_warps[,acc2d]]`` entries separated by ``;``, e.g.
-    ``4096x2048=8,2048,1;4096x4096=32,512,1,8`` (acc2d 1: gemv's 2-D accumulator; 0: not)."""
+    ``KxN=block_n,block_k,splits[,num_warps]`` entries separated by ``;``, e.g.
+    ``4096x2048=8,2048,1;4096x4096=32,512,1,8``."""
     value = os.environ.get(TILING_ENV, "").strip()
     for entry in filter(None, (e.strip() for e in value.split(";"))):
         try:
             shape, _, numbers = entry.partition("=")
             kk, nn = (int(v) for v in shape.lower().split("x"))
             fields = [int(v) for v in numbers.split(",")]
-            if len(fields) not in (3, 4, 5) or min(fields[:4]) < 1 or fields[4:] not in ([], [0], [1]):
+            if len(fields) not in (3, 4) or min(fields) < 1:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{TILING_ENV}={value!r}: expected entries 'KxN=block_n,block_k,splits[,num_warps"
-                             "[,acc2d]]' of positive integers (acc2d 0 or 1) separated by ';'") from None
+            raise ValueError(f"{TILING_ENV}={value!r}: expected entries 'KxN=block_n,block_k,splits[,num_warps]' "
+                             "of positive integers separated by ';'") from None
         if (kk, nn) == (k, n):
-            tiling = dict(zip(("block_n", "block_k", "splits", "num_warps"), fields))
-            return dict(tiling, acc2d=bool(fields[4])) if len(fields) == 5 else tiling
+            return dict(zip(("block_n", "block_k", "splits", "num_warps"), fields))
     return None
 
 
@@ -101,18 +100,6 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True)
     while (n // block_n) * splits < programs and steps % (2 * splits) == 0 and steps // (2 * splits) >= 2:
         splits *= 2
     return dict(block_n=block_n, block_k=block_k, splits=splits, fma=fma)
-
-
-CONVERT_ENV = "JAXLLM_GEMV_CONVERT"
-
-
-def convert_wanted() -> str:
-    """How models' one-row fp8 gemvs convert weight bytes (gemv's `convert`): JAXLLM_GEMV_CONVERT,
-    "cvt" (the conversion instructions; the default) or "bits" (integer ops), read when a model traces."""
-    value = os.environ.get(CONVERT_ENV, "cvt")
-    if value not in CONVERTS:
-        raise ValueError(f"{CONVERT_ENV}={value!r}: expected one of {CONVERTS}")
-    return value
 
 
 # The largest weight (K x N elements) that JAXLLM_GEMV=small sends here: the q/k/v and output
@@ -179,31 +166,11 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False, act: str | None = No
     return y.astype(x.dtype)
 
 
-# fp8 bits -> float32 by integer ops (``bits``): an e4m3 byte (s eeee mmm), sign-extended to 32 bits
-# and shifted left 20, masked to the sign and bits 26..20, is the float32 (s 0000eeee mmm0...) whose
-# value is exactly the fp8 value times 2**-120 -- subnormals included (exponent field 0 on both
-# sides). x is lifted by 2**100 before the products (exact; |x| < 2**28) and the sums by 2**20
-# after, so the products stay normal float32 numbers and the result is the cvt path's.
-_BITS_MASK = -2013265921  # 0x87F00000 as int32: the sign and bits 26..20
-X_LIFT, ACC_LIFT = 2.0 ** 100, 2.0 ** 20
-CONVERTS = ("cvt", "bits")
-
-
-def fp8_from_bits(wi8):
-    """int8 bit patterns of float8_e4m3fn values -> float32 values * 2**-120, with three integer
-    ops an element (sign extension, shift, mask) instead of the conversion instructions, whose
-    throughput on Hopper is low (a quarter of the FMA rate) -- a one-row fp8 gemv converts every
-    weight byte, ~14 a clock per SM at HBM bandwidth."""
-    bits = (wi8.astype(jnp.int32) << 20) & jnp.int32(_BITS_MASK)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "fma", "out_dtype", "act", "partials", "convert", "acc2d",
-                                             "interpret"))
+                                             "fma", "out_dtype", "act", "partials", "interpret"))
 def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k: int = 64, splits: int = 4,
          num_warps: int = 4, num_stages: int = 4, fma: bool = False, out_dtype=None, act: str | None = None,
-         partials: bool = False, convert: str = "cvt", acc2d: bool = False, interpret: bool = False):
+         partials: bool = False, interpret: bool = False):
     """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in out_dtype (default x's).
 
     With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
@@ -213,11 +180,7 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
     activation computed as x is read (an MLP's down projection without its own elementwise kernel).
     `partials`: with several splits and one row, return the float32 partial sums [splits, 1, N]
     (scale applied to each) instead of adding them in a jnp epilogue -- for a consumer that adds
-    them itself (pallas.add_norm), one kernel fewer; otherwise the result as usual.
-    `convert` (fma with an fp8 weight): "cvt" converts each weight byte with the conversion
-    instructions, "bits" with integer ops (``fp8_from_bits``; same result). `acc2d` (fma): the
-    products are summed elementwise into a [block_n, block_k] accumulator and reduced across K once
-    at the end, instead of a reduction across the block's K on every step."""
+    them itself (pallas.add_norm), one kernel fewer; otherwise the result as usual."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -230,11 +193,6 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
     if not gemv_fits(m, k, n, block_n, block_k, splits) or (fma and m != 1):
         raise ValueError(f"gemv: [{m}, {k}] x [{k}, {n}] does not fit block_n={block_n}, block_k={block_k}, "
                          f"splits={splits} (rows <= {ROWS}, one with fma; n % block_n == 0, k % (splits * block_k) == 0)")
-    if convert not in CONVERTS:
-        raise ValueError(f"gemv: convert={convert!r}: expected one of {CONVERTS}")
-    bits = convert == "bits" and fma and w.dtype == jnp.float8_e4m3fn
-    if bits:  # the kernel reads the bytes as int8 (a bitcast: no copy)
-        w = jax.lax.bitcast_convert_type(w, jnp.int8)
     steps = k // (splits * block_k)
     # one row through the dot: broadcast to 16 rows in registers, rows 1-15 masked to zero (no pad
     # kernel), and the rows of the product added (exact: zeros); more rows are padded to 16
@@ -262,12 +220,11 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
             off = pl.multiple_of((s * steps + i) * block_k, block_k)
             if fma:
                 xs = load_x(0, off).astype(jnp.float32)  # [block_k]
-                if bits:
-                    xs = xs * X_LIFT
-                wv = w_ref[cols, pl.ds(off, block_k)] if k_minor else w_ref[pl.ds(off, block_k), cols]
-                ws = fp8_from_bits(wv) if bits else wv.astype(jnp.float32)  # [block_n, block_k] / [block_k, block_n]
-                prod = ws * (xs[None, :] if k_minor else xs[:, None])
-                return acc + prod if acc2d else acc + jnp.sum(prod, axis=1 if k_minor else 0)[None]
+                if k_minor:
+                    ws = w_ref[cols, pl.ds(off, block_k)].astype(jnp.float32)  # [block_n, block_k]
+                    return acc + jnp.sum(ws * xs[None, :], axis=1)[None]
+                ws = w_ref[pl.ds(off, block_k), cols].astype(jnp.float32)  # [block_k, block_n]
+                return acc + jnp.sum(ws * xs[:, None], axis=0)[None]
             xs = load_x(slice(None), off)
             if one:  # [1, block_k] -> [16, block_k], row 0 only
                 first = jax.lax.broadcasted_iota(jnp.int32, (ROWS, block_k), 0) == 0
@@ -278,15 +235,9 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
             ws = w_ref[pl.ds(off, block_k), cols].astype(xs.dtype)  # [block_k, block_n]
             return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
 
-        wide = fma and acc2d
-        shape = ((block_n, block_k) if k_minor else (block_k, block_n)) if wide else (ROWS if one else rows, block_n)
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
-        if wide:
-            acc = jnp.sum(acc, axis=1 if k_minor else 0)[None]
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((ROWS if one else rows, block_n), jnp.float32))
         if one:
             acc = jnp.sum(acc, axis=0, keepdims=True)
-        if bits:
-            acc = acc * ACC_LIFT
         if with_scale:
             acc = acc * refs[0][cols].astype(jnp.float32)[None]
         o_ref[...] = acc.astype(o_ref.dtype) if direct else acc[None]
