@@ -176,15 +176,16 @@ def _gemv_kernel(cfg: ModelConfig) -> bool | str:
 
 
 def _flat_einsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None,
-                 partials: bool = False):
+                 partials: bool = False, raw: bool = False):
     """qeinsum(spec, ...) of a projection whose weight is [in..., out...] (x's trailing dims contract
     with w's leading ones) as one 2-D matmul over the flattened in and out dims, for a plain weight
     (quantized ones keep qeinsum's own paths). Each flattened group's sharded axis must be its major
     one (heads, kv_heads), which keeps a shard's slice contiguous: no resharding under SPMD.
     out_dtype: the result's (default x's; float32 for partial sums still to be added); `partials`: as
-    qeinsum's (a split-K gemv's sums may come back unadded, as ``Partials``)."""
+    qeinsum's (a split-K gemv's sums may come back unadded, as ``Partials``); `raw`: as qeinsum's
+    (an FP8 x FP8 product may come back unscaled, as ``Scaled``)."""
     if scale is not None:
-        return qeinsum(spec, x, w, scale, w8a8, gemv, out_dtype, partials=partials)
+        return qeinsum(spec, x, w, scale, w8a8, gemv, out_dtype, partials=partials, raw=raw)
     if isinstance(gemv, str) and (y := plain_gemv(spec, x, w, None, False, gemv, out_dtype,
                                                   partials=partials)) is not None:
         return y
@@ -273,6 +274,18 @@ class Attention(nnx.Module):
 
     def __call__(self, layer: int, x, positions, cache, attend: Attend):
         x_axes = (None, None, "embed")
+        inv_freq = rope_inv_freq(self.rope, self.head_dim)  # a numpy constant, folded at trace time
+        if (self.fused and not (self.has_bias or self.qk_norm)
+                and getattr(attend, "rope_kv_serves", lambda *a: False)(positions, self.group, self.head_dim)):
+            # decode with attend's rope_kv kernel: the projection handed over unfinished (split-K
+            # partials, an FP8 product still to scale) and unroped; its epilogue, RoPE and the KV
+            # writes run in that one kernel (runner/paged.py: PagedAttend.rope_attend)
+            qkv = _parallel("column", attend,
+                            lambda x, w, s: _flat_einsum("bte,eksd->btksd", x, w, s, self.w8a8, self.gemv,
+                                                         partials=True, raw=True),
+                            x, x_axes, self.qkv, self.qkv_scale)
+            out, cache = attend.rope_attend(layer, qkv, inv_freq, self.group, x.dtype, cache)
+            return self._output(out, x, attend), cache
         if self.fused:
             qkv = _parallel("column", attend, lambda x, w, s: _flat_einsum("bte,eksd->btksd", x, w, s, self.w8a8, self.gemv),
                             x, x_axes, self.qkv, self.qkv_scale)
@@ -291,10 +304,13 @@ class Attention(nnx.Module):
             k, v = kv[:, :, :, 0], kv[:, :, :, 1]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(self.rope, self.head_dim)  # a numpy constant, folded at trace time
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attend(layer, q, k, v, cache)
+        return self._output(out, x, attend), cache
+
+    def _output(self, out, x, attend):
+        """The output projection of attention's result out [B, T, H, D] (its bias added)."""
         to_norm = self.fused_norm and not self.has_o_bias  # y goes straight into the fused add + norm
         partials = _partials_wanted(to_norm, attend)
         y = _parallel("row", attend, lambda o, w, s, out_dtype=None: _flat_einsum("bthd,hde->bte", o, w, s, self.w8a8,
@@ -303,7 +319,7 @@ class Attention(nnx.Module):
                       keep_float32=to_norm)
         if self.has_o_bias:
             y = y + self.o_bias[...]
-        return y, cache
+        return y
 
 
 class MLP(nnx.Module):

@@ -213,6 +213,28 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     return _per_device(run, mesh, (heads, heads, heads, P(), P()), heads)
 
 
+def fused_rope_kv_wanted(mesh) -> bool:
+    """Whether decode calls finish the fused q/k/v projection, apply RoPE and write k / v into the
+    pools in one kernel (pallas.rope_kv; ``PagedAttend.rope_attend``). JAXLLM_FUSED_ROPE_KV=1 / 0
+    forces it; by default ("auto") on one NVIDIA GPU with JAX's Pallas Triton backend. Several
+    devices keep XLA's fusions (the kernel is not written per shard)."""
+    from ..pallas.gemv import triton_available
+    from ..switches import env_auto_flag
+
+    forced = env_auto_flag("JAXLLM_FUSED_ROPE_KV")
+    if forced is not None:
+        return forced and mesh.devices.size == 1
+    return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "gpu" and triton_available()
+
+
+def rope_kv_kernel_for(interpret: bool = False):
+    """pallas.rope_kv_write as attend's decode epilogue (``PagedAttend.rope_kv``); `interpret`:
+    Pallas interpret mode (CPU tests)."""
+    from ..pallas.rope_kv import rope_kv_write
+
+    return functools.partial(rope_kv_write, interpret=interpret)
+
+
 def prefill_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     """The Pallas ragged prefill kernel as attend's path for chunked / prefix-cached prefill, run per
     device over its KV heads.
@@ -257,7 +279,8 @@ def _per_device(run, mesh, in_specs, out_specs):
 
 def make_attend(positions, slots, block_tables, block_size: int, sliding_window: int | None = None,
                 decode_kernel=None, fresh_impl: str | None = None, kv_scales=None,
-                prefill_kernel=None, padding_page: bool = False, tensor_parallel=None) -> "PagedAttend":
+                prefill_kernel=None, padding_page: bool = False, tensor_parallel=None,
+                rope_kv=None) -> "PagedAttend":
     """The attend function a model calls, ``attend(layer, q, k, v, cache) -> (out, cache)``.
 
     `decode_kernel` (from `decode_kernel_for`), when given, serves one-token-per-row calls.
@@ -279,10 +302,14 @@ def make_attend(positions, slots, block_tables, block_size: int, sliding_window:
 
     `tensor_parallel` (``sharding.tensor_parallel_for``): the step's own tensor-parallel
     collectives (embedding lookup, row-parallel all-reduces), which the model reads from here.
+
+    `rope_kv` (from `rope_kv_kernel_for`), when given, lets a model hand one-token-per-row calls
+    its fused q/k/v projection unroped (``PagedAttend.rope_attend``): RoPE and the KV writes then
+    run in that kernel.
     """
     scales = None if kv_scales is None else tuple((float(k), float(v)) for k, v in kv_scales)
     return PagedAttend(positions, slots, block_tables, block_size, sliding_window, decode_kernel, fresh_impl,
-                       scales, prefill_kernel, padding_page, tensor_parallel)
+                       scales, prefill_kernel, padding_page, tensor_parallel, rope_kv)
 
 
 @jax.tree_util.register_dataclass
@@ -303,6 +330,51 @@ class PagedAttend:
     prefill_kernel: object = dataclasses.field(metadata=dict(static=True))
     padding_page: bool = dataclasses.field(default=False, metadata=dict(static=True))
     tensor_parallel: object = dataclasses.field(default=None, metadata=dict(static=True))
+    rope_kv: object = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def rope_kv_serves(self, positions, group: int, head_dim: int) -> bool:
+        """Whether ``rope_attend`` serves this call: a rope_kv kernel, one token per row, and head
+        shapes the kernel takes (G and D / 2 powers of two)."""
+        from ..pallas.rope_kv import rope_kv_fits
+
+        return self.rope_kv is not None and positions.shape[1] == 1 and rope_kv_fits((1, 1, 1, group + 2, head_dim), group)
+
+    def rope_attend(self, layer, qkv, inv_freq, group: int, dtype, cache):
+        """attend(layer, q, k, v, cache) for a fused q/k/v projection not yet finished nor roped:
+        qkv [B, 1, KVH, G + 2, D] as an array, ``Partials`` (split-K sums still to add) or ``Scaled``
+        (an FP8 x FP8 product still to scale); the rows' RoPE (inv_freq [D / 2]) and their k / v
+        writes run in the rope_kv kernel, then attention as ``__call__``'s."""
+        from ..models.quant import Partials, Scaled
+
+        row_scale = col_scale = None
+        if isinstance(qkv, Partials):
+            parts = qkv.parts
+        elif isinstance(qkv, Scaled):
+            parts, row_scale, col_scale = qkv.raw[None], qkv.x_scale, qkv.w_scale
+        else:
+            parts = qkv[None]
+        s, b, t, kvh, gp2, d = parts.shape
+        parts = parts.reshape(s, b * t, kvh, gp2, d)
+        if row_scale is not None:
+            row_scale = jnp.broadcast_to(row_scale, (b, t) + (1,) * (row_scale.ndim - 2)).reshape(b * t)
+        if col_scale is not None:
+            col_scale = jnp.broadcast_to(col_scale, (kvh, gp2, d))
+        angles = self.positions.reshape(b * t, 1).astype(jnp.float32) * jnp.asarray(inv_freq)  # apply_rope's
+        k_pool, v_pool = cache[layer]
+        k_scale, v_scale = (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer]
+        q, k_pool, v_pool = self.rope_kv(parts, jnp.cos(angles), jnp.sin(angles), self.slots.reshape(b * t), k_pool,
+                                         v_pool, row_scale, col_scale, group=group, dtype=jnp.dtype(dtype),
+                                         k_scale=k_scale, v_scale=v_scale)
+        q = q.reshape(b, t, kvh * group, d)
+        if self.decode_kernel is not None:
+            out = self.decode_kernel(q[:, 0], k_pool, v_pool, self.block_tables, self.positions[:, 0] + 1, k_scale,
+                                     v_scale)[:, None]
+        else:
+            out = reference_paged_attention(q, k_pool, v_pool, self.positions, self.block_tables, self.block_size,
+                                            self.sliding_window, k_scale, v_scale)
+        cache = list(cache)
+        cache[layer] = (k_pool, v_pool)
+        return out, cache
 
     def for_layer(self, layer: int) -> "PagedAttend":
         """The attend of one layer's call with a one-layer cache (its scales at index 0)."""

@@ -34,12 +34,14 @@ from .multihost import Mirror, local_tree, spans_processes
 from .paged import (
     ATTENTION_BACKENDS,
     decode_kernel_for,
+    fused_rope_kv_wanted,
     init_pool,
     is_fp8,
     make_attend,
     pallas_decode_supported,
     pool_sharding,
     prefill_kernel_for,
+    rope_kv_kernel_for,
     slots_for,
 )
 
@@ -177,6 +179,8 @@ class ModelRunner:
         self._mirror = Mirror() if spans_processes(mesh) else None
         use_pallas = self.attention_backend == "pallas"
         self._decode_kernel = decode_kernel_for(block_size, cfg.sliding_window, mesh) if use_pallas else None
+        # decode's q/k/v epilogue (sums, scales, RoPE, KV writes) as one kernel
+        self._rope_kv = rope_kv_kernel_for() if use_pallas and fused_rope_kv_wanted(mesh) else None
         # chunked / prefix-cached prefill: the Pallas ragged prefill kernel (head dims up to 256)
         self._prefill_kernel = (
             prefill_kernel_for(block_size, cfg.sliding_window, mesh)
@@ -242,7 +246,7 @@ class ModelRunner:
         attend = make_attend(
             positions, slots, block_tables, self.block_size, self.cfg.sliding_window, self._decode_kernel,
             self._fresh_impl if fresh else None, self.kv_scales, prefill_kernel=self._prefill_kernel,
-            padding_page=True, tensor_parallel=self._tensor_parallel,
+            padding_page=True, tensor_parallel=self._tensor_parallel, rope_kv=self._rope_kv,
         )
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
