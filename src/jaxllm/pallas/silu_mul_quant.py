@@ -56,7 +56,8 @@ MAX_UNROLL = 16  # blocks of a row held in registers at once (F <= 32768 at 2048
 
 def rows_for(m: int, f: int) -> int:
     """Rows per program for an [m, 2f] product: JAXLLM_SILU_ROWS (a power of two, default 1; an A/B
-    switch until timed on a GPU) where it divides m and the row's blocks are unrolled, else 1."""
+    switch: 2 and 4 timed no faster on an H100, alone at 64-1024 rows and in 1000 x 128/128,
+    BENCHMARKS.md "Sixteenth session") where it divides m and the row's blocks are unrolled, else 1."""
     value = os.environ.get("JAXLLM_SILU_ROWS", "1")
     if not (value.isdigit() and 0 < int(value) <= 16 and int(value) & (int(value) - 1) == 0):
         raise ValueError(f"JAXLLM_SILU_ROWS={value!r}: expected a power of two from 1 to 16")
