@@ -29,7 +29,9 @@ and kv apart (``unfused_qkv_dict``), so any tensor-parallel size loads them. Wit
 
 Attention itself (writing K/V into the cache and reading it back) is not done here: the caller
 passes an ``attend(layer, q, k, v, cache) -> (out, cache)`` function, so the cache layout (contiguous
-now, paged later) and the kernel (jnp reference or Pallas) can change without touching the model.
+now, paged later) and the kernel (jnp reference or Pallas) can change without touching the model. An
+attend that offers ``rope_attend`` (the runner's on one GPU, for decode calls) takes a fused q/k/v
+projection unfinished and unroped instead: its epilogue, RoPE and the KV writes are one kernel there.
 Under tensor parallelism the runner's attend also carries a ``sharding.TensorParallel``: the
 embedding lookup and the projections go through it (``_parallel``), which decides what runs per
 device in ``shard_map`` and what XLA's partitioner keeps.
