@@ -113,6 +113,29 @@ def test_rope_attend_is_attend_of_the_roped_projection(form):
         _equal(a, b)
 
 
+def test_rope_attend_takes_split_counts_the_kernel_does_not_in_jnp():
+    """Three split-K partials (a gemv tiling forced by JAXLLM_GEMV_TILING): rope_attend finishes
+    them with the jnp reference instead of the kernel, with the same result as two-split partials
+    holding the same sums."""
+    from jaxllm.models.quant import Partials
+    from jaxllm.runner.paged import make_attend
+
+    kvh, g, d, rows = 2, 4, 64, 2
+    parts, _, inv_freq, _, _, _, (kp, vp) = _case(5, 3, rows, kvh, g, d, jnp.bfloat16, pool_slots=64)
+    positions = jnp.asarray([[3], [20]], jnp.int32)
+    tables = jnp.asarray([[0, 1], [2, 3]], jnp.int32)
+    slots = jnp.take_along_axis(tables, positions // 16, axis=1) * 16 + positions % 16
+    calls = []
+    attend = make_attend(positions, slots, tables, 16, rope_kv=lambda *a, **k: calls.append(1) or rope_kv_write(
+        *a, interpret=True, **k))
+    got = attend.rope_attend(0, Partials(parts[:, :, None]), inv_freq, g, jnp.bfloat16, [(kp, vp)])
+    assert not calls  # three splits: not the kernel's
+    two = jnp.stack([parts[0] + parts[1], parts[2]])  # the same sums in float32 up to order: compare closely
+    want = attend.rope_attend(0, Partials(two[:, :, None]), inv_freq, g, jnp.bfloat16, [(kp, vp)])
+    assert calls == [1]
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), rtol=2e-2, atol=2e-2)
+
+
 def test_shapes_the_kernel_serves_and_refuses():
     assert rope_kv_fits((2, 1, 8, 6, 128), 4) and rope_kv_fits((1, 9, 2, 4, 32), 2)
     assert not rope_kv_fits((1, 1, 4, 9, 128), 7)  # Qwen2-style 7 query heads a KV head

@@ -62,8 +62,8 @@ def _to_pool(x, pool_dtype, scale: float):
     return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(pool_dtype)
 
 
-def reference_rope_kv_write(parts, cos, sin, slots, k_pool, v_pool, *, group: int, dtype, row_scale=None,
-                            col_scale=None, k_scale: float = 1.0, v_scale: float = 1.0):
+def reference_rope_kv_write(parts, cos, sin, slots, k_pool, v_pool, row_scale=None, col_scale=None, *, group: int,
+                            dtype, k_scale: float = 1.0, v_scale: float = 1.0):
     """The same in plain jnp: parts [S, R, KVH, G + 2, D] (a fused q/k/v projection's split-K
     partials, or its one product: S = 1), row_scale [R] or None, col_scale [KVH, G + 2, D] or None,
     cos / sin [R, D / 2] float32, slots [R] (-1: padding, not written), pools [P, KVH, D] ->

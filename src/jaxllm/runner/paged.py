@@ -345,6 +345,7 @@ class PagedAttend:
         (an FP8 x FP8 product still to scale); the rows' RoPE (inv_freq [D / 2]) and their k / v
         writes run in the rope_kv kernel, then attention as ``__call__``'s."""
         from ..models.quant import Partials, Scaled
+        from ..pallas.rope_kv import reference_rope_kv_write, rope_kv_fits
 
         row_scale = col_scale = None
         if isinstance(qkv, Partials):
@@ -362,9 +363,11 @@ class PagedAttend:
         angles = self.positions.reshape(b * t, 1).astype(jnp.float32) * jnp.asarray(inv_freq)  # apply_rope's
         k_pool, v_pool = cache[layer]
         k_scale, v_scale = (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer]
-        q, k_pool, v_pool = self.rope_kv(parts, jnp.cos(angles), jnp.sin(angles), self.slots.reshape(b * t), k_pool,
-                                         v_pool, row_scale, col_scale, group=group, dtype=jnp.dtype(dtype),
-                                         k_scale=k_scale, v_scale=v_scale)
+        # a split count the kernel does not take (a gemv tiling forced by JAXLLM_GEMV_TILING): the same in jnp
+        write = self.rope_kv if rope_kv_fits(parts.shape, group) else reference_rope_kv_write
+        q, k_pool, v_pool = write(parts, jnp.cos(angles), jnp.sin(angles), self.slots.reshape(b * t), k_pool, v_pool,
+                                  row_scale, col_scale, group=group, dtype=jnp.dtype(dtype), k_scale=k_scale,
+                                  v_scale=v_scale)
         q = q.reshape(b, t, kvh * group, d)
         if self.decode_kernel is not None:
             out = self.decode_kernel(q[:, 0], k_pool, v_pool, self.block_tables, self.positions[:, 0] + 1, k_scale,
