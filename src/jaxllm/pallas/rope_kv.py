@@ -5,9 +5,11 @@ paged KV pools at the rows' slots (an fp8 pool's values scaled and saturated as 
 
 Why: under XLA these are three kernels a layer -- a dynamic-update-slice (or a scatter) into each
 pool, with k's RoPE fused into one, and q's RoPE -- each re-reading the projection's partials;
-at batch 1 on an H100 ~5 µs a layer of launches for ~20 KB of data (BENCHMARKS.md "Sixteenth
-session"), and at 1024 rows ~20-40 µs a layer. Here one program per (row, KV head) reads its
-G + 2 head rows once and writes q's G rows and one k and one v row.
+at batch 1 ~5.4 µs a layer of launches for ~20 KB of data (an H200 profile). Here one program per
+(row, KV head) reads its G + 2 head rows once and writes q's G rows and one k and one v row.
+Measured on an H100 (BENCHMARKS.md "Sixteenth session"): fp8 batch 1 3.62 -> 3.60 ms, 1000 x
+128/128 at 1024 rows +0.8% (within the noise): at one row its eight programs' dependent loads are
+latency, so the launch it saves is most of the gain.
 
 Numerics are the unfused path's step for step (models/llama.py ``apply_rope``, runner/paged.py
 ``to_pool``, models/quant.py ``Partials.total`` / ``Scaled.value``): sums and scales in float32,
