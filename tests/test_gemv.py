@@ -333,3 +333,56 @@ def test_quantized_mode_takes_fp8_weights_times_one_row():
     assert plain_gemv("mk,kn->mn", x, jnp.ones((256, 128), jnp.bfloat16), None, False, "quantized") is None
     with pytest.raises(ValueError, match="mode 'fast' is not 'all', 'small' or 'quantized'"):
         plain_gemv("mk,kn->mn", x, jnp.ones((256, 128)), None, False, "fast")
+
+
+def _finish_case(k, n, act, seed=0):
+    x = jax.random.normal(jax.random.key(seed), (1, k if act is None else 2 * k), jnp.bfloat16)
+    w = (0.05 * jax.random.normal(jax.random.key(seed + 1), (n, k), jnp.float32)).astype(jnp.float8_e4m3fn)
+    res = jax.random.normal(jax.random.key(seed + 2), (1, n), jnp.bfloat16)
+    return x, w, jnp.linspace(0.5, 2.0, n), res, jnp.linspace(0.8, 1.2, n).astype(jnp.bfloat16)
+
+
+@pytest.mark.parametrize("act, fma", [(None, True), ("silu_mul", True), (None, False)])
+def test_gemv_finishes_the_add_and_norm_in_its_last_program(act, fma):
+    """residual / norm_w: the kernel's last program (an atomic count of finished programs) adds the
+    split-K partials to the residual and normalizes -- exactly what the partials handed to
+    pallas.add_norm.add_rmsnorm give, one kernel instead of two."""
+    from jaxllm.pallas.add_norm import add_rmsnorm
+
+    x, w, scale, res, nw = _finish_case(1024, 256, act)
+    kw = dict(k_minor=True, block_n=64, block_k=128, splits=4, fma=fma, act=act, interpret=True)
+    want = add_rmsnorm(res, gemv(x, w, scale, partials=True, **kw), nw, eps=1e-5, interpret=True)
+    got = gemv(x, w, scale, res, nw, eps=1e-5, **kw)
+    for a, b in zip(got, want):
+        assert a.shape == (1, 256) and a.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_gemv_add_norm_epilogue_refuses_what_it_does_not_serve():
+    x, w, scale, res, nw = _finish_case(1024, 256, None)
+    kw = dict(k_minor=True, block_n=64, block_k=128, fma=True, interpret=True)
+    for bad in (dict(splits=1), dict(splits=4, norm_w=None), dict(splits=4, residual=res[:, :128])):
+        args = dict(residual=res, norm_w=nw) | {key: v for key, v in bad.items() if key != "splits"}
+        with pytest.raises(ValueError, match="add \\+ norm epilogue"):
+            gemv(x, w, scale, args["residual"], args["norm_w"], splits=bad["splits"], **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n, act", [(4096, 4096, None), (14336, 4096, "silu_mul")])  # o, down at 8B shapes
+def test_gemv_add_norm_epilogue_compiled_on_the_gpu(k, n, act):
+    """The models' one-row fp8 tilings with the epilogue, compiled: bit for bit the partials + add_rmsnorm
+    pair, over many calls in one program (its counter, one zeroed constant, set back to 0 by each
+    call's last program; a memory-ordering slip would show as a call that read stale partials)."""
+    from jaxllm.pallas.add_norm import add_rmsnorm
+    from jaxllm.pallas.gemv import gemv_tiling
+
+    tiling = gemv_tiling(1, k, n, 1, True)
+    assert tiling["splits"] > 1
+    cases = [_finish_case(k, n, act, seed=3 * i) for i in range(24)]
+    f = jax.jit(lambda cs: [gemv(x, w, s, r, nw, k_minor=True, act=act, eps=1e-5, **tiling) for x, w, s, r, nw in cs])
+    g = jax.jit(lambda cs: [add_rmsnorm(r, gemv(x, w, s, k_minor=True, act=act, partials=True, **tiling), nw, eps=1e-5)
+                            for x, w, s, r, nw in cs])
+    for _ in range(3):
+        for got, want in zip(f(cases), g(cases)):
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

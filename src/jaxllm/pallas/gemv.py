@@ -35,6 +35,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from .add_norm import _normed as add_norm_normed, _residual as add_norm_residual, add_rmsnorm_fits
+
 ROWS = 16  # x's rows are padded to this (the smallest M of a Triton dot)
 
 
@@ -167,10 +169,11 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False, act: str | None = No
 
 
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "fma", "out_dtype", "act", "partials", "interpret"))
-def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k: int = 64, splits: int = 4,
-         num_warps: int = 4, num_stages: int = 4, fma: bool = False, out_dtype=None, act: str | None = None,
-         partials: bool = False, interpret: bool = False):
+                                             "fma", "out_dtype", "act", "partials", "eps", "interpret"))
+def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False, block_n: int = 128,
+         block_k: int = 64, splits: int = 4, num_warps: int = 4, num_stages: int = 4, fma: bool = False,
+         out_dtype=None, act: str | None = None, partials: bool = False, eps: float = 1e-6,
+         interpret: bool = False):
     """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in out_dtype (default x's).
 
     With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
@@ -180,7 +183,14 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
     activation computed as x is read (an MLP's down projection without its own elementwise kernel).
     `partials`: with several splits and one row, return the float32 partial sums [splits, 1, N]
     (scale applied to each) instead of adding them in a jnp epilogue -- for a consumer that adds
-    them itself (pallas.add_norm), one kernel fewer; otherwise the result as usual."""
+    them itself (pallas.add_norm), one kernel fewer; otherwise the result as usual.
+
+    `residual` [1, N] and `norm_w` [N] (one row, split K; not yet timed on a GPU, no model uses it):
+    the residual add and the RMSNorm after the projection finished by the kernel's last program
+    (pallas.add_norm.add_rmsnorm's arithmetic), returning (h, n) instead of the product -- the
+    program that finishes last, counted by an atomic on a zeroed counter it sets back to 0, adds the
+    partial sums every program stored, so the add + norm kernel after the projection (and its
+    launch) is not needed."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -199,13 +209,34 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
     one = m == 1 and not fma
     rows = 1 if fma or one else ROWS
     xp = x if rows == 1 else jnp.pad(x, ((0, ROWS - m), (0, 0)))
+    finish = residual is not None
+    if finish and (m != 1 or rows != 1 or splits < 2 or norm_w is None or residual.shape != (1, n)
+                   or norm_w.shape != (n,) or not add_rmsnorm_fits(1, n)):
+        raise ValueError(f"gemv: residual {residual.shape} / norm_w {None if norm_w is None else norm_w.shape}: the add + "
+                         f"norm epilogue takes one row of [1, {n}] and [{n}] (n a power of two), split K, fma or one "
+                         "row through the dot")
     direct = splits == 1
-    raw = partials and not direct and rows == m  # the partials go out as they are, scaled in the kernel
+    raw = (partials or finish) and not direct and rows == m  # the partials scaled in the kernel
     with_scale = (direct or raw) and scale is not None
     out_dtype = out_dtype or x.dtype
+    programs = (n // block_n) * splits
+
+    def finish_row(o_ref, res_ref, nw_ref, cnt_ref, h_ref, n_ref):
+        """The last program to finish adds every program's partials, the residual, and normalizes."""
+        if not interpret:  # every thread's partials stored before the counter moves (no interpret rule)
+            pltriton.debug_barrier()
+        done = jnp.sum(pltriton.atomic_add(cnt_ref, (pl.ds(0, 1),), jnp.ones((1,), jnp.int32)))
+
+        @pl.when(done == programs - 1)
+        def _():
+            y = jnp.sum(o_ref[...], axis=0)  # [1, n] float32
+            h = add_norm_residual(res_ref[...], y, res_ref.dtype)
+            h_ref[...] = h
+            n_ref[...] = add_norm_normed(h, nw_ref[...], eps).astype(n_ref.dtype)
+            cnt_ref[pl.ds(0, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next call
 
     def kernel(x_ref, w_ref, *refs):
-        o_ref = refs[-1]
+        o_ref = refs[-3] if finish else refs[-1]
         j, s = pl.program_id(0), pl.program_id(1)
         cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
 
@@ -240,8 +271,27 @@ def gemv(x, w, scale=None, *, k_minor: bool = False, block_n: int = 128, block_k
             acc = jnp.sum(acc, axis=0, keepdims=True)
         if with_scale:
             acc = acc * refs[0][cols].astype(jnp.float32)[None]
+        if finish:  # the whole partials array is this kernel's (the last program reads all of it)
+            o_ref[pl.ds(s, 1), :, cols] = acc[None]
+            finish_row(o_ref, *refs[with_scale : with_scale + 3], *refs[-2:])
+            return
         o_ref[...] = acc.astype(o_ref.dtype) if direct else acc[None]
 
+    if finish:
+        dtype = residual.dtype
+        operands = (xp, w) + ((scale.astype(jnp.float32),) if with_scale else ()) + (
+            residual, norm_w, jnp.zeros((1,), jnp.int32))
+        _, h, n_out = pl.pallas_call(
+            kernel,
+            out_shape=(jax.ShapeDtypeStruct((splits, 1, n), jnp.float32), jax.ShapeDtypeStruct((1, n), dtype),
+                       jax.ShapeDtypeStruct((1, n), dtype)),
+            grid=(n // block_n, splits),
+            in_specs=[pl.BlockSpec()] * len(operands),
+            out_specs=[pl.BlockSpec()] * 3,
+            compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=interpret,
+        )(*operands)
+        return h, n_out
     if direct:
         out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)
         out_spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
