@@ -386,3 +386,33 @@ def test_gemv_add_norm_epilogue_compiled_on_the_gpu(k, n, act):
         for got, want in zip(f(cases), g(cases)):
             for a, b in zip(got, want):
                 np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_the_add_norm_epilogue_in_the_model_changes_nothing(tiny_checkpoints, monkeypatch):
+    """JAXLLM_GEMV_NORM_EPILOGUE=1 (an A/B until timed): batch-1 decode's split-K o and down gemvs
+    finish the residual add + RMSNorm in their last program instead of handing their partials to
+    pallas.add_norm -- the same tokens and logprobs, exactly (fp8 weights, every projection through
+    the kernel in interpret mode, K split in two by a forced tiling at the tiny model's shapes)."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.pallas import gemv as gemv_module
+
+    for var, value in (("JAXLLM_GEMV", "1"), ("JAXLLM_FUSED_NORM", "1"), ("JAXLLM_GEMV_TILING", "128x64=32,32,2")):
+        monkeypatch.setenv(var, value)
+    real, out = gemv_module.gemv, {}
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    for on in ("0", "1"):
+        monkeypatch.setenv("JAXLLM_GEMV_NORM_EPILOGUE", on)
+        jax.clear_caches()  # the layers' shared jit would keep the other run's trace (the switch is read when tracing)
+        finished = []
+
+        def traced(x, w, scale=None, residual=None, *a, finished=finished, **k):
+            finished.append(residual is not None)
+            return real(x, w, scale, residual, *a, **k)
+
+        monkeypatch.setattr(gemv_module, "gemv", traced)
+        with LLM(str(tiny_checkpoints["llama3"]), max_seq_len=64, max_batch_size=1, compilation_cache=False,
+                 quantization="fp8", dtype="bfloat16") as llm:
+            o = llm.generate([{"prompt_token_ids": [3, 14, 15, 92, 65]}], sp, use_tqdm=False)[0].outputs[0]
+        out[on] = (o.token_ids, [sorted((t, lp.logprob) for t, lp in d.items()) for d in o.logprobs], finished)
+    assert out["0"][2] and not any(out["0"][2]) and any(out["1"][2])  # the epilogue ran where asked, only there
+    assert out["1"][:2] == out["0"][:2]

@@ -423,6 +423,9 @@ def _fused_add_norm(x, y, norm: RMSNorm, attend):
     tp = getattr(attend, "tensor_parallel", None)
     if not add_rmsnorm_fits(rows, e) or (tp is not None and tp.mode == "xla"):
         return None
+    if isinstance(y, Partials) and y.finish is not None and rows == 1 and tp is None:  # the gemv finishes it
+        h, n = y.finish(x.reshape(rows, e), norm.weight[...], norm.eps)
+        return h.reshape(x.shape), n.reshape(x.shape)
     f = functools.partial(add_rmsnorm, eps=norm.eps, interpret=jax.default_backend() == "cpu")
     ys = y.parts.reshape(-1, rows, e) if isinstance(y, Partials) else y.reshape(rows, e)
     args = (x.reshape(rows, e), ys, norm.weight[...])
@@ -446,7 +449,10 @@ class DecoderLayer(nnx.Module):
         x, n = add_norm(*xy, self.input_norm, attend, self.fused_norm, self.norm_quant)
         h, cache = self.attn(layer, n, positions, cache, attend)
         x, n = add_norm(x, h, self.post_attn_norm, attend, self.fused_norm, self.norm_quant)
-        return (x, self.mlp(n, attend)), cache
+        y = self.mlp(n, attend)
+        if isinstance(y, Partials) and y.finish is not None:  # leaves the layer's jit: arrays only
+            y = Partials(y.parts)
+        return (x, y), cache
 
 
 def _call_layer(layer: DecoderLayer, i: int, x, positions, cache, attend: Attend):

@@ -76,9 +76,15 @@ def _k_minor_spec(spec: str) -> tuple[str, int]:
 class Partials(NamedTuple):
     """A projection's result as float32 split-K partial sums [S, ..., N] (scale applied), still to
     be added: what qeinsum returns with ``partials=True`` where pallas.gemv splits K at one row,
-    for a consumer that adds them in its own kernel (models/llama.py: add_norm)."""
+    for a consumer that adds them in its own kernel (models/llama.py: add_norm). `finish`, where
+    JAXLLM_GEMV_NORM_EPILOGUE=1 (an A/B, off until timed on a GPU): (residual [1, N], norm weight
+    [N], eps) -> (h, norm(h)), the same gemv run with the residual add + RMSNorm finished by its
+    last program (pallas.gemv residual / norm_w); a consumer that calls it leaves `parts` unused
+    (XLA drops that kernel). A closure, so within one layer's trace only: the output projection's
+    (the down projection's partials leave the layer without it, models/llama.py DecoderLayer)."""
 
     parts: jax.Array
+    finish: Any = None
 
     def total(self, dtype):
         """The projection's result, as the gemv's own epilogue adds it."""
@@ -311,7 +317,12 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dty
     y = gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, partials=partials,
              interpret=jax.default_backend() == "cpu", **tiling)
     if y.ndim == 3:  # the partials [S, 1, n]
-        return Partials(y.reshape(y.shape[:1] + shape))
+        finish = None
+        if env_flag("JAXLLM_GEMV_NORM_EPILOGUE") and x2.shape[0] == 1:
+            def finish(residual, norm_w, eps):
+                return gemv(x2, w2, s, residual, norm_w, k_minor=k_minor, act=act, eps=eps,
+                            interpret=jax.default_backend() == "cpu", **tiling)
+        return Partials(y.reshape(y.shape[:1] + shape), finish)
     return y.reshape(shape)
 
 
