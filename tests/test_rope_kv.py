@@ -87,7 +87,7 @@ def test_rope_attend_is_attend_of_the_roped_projection(form):
     """PagedAttend.rope_attend on the projection as the model hands it over (an array, split-K
     ``Partials``, an unscaled FP8 product ``Scaled``) = attend (``__call__``) of q, k, v finished
     and roped by the model's own functions: the same attention output and pools, exactly."""
-    from jaxllm.models.llama import apply_rope
+    from jaxllm.models.llama import apply_rope, rope_cos_sin
     from jaxllm.models.quant import Partials, Scaled
     from jaxllm.runner.paged import make_attend, rope_kv_kernel_for
 
@@ -107,7 +107,7 @@ def test_rope_attend_is_attend_of_the_roped_projection(form):
     want, want_cache = attend(0, q, k, qkv[:, :, :, g + 1], [(kp, vp)])
     fused = make_attend(positions, slots, tables, bs, rope_kv=rope_kv_kernel_for(interpret=True), **kw)
     assert fused.rope_kv_serves(positions, g, d) and not attend.rope_kv_serves(positions, g, d)
-    got, got_cache = fused.rope_attend(0, handed, inv_freq, g, jnp.bfloat16, [(kp, vp)])
+    got, got_cache = fused.rope_attend(0, handed, *rope_cos_sin(positions, inv_freq), g, jnp.bfloat16, [(kp, vp)])
     _equal(got, want)
     for a, b in zip(got_cache[0], want_cache[0]):
         _equal(a, b)
@@ -117,6 +117,7 @@ def test_rope_attend_takes_split_counts_the_kernel_does_not_in_jnp():
     """Three split-K partials (a gemv tiling forced by JAXLLM_GEMV_TILING): rope_attend finishes
     them with the jnp reference instead of the kernel, with the same result as two-split partials
     holding the same sums."""
+    from jaxllm.models.llama import rope_cos_sin
     from jaxllm.models.quant import Partials
     from jaxllm.runner.paged import make_attend
 
@@ -128,10 +129,11 @@ def test_rope_attend_takes_split_counts_the_kernel_does_not_in_jnp():
     calls = []
     attend = make_attend(positions, slots, tables, 16, rope_kv=lambda *a, **k: calls.append(1) or rope_kv_write(
         *a, interpret=True, **k))
-    got = attend.rope_attend(0, Partials(parts[:, :, None]), inv_freq, g, jnp.bfloat16, [(kp, vp)])
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    got = attend.rope_attend(0, Partials(parts[:, :, None]), cos, sin, g, jnp.bfloat16, [(kp, vp)])
     assert not calls  # three splits: not the kernel's
     two = jnp.stack([parts[0] + parts[1], parts[2]])  # the same sums in float32 up to order: compare closely
-    want = attend.rope_attend(0, Partials(two[:, :, None]), inv_freq, g, jnp.bfloat16, [(kp, vp)])
+    want = attend.rope_attend(0, Partials(two[:, :, None]), cos, sin, g, jnp.bfloat16, [(kp, vp)])
     assert calls == [1]
     np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), rtol=2e-2, atol=2e-2)
 

@@ -229,11 +229,15 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return inv.astype(np.float32)
 
 
+def rope_cos_sin(positions, inv_freq):
+    """RoPE's cos and sin [B, T, D/2] of positions [B, T] (float32)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x, positions, inv_freq):
     """Rotate x [B, T, heads, D] by positions [B, T] (the half-split layout HF checkpoints use)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos, sin = (c[:, :, None, :] for c in rope_cos_sin(positions, inv_freq))
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -286,7 +290,8 @@ class Attention(nnx.Module):
                             lambda x, w, s: _flat_einsum("bte,eksd->btksd", x, w, s, self.w8a8, self.gemv,
                                                          partials=True, raw=True),
                             x, x_axes, self.qkv, self.qkv_scale)
-            out, cache = attend.rope_attend(layer, qkv, inv_freq, self.group, x.dtype, cache)
+            cos, sin = rope_cos_sin(positions, inv_freq)
+            out, cache = attend.rope_attend(layer, qkv, cos, sin, self.group, x.dtype, cache)
             return self._output(out, x, attend), cache
         if self.fused:
             qkv = _parallel("column", attend, lambda x, w, s: _flat_einsum("bte,eksd->btksd", x, w, s, self.w8a8, self.gemv),

@@ -337,13 +337,14 @@ class PagedAttend:
         shapes the kernel takes (G and D / 2 powers of two)."""
         from ..pallas.rope_kv import rope_kv_fits
 
-        return self.rope_kv is not None and positions.shape[1] == 1 and rope_kv_fits((1, 1, 1, group + 2, head_dim), group)
+        return (self.rope_kv is not None and positions.shape[1] == 1
+                and rope_kv_fits((1, 1, 1, group + 2, head_dim), group))
 
-    def rope_attend(self, layer, qkv, inv_freq, group: int, dtype, cache):
+    def rope_attend(self, layer, qkv, cos, sin, group: int, dtype, cache):
         """attend(layer, q, k, v, cache) for a fused q/k/v projection not yet finished nor roped:
         qkv [B, 1, KVH, G + 2, D] as an array, ``Partials`` (split-K sums still to add) or ``Scaled``
-        (an FP8 x FP8 product still to scale); the rows' RoPE (inv_freq [D / 2]) and their k / v
-        writes run in the rope_kv kernel, then attention as ``__call__``'s."""
+        (an FP8 x FP8 product still to scale); the rows' RoPE (the model's cos / sin [B, 1, D / 2])
+        and their k / v writes run in the rope_kv kernel, then attention as ``__call__``'s."""
         from ..models.quant import Partials, Scaled
         from ..pallas.rope_kv import reference_rope_kv_write, rope_kv_fits
 
@@ -360,21 +361,15 @@ class PagedAttend:
             row_scale = jnp.broadcast_to(row_scale, (b, t) + (1,) * (row_scale.ndim - 2)).reshape(b * t)
         if col_scale is not None:
             col_scale = jnp.broadcast_to(col_scale, (kvh, gp2, d))
-        angles = self.positions.reshape(b * t, 1).astype(jnp.float32) * jnp.asarray(inv_freq)  # apply_rope's
         k_pool, v_pool = cache[layer]
         k_scale, v_scale = (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer]
         # a split count the kernel does not take (a gemv tiling forced by JAXLLM_GEMV_TILING): the same in jnp
         write = self.rope_kv if rope_kv_fits(parts.shape, group) else reference_rope_kv_write
-        q, k_pool, v_pool = write(parts, jnp.cos(angles), jnp.sin(angles), self.slots.reshape(b * t), k_pool, v_pool,
+        q, k_pool, v_pool = write(parts, cos.reshape(b * t, -1), sin.reshape(b * t, -1), self.slots.reshape(b * t),
+                                  k_pool, v_pool,
                                   row_scale, col_scale, group=group, dtype=jnp.dtype(dtype), k_scale=k_scale,
                                   v_scale=v_scale)
-        q = q.reshape(b, t, kvh * group, d)
-        if self.decode_kernel is not None:
-            out = self.decode_kernel(q[:, 0], k_pool, v_pool, self.block_tables, self.positions[:, 0] + 1, k_scale,
-                                     v_scale)[:, None]
-        else:
-            out = reference_paged_attention(q, k_pool, v_pool, self.positions, self.block_tables, self.block_size,
-                                            self.sliding_window, k_scale, v_scale)
+        out = self._paged_read(q.reshape(b, t, kvh * group, d), k_pool, v_pool, k_scale, v_scale)
         cache = list(cache)
         cache[layer] = (k_pool, v_pool)
         return out, cache
@@ -387,7 +382,6 @@ class PagedAttend:
     def __call__(self, layer, q, k, v, cache):
         positions, slots, block_tables, block_size = self.positions, self.slots, self.block_tables, self.block_size
         sliding_window = self.sliding_window
-        use_kernel = self.decode_kernel is not None and positions.shape[1] == 1
         use_fresh = self.fresh_impl is not None and positions.shape[1] > 1
         use_prefill = self.prefill_kernel is not None and positions.shape[1] > 1 and not use_fresh
         k_pool, v_pool = cache[layer]
@@ -397,10 +391,7 @@ class PagedAttend:
         k_new = to_pool(k, k_pool.dtype, k_scale)
         v_new = to_pool(v, v_pool.dtype, v_scale)
         k_pool, v_pool = (write_slots(pool, slots, x, self.padding_page) for pool, x in ((k_pool, k_new), (v_pool, v_new)))
-        if use_kernel:
-            out = self.decode_kernel(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0] + 1, k_scale,
-                                     v_scale)[:, None]
-        elif use_fresh:
+        if use_fresh:
             lens = jnp.sum(slots >= 0, axis=1).astype(jnp.int32)
             window = (sliding_window - 1, 0) if sliding_window is not None else None
             fp8 = is_fp8(k_pool.dtype)  # attend to what the pool holds, as every later read does
@@ -415,11 +406,19 @@ class PagedAttend:
             q_lens = jnp.sum(slots >= 0, axis=1).astype(jnp.int32)
             out = self.prefill_kernel(q, k_pool, v_pool, block_tables, positions[:, 0], q_lens, k_scale, v_scale)
         else:
-            out = reference_paged_attention(q, k_pool, v_pool, positions, block_tables, block_size, sliding_window,
-                                            k_scale, v_scale)
+            out = self._paged_read(q, k_pool, v_pool, k_scale, v_scale)
         cache = list(cache)
         cache[layer] = (k_pool, v_pool)
         return out, cache
+
+    def _paged_read(self, q, k_pool, v_pool, k_scale: float, v_scale: float):
+        """Attention of q [B, T, H, D] over the pools (this call's writes in them): the decode
+        kernel for one-token rows where there is one, else the jnp reference."""
+        if self.decode_kernel is not None and q.shape[1] == 1:
+            return self.decode_kernel(q[:, 0], k_pool, v_pool, self.block_tables, self.positions[:, 0] + 1, k_scale,
+                                      v_scale)[:, None]
+        return reference_paged_attention(q, k_pool, v_pool, self.positions, self.block_tables, self.block_size,
+                                         self.sliding_window, k_scale, v_scale)
 
 
 def write_slots(pool, slots, rows, padding_page: bool):
