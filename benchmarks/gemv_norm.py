@@ -5,7 +5,7 @@ the add + norm in its last program (`residual` / `norm_w`: one kernel), at Llama
     PYTHONPATH=src python benchmarks/gemv_norm.py [--copies 20]
 
 Each timed program runs --copies independent pairs (each its own weight, so none stays in L2), 5
-times; microseconds per pair. Both forms' results are checked equal first (bit for bit).
+times; microseconds per pair. The forms' largest difference is printed (compiled, each sums in its own order: a bf16 rounding).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, default=20)
     args = ap.parse_args()
-    print(f"{'projection':<18} {'two kernels us':>15} {'epilogue us':>12}  equal")
+    print(f"{'projection':<18} {'two kernels us':>15} {'epilogue us':>12}  max |diff|")
     for name, (k, n, act) in SHAPES.items():
         tiling = gemv_tiling(1, k, n, 1, True)
         cases = []
@@ -42,10 +42,10 @@ def main():
                                               eps=1e-5) for x, w, s, r, nw in cs])
         one = jax.jit(lambda cs: [gemv(x, w, s, r, nw, k_minor=True, act=act, eps=1e-5, **tiling)
                                   for x, w, s, r, nw in cs])
-        equal = all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        equal = max(float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
                     for p, q in zip(two(cases), one(cases)) for a, b in zip(p, q))
         t2, t1 = timed(two, cases) / args.copies, timed(one, cases) / args.copies
-        print(f"{name:<18} {1e6 * t2:>15.1f} {1e6 * t1:>12.1f}  {equal}", flush=True)
+        print(f"{name:<18} {1e6 * t2:>15.1f} {1e6 * t1:>12.1f}  {equal:.3g}", flush=True)
 
 
 if __name__ == "__main__":

@@ -370,9 +370,11 @@ def test_gemv_add_norm_epilogue_refuses_what_it_does_not_serve():
 @pytest.mark.gpu
 @pytest.mark.parametrize("k, n, act", [(4096, 4096, None), (14336, 4096, "silu_mul")])  # o, down at 8B shapes
 def test_gemv_add_norm_epilogue_compiled_on_the_gpu(k, n, act):
-    """The models' one-row fp8 tilings with the epilogue, compiled: bit for bit the partials + add_rmsnorm
-    pair, over many calls in one program (its counter, one zeroed constant, set back to 0 by each
-    call's last program; a memory-ordering slip would show as a call that read stale partials)."""
+    """The models' one-row fp8 tilings with the epilogue, compiled: the partials + add_rmsnorm pair to
+    within a bf16 rounding (compiled, the two kernels sum the splits and the squares in their own
+    orders), over many calls in one program (its counter, one zeroed constant, set back to 0 by each
+    call's last program; a memory-ordering slip -- a call that read stale or unwritten partials --
+    would be off by the projection's size, not by a rounding)."""
     from jaxllm.pallas.add_norm import add_rmsnorm
     from jaxllm.pallas.gemv import gemv_tiling
 
@@ -385,7 +387,10 @@ def test_gemv_add_norm_epilogue_compiled_on_the_gpu(k, n, act):
     for _ in range(3):
         for got, want in zip(f(cases), g(cases)):
             for a, b in zip(got, want):
-                np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+                a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+                off = np.abs(a - b) > 2 ** -7 * np.abs(b) + 1e-6  # more than one bf16 rounding apart
+                assert not off.any(), (f"{off.sum()} of {off.size} off, worst {np.abs(a - b).max()}, "
+                                       f"{(a != b).sum()} not bit-equal")
 
 
 def test_the_add_norm_epilogue_in_the_model_changes_nothing(tiny_checkpoints, monkeypatch):
@@ -406,7 +411,8 @@ def test_the_add_norm_epilogue_in_the_model_changes_nothing(tiny_checkpoints, mo
         finished = []
 
         def traced(x, w, scale=None, residual=None, *a, finished=finished, **k):
-            finished.append(residual is not None)
+            if residual is not None:
+                finished.append(k.get("act"))
             return real(x, w, scale, residual, *a, **k)
 
         monkeypatch.setattr(gemv_module, "gemv", traced)
@@ -414,5 +420,5 @@ def test_the_add_norm_epilogue_in_the_model_changes_nothing(tiny_checkpoints, mo
                  quantization="fp8", dtype="bfloat16") as llm:
             o = llm.generate([{"prompt_token_ids": [3, 14, 15, 92, 65]}], sp, use_tqdm=False)[0].outputs[0]
         out[on] = (o.token_ids, [sorted((t, lp.logprob) for t, lp in d.items()) for d in o.logprobs], finished)
-    assert out["0"][2] and not any(out["0"][2]) and any(out["1"][2])  # the epilogue ran where asked, only there
+    assert not out["0"][2] and set(out["1"][2]) == {None, "silu_mul"}  # where asked, only there: o and down
     assert out["1"][:2] == out["0"][:2]

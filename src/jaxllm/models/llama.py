@@ -454,10 +454,7 @@ class DecoderLayer(nnx.Module):
         x, n = add_norm(*xy, self.input_norm, attend, self.fused_norm, self.norm_quant)
         h, cache = self.attn(layer, n, positions, cache, attend)
         x, n = add_norm(x, h, self.post_attn_norm, attend, self.fused_norm, self.norm_quant)
-        y = self.mlp(n, attend)
-        if isinstance(y, Partials) and y.finish is not None:  # leaves the layer's jit: arrays only
-            y = Partials(y.parts)
-        return (x, y), cache
+        return (x, self.mlp(n, attend)), cache
 
 
 def _call_layer(layer: DecoderLayer, i: int, x, positions, cache, attend: Attend):

@@ -77,11 +77,9 @@ class Partials(NamedTuple):
     """A projection's result as float32 split-K partial sums [S, ..., N] (scale applied), still to
     be added: what qeinsum returns with ``partials=True`` where pallas.gemv splits K at one row,
     for a consumer that adds them in its own kernel (models/llama.py: add_norm). `finish`, where
-    JAXLLM_GEMV_NORM_EPILOGUE=1 (an A/B, off until timed on a GPU): (residual [1, N], norm weight
-    [N], eps) -> (h, norm(h)), the same gemv run with the residual add + RMSNorm finished by its
-    last program (pallas.gemv residual / norm_w); a consumer that calls it leaves `parts` unused
-    (XLA drops that kernel). A closure, so within one layer's trace only: the output projection's
-    (the down projection's partials leave the layer without it, models/llama.py DecoderLayer)."""
+    JAXLLM_GEMV_NORM_EPILOGUE=1: a ``GemvNormEpilogue`` -- the same gemv run with the residual add +
+    RMSNorm finished by its last program; a consumer that calls it leaves `parts` unused (XLA drops
+    that kernel)."""
 
     parts: jax.Array
     finish: Any = None
@@ -89,6 +87,31 @@ class Partials(NamedTuple):
     def total(self, dtype):
         """The projection's result, as the gemv's own epilogue adds it."""
         return jnp.sum(self.parts, axis=0).astype(dtype)
+
+
+@jax.tree_util.register_pytree_node_class
+class GemvNormEpilogue:
+    """A one-row split-K pallas.gemv still to run, with the residual add + RMSNorm after it finished
+    by its last program (pallas.gemv residual / norm_w): called with (residual [1, N], norm weight
+    [N], eps), returns (h, norm(h)). A pytree (the gemv's operands; its tiling static), so it may
+    leave the layer's jit with the down projection's partials for the next layer's input norm."""
+
+    def __init__(self, x, w, scale, static):
+        self.x, self.w, self.scale, self.static = x, w, scale, static  # static: (k_minor, act, tiling items)
+
+    def tree_flatten(self):
+        return (self.x, self.w, self.scale), self.static
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        return cls(*children, static)
+
+    def __call__(self, residual, norm_w, eps):
+        from ..pallas.gemv import gemv
+
+        k_minor, act, tiling = self.static
+        return gemv(self.x, self.w, self.scale, residual, norm_w, k_minor=k_minor, act=act, eps=eps,
+                    interpret=jax.default_backend() == "cpu", **dict(tiling))
 
 
 class Scaled(NamedTuple):
@@ -319,9 +342,7 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dty
     if y.ndim == 3:  # the partials [S, 1, n]
         finish = None
         if env_flag("JAXLLM_GEMV_NORM_EPILOGUE") and x2.shape[0] == 1:
-            def finish(residual, norm_w, eps):
-                return gemv(x2, w2, s, residual, norm_w, k_minor=k_minor, act=act, eps=eps,
-                            interpret=jax.default_backend() == "cpu", **tiling)
+            finish = GemvNormEpilogue(x2, w2, s, (k_minor, act, tuple(sorted(tiling.items()))))
         return Partials(y.reshape(y.shape[:1] + shape), finish)
     return y.reshape(shape)
 

@@ -225,7 +225,7 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
         """The last program to finish adds every program's partials, the residual, and normalizes."""
         if not interpret:  # every thread's partials stored before the counter moves (no interpret rule)
             pltriton.debug_barrier()
-        done = jnp.sum(pltriton.atomic_add(cnt_ref, (pl.ds(0, 1),), jnp.ones((1,), jnp.int32)))
+        done = pltriton.atomic_add(cnt_ref, (jnp.zeros((), jnp.int32),), jnp.int32(1))  # a scalar: one thread adds, all see it
 
         @pl.when(done == programs - 1)
         def _():
