@@ -52,13 +52,14 @@ def forced_tiling(k: int, n: int) -> dict | None:
     """The tiling JAXLLM_GEMV_TILING names for a K x N weight, else None: for in-model A/Bs of the
     tilings benchmarks/gemv.py times alone (read when a model traces). Its value is
     ``KxN=block_n,block_k,splits[,num_warps]`` entries separated by ``;``, e.g.
-    ``4096x2048=8,2048,1;4096x4096=32,512,1,8``."""
+    ``4096x2048=8,2048,1;4096x4096=32,512,1,8`` (``/`` may stand for ``,``: the device scripts'
+    variant lists split on commas)."""
     value = os.environ.get(TILING_ENV, "").strip()
     for entry in filter(None, (e.strip() for e in value.split(";"))):
         try:
             shape, _, numbers = entry.partition("=")
             kk, nn = (int(v) for v in shape.lower().split("x"))
-            fields = [int(v) for v in numbers.split(",")]
+            fields = [int(v) for v in numbers.replace("/", ",").split(",")]
             if len(fields) not in (3, 4) or min(fields) < 1:
                 raise ValueError
         except ValueError:
@@ -69,12 +70,18 @@ def forced_tiling(k: int, n: int) -> dict | None:
     return None
 
 
+WIDE_N = 16384  # gemv_tiling: a one-row fp8 product at least this wide reads whole short rows, 4 a program
+
+
 def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True) -> dict | None:
     """A tiling for an [m, k] x [k, n] product whose weight has `itemsize` bytes per element; None
-    where none fits. Chosen from the H100 sweeps (BENCHMARKS.md "Eighth session"): a one-byte weight
-    (fp8, int8) times one row: multiply-adds (`fma`) over blocks of 32 columns x 512 bytes of K
-    stored [N, K] (k_minor), of 256 columns x 64 of K stored [K, N] (512 / 256 contiguous bytes a
-    row; the [K, N] tiling is not measured yet);
+    where none fits. Chosen from the H100 sweeps (BENCHMARKS.md "Eighth session", "Seventeenth
+    session"): a one-byte weight (fp8, int8) times one row: multiply-adds (`fma`) over blocks of 32
+    columns x 512 bytes of K stored [N, K] (k_minor) -- but a wide weight with short rows (N >=
+    WIDE_N, K <= 4096: the gate/up projection, an fp8 LM head) in blocks of 4 whole rows, one step
+    a program (XLA's row-reduction pattern: 40.9 vs 43.6 us for 8B's gate/up on an H100), -- of
+    256 columns x 64 of K stored [K, N] (512 / 256 contiguous bytes a row; the [K, N] tiling is not
+    measured yet);
     else a tensor-core dot over 128 columns where that gives most SMs a block (no split: the
     kernel writes the result), 64 otherwise, 64 K at a time. Then, unless a dot already has 96
     column blocks, K is split in two until there are two programs per SM (264; 256 for a dot) or a
@@ -86,6 +93,8 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True)
             raise ValueError(f"{TILING_ENV}: {forced} does not fit a [{m}, {k}] x [{k}, {n}] product "
                              f"(n % block_n == 0, k % (splits * block_k) == 0, rows <= {ROWS})")
         return dict(forced, fma=fma)
+    if fma and k_minor and n >= WIDE_N and n % 4 == 0 and k <= 4096 and k & (k - 1) == 0:
+        return dict(block_n=4, block_k=k, splits=1, fma=True)
     if fma and k_minor:
         block_n = next((b for b in (32, 16) if n % b == 0), None)
         block_k = next((b for b in (512, 256, 128, 64, 32, 16) if k % b == 0), None)
