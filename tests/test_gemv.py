@@ -149,8 +149,12 @@ def test_wide_fp8_products_read_four_whole_rows_a_program():
 
     assert gemv_tiling(1, 4096, 28672, 1, True) == dict(block_n=4, block_k=4096, splits=1, fma=True)
     assert gemv_tiling(1, 4096, 128256, 1, True)["block_n"] == 4
-    assert gemv_tiling(1, 14336, 4096, 1, True)["block_n"] == 32 and gemv_tiling(1, 4096, 6144, 1, True)["block_n"] == 32
-    assert gemv_tiling(1, 4096, WIDE_N // 2, 1, True)["block_n"] == 32 and gemv_tiling(2, 4096, 28672, 1, True)["fma"] is False
+    assert gemv_tiling(1, 4096, 28672, 1, True, out_act="silu_mul") == dict(block_n=2, block_k=4096, splits=1, fma=True)
+    assert gemv_tiling(1, 14336, 4096, 1, True, act="silu_mul")["block_n"] == 32  # silu * up once for 32 columns
+    narrow = dict(block_n=2, block_k=1024, splits=2, num_warps=1, fma=True)  # plain, narrower than WIDE_N
+    assert gemv_tiling(1, 14336, 4096, 1, True) == narrow and gemv_tiling(1, 4096, 6144, 1, True) == narrow
+    assert gemv_tiling(1, 4096, WIDE_N // 2, 1, True) == narrow and gemv_tiling(2, 4096, 28672, 1, True)["fma"] is False
+    assert gemv_tiling(1, 576, 1536, 1, True)["block_n"] == 32  # K not a multiple of 2048: as before
     x = jax.random.normal(jax.random.key(0), (1, 512), jnp.bfloat16)
     w = (0.05 * jax.random.normal(jax.random.key(1), (64, 512), jnp.float32)).astype(jnp.float8_e4m3fn)
     scale = jnp.linspace(0.5, 2.0, 64)
@@ -431,7 +435,7 @@ def test_the_add_norm_epilogue_in_the_model_changes_nothing(tiny_checkpoints, mo
 
         def traced(x, w, scale=None, residual=None, *a, finished=finished, **k):
             if residual is not None:
-                finished.append(k.get("act"))
+                finished.append(w.shape)
             return real(x, w, scale, residual, *a, **k)
 
         monkeypatch.setattr(gemv_module, "gemv", traced)
@@ -439,5 +443,55 @@ def test_the_add_norm_epilogue_in_the_model_changes_nothing(tiny_checkpoints, mo
                  quantization="fp8", dtype="bfloat16") as llm:
             o = llm.generate([{"prompt_token_ids": [3, 14, 15, 92, 65]}], sp, use_tqdm=False)[0].outputs[0]
         out[on] = (o.token_ids, [sorted((t, lp.logprob) for t, lp in d.items()) for d in o.logprobs], finished)
-    assert not out["0"][2] and set(out["1"][2]) == {None, "silu_mul"}  # where asked, only there: o and down
+    # where asked, only there: traced, the first layer's o; the shared layer's o and its input norm's (the
+    # previous layer's down); the final norm's (the last down) -- o's and down's
+    assert not out["0"][2] and len(out["1"][2]) == 4
     assert out["1"][:2] == out["0"][:2]
+
+
+def test_gate_up_returning_silu_times_up_changes_nothing(tiny_checkpoints, monkeypatch):
+    """Batch-1 decode's fp8 gate/up gemv returns silu(gate) * up itself (out_act; the down projection
+    then reads it plainly, in narrow blocks): the same tokens and logprobs, exactly, as the gate/up
+    product handed to the down projection's act (every projection through the kernel in interpret
+    mode)."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.models import quant
+
+    monkeypatch.setenv("JAXLLM_GEMV", "1")
+    real, out = quant.plain_gemv, {}
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    for fused in (False, True):
+        jax.clear_caches()  # the layers' shared jit would keep the other run's trace
+        calls = []
+
+        def traced(*a, out_act=None, calls=calls, fused=fused, **k):
+            y = real(*a, out_act=out_act if fused else None, **k)
+            calls.append(isinstance(y, quant.Activated))
+            return y
+
+        monkeypatch.setattr(quant, "plain_gemv", traced)
+        with LLM(str(tiny_checkpoints["llama3"]), max_seq_len=64, max_batch_size=1, compilation_cache=False,
+                 quantization="fp8", dtype="bfloat16") as llm:
+            o = llm.generate([{"prompt_token_ids": [3, 14, 15, 92, 65]}], sp, use_tqdm=False)[0].outputs[0]
+        out[fused] = (o.token_ids, [sorted((t, lp.logprob) for t, lp in d.items()) for d in o.logprobs], calls)
+    assert not any(out[False][2]) and any(out[True][2])  # the kernel's activation ran where asked, only there
+    assert out[True][:2] == out[False][:2]
+    monkeypatch.setenv("JAXLLM_GEMV_OUT_ACT", "0")  # the A/B switch: the product alone
+    assert real("...e,esf->...sf", jnp.ones((1, 1, 64), jnp.bfloat16), jnp.ones((2, 128, 64), jnp.float8_e4m3fn),
+                jnp.ones((2, 128)), True, "quantized", out_act="silu_mul") is None
+
+
+@pytest.mark.gpu
+def test_gate_up_out_act_compiled_on_the_gpu():
+    """8B's fp8 gate/up with out_act="silu_mul" at the models' tiling, compiled: silu(gate) * up of
+    the reference product within a bf16 rounding or two."""
+    from jaxllm.pallas.gemv import gemv_tiling, silu_mul
+
+    k, n = 4096, 28672
+    x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+    w = (0.02 * jax.random.normal(jax.random.key(1), (n, k), jnp.float32)).astype(jnp.float8_e4m3fn)
+    scale = jnp.linspace(0.5, 2.0, n)
+    got = gemv(x, w, scale, k_minor=True, out_act="silu_mul", **gemv_tiling(1, k, n, 1, True, out_act="silu_mul"))
+    want = silu_mul(reference_gemv(x, w, scale, k_minor=True))
+    assert got.shape == (1, n // 2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)

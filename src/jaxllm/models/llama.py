@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, RopeConfig
-from .quant import Partials, is_k_minor, k_minor_order, plain_gemv, qeinsum, scale_param, weight_dtype
+from .quant import Activated, Partials, is_k_minor, k_minor_order, plain_gemv, qeinsum, scale_param, weight_dtype
 
 Attend = Callable  # (layer: int, q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,H,D], cache)
 
@@ -350,9 +350,14 @@ class MLP(nnx.Module):
         # fp8-w8a8 on one device (cfg.fused_silu_quant): an FP8 x FP8 gate/up product comes back
         # unscaled (quant.Scaled) for the down projection's pallas.silu_mul_quant to scale
         raw = self.silu_quant and _one_device(attend)
+        # one device, no bias: the gate/up gemv may return silu(gate) * up itself (quant.Activated)
+        out_act = "silu_mul" if _one_device(attend) and not self.has_bias else None
         gu = _parallel("column", attend, lambda x, w, s: qeinsum("...e,esf->...sf", x, w, s, self.w8a8, self.gemv,
-                                                                 raw=raw),
+                                                                 raw=raw, out_act=out_act),
                        x, (None,) * (x.ndim - 1) + ("embed",), self.gate_up, self.gate_up_scale)
+        act = "silu_mul"
+        if isinstance(gu, Activated):
+            gu, act = gu.value, None
         if self.has_bias:
             gu = gu + self.gate_up_bias[...]
         # silu(gate) * up, then down: in one pallas.gemv call where the down projection goes there
@@ -360,10 +365,10 @@ class MLP(nnx.Module):
         to_norm = self.fused_norm and not self.has_bias  # y goes straight into the fused add + norm
         partials = _partials_wanted(to_norm, attend)
         y = _parallel("row", attend, lambda gu, w, s, out_dtype=None: qeinsum("...f,fe->...e", gu, w, s, self.w8a8,
-                                                                             self.gemv, out_dtype, act="silu_mul",
+                                                                             self.gemv, out_dtype, act=act,
                                                                              partials=partials),
-                      gu, (None,) * (gu.ndim - 2) + ("stack", "mlp"), self.down, self.down_scale,
-                      keep_float32=to_norm)
+                      gu, (None,) * (gu.ndim - (2 if act else 1)) + (("stack", "mlp") if act else ("mlp",)),
+                      self.down, self.down_scale, keep_float32=to_norm)
         if self.has_bias:
             y = y + self.down_bias[...]
         return y

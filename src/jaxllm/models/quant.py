@@ -114,6 +114,14 @@ class GemvNormEpilogue:
                     interpret=jax.default_backend() == "cpu", **dict(tiling))
 
 
+class Activated(NamedTuple):
+    """A gate/up projection's silu(gate) * up [..., f], computed by the projection's kernel (what
+    qeinsum returns with ``out_act="silu_mul"`` where pallas.gemv serves the call): the down
+    projection reads it as it is, without an `act`."""
+
+    value: jax.Array
+
+
 class Scaled(NamedTuple):
     """An FP8 x FP8 product still to be scaled: `raw` [..., N] (float32, or the activations' 16-bit
     dtype) times `x_scale` (per token,
@@ -158,7 +166,7 @@ class Quantized(NamedTuple):
 
 
 def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = False, out_dtype=None,
-            act: str | None = None, partials: bool = False, raw: bool = False):
+            act: str | None = None, partials: bool = False, raw: bool = False, out_act: str | None = None):
     """einsum(spec, x, w) for a plain or a quantized weight, spec written for the plain layout.
 
     x's contracting dims are its trailing ones and the scale's dims the trailing (output) dims of
@@ -172,6 +180,8 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
     "silu_mul": x is [..., 2, f] (a gate/up output) and the product is of silu(gate) * up -- computed
     inside pallas.gemv where the call goes there, else here first (the model's own ops). `partials`:
     where pallas.gemv splits K at one row, return its float32 partial sums as ``Partials``.
+    `out_act` "silu_mul" (a gate/up projection, result [..., 2, f]): where pallas.gemv serves the
+    call, it returns silu(gate) * up as ``Activated`` [..., f]; elsewhere the product as usual.
     `raw`: where the call runs FP8 x FP8, return the product unscaled as ``Scaled`` (x's dtype
     stays the result's). x may be ``Quantized`` (quantized per token already, by the norm before
     the projection): multiplied FP8 x FP8 as it is, or dequantized where the call does not; with act, x may be ``Scaled`` (a gate/up output): FP8 x FP8 here goes
@@ -206,7 +216,9 @@ def qeinsum(spec: str, x, w, scale=None, w8a8: bool = False, gemv: bool | str = 
             if y is not None:
                 return y.astype(out_dtype)
     if isinstance(gemv, str):
-        y = plain_gemv(spec, x, w, scale, k_minor, gemv, out_dtype, partials=partials)
+        y = plain_gemv(spec, x, w, scale, k_minor, gemv, out_dtype, partials=partials, out_act=out_act)
+        if y is None and out_act is not None:  # the kernel does not serve the activation: the product alone
+            y = plain_gemv(spec, x, w, scale, k_minor, gemv, out_dtype, partials=partials)
         if y is not None:
             return y
     if scale is None:
@@ -308,15 +320,17 @@ def _fp8_gemv(spec: str, x, w, scale):
 
 
 def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dtype=None, act: str | None = None,
-               partials: bool = False):
+               partials: bool = False, out_act: str | None = None):
     """The product through ``pallas.gemv`` (w [in..., out...], or [out..., in...] with `k_minor` and
     spec rewritten for it), or None where the kernel does not serve the shape or `mode` leaves it
     to XLA: "small" a weight larger than ``SMALL_WEIGHT``, "quantized" anything but
     a K-minor one-byte weight (fp8) times one row (int8 [K, N] ran slower than XLA: 6.69 vs 5.68
     ms). `act`: x is [..., 2, f] and the kernel multiplies act(x) (pallas.gemv's act; spec is
     written for act(x)'s shape). `partials`: a split-K product at one row comes back as
-    ``Partials`` (pallas.gemv partials). On a CPU backend the kernel runs in Pallas interpret mode
-    (tests)."""
+    ``Partials`` (pallas.gemv partials). `out_act` "silu_mul": the result's last two dims are
+    [2, f] (gate, up) and the kernel returns silu(gate) * up [..., f] instead, as ``Activated``
+    (pallas.gemv out_act), where it serves the call (fp8 weights times one row); else None as for
+    any call it does not serve. On a CPU backend the kernel runs in Pallas interpret mode (tests)."""
     from ..pallas.gemv import SMALL_WEIGHT, gemv, gemv_tiling
 
     if mode not in ("all", "small", "quantized"):
@@ -333,12 +347,18 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dty
     if mode == "quantized" and (w2.dtype.itemsize != 1 or not k_minor or x2.shape[0] != 1):
         return None
     n = w2.shape[0] if k_minor else w2.shape[1]
-    tiling = gemv_tiling(x2.shape[0], w2.shape[1] if k_minor else w2.shape[0], n, w2.dtype.itemsize, k_minor)
+    if out_act is not None and not (act is None and k_minor and w2.dtype.itemsize == 1 and x2.shape[0] == 1
+                                    and shape[-2:-1] == (2,) and env_flag("JAXLLM_GEMV_OUT_ACT", "1")):
+        return None  # JAXLLM_GEMV_OUT_ACT=0 (an A/B): the product alone, the activation in the down projection
+    tiling = gemv_tiling(x2.shape[0], w2.shape[1] if k_minor else w2.shape[0], n, w2.dtype.itemsize, k_minor, act,
+                         out_act)
     if tiling is None:
         return None
     s = None if scale is None else scale.reshape(n)
-    y = gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, partials=partials,
+    y = gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, out_act=out_act, partials=partials,
              interpret=jax.default_backend() == "cpu", **tiling)
+    if out_act is not None:
+        return Activated(y.reshape(shape[:-2] + shape[-1:]))
     if y.ndim == 3:  # the partials [S, 1, n]
         finish = None
         if env_flag("JAXLLM_GEMV_NORM_EPILOGUE") and x2.shape[0] == 1:

@@ -73,7 +73,8 @@ def forced_tiling(k: int, n: int) -> dict | None:
 WIDE_N = 16384  # gemv_tiling: a one-row fp8 product at least this wide reads whole short rows, 4 a program
 
 
-def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True) -> dict | None:
+def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True, act: str | None = None,
+                out_act: str | None = None) -> dict | None:
     """A tiling for an [m, k] x [k, n] product whose weight has `itemsize` bytes per element; None
     where none fits. Chosen from the H100 sweeps (BENCHMARKS.md "Eighth session", "Seventeenth
     session"): a one-byte weight (fp8, int8) times one row: multiply-adds (`fma`) over blocks of 32
@@ -85,7 +86,9 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True)
     else a tensor-core dot over 128 columns where that gives most SMs a block (no split: the
     kernel writes the result), 64 otherwise, 64 K at a time. Then, unless a dot already has 96
     column blocks, K is split in two until there are two programs per SM (264; 256 for a dot) or a
-    split would walk fewer than 2 steps."""
+    split would walk fewer than 2 steps. `act` / `out_act`: gemv's (a product computing silu * up
+    as it reads x keeps the 32-column blocks, which compute it once for 32 columns; one returning
+    silu(gate) * up takes half the columns of each half a program, and one split)."""
     fma = itemsize == 1 and m == 1
     forced = forced_tiling(k, n)
     if forced is not None:
@@ -94,7 +97,12 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True)
                              f"(n % block_n == 0, k % (splits * block_k) == 0, rows <= {ROWS})")
         return dict(forced, fma=fma)
     if fma and k_minor and n >= WIDE_N and n % 4 == 0 and k <= 4096 and k & (k - 1) == 0:
-        return dict(block_n=4, block_k=k, splits=1, fma=True)
+        return dict(block_n=2 if out_act else 4, block_k=k, splits=1, fma=True)
+    if out_act:
+        t = gemv_tiling(m, k, n // 2, itemsize, k_minor)  # each half's columns
+        return None if t is None or not t["fma"] else dict(t, splits=1)
+    if fma and k_minor and act is None and n % 2 == 0 and k % 2048 == 0:  # narrow blocks, one warp
+        return dict(block_n=2, block_k=1024, splits=2, num_warps=1, fma=True)
     if fma and k_minor:
         block_n = next((b for b in (32, 16) if n % b == 0), None)
         block_k = next((b for b in (512, 256, 128, 64, 32, 16) if k % b == 0), None)
@@ -178,11 +186,11 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False, act: str | None = No
 
 
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "fma", "out_dtype", "act", "partials", "eps", "interpret"))
+                                             "fma", "out_dtype", "act", "out_act", "partials", "eps", "interpret"))
 def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False, block_n: int = 128,
          block_k: int = 64, splits: int = 4, num_warps: int = 4, num_stages: int = 4, fma: bool = False,
-         out_dtype=None, act: str | None = None, partials: bool = False, eps: float = 1e-6,
-         interpret: bool = False):
+         out_dtype=None, act: str | None = None, out_act: str | None = None, partials: bool = False,
+         eps: float = 1e-6, interpret: bool = False):
     """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in out_dtype (default x's).
 
     With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
@@ -190,6 +198,10 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
     writes the result itself (scale applied, in out_dtype): no jnp epilogue, no extra kernel.
     `act` "silu_mul": x is [M, 2K] (gate, then up) and the product is silu(gate) * up @ w, the
     activation computed as x is read (an MLP's down projection without its own elementwise kernel).
+    `out_act` "silu_mul" (one row, fma, k_minor, one split): w [2F, K] holds gate's rows, then up's
+    (a gate/up projection), and the kernel returns silu(gate) * up [1, F] -- each program computes
+    its columns of both halves, rounds them to out_dtype as the projection would, and applies the
+    activation as act's silu_mul does (the down projection then reads it plainly).
     `partials`: with several splits and one row, return the float32 partial sums [splits, 1, N]
     (scale applied to each) instead of adding them in a jnp epilogue -- for a consumer that adds
     them itself (pallas.add_norm), one kernel fewer; otherwise the result as usual.
@@ -203,8 +215,8 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
-    if act not in (None,) + ACTS:
-        raise ValueError(f"gemv: act={act!r}: expected None or one of {ACTS}")
+    if act not in (None,) + ACTS or out_act not in (None,) + ACTS:
+        raise ValueError(f"gemv: act={act!r} / out_act={out_act!r}: expected None or one of {ACTS}")
     m, k = x.shape
     if act is not None:  # x holds gate and up: the product's K is half its width
         k //= 2
@@ -224,6 +236,10 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
         raise ValueError(f"gemv: residual {residual.shape} / norm_w {None if norm_w is None else norm_w.shape}: the add + "
                          f"norm epilogue takes one row of [1, {n}] and [{n}] (n a power of two), split K, fma or one "
                          "row through the dot")
+    gated = out_act is not None
+    if gated and not (fma and k_minor and splits == 1 and m == 1 and n % (2 * block_n) == 0 and not finish):
+        raise ValueError(f"gemv: out_act={out_act!r} takes one row (fma), w [2F, K] stored K-minor with F % block_n "
+                         f"== 0 and one split, got [{m}, {k}] x [{n}, {k}], block_n={block_n}, splits={splits}")
     direct = splits == 1
     raw = (partials or finish) and not direct and rows == m  # the partials scaled in the kernel
     with_scale = (direct or raw) and scale is not None
@@ -258,6 +274,11 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
 
         def body(i, acc):
             off = pl.multiple_of((s * steps + i) * block_k, block_k)
+            if gated:  # gate's columns and up's (n // 2 rows further)
+                xs = load_x(0, off).astype(jnp.float32)
+                ups = pl.ds(pl.multiple_of(n // 2 + j * block_n, block_n), block_n)
+                return tuple(a + jnp.sum(w_ref[c, pl.ds(off, block_k)].astype(jnp.float32) * xs[None, :], axis=1)[None]
+                             for a, c in zip(acc, (cols, ups)))
             if fma:
                 xs = load_x(0, off).astype(jnp.float32)  # [block_k]
                 if k_minor:
@@ -275,7 +296,17 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
             ws = w_ref[pl.ds(off, block_k), cols].astype(xs.dtype)  # [block_k, block_n]
             return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((ROWS if one else rows, block_n), jnp.float32))
+        zero = jnp.zeros((ROWS if one else rows, block_n), jnp.float32)
+        if gated:
+            acc_g, acc_u = jax.lax.fori_loop(0, steps, body, (zero, zero))
+            if scale is not None:
+                acc_g = acc_g * refs[0][cols].astype(jnp.float32)[None]
+                acc_u = acc_u * refs[0][pl.ds(pl.multiple_of(n // 2 + j * block_n, block_n), block_n)].astype(
+                    jnp.float32)[None]
+            g, u = (a.astype(o_ref.dtype).astype(jnp.float32) for a in (acc_g, acc_u))  # rounded as the projection
+            o_ref[...] = (g * jax.nn.sigmoid(g) * u).astype(o_ref.dtype)  # as silu_mul
+            return
+        acc = jax.lax.fori_loop(0, steps, body, zero)
         if one:
             acc = jnp.sum(acc, axis=0, keepdims=True)
         if with_scale:
@@ -301,7 +332,10 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
             interpret=interpret,
         )(*operands)
         return h, n_out
-    if direct:
+    if gated:
+        out_shape = jax.ShapeDtypeStruct((1, n // 2), out_dtype)
+        out_spec = pl.BlockSpec((1, block_n), lambda j, s: (0, j))
+    elif direct:
         out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)
         out_spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
     else:
@@ -311,12 +345,14 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(n // block_n, splits),
+        grid=((n // 2 if gated else n) // block_n, splits),
         in_specs=[pl.BlockSpec()] * len(operands),  # whole arrays: loads slice them
         out_specs=out_spec,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )(*operands)
+    if gated:
+        return out
     if direct:
         return out if rows == m else out[:m]
     if raw:
