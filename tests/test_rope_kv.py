@@ -223,3 +223,84 @@ def test_kernel_compiled_on_the_gpu_matches_reference(splits, rows, pool):
                                    rtol=2 ** -6, atol=2 ** -6)
     untouched = np.setdiff1d(np.arange(kp.shape[0]), np.asarray(slots))
     _equal(got[1][untouched], kp[untouched])
+
+
+@pytest.mark.parametrize("pool, scaled, block_n, block_k", [
+    (jnp.bfloat16, True, 2, 256), (FP8, True, 4, 128), (FP8, False, 16, 256), (jnp.bfloat16, False, 8, 64)])
+def test_gemv_rope_kv_is_rope_kv_of_the_one_split_product(pool, scaled, block_n, block_k):
+    """gemv_rope_kv_write (one row: the fp8 q/k/v projection, its RoPE and KV writes in one kernel)
+    is rope_kv_write of pallas.gemv's one-split product, exactly (interpret mode); a padding slot
+    writes nothing."""
+    from jaxllm.pallas.gemv import gemv
+    from jaxllm.pallas.rope_kv import gemv_rope_kv_write
+
+    kvh, g, d, k = 2, 4, 32, 256
+    n = kvh * (g + 2) * d
+    x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+    w = (0.05 * jax.random.normal(jax.random.key(1), (n, k), jnp.float32)).astype(FP8)
+    scale = jnp.linspace(0.5, 2.0, n) if scaled else None
+    _, _, _, cos, sin, _, (kp, vp) = _case(3, 1, 1, kvh, g, d, pool)
+    kw = dict(group=g, dtype=jnp.bfloat16, k_scale=0.5 if pool == FP8 else 1.0, v_scale=1.5 if pool == FP8 else 1.0)
+    product = gemv(x, w, scale, k_minor=True, block_n=32, block_k=k, splits=1, fma=True, interpret=True)
+    for slot in (7, -1):
+        slots = jnp.array([slot], jnp.int32)
+        want = reference_rope_kv_write(product.reshape(1, 1, kvh, g + 2, d), cos, sin, slots, kp, vp, **kw)
+        got = gemv_rope_kv_write(x, w, scale, cos, sin, slots, kp, vp, block_n=block_n, block_k=block_k,
+                                 interpret=True, **kw)
+        for a, b in zip(got, want):
+            _equal(a, b)
+    _equal(got[1], kp)  # the padding slot's call left the pools as they were
+
+
+def test_batch_one_decode_through_the_gemv_rope_kv_kernel(tiny_checkpoints, monkeypatch):
+    """Batch-1 decode with fp8 weights: the q/k/v projection handed over still to run
+    (quant.PendingGemv) goes through gemv_rope_kv_write -- the same tokens as rope_kv_write after
+    the gemv's split-K partials (JAXLLM_GEMV_ROPE_KV=0), logprobs within the split's rounding."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.pallas import rope_kv
+    from jaxllm.runner.paged import rope_kv_kernel_for
+
+    for var, value in (("JAXLLM_FUSED_QKV", "1"), ("JAXLLM_GEMV", "1"), ("JAXLLM_GEMV_TILING", "64x256=32,32,2")):
+        monkeypatch.setenv(var, value)
+    real, out = rope_kv.gemv_rope_kv_write, {}
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    for on in ("0", "1"):
+        monkeypatch.setenv("JAXLLM_GEMV_ROPE_KV", on)
+        jax.clear_caches()  # the layers' shared jit would keep the other run's trace
+        calls = []
+        monkeypatch.setattr(rope_kv, "gemv_rope_kv_write", lambda *a, calls=calls, **k: calls.append(1) or real(*a, **k))
+        with LLM(str(tiny_checkpoints["llama3"]), max_seq_len=64, max_batch_size=1, compilation_cache=False,
+                 quantization="fp8", dtype="bfloat16") as llm:
+            llm._engine.runner._rope_kv = rope_kv_kernel_for(interpret=True)
+            o = llm.generate([{"prompt_token_ids": [3, 14, 15, 92, 65]}], sp, use_tqdm=False)[0].outputs[0]
+        out[on] = (o.token_ids, [sorted(d.items()) for d in o.logprobs], calls)
+    assert not out["0"][2] and out["1"][2]  # the kernel ran where asked, only there
+    assert out["1"][0] == out["0"][0]
+    for a, b in zip(out["1"][1], out["0"][1]):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        np.testing.assert_allclose([lp.logprob for _, lp in a], [lp.logprob for _, lp in b], atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool", [jnp.bfloat16, FP8])
+def test_gemv_rope_kv_compiled_on_the_gpu(pool):
+    """Llama-3.1-8B's fp8 q/k/v projection (8 KV heads of 4, head dim 128, K 4096) with its RoPE and
+    KV writes, compiled: within a bf16 rounding or two of rope_kv of the one-split product."""
+    from jaxllm.pallas.gemv import gemv
+    from jaxllm.pallas.rope_kv import gemv_rope_kv_write
+
+    kvh, g, d, k = 8, 4, 128, 4096
+    n = kvh * (g + 2) * d
+    x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+    w = (0.02 * jax.random.normal(jax.random.key(1), (n, k), jnp.float32)).astype(FP8)
+    scale = jnp.linspace(0.5, 2.0, n)
+    _, _, _, cos, sin, _, (kp, vp) = _case(5, 1, 1, kvh, g, d, pool, pool_slots=4096)
+    kw = dict(group=g, dtype=jnp.bfloat16, k_scale=0.5 if pool == FP8 else 1.0)
+    slots = jnp.array([1234], jnp.int32)
+    product = gemv(x, w, scale, k_minor=True, block_n=32, block_k=512, splits=1, fma=True)
+    want = reference_rope_kv_write(product.reshape(1, 1, kvh, g + 2, d), cos, sin, slots, kp, vp, **kw)
+    got = gemv_rope_kv_write(x, w, scale, cos, sin, slots, kp, vp, **kw)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
+                                   rtol=2 ** -5, atol=2 ** -5)
+    _equal(got[1][:1234], kp[:1234])

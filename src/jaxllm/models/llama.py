@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..switches import env_flag
 from .config import ModelConfig, RopeConfig
 from .quant import Activated, Partials, is_k_minor, k_minor_order, plain_gemv, qeinsum, scale_param, weight_dtype
 
@@ -433,8 +434,9 @@ def _fused_add_norm(x, y, norm: RMSNorm, attend):
     tp = getattr(attend, "tensor_parallel", None)
     if not add_rmsnorm_fits(rows, e) or (tp is not None and tp.mode == "xla"):
         return None
-    if isinstance(y, Partials) and y.finish is not None and rows == 1 and tp is None:  # the gemv finishes it
-        h, n = y.finish(x.reshape(rows, e), norm.weight[...], norm.eps)
+    if (isinstance(y, Partials) and y.finish is not None and rows == 1 and tp is None
+            and env_flag("JAXLLM_GEMV_NORM_EPILOGUE")):  # the gemv finishes it (an A/B: measured no faster)
+        h, n = y.finish.add_norm(x.reshape(rows, e), norm.weight[...], norm.eps)
         return h.reshape(x.shape), n.reshape(x.shape)
     f = functools.partial(add_rmsnorm, eps=norm.eps, interpret=jax.default_backend() == "cpu")
     ys = y.parts.reshape(-1, rows, e) if isinstance(y, Partials) else y.reshape(rows, e)

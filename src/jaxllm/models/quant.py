@@ -76,10 +76,10 @@ def _k_minor_spec(spec: str) -> tuple[str, int]:
 class Partials(NamedTuple):
     """A projection's result as float32 split-K partial sums [S, ..., N] (scale applied), still to
     be added: what qeinsum returns with ``partials=True`` where pallas.gemv splits K at one row,
-    for a consumer that adds them in its own kernel (models/llama.py: add_norm). `finish`, where
-    JAXLLM_GEMV_NORM_EPILOGUE=1: a ``GemvNormEpilogue`` -- the same gemv run with the residual add +
-    RMSNorm finished by its last program; a consumer that calls it leaves `parts` unused (XLA drops
-    that kernel)."""
+    for a consumer that adds them in its own kernel (models/llama.py: add_norm). `finish`: the one
+    row's product still to run, ``PendingGemv`` -- for a consumer that runs it with its own
+    epilogue instead (the residual add + RMSNorm, or the q/k/v projection's RoPE and KV writes)
+    and leaves `parts` unused (XLA drops that kernel)."""
 
     parts: jax.Array
     finish: Any = None
@@ -90,11 +90,13 @@ class Partials(NamedTuple):
 
 
 @jax.tree_util.register_pytree_node_class
-class GemvNormEpilogue:
-    """A one-row split-K pallas.gemv still to run, with the residual add + RMSNorm after it finished
-    by its last program (pallas.gemv residual / norm_w): called with (residual [1, N], norm weight
-    [N], eps), returns (h, norm(h)). A pytree (the gemv's operands; its tiling static), so it may
-    leave the layer's jit with the down projection's partials for the next layer's input norm."""
+class PendingGemv:
+    """A one-row pallas.gemv product (x [1, K], w [N, K] or [K, N], scale [N] or None) for a
+    consumer to run with its own epilogue: ``add_norm`` (the residual add + RMSNorm finished by the
+    last program of the split-K gemv, pallas.gemv residual / norm_w; JAXLLM_GEMV_NORM_EPILOGUE=1),
+    or pallas.rope_kv.gemv_rope_kv_write (runner/paged.py rope_attend) with x, w and scale. A
+    pytree (the operands; the tiling static), so it may leave the layer's jit with the down
+    projection's partials for the next layer's input norm."""
 
     def __init__(self, x, w, scale, static):
         self.x, self.w, self.scale, self.static = x, w, scale, static  # static: (k_minor, act, tiling items)
@@ -106,7 +108,8 @@ class GemvNormEpilogue:
     def tree_unflatten(cls, static, children):
         return cls(*children, static)
 
-    def __call__(self, residual, norm_w, eps):
+    def add_norm(self, residual, norm_w, eps):
+        """(h, norm(h)) for h = residual [1, N] + the product, by the gemv's last program."""
         from ..pallas.gemv import gemv
 
         k_minor, act, tiling = self.static
@@ -352,17 +355,15 @@ def plain_gemv(spec: str, x, w, scale, k_minor: bool, mode: str = "all", out_dty
         return None  # JAXLLM_GEMV_OUT_ACT=0 (an A/B): the product alone, the activation in the down projection
     tiling = gemv_tiling(x2.shape[0], w2.shape[1] if k_minor else w2.shape[0], n, w2.dtype.itemsize, k_minor, act,
                          out_act)
-    if tiling is None:
-        return None
+    if tiling is None or (out_act is not None and (tiling["splits"] != 1 or (n // 2) % tiling["block_n"])):
+        return None  # (the activation takes one split and whole column blocks of each half)
     s = None if scale is None else scale.reshape(n)
     y = gemv(x2, w2, s, k_minor=k_minor, out_dtype=out_dtype, act=act, out_act=out_act, partials=partials,
              interpret=jax.default_backend() == "cpu", **tiling)
     if out_act is not None:
         return Activated(y.reshape(shape[:-2] + shape[-1:]))
     if y.ndim == 3:  # the partials [S, 1, n]
-        finish = None
-        if env_flag("JAXLLM_GEMV_NORM_EPILOGUE") and x2.shape[0] == 1:
-            finish = GemvNormEpilogue(x2, w2, s, (k_minor, act, tuple(sorted(tiling.items()))))
+        finish = PendingGemv(x2, w2, s, (k_minor, act, tuple(sorted(tiling.items())))) if x2.shape[0] == 1 else None
         return Partials(y.reshape(y.shape[:1] + shape), finish)
     return y.reshape(shape)
 

@@ -95,6 +95,8 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True,
         if not gemv_fits(m, k, n, forced["block_n"], forced["block_k"], forced["splits"]):
             raise ValueError(f"{TILING_ENV}: {forced} does not fit a [{m}, {k}] x [{k}, {n}] product "
                              f"(n % block_n == 0, k % (splits * block_k) == 0, rows <= {ROWS})")
+        if out_act and (forced["splits"] != 1 or (n // 2) % forced["block_n"]):
+            return None  # the activation takes one split: the forced tiling serves the product alone
         return dict(forced, fma=fma)
     if fma and k_minor and n >= WIDE_N and n % 4 == 0 and k <= 4096 and k & (k - 1) == 0:
         return dict(block_n=2 if out_act else 4, block_k=k, splits=1, fma=True)

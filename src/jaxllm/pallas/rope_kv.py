@@ -157,3 +157,90 @@ def rope_kv_write(parts, cos, sin, slots, k_pool, v_pool, row_scale=None, col_sc
         interpret=interpret,
     )(*operands)
     return q.reshape(r, kvh * group, d), kp.reshape(k_pool.shape), vp.reshape(v_pool.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "dtype", "k_scale", "v_scale", "block_n", "block_k", "num_warps",
+                                             "interpret"))
+def gemv_rope_kv_write(x, w, scale, cos, sin, slots, k_pool, v_pool, *, group: int, dtype, k_scale: float = 1.0,
+                       v_scale: float = 1.0, block_n: int = 2, block_k: int = 4096, num_warps: int = 4,
+                       interpret: bool = False):
+    """The fused q/k/v projection of one row and rope_kv_write's epilogue in one kernel: x [1, K]
+    times an fp8 weight stored [N, K] (N = KVH * (G + 2) * D, per-channel `scale` [N] or None), one
+    split; each program computes `block_n` RoPE pairs of one head row (columns c.. and D / 2 + c..,
+    rows of w D / 2 apart), rounds them to `dtype` as the projection's own epilogue does, ropes q
+    and k with cos / sin [1, D / 2], and writes q, or k / v into the pools at slots[0] (unless < 0)
+    -- no partial sums in memory, no second kernel. The reference is rope_kv_write of the one-split
+    product (pallas.gemv's direct result): bit for bit in interpret mode."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    m, k = x.shape
+    kvh, d = k_pool.shape[1:]
+    half, gp2 = d // 2, group + 2
+    n = kvh * gp2 * d
+    if (m != 1 or w.shape != (n, k) or k % block_k or half % block_n or cos.shape != (1, half)
+            or sin.shape != (1, half) or v_pool.shape != k_pool.shape):
+        raise ValueError(f"gemv_rope_kv_write: x {x.shape}, w {w.shape}, pools {k_pool.shape}, cos {cos.shape}: expected "
+                         f"one row, w [{n}, K] (K % block_k == 0), [1, {half}] cos / sin, D / 2 % block_n == 0")
+    steps = k // block_k
+    kp, vp = (p.reshape(p.shape[0], kvh, 2, half) for p in (k_pool, v_pool))
+    with_scale = scale is not None
+    operands = [x, w] + ([scale.reshape(n).astype(jnp.float32)] if with_scale else []) + [
+        cos.astype(jnp.float32), sin.astype(jnp.float32), slots.reshape(1).astype(jnp.int32), kp, vp]
+    first_pool = len(operands) - 2
+
+    def kernel(x_ref, w_ref, *refs):
+        s_ref = refs[0] if with_scale else None
+        cos_ref, sin_ref, slot_ref = refs[with_scale : with_scale + 3]
+        q_ref, k_out, v_out = refs[-3:]
+        hr, cc = pl.program_id(0), pl.program_id(1)
+        h, j = jax.lax.div(hr, gp2), jax.lax.rem(hr, gp2)  # KV head; its row: q heads, then k, then v
+        c0 = pl.multiple_of(cc * block_n, block_n)
+        halves = (pl.ds(pl.multiple_of(hr * d + c0, block_n), block_n),
+                  pl.ds(pl.multiple_of(hr * d + half + c0, block_n), block_n))
+
+        def body(i, acc):
+            off = pl.multiple_of(i * block_k, block_k)
+            xs = x_ref[0, pl.ds(off, block_k)].astype(jnp.float32)
+            return tuple(a + jnp.sum(w_ref[rows, pl.ds(off, block_k)].astype(jnp.float32) * xs[None, :], axis=1)[None]
+                         for a, rows in zip(acc, halves))
+
+        zero = jnp.zeros((1, block_n), jnp.float32)
+        acc = jax.lax.fori_loop(0, steps, body, (zero, zero))
+        if with_scale:
+            acc = tuple(a * s_ref[rows].astype(jnp.float32)[None] for a, rows in zip(acc, halves))
+        x1, x2 = (a.astype(dtype) for a in acc)  # the projection's values, as its epilogue rounds them
+        c, s = cos_ref[0, pl.ds(c0, block_n)][None, :], sin_ref[0, pl.ds(c0, block_n)][None, :]
+        f1, f2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+        r1, r2 = (f1 * c - f2 * s).astype(dtype), (f2 * c + f1 * s).astype(dtype)  # _rope's arithmetic
+        cols = pl.ds(c0, block_n)
+        slot = slot_ref[0]
+
+        @pl.when(j < group)
+        def _():
+            head = pl.ds(h * group + j, 1)
+            q_ref[0, head, 0, cols] = r1
+            q_ref[0, head, 1, cols] = r2
+
+        @pl.when((j == group) & (slot >= 0))
+        def _():
+            k_out[slot, pl.ds(h, 1), 0, cols] = _to_pool(r1, k_out.dtype, k_scale)
+            k_out[slot, pl.ds(h, 1), 1, cols] = _to_pool(r2, k_out.dtype, k_scale)
+
+        @pl.when((j == group + 1) & (slot >= 0))
+        def _():
+            v_out[slot, pl.ds(h, 1), 0, cols] = _to_pool(x1, v_out.dtype, v_scale)
+            v_out[slot, pl.ds(h, 1), 1, cols] = _to_pool(x2, v_out.dtype, v_scale)
+
+    q, kp, vp = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((1, kvh * group, 2, half), dtype),
+                   jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)),
+        grid=(kvh * gp2, half // block_n),
+        in_specs=[pl.BlockSpec()] * len(operands),
+        out_specs=[pl.BlockSpec()] * 3,
+        input_output_aliases={first_pool: 1, first_pool + 1: 2},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps),
+        interpret=interpret,
+    )(*operands)
+    return q.reshape(1, kvh * group, d), kp.reshape(k_pool.shape), vp.reshape(v_pool.shape)

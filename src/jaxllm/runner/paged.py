@@ -227,6 +227,22 @@ def fused_rope_kv_wanted(mesh) -> bool:
     return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "gpu" and triton_available()
 
 
+def gemv_rope_kv_serves(pending, heads: tuple) -> bool:
+    """Whether pallas.rope_kv.gemv_rope_kv_write runs a one-row q/k/v projection still to run
+    (``quant.PendingGemv``, the `finish` of its Partials) with heads (KVH, G + 2, D): an fp8 weight
+    stored [N, K], no activation, K a multiple of 32, D / 2 even. JAXLLM_GEMV_ROPE_KV=0 turns it off
+    (an A/B: rope_kv_write after the gemv's partials instead)."""
+    from ..switches import env_flag
+
+    if pending is None or not env_flag("JAXLLM_GEMV_ROPE_KV", "1"):
+        return False
+    k_minor, act, _ = pending.static
+    kvh, gp2, d = heads
+    x, w = pending.x, pending.w
+    return (k_minor and act is None and w.dtype.itemsize == 1 and x.shape[0] == 1 and x.shape[1] % 32 == 0
+            and w.shape == (kvh * gp2 * d, x.shape[1]) and d % 4 == 0)
+
+
 def rope_kv_kernel_for(interpret: bool = False):
     """pallas.rope_kv_write as attend's decode epilogue (``PagedAttend.rope_kv``); `interpret`:
     Pallas interpret mode (CPU tests)."""
@@ -356,20 +372,35 @@ class PagedAttend:
         else:
             parts = qkv[None]
         s, b, t, kvh, gp2, d = parts.shape
+        k_pool, v_pool = cache[layer]
+        k_scale, v_scale = (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer]
+        pending = qkv.finish if isinstance(qkv, Partials) else None
+        if b * t == 1 and gemv_rope_kv_serves(pending, (kvh, gp2, d)):
+            # one row: the projection itself, its RoPE and KV writes in one kernel (pallas.rope_kv)
+            from ..pallas.rope_kv import gemv_rope_kv_write
+
+            kk = pending.x.shape[1]
+            q, k_pool, v_pool = gemv_rope_kv_write(
+                pending.x, pending.w, pending.scale, cos.reshape(1, -1), sin.reshape(1, -1), self.slots.reshape(1),
+                k_pool, v_pool, group=group, dtype=jnp.dtype(dtype), k_scale=k_scale, v_scale=v_scale,
+                block_k=min(kk & -kk, 4096), interpret=jax.default_backend() == "cpu")
+            return self._attend_roped(layer, q.reshape(b, t, kvh * group, d), k_pool, v_pool, k_scale, v_scale, cache)
         parts = parts.reshape(s, b * t, kvh, gp2, d)
         if row_scale is not None:
             row_scale = jnp.broadcast_to(row_scale, (b, t) + (1,) * (row_scale.ndim - 2)).reshape(b * t)
         if col_scale is not None:
             col_scale = jnp.broadcast_to(col_scale, (kvh, gp2, d))
-        k_pool, v_pool = cache[layer]
-        k_scale, v_scale = (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer]
         # a split count the kernel does not take (a gemv tiling forced by JAXLLM_GEMV_TILING): the same in jnp
         write = self.rope_kv if rope_kv_fits(parts.shape, group) else reference_rope_kv_write
         q, k_pool, v_pool = write(parts, cos.reshape(b * t, -1), sin.reshape(b * t, -1), self.slots.reshape(b * t),
                                   k_pool, v_pool,
                                   row_scale, col_scale, group=group, dtype=jnp.dtype(dtype), k_scale=k_scale,
                                   v_scale=v_scale)
-        out = self._paged_read(q.reshape(b, t, kvh * group, d), k_pool, v_pool, k_scale, v_scale)
+        return self._attend_roped(layer, q.reshape(b, t, kvh * group, d), k_pool, v_pool, k_scale, v_scale, cache)
+
+    def _attend_roped(self, layer, q, k_pool, v_pool, k_scale: float, v_scale: float, cache):
+        """rope_attend's end: attention of the roped q over the pools holding this call's k / v."""
+        out = self._paged_read(q, k_pool, v_pool, k_scale, v_scale)
         cache = list(cache)
         cache[layer] = (k_pool, v_pool)
         return out, cache
