@@ -417,7 +417,7 @@ def test_gemv_add_norm_epilogue_compiled_on_the_gpu(k, n, act):
 
 
 def test_the_add_norm_epilogue_in_the_model_changes_nothing(tiny_checkpoints, monkeypatch):
-    """JAXLLM_GEMV_NORM_EPILOGUE=1 (an A/B until timed): batch-1 decode's split-K o and down gemvs
+    """JAXLLM_GEMV_NORM_EPILOGUE=1 (an A/B: measured no faster): batch-1 decode's split-K o and down gemvs
     finish the residual add + RMSNorm in their last program instead of handing their partials to
     pallas.add_norm -- the same tokens and logprobs, exactly (fp8 weights, every projection through
     the kernel in interpret mode, K split in two by a forced tiling at the tiny model's shapes)."""

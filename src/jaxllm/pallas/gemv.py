@@ -208,7 +208,8 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
     (scale applied to each) instead of adding them in a jnp epilogue -- for a consumer that adds
     them itself (pallas.add_norm), one kernel fewer; otherwise the result as usual.
 
-    `residual` [1, N] and `norm_w` [N] (one row, split K; not yet timed on a GPU, no model uses it):
+    `residual` [1, N] and `norm_w` [N] (one row, split K; models use it only with
+    JAXLLM_GEMV_NORM_EPILOGUE=1: no faster on an H100, BENCHMARKS.md "Seventeenth session"):
     the residual add and the RMSNorm after the projection finished by the kernel's last program
     (pallas.add_norm.add_rmsnorm's arithmetic), returning (h, n) instead of the product -- the
     program that finishes last, counted by an atomic on a zeroed counter it sets back to 0, adds the
