@@ -360,7 +360,9 @@ class PagedAttend:
         """attend(layer, q, k, v, cache) for a fused q/k/v projection not yet finished nor roped:
         qkv [B, 1, KVH, G + 2, D] as an array, ``Partials`` (split-K sums still to add) or ``Scaled``
         (an FP8 x FP8 product still to scale); the rows' RoPE (the model's cos / sin [B, 1, D / 2])
-        and their k / v writes run in the rope_kv kernel, then attention as ``__call__``'s."""
+        and their k / v writes run in the rope_kv kernel, then attention as ``__call__``'s. One row
+        whose Partials carry the fp8 product still to run (``quant.PendingGemv``): the projection,
+        its RoPE and KV writes in one kernel instead (``gemv_rope_kv_serves``)."""
         from ..models.quant import Partials, Scaled
         from ..pallas.rope_kv import reference_rope_kv_write, rope_kv_fits
 
