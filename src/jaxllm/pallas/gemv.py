@@ -168,12 +168,18 @@ def gemv_wanted(mesh) -> str:
 ACTS = ("silu_mul",)  # gemv's `act`: what the kernel computes from x before the product
 
 
+def _silu_times(g, u, dtype):
+    """silu(g) * u computed in float32 from g and u (any dtype), rounded once to dtype: the one
+    arithmetic of silu_mul, the kernel's `act` and its `out_act` (their exactness rests on it)."""
+    g, u = g.astype(jnp.float32), u.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * u).astype(dtype)
+
+
 def silu_mul(x):
     """act "silu_mul": x [M, 2K] (a gate/up projection's output: gate, then up) -> silu(gate) * up
     [M, K], in float32 and rounded once to x's dtype (the model rounds silu and the product apart)."""
     k = x.shape[-1] // 2
-    g, u = x[..., :k].astype(jnp.float32), x[..., k:].astype(jnp.float32)
-    return (g * jax.nn.sigmoid(g) * u).astype(x.dtype)
+    return _silu_times(x[..., :k], x[..., k:], x.dtype)
 
 
 def reference_gemv(x, w, scale=None, k_minor: bool = False, act: str | None = None):
@@ -267,19 +273,17 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
         o_ref = refs[-3] if finish else refs[-1]
         j, s = pl.program_id(0), pl.program_id(1)
         cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+        ups = pl.ds(pl.multiple_of(n // 2 + j * block_n, block_n), block_n) if gated else None  # up's columns
 
         def load_x(row, off):  # x's block at K offset `off` (under act, silu(gate) * up), in x's dtype
             if act is None:
                 return x_ref[row, pl.ds(off, block_k)]
-            g = x_ref[row, pl.ds(off, block_k)].astype(jnp.float32)
-            u = x_ref[row, pl.ds(k + off, block_k)].astype(jnp.float32)
-            return (g * jax.nn.sigmoid(g) * u).astype(x_ref.dtype)
+            return _silu_times(x_ref[row, pl.ds(off, block_k)], x_ref[row, pl.ds(k + off, block_k)], x_ref.dtype)
 
         def body(i, acc):
             off = pl.multiple_of((s * steps + i) * block_k, block_k)
             if gated:  # gate's columns and up's (n // 2 rows further)
                 xs = load_x(0, off).astype(jnp.float32)
-                ups = pl.ds(pl.multiple_of(n // 2 + j * block_n, block_n), block_n)
                 return tuple(a + jnp.sum(w_ref[c, pl.ds(off, block_k)].astype(jnp.float32) * xs[None, :], axis=1)[None]
                              for a, c in zip(acc, (cols, ups)))
             if fma:
@@ -304,10 +308,9 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
             acc_g, acc_u = jax.lax.fori_loop(0, steps, body, (zero, zero))
             if scale is not None:
                 acc_g = acc_g * refs[0][cols].astype(jnp.float32)[None]
-                acc_u = acc_u * refs[0][pl.ds(pl.multiple_of(n // 2 + j * block_n, block_n), block_n)].astype(
-                    jnp.float32)[None]
-            g, u = (a.astype(o_ref.dtype).astype(jnp.float32) for a in (acc_g, acc_u))  # rounded as the projection
-            o_ref[...] = (g * jax.nn.sigmoid(g) * u).astype(o_ref.dtype)  # as silu_mul
+                acc_u = acc_u * refs[0][ups].astype(jnp.float32)[None]
+            # each half rounded as the projection would round it, then silu_mul's arithmetic
+            o_ref[...] = _silu_times(acc_g.astype(o_ref.dtype), acc_u.astype(o_ref.dtype), o_ref.dtype)
             return
         acc = jax.lax.fori_loop(0, steps, body, zero)
         if one:

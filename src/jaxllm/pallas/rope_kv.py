@@ -47,11 +47,16 @@ def _finish(parts, row_scale, col_scale, dtype):
     return x.astype(dtype)
 
 
+def _rotate(x1, x2, cos, sin, dtype):
+    """apply_rope's arithmetic on the two halves x1, x2 of x (computed in float32), each rounded to
+    dtype: the one form of it that the reference and both kernels use."""
+    x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    return (x1 * cos - x2 * sin).astype(dtype), (x2 * cos + x1 * sin).astype(dtype)
+
+
 def _rope(x, cos, sin, dtype):
     """apply_rope's arithmetic on x [..., D] (dtype) with cos / sin [..., D / 2], rounded to dtype."""
-    xf = x.astype(jnp.float32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dtype)
+    return jnp.concatenate(_rotate(*jnp.split(x, 2, axis=-1), cos, sin, dtype), axis=-1)
 
 
 def _to_pool(x, pool_dtype, scale: float):
@@ -128,8 +133,7 @@ def rope_kv_write(parts, cos, sin, slots, k_pool, v_pool, row_scale=None, col_sc
             return x.astype(dtype)
 
         def roped(j, n):  # rows j..j+n roped: their two halves in dtype
-            x1, x2 = value(j, n, 0).astype(jnp.float32), value(j, n, 1).astype(jnp.float32)
-            return (x1 * c - x2 * s).astype(dtype), (x2 * c + x1 * s).astype(dtype)
+            return _rotate(value(j, n, 0), value(j, n, 1), c, s, dtype)
 
         q1, q2 = roped(0, group)
         q_ref[row, pl.ds(h * group, group), 0, :] = q1
@@ -211,8 +215,7 @@ def gemv_rope_kv_write(x, w, scale, cos, sin, slots, k_pool, v_pool, *, group: i
             acc = tuple(a * s_ref[rows].astype(jnp.float32)[None] for a, rows in zip(acc, halves))
         x1, x2 = (a.astype(dtype) for a in acc)  # the projection's values, as its epilogue rounds them
         c, s = cos_ref[0, pl.ds(c0, block_n)][None, :], sin_ref[0, pl.ds(c0, block_n)][None, :]
-        f1, f2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
-        r1, r2 = (f1 * c - f2 * s).astype(dtype), (f2 * c + f1 * s).astype(dtype)  # _rope's arithmetic
+        r1, r2 = _rotate(x1, x2, c, s, dtype)
         cols = pl.ds(c0, block_n)
         slot = slot_ref[0]
 
