@@ -88,15 +88,14 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True,
     column blocks, K is split in two until there are two programs per SM (264; 256 for a dot) or a
     split would walk fewer than 2 steps. `act` / `out_act`: gemv's (a product computing silu * up
     as it reads x keeps the 32-column blocks, which compute it once for 32 columns; one returning
-    silu(gate) * up takes half the columns of each half a program, and one split)."""
+    silu(gate) * up takes half the columns of each half a program, and one split -- except a forced
+    tiling, returned as forced: models/quant.py plain_gemv then runs the product alone)."""
     fma = itemsize == 1 and m == 1
     forced = forced_tiling(k, n)
     if forced is not None:
         if not gemv_fits(m, k, n, forced["block_n"], forced["block_k"], forced["splits"]):
             raise ValueError(f"{TILING_ENV}: {forced} does not fit a [{m}, {k}] x [{k}, {n}] product "
                              f"(n % block_n == 0, k % (splits * block_k) == 0, rows <= {ROWS})")
-        if out_act and (forced["splits"] != 1 or (n // 2) % forced["block_n"]):
-            return None  # the activation takes one split: the forced tiling serves the product alone
         return dict(forced, fma=fma)
     if fma and k_minor and n >= WIDE_N and n % 4 == 0 and k <= 4096 and k & (k - 1) == 0:
         return dict(block_n=2 if out_act else 4, block_k=k, splits=1, fma=True)
