@@ -304,3 +304,18 @@ def test_gemv_rope_kv_compiled_on_the_gpu(pool):
         np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
                                    rtol=2 ** -5, atol=2 ** -5)
     _equal(got[1][:1234], kp[:1234])
+
+
+def test_gemv_rope_kv_tiling_default_and_override(monkeypatch):
+    """The model's gemv_rope_kv_write tiling: its defaults (block_k at most K's power-of-two factor),
+    JAXLLM_ROPE_KV_TILING=block_n/block_k/num_warps for A/Bs, and a clear error for a bad value."""
+    from jaxllm.runner.paged import ROPE_KV_TILING_ENV, _rope_kv_tiling
+
+    monkeypatch.delenv(ROPE_KV_TILING_ENV, raising=False)
+    assert _rope_kv_tiling(4096) == dict(block_k=2048) and _rope_kv_tiling(96) == dict(block_k=32)
+    monkeypatch.setenv(ROPE_KV_TILING_ENV, "4/4096/4")
+    assert _rope_kv_tiling(4096) == dict(block_n=4, block_k=4096, num_warps=4)
+    for bad in ("4/4096", "a/b/c", "0/1024/1"):
+        monkeypatch.setenv(ROPE_KV_TILING_ENV, bad)
+        with pytest.raises(ValueError, match=ROPE_KV_TILING_ENV):
+            _rope_kv_tiling(4096)

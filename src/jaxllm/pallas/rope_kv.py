@@ -166,7 +166,7 @@ def rope_kv_write(parts, cos, sin, slots, k_pool, v_pool, row_scale=None, col_sc
 @functools.partial(jax.jit, static_argnames=("group", "dtype", "k_scale", "v_scale", "block_n", "block_k", "num_warps",
                                              "interpret"))
 def gemv_rope_kv_write(x, w, scale, cos, sin, slots, k_pool, v_pool, *, group: int, dtype, k_scale: float = 1.0,
-                       v_scale: float = 1.0, block_n: int = 2, block_k: int = 4096, num_warps: int = 4,
+                       v_scale: float = 1.0, block_n: int = 2, block_k: int = 2048, num_warps: int = 1,
                        interpret: bool = False):
     """The fused q/k/v projection of one row and rope_kv_write's epilogue in one kernel: x [1, K]
     times an fp8 weight stored [N, K] (N = KVH * (G + 2) * D, per-channel `scale` [N] or None), one

@@ -227,6 +227,26 @@ def fused_rope_kv_wanted(mesh) -> bool:
     return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "gpu" and triton_available()
 
 
+ROPE_KV_TILING_ENV = "JAXLLM_ROPE_KV_TILING"
+
+
+def _rope_kv_tiling(k: int) -> dict:
+    """gemv_rope_kv_write's tiling for a K-wide row: its defaults (2 RoPE pairs x 2048 bytes a step,
+    one warp: 12.3 -> 11.3 us at 8B's q/k/v on an H100, fp8 batch 1 3.43 -> 3.38 ms, BENCHMARKS.md
+    "Eighteenth session"), block_k at most K's largest power-of-two factor; or, for A/Bs,
+    JAXLLM_ROPE_KV_TILING=block_n/block_k/num_warps (read when a model traces)."""
+    value = os.environ.get(ROPE_KV_TILING_ENV, "").strip()
+    if not value:
+        return dict(block_k=min(k & -k, 2048))
+    try:
+        bn, bk, nw = (int(f) for f in value.split("/"))
+        if min(bn, bk, nw) < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{ROPE_KV_TILING_ENV}={value!r}: expected block_n/block_k/num_warps, positive integers") from None
+    return dict(block_n=bn, block_k=bk, num_warps=nw)
+
+
 def gemv_rope_kv_serves(pending, heads: tuple) -> bool:
     """Whether pallas.rope_kv.gemv_rope_kv_write runs a one-row q/k/v projection still to run
     (``quant.PendingGemv``, the `finish` of its Partials) with heads (KVH, G + 2, D): an fp8 weight
@@ -385,7 +405,7 @@ class PagedAttend:
             q, k_pool, v_pool = gemv_rope_kv_write(
                 pending.x, pending.w, pending.scale, cos.reshape(1, -1), sin.reshape(1, -1), self.slots.reshape(1),
                 k_pool, v_pool, group=group, dtype=jnp.dtype(dtype), k_scale=k_scale, v_scale=v_scale,
-                block_k=min(kk & -kk, 4096), interpret=jax.default_backend() == "cpu")
+                interpret=jax.default_backend() == "cpu", **_rope_kv_tiling(kk))
             return self._attend_roped(layer, q.reshape(b, t, kvh * group, d), k_pool, v_pool, k_scale, v_scale, cache)
         parts = parts.reshape(s, b * t, kvh, gp2, d)
         if row_scale is not None:
