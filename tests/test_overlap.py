@@ -283,6 +283,84 @@ def test_continue_decode_grows_blocks_for_two_calls_or_refuses():
     assert not sched2.continue_decode([short]), "the call in flight ends every row"
 
 
+def test_decode_after_prefill_grows_blocks_for_the_call_or_refuses():
+    """Requests whose prompts a prefill call in flight completes may have their first decode call at
+    once only while they are all there is to do: then the blocks of those going on past the prefill's
+    token cover the call; a waiting request, a running request besides them, a prompt not yet
+    computed, or every row ending with the prefill's token refuse."""
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=100, decode_steps=4)
+    a, b = _req(0, 6, max_tokens=20), _req(1, 6, max_tokens=1)
+    for r in (a, b):
+        sched.add(r)
+    plan = sched.schedule()
+    assert [r for r, _, _ in plan.prefill] == [a, b]
+    assert not sched.decode_after_prefill([a, b]), "their prompts' KV not counted yet (the prefill not dispatched)"
+    for r in (a, b):
+        r.num_computed = 6  # as Engine._dispatch_prefill counts it
+    b_blocks = list(b.blocks)
+    assert not sched.decode_after_prefill([a]), "b is running too: not every running request"
+    assert sched.decode_after_prefill([a, b])
+    assert len(a.blocks) * bm.block_size >= 6 + 4, "a's KV slots for the prompt and the call"
+    assert b.blocks == b_blocks, "b ends with the prefill's token: nothing to grow"
+    sched.add(_req(2, 6))
+    assert not sched.decode_after_prefill([a, b]), "a request waits"
+    sched.waiting.clear()
+    only_b = Scheduler(BlockManager(64, 4), max_batch_size=8, max_num_tokens=100, decode_steps=4)
+    c = _req(3, 6, max_tokens=1)
+    only_b.add(c)
+    only_b.schedule()
+    c.num_computed = 6
+    assert not only_b.decode_after_prefill([c]), "every row ends with the prefill's token"
+
+
+def test_first_decode_call_is_chained_onto_its_prefill(llm, monkeypatch):
+    """overlap_decode from a prefill (Engine._decode_after_prefill): where a prefill-only call completes
+    every running request's prompt, their first decode call goes out before that prefill is collected,
+    from the state the prefill returns -- the state the host builds once the first tokens are in
+    (check_reused_state) -- and the outputs are those of unchained calls (greedy, seeded sampling,
+    penalties, logprobs, a row ending with its first token). Prompts that take several prefill steps
+    (requests waiting meanwhile) do not chain there."""
+    engine = llm._engine
+    rng = np.random.default_rng(21)
+    log = []
+    for name in ("_dispatch_prefill", "_collect_prefill", "_dispatch_decode", "_collect_decode"):
+        f = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, f=f, name=name, **k: log.append(name) or f(*a, **k))
+    kinds = [dict(temperature=0), dict(temperature=0.8, seed=3, top_p=0.9), dict(temperature=0, logprobs=2),
+             dict(temperature=0, repetition_penalty=1.2)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True, **kw) for m, kw in zip((20, 13, 1, 9), kinds)]
+    prompts = [{"prompt_token_ids": rng.integers(3, 200, size=12).tolist()} for _ in params]  # one prefill call
+    off = _run_decode(llm, False, prompts, params)
+    assert log.index("_collect_prefill") < log.index("_dispatch_decode")
+    log.clear()
+    engine.check_reused_state = True
+    try:
+        on = _run_decode(llm, True, prompts, params)
+    finally:
+        engine.check_reused_state = False
+    assert log[:3] == ["_dispatch_prefill", "_dispatch_decode", "_collect_prefill"], log
+    assert log.count("_dispatch_decode") == log.count("_collect_decode")
+    _same(on, off)
+    log.clear()
+    engine.decode_after_prefill = False  # JAXLLM_DECODE_AFTER_PREFILL=0: the decode calls still chain, not onto it
+    try:
+        _same(_run_decode(llm, True, prompts, params), off)
+    finally:
+        engine.decode_after_prefill = True
+    assert log.index("_collect_prefill") < log.index("_dispatch_decode")
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+    # six prompts over the 64-token budget: several prefill steps, requests waiting or already running
+    prompts = [{"prompt_token_ids": rng.integers(3, 200, size=30).tolist()} for _ in range(6)]
+    params = [SamplingParams(max_tokens=10, ignore_eos=True, temperature=0)] * 6
+    off = _run_decode(llm, False, prompts, params)
+    log.clear()
+    on = _run_decode(llm, True, prompts, params)
+    first = log.index("_dispatch_decode")
+    assert log[first - 1] != "_dispatch_prefill", "a decode call chained onto a prefill with requests waiting"
+    _same(on, off)
+
+
 def test_join_decode_respects_prefill_first():
     """A plan that held its decode rows back (requests still wait for slots) takes no joiners."""
     bm = BlockManager(64, 4)
@@ -303,11 +381,13 @@ def test_join_decode_respects_prefill_first():
 
 
 @pytest.mark.parametrize("name,attr,default", [("JAXLLM_OVERLAP", "overlap_prefill", True),
-                                               ("JAXLLM_OVERLAP_DECODE", "overlap_decode", None)])
+                                               ("JAXLLM_OVERLAP_DECODE", "overlap_decode", None),
+                                               ("JAXLLM_DECODE_AFTER_PREFILL", "decode_after_prefill", True)])
 def test_overlap_switches(tiny_checkpoints, monkeypatch, name, attr, default):
     """JAXLLM_OVERLAP (prefill calls): on by default; JAXLLM_OVERLAP_DECODE (decode calls): auto
-    (None: where the call's loop is fixed). 0 turns one off, 1 on, anything else is refused naming
-    the switch."""
+    (None: where the call's loop is fixed); JAXLLM_DECODE_AFTER_PREFILL (a first decode call chained
+    onto its prefill, where decode calls chain): on. 0 turns one off, 1 on, anything else is refused
+    naming the switch."""
     path = str(tiny_checkpoints["llama3"])
     for value, on in ((None, default), ("0", False), ("1", True)):
         if value is None:
@@ -421,8 +501,8 @@ def test_a_tail_call_ends_with_its_rows_and_is_not_chained(llm, monkeypatch):
     row ends within it by max_tokens (a tail call) runs the loop that ends with them instead -- a
     fixed one would run its remaining steps for nothing, and the rows' last tokens would wait for
     them -- and is not chained (its dispatch would wait for it). max_tokens 11 at 4 steps a call:
-    the first token from the prefill, then fixed, fixed (chained), and the last 2 in a while loop;
-    the tokens are those of while loops only."""
+    the first token from the prefill, then fixed (chained onto the prefill), fixed (chained), and
+    the last 2 in a while loop; the tokens are those of while loops only."""
     engine = llm._engine
     monkeypatch.setattr(engine.runner, "_on_gpu", True)
     loops = []
@@ -440,7 +520,7 @@ def test_a_tail_call_ends_with_its_rows_and_is_not_chained(llm, monkeypatch):
     llm.reset_phase_times()
     on = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
     assert loops == [None, None, 1], loops
-    assert engine.decode_loops == {"fixed": 2, "chained": 1, "while": 1}  # what the bench report records
+    assert engine.decode_loops == {"fixed": 2, "chained": 2, "while": 1}  # what the bench report records
     assert events == [("dispatch", 0), ("dispatch", 1), ("collect", 0), ("collect", 1), ("dispatch", 2),
                       ("collect", 2)], events
     monkeypatch.setattr(engine.runner, "_on_gpu", False)

@@ -210,6 +210,19 @@ class Scheduler:
         return bool(going_on) and all(self._grow(r, min(r.num_computed + 2 * self.decode_steps, r.max_kv_tokens))
                                       for r in going_on)
 
+    def decode_after_prefill(self, reqs: list[Request]) -> bool:
+        """Whether `reqs` -- whose prompts a prefill call still in flight completes, their next tokens
+        not yet received -- may have their first decode call now, chained onto that call: nothing
+        waits, they are every running request, each has its whole prompt's KV counted, and one of
+        them goes on past the token the prefill makes. Those rows' blocks are grown, without
+        preempting anyone, to cover the call; False if the pool is short."""
+        if self.waiting or len(self.running) != len(reqs) or any(
+                r.status is not Status.RUNNING or r.num_computed != len(r.all_ids) for r in reqs):
+            return False
+        going_on = [r for r in reqs if r.num_generated + 1 < r.params.max_tokens]
+        return bool(going_on) and all(self._grow(r, min(r.num_computed + self.decode_steps, r.max_kv_tokens))
+                                      for r in going_on)
+
     def join_decode(self, plan: Plan, reqs: list[Request]) -> None:
         """reqs got their next token after `plan` was made (from a prefill call then in flight, which
         `schedule` left them out for): they join its decode rows, in admission order, as `schedule`

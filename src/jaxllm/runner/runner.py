@@ -296,8 +296,8 @@ class ModelRunner:
         last = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]
         last_pos = jnp.take_along_axis(positions, last_idx[:, None], axis=1)[:, 0]
         state = dataclasses.replace(state, positions=last_pos)
-        _, tok, info = self._advance(state, model.logits(last), num_logprobs, all_greedy)
-        return pool, tok, info, prompt_info
+        state, tok, info = self._advance(state, model.logits(last), num_logprobs, all_greedy)
+        return pool, tok, info, prompt_info, state
 
     def _decode_impl(self, params, pool, block_tables, state: RowState, steps: int, num_logprobs, all_greedy,
                      check_every: int | None):
@@ -342,7 +342,8 @@ class ModelRunner:
     ):
         """Run one chunk per row (`fresh`: every row starts at position 0); returns (next token [B],
         its token_info, and with prompt_logprobs (static K) the token_info of `targets` [B, T] at
-        every position, else None) as device arrays."""
+        every position, else None; the rows' state after that token: where a row's prompt ends in
+        this chunk, what its first decode call may start from) as device arrays."""
         return self.call(*self.prefill_call(tokens, positions, valid, block_tables, last_idx, state, num_logprobs,
                                             all_greedy, targets, prompt_logprobs, fresh))
 
