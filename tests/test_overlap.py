@@ -382,11 +382,13 @@ def test_join_decode_respects_prefill_first():
 
 @pytest.mark.parametrize("name,attr,default", [("JAXLLM_OVERLAP", "overlap_prefill", True),
                                                ("JAXLLM_OVERLAP_DECODE", "overlap_decode", None),
-                                               ("JAXLLM_DECODE_AFTER_PREFILL", "decode_after_prefill", True)])
+                                               ("JAXLLM_DECODE_AFTER_PREFILL", "decode_after_prefill", True),
+                                               ("JAXLLM_ALIGN_DECODE", "align_decode_calls", True)])
 def test_overlap_switches(tiny_checkpoints, monkeypatch, name, attr, default):
     """JAXLLM_OVERLAP (prefill calls): on by default; JAXLLM_OVERLAP_DECODE (decode calls): auto
     (None: where the call's loop is fixed); JAXLLM_DECODE_AFTER_PREFILL (a first decode call chained
-    onto its prefill, where decode calls chain): on. 0 turns one off, 1 on, anything else is refused
+    onto its prefill, where decode calls chain): on; JAXLLM_ALIGN_DECODE (a fixed-loop call one step
+    shorter to align the rest with max_tokens): on. 0 turns one off, 1 on, anything else is refused
     naming the switch."""
     path = str(tiny_checkpoints["llama3"])
     for value, on in ((None, default), ("0", False), ("1", True)):
@@ -540,6 +542,46 @@ def test_precompile_covers_both_loops_where_a_tail_call_runs_another(llm, monkey
     assert cpu and all(not fixed for _, fixed in cpu)
     monkeypatch.setattr(engine.runner, "_on_gpu", True)
     assert loops() == sorted(cpu + [(rows, True) for rows, _ in cpu])
+
+
+def test_first_decode_call_aligns_the_rest_to_max_tokens(llm, monkeypatch):
+    """Where decode calls run a fixed loop (GPUs; stood in for here), a call whose every row has made one
+    token past a multiple of decode_steps (a request's first: its first token came from the prefill)
+    runs decode_steps - 1 steps (Engine._call_steps), so a max_tokens that is a multiple of decode_steps
+    ends exactly with a fixed call: 16 tokens at 4 steps a call are the prefill's, then 3, 4, 4, 4 -- not
+    4, 4, 4 and a tail of 3. The tokens are the same either way (JAXLLM_ALIGN_DECODE=0: off), and
+    precompile covers the shorter call's program."""
+    engine = llm._engine
+    monkeypatch.setattr(engine.runner, "_on_gpu", True)
+    steps = []
+    decode_call = engine.runner.decode_call
+
+    def traced(*args, **kwargs):
+        call = decode_call(*args, **kwargs)
+        steps.append((call[1]["steps"], call[1]["check_every"]))
+        return call
+
+    monkeypatch.setattr(engine.runner, "decode_call", traced)
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": [9, 3, 4]}]
+    params = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0)
+    aligned = llm.generate(prompts, params, use_tqdm=False)
+    assert steps == [(3, None), (4, None), (4, None), (4, None)], steps
+    steps.clear()
+    engine.align_decode_calls = False
+    try:
+        plain = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        engine.align_decode_calls = True
+    assert steps == [(4, None), (4, None), (4, None), (4, 1)], steps
+    assert [o.outputs[0].token_ids for o in aligned] == [o.outputs[0].token_ids for o in plain]
+    assert all(len(o.outputs[0].token_ids) == 16 for o in aligned)
+    steps.clear()
+    warm = {(c[1]["steps"], c[1]["check_every"]) for c in engine._warmup_calls(32, [True]) if c[0] == "decode"}
+    assert warm == {(4, None), (4, 1), (3, None)}, warm
+    from jaxllm.engine.engine import ALIGN_MAX_ROWS
+
+    rows = {c[2][1].tokens.shape[0] for c in engine._warmup_calls(32, [True]) if c[0] == "decode" and c[1]["steps"] == 3}
+    assert rows and max(rows) <= ALIGN_MAX_ROWS, rows
 
 
 def test_a_call_is_a_tail_once_it_would_waste_an_eighth_of_its_steps():

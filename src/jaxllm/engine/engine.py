@@ -41,6 +41,10 @@ from .scheduler import Plan, Scheduler, prefill_length_cap
 # chunk length only.
 CACHED_PREFILL_MIN_TOKENS = 4096
 
+# Decode calls of at most this many rows may run one step fewer to align the rest with max_tokens
+# (Engine._call_steps).
+ALIGN_MAX_ROWS = 4
+
 _build_penalties = jax.jit(PenaltyState.build, static_argnums=0)
 
 
@@ -117,6 +121,9 @@ class Engine:
         # ... and a prefill-only step's requests' first decode call, dispatched right after their
         # prefill call (_decode_after_prefill) where decode calls chain; JAXLLM_DECODE_AFTER_PREFILL=0: off
         self.decode_after_prefill = env_flag("JAXLLM_DECODE_AFTER_PREFILL", default="1")
+        # a fixed-loop call of rows one token past a multiple of decode_steps runs one step fewer
+        # (_call_steps); JAXLLM_ALIGN_DECODE=0: off
+        self.align_decode_calls = env_flag("JAXLLM_ALIGN_DECODE", default="1")
         # decode calls made, by loop ("fixed", "while", "every N") and "chained" (cleared with the
         # phase times: LLM.reset_phase_times)
         self.decode_loops: collections.Counter[str] = collections.Counter()
@@ -216,6 +223,8 @@ class Engine:
                 for g in greedy_variants:  # and the tail calls' loop where it is another program
                     for tail in (False, True) if self._tail_loop_differs(rows) else (False,):
                         calls.append(self.runner.decode_call(tables, state, sched.decode_steps, None, g, tail))
+                    if self._aligns(rows):  # the aligning call's fixed loop (_call_steps)
+                        calls.append(self.runner.decode_call(tables, state, sched.decode_steps - 1, None, g, False))
         t_max = min(max_len, sched.max_num_tokens)
         t_buckets = sorted({bucket(n, 16, sched.max_num_tokens) for n in range(min(min_len, t_max), t_max + 1)})
         # (chunk length bucket, table widths, fresh): whole prompts, then chunks past a cached prefix
@@ -643,11 +652,11 @@ class Engine:
         """A decode call of plan.decode's rows; `ahead`: decode steps already dispatched for them
         and not yet collected (a chained call)."""
         reqs = plan.decode
-        tail, every = self._decode_loop(reqs, ahead)
+        steps, tail, every = self._decode_loop(reqs, ahead)
         out = self.runner.decode(
             tables,
             state,
-            self.scheduler.decode_steps,
+            steps,
             num_logprobs=self._num_logprobs(reqs),
             all_greedy=all(r.params.is_greedy for r in reqs),
             tail=tail,
@@ -662,22 +671,47 @@ class Engine:
         """Whether a tail call of `rows` rows runs another loop, hence another program (precompile)."""
         return self.runner.decode_check_every(rows, False) != self.runner.decode_check_every(rows, True)
 
-    def _tail(self, reqs: list[Request], ahead: int = 0) -> bool:
+    def _aligns(self, rows: int) -> bool:
+        """Whether decode calls of `rows` rows may align (_call_steps): align_decode_calls on, a fixed
+        loop's, at most ALIGN_MAX_ROWS rows (latency-bound batches; each row bucket that aligns costs
+        precompile one program more per table width)."""
+        return (self.align_decode_calls and self.scheduler.decode_steps > 1 and rows <= ALIGN_MAX_ROWS
+                and self.runner.decode_check_every(rows, False) is None)
+
+    def _call_steps(self, reqs: list[Request], ahead: int = 0) -> int:
+        """The steps of a decode call of these requests (`ahead` steps of theirs in flight):
+        decode_steps, or one fewer where the call runs a fixed loop (_aligns) and every row has made
+        one token past a multiple of decode_steps -- as after a request's prefill, whose token is its
+        first -- unless that shorter call would be a tail. A request's decode calls then end where its
+        count of tokens reaches multiples of decode_steps, so that a max_tokens that is one (vLLM's
+        default 16; the powers of two users pick) ends with a call, instead of its last token waiting
+        for one more step of a fixed loop (max_tokens 128 at 16 steps a call: 15 + 7 x 16 steps, not
+        8 x 16; one program more per row bucket and table width, which precompile covers)."""
+        steps = self.scheduler.decode_steps
+        if (self._aligns(self._decode_rows(len(reqs))) and all((r.num_generated + ahead) % steps == 1 for r in reqs)
+                and not self._tail(reqs, ahead, steps - 1)):
+            return steps - 1
+        return steps
+
+    def _tail(self, reqs: list[Request], ahead: int = 0, steps: int | None = None) -> bool:
         """Whether every row ends within a decode call by its max_tokens (`ahead` steps of theirs
         dispatched before it) at least an eighth of the call's steps before its end: the runner then
         runs it as a loop that ends with them (ModelRunner.decode_check_every), not a fixed one that
         would run on past them. (A while loop costs a host round trip each step -- 0.25 ms of a
         3.6 ms step at batch 1 on an H100, ~0.45 of 3.25 at tp=2, BENCHMARKS.md "Fifteenth session"
-        -- so a fixed call wasting fewer steps than that is the faster.)"""
-        steps = self.scheduler.decode_steps
+        -- so a fixed call wasting fewer steps than that is the faster.) `steps`: the call's
+        (default decode_steps)."""
+        steps = steps or self.scheduler.decode_steps
         left = max(r.params.max_tokens - r.num_generated for r in reqs) - ahead
         return 8 * (steps - left) >= steps
 
-    def _decode_loop(self, reqs: list[Request], ahead: int = 0) -> tuple[bool, int | None]:
-        """(whether it is a tail call, the loop it runs: ModelRunner.decode_check_every) of a decode
-        call of these requests after `ahead` steps of theirs still in flight."""
-        tail = self._tail(reqs, ahead)
-        return tail, self.runner.decode_check_every(self._decode_rows(len(reqs)), tail)
+    def _decode_loop(self, reqs: list[Request], ahead: int = 0) -> tuple[int, bool, int | None]:
+        """(its steps: _call_steps, whether it is a tail call, the loop it runs: ModelRunner.
+        decode_check_every) of a decode call of these requests after `ahead` steps of theirs still
+        in flight."""
+        steps = self._call_steps(reqs, ahead)
+        tail = self._tail(reqs, ahead, steps)
+        return steps, tail, self.runner.decode_check_every(self._decode_rows(len(reqs)), tail)
 
     def _chains_decode(self, reqs: list[Request], ahead: int = 0) -> bool:
         """Whether a decode call of these requests (after `ahead` steps of theirs still in flight)
@@ -685,7 +719,7 @@ class Engine:
         not wait for the device)."""
         if self.overlap_decode is not None:
             return self.overlap_decode
-        return self._decode_loop(reqs, ahead)[1] is None
+        return self._decode_loop(reqs, ahead)[2] is None
 
     def _chain_decode(self, rows: list[Request], result, tables, blocks):
         """overlap_decode: the next decode call of `rows`, dispatched from the state their last call
@@ -700,9 +734,9 @@ class Engine:
         state the second starts from (masked: no tokens, no KV writes), and one that a stop string ends when
         its text is made runs on in the second, its tokens dropped at collect. Returns what
         `_pending_decode` holds, or None."""
-        steps = self.scheduler.decode_steps
+        steps = result[1].shape[1]  # the call in flight's (_call_steps)
         if (not (self._chains_decode(rows, ahead=steps) and self.reuse_decode_state) or self._incoming
-                or self._aborts or not self.scheduler.continue_decode(rows)):
+                or self._aborts or not self.scheduler.continue_decode(rows, steps)):
             return None
         if blocks != [r.blocks for r in rows]:
             tables = self._tables(rows, tables.shape[0])

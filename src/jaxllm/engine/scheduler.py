@@ -197,16 +197,17 @@ class Scheduler:
         elif plan.decode:
             self._prefill_streak = 0
 
-    def continue_decode(self, rows: list[Request]) -> bool:
+    def continue_decode(self, rows: list[Request], ahead: int | None = None) -> bool:
         """Whether `rows` -- whose last decode call is still in flight, its tokens not yet received --
         may have their next call now, without a schedule: nothing waits, they are every running
         request and each still decodes, and the call in flight leaves one of them short of its
         max_tokens. Those rows' blocks are grown, without preempting anyone, to cover both calls (KV
-        counted as of the call before); False if the pool is short."""
+        counted as of the call before); False if the pool is short. `ahead`: the steps of the call in
+        flight (default decode_steps)."""
         if self.waiting or len(self.running) != len(rows) or any(
                 r.status is not Status.RUNNING or len(r.all_ids) - r.num_computed != 1 for r in rows):
             return False
-        going_on = [r for r in rows if r.num_generated + self.decode_steps < r.params.max_tokens]
+        going_on = [r for r in rows if r.num_generated + (ahead or self.decode_steps) < r.params.max_tokens]
         return bool(going_on) and all(self._grow(r, min(r.num_computed + 2 * self.decode_steps, r.max_kv_tokens))
                                       for r in going_on)
 
