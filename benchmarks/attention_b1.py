@@ -9,7 +9,7 @@ import argparse, json, os, sys
 import jax, jax.numpy as jnp, numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import glob, gzip, shutil  # noqa: E402
+from gemv_probe import gpu_kernels  # noqa: E402  (benchmarks/gemv_probe.py)
 from jaxllm.pallas.decode_attention import paged_decode_attention, reference_decode_attention
 
 VARIANTS = ['{"swap_ab": true}', '{"swap_ab": true, "block_kv": 128}', '{"swap_ab": true, "max_concurrent_steps": 3}',
@@ -17,18 +17,9 @@ VARIANTS = ['{"swap_ab": true}', '{"swap_ab": true, "block_kv": 128}', '{"swap_a
             '{"swap_ab": true, "prefetch_pages": false}', '{"swap_ab": true, "heads_per_program": 2}']
 
 
-def total_us(f, args, calls, reps=3, tdir="/tmp/attn-b1-trace"):
+def total_us(f, args, calls, reps=3):
     """Device time per call: every GPU kernel of `reps` runs of f (which makes `calls` calls), summed."""
-    jax.block_until_ready(f(*args))
-    shutil.rmtree(tdir, ignore_errors=True)
-    with jax.profiler.trace(tdir, create_perfetto_trace=True):
-        for _ in range(reps):
-            jax.block_until_ready(f(*args))
-    path = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-    tr = json.load(gzip.open(path))
-    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-    procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    durs = [e["dur"] for e in ev if e.get("ph") == "X" and "/device:GPU" in procs.get(e["pid"], "")]
+    durs = [d for _, d in gpu_kernels(f, args, reps, "/tmp/attn-b1-trace")]
     return sum(durs) / (reps * calls), len(durs) / (reps * calls)
 
 

@@ -60,7 +60,8 @@ def build(kind, k, n, bn, bk, splits, nw, ns, per=1, interpret=False):
                           compiler_params=pltriton.CompilerParams(num_warps=nw, num_stages=ns), interpret=interpret)
 
 
-def device_us(f, args, reps=3, tdir="/tmp/probe-trace", names=("kernel",)):
+def gpu_kernels(f, args, reps=3, tdir="/tmp/probe-trace"):
+    """(name, device µs) of every GPU kernel of `reps` calls of f (after two warm-up calls), by the profiler."""
     jax.block_until_ready(f(*args))
     jax.block_until_ready(f(*args))
     shutil.rmtree(tdir, ignore_errors=True)
@@ -71,8 +72,12 @@ def device_us(f, args, reps=3, tdir="/tmp/probe-trace", names=("kernel",)):
     tr = json.load(gzip.open(path))
     ev = tr["traceEvents"] if isinstance(tr, dict) else tr
     procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    durs = [e["dur"] for e in ev if e.get("ph") == "X" and "/device:GPU" in procs.get(e["pid"], "")
-            and e["name"].startswith(names) and e["dur"] > 2]
+    return [(e["name"], e["dur"]) for e in ev if e.get("ph") == "X" and "/device:GPU" in procs.get(e["pid"], "")]
+
+
+def device_us(f, args, reps=3, tdir="/tmp/probe-trace", names=("kernel",)):
+    """The median device time of f's kernels whose names start with `names`, and how many there were."""
+    durs = [d for n, d in gpu_kernels(f, args, reps, tdir) if n.startswith(names) and d > 2]
     return statistics.median(durs) if durs else float("nan"), len(durs)
 
 

@@ -10,14 +10,16 @@ prefetching the first MB of the next projection; both; with and without evict_la
 loads. Prints device time per layer (host-timed over many async calls) and per-kernel profiler
 medians; a short table last.
 """
-import argparse, glob, gzip, json, os, shutil, statistics, time
+import argparse, json, os, statistics, sys, time
 from collections import defaultdict
 
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxllm.pallas.add_norm import _normed, _residual, add_rmsnorm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gemv_probe import gpu_kernels  # noqa: E402  (benchmarks/gemv_probe.py)
+from jaxllm.pallas.add_norm import _normed, _residual, add_rmsnorm  # noqa: E402
 from jaxllm.pallas.gemv import gemv, gemv_tiling
 
 E, F, QKV = 4096, 14336, 6144
@@ -151,20 +153,11 @@ def layer(h, y, ws, v):
     return h, y
 
 
-def profile(f, args, tdir="/tmp/l2pf-trace"):
-    jax.block_until_ready(f(*args))
-    shutil.rmtree(tdir, ignore_errors=True)
-    with jax.profiler.trace(tdir, create_perfetto_trace=True):
-        for _ in range(3):
-            jax.block_until_ready(f(*args))
-    path = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-    tr = json.load(gzip.open(path))
-    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-    procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+def profile(f, args):
+    """Median device µs and count of each kernel (by name) over 3 calls of f."""
     by = defaultdict(list)
-    for e in ev:
-        if e.get("ph") == "X" and "/device:GPU" in procs.get(e["pid"], ""):
-            by[e["name"][:40]].append(e["dur"])
+    for name, dur in gpu_kernels(f, args, 3, "/tmp/l2pf-trace"):
+        by[name[:40]].append(dur)
     return {k: (statistics.median(d), len(d)) for k, d in by.items()}
 
 

@@ -498,6 +498,21 @@ def test_decode_calls_chain_by_default_exactly_where_their_loop_is_fixed(llm, mo
         _same(on, off)
 
 
+def _gpu_decode_calls(engine, monkeypatch) -> list[tuple[int, int | None]]:
+    """Decode loops as on a GPU (fixed where the runner's policy says so; stood in for here), and a list
+    that records each decode call's (steps, check_every) as it is made."""
+    monkeypatch.setattr(engine.runner, "_on_gpu", True)
+    made, decode_call = [], engine.runner.decode_call
+
+    def traced(*args, **kwargs):
+        call = decode_call(*args, **kwargs)
+        made.append((call[1]["steps"], call[1]["check_every"]))
+        return call
+
+    monkeypatch.setattr(engine.runner, "decode_call", traced)
+    return made
+
+
 def test_a_tail_call_ends_with_its_rows_and_is_not_chained(llm, monkeypatch):
     """Where decode calls run a fixed loop by default (GPUs; stood in for here), a call whose every
     row ends within it by max_tokens (a tail call) runs the loop that ends with them instead -- a
@@ -506,21 +521,13 @@ def test_a_tail_call_ends_with_its_rows_and_is_not_chained(llm, monkeypatch):
     the first token from the prefill, then fixed (chained onto the prefill), fixed (chained), and
     the last 2 in a while loop; the tokens are those of while loops only."""
     engine = llm._engine
-    monkeypatch.setattr(engine.runner, "_on_gpu", True)
-    loops = []
-    decode_call = engine.runner.decode_call
-
-    def traced(*args, **kwargs):
-        call = decode_call(*args, **kwargs)
-        loops.append(call[1]["check_every"])
-        return call
-
-    monkeypatch.setattr(engine.runner, "decode_call", traced)
+    calls = _gpu_decode_calls(engine, monkeypatch)
     events = _trace(engine, monkeypatch, "decode")
     prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}]
     params = SamplingParams(max_tokens=11, ignore_eos=True, temperature=0)
     llm.reset_phase_times()
     on = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+    loops = [every for _, every in calls]
     assert loops == [None, None, 1], loops
     assert engine.decode_loops == {"fixed": 2, "chained": 2, "while": 1}  # what the bench report records
     assert events == [("dispatch", 0), ("dispatch", 1), ("collect", 0), ("collect", 1), ("dispatch", 2),
@@ -552,16 +559,7 @@ def test_first_decode_call_aligns_the_rest_to_max_tokens(llm, monkeypatch):
     4, 4, 4 and a tail of 3. The tokens are the same either way (JAXLLM_ALIGN_DECODE=0: off), and
     precompile covers the shorter call's program."""
     engine = llm._engine
-    monkeypatch.setattr(engine.runner, "_on_gpu", True)
-    steps = []
-    decode_call = engine.runner.decode_call
-
-    def traced(*args, **kwargs):
-        call = decode_call(*args, **kwargs)
-        steps.append((call[1]["steps"], call[1]["check_every"]))
-        return call
-
-    monkeypatch.setattr(engine.runner, "decode_call", traced)
+    steps = _gpu_decode_calls(engine, monkeypatch)
     prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": [9, 3, 4]}]
     params = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0)
     aligned = llm.generate(prompts, params, use_tqdm=False)
