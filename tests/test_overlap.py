@@ -361,6 +361,30 @@ def test_first_decode_call_is_chained_onto_its_prefill(llm, monkeypatch):
     _same(on, off)
 
 
+def test_abort_while_a_decode_call_chained_onto_its_prefill_is_pending(llm, monkeypatch):
+    """A request aborted while both its prefill call and the first decode call chained onto it are
+    uncollected ends "cancelled"; the others give what they give unchained; nothing leaks."""
+    engine = llm._engine
+    rng = np.random.default_rng(23)
+    prompts = [{"prompt_token_ids": rng.integers(3, 200, size=10).tolist()} for _ in range(3)]
+    params = [SamplingParams(max_tokens=18, ignore_eos=True, temperature=0) for _ in prompts]
+    expected = _run_decode(llm, False, prompts, params)
+
+    def victim(e):  # the prefill's last request, once the prefill and its chained decode call are both out
+        return e._pending[0].prefill[-1][0] if e._pending is not None and e._pending_decode is not None else None
+
+    aborted = _abort_while_pending(engine, monkeypatch, victim)
+    engine.overlap_decode = True
+    try:
+        handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
+        outs = [h.result(timeout=120) for h in handles]
+    finally:
+        engine.overlap_decode = None  # the default
+    assert aborted, "no decode call was chained onto a pending prefill"
+    _assert_cancelled_or_exact(handles, outs, expected, aborted)
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+
+
 def test_join_decode_respects_prefill_first():
     """A plan that held its decode rows back (requests still wait for slots) takes no joiners."""
     bm = BlockManager(64, 4)
