@@ -154,6 +154,24 @@ def _assert_cancelled_or_exact(handles, outs, expected, aborted) -> None:
             _same([_view(out)], [exp])
 
 
+def _abort_in_a_chained_run(llm, monkeypatch, prompts, params, victim_of, why: str) -> None:
+    """Runs prompts with decode calls chained (overlap_decode), aborting victim_of's request once
+    (_abort_while_pending): it ends "cancelled", the others give what they give unchained, and
+    nothing leaks. `why`: the failure message if nothing was aborted."""
+    engine = llm._engine
+    expected = _run_decode(llm, False, prompts, params)
+    aborted = _abort_while_pending(engine, monkeypatch, victim_of)
+    engine.overlap_decode = True
+    try:
+        handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
+        outs = [h.result(timeout=120) for h in handles]
+    finally:
+        engine.overlap_decode = None  # the default
+    assert aborted, why
+    _assert_cancelled_or_exact(handles, outs, expected, aborted)
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+
+
 def _abort_while_pending(engine, monkeypatch, victim_of) -> list[int]:
     """Wraps the engine's step: after the first step that leaves a call uncollected, aborts the
     request victim_of(engine) names (None: no call pending), handled before the next step collects
@@ -364,25 +382,14 @@ def test_first_decode_call_is_chained_onto_its_prefill(llm, monkeypatch):
 def test_abort_while_a_decode_call_chained_onto_its_prefill_is_pending(llm, monkeypatch):
     """A request aborted while both its prefill call and the first decode call chained onto it are
     uncollected ends "cancelled"; the others give what they give unchained; nothing leaks."""
-    engine = llm._engine
     rng = np.random.default_rng(23)
     prompts = [{"prompt_token_ids": rng.integers(3, 200, size=10).tolist()} for _ in range(3)]
     params = [SamplingParams(max_tokens=18, ignore_eos=True, temperature=0) for _ in prompts]
-    expected = _run_decode(llm, False, prompts, params)
 
     def victim(e):  # the prefill's last request, once the prefill and its chained decode call are both out
         return e._pending[0].prefill[-1][0] if e._pending is not None and e._pending_decode is not None else None
 
-    aborted = _abort_while_pending(engine, monkeypatch, victim)
-    engine.overlap_decode = True
-    try:
-        handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
-        outs = [h.result(timeout=120) for h in handles]
-    finally:
-        engine.overlap_decode = None  # the default
-    assert aborted, "no decode call was chained onto a pending prefill"
-    _assert_cancelled_or_exact(handles, outs, expected, aborted)
-    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+    _abort_in_a_chained_run(llm, monkeypatch, prompts, params, victim, "no decode call was chained onto a pending prefill")
 
 
 def test_join_decode_respects_prefill_first():
@@ -481,22 +488,12 @@ def test_chained_decode_streams_every_token_in_order(llm):
 def test_abort_while_a_decode_call_is_pending(llm, monkeypatch):
     """A request aborted while its decode call is uncollected ends "cancelled"; the others give what
     they give without the abort; no block leaks."""
-    engine = llm._engine
     rng = np.random.default_rng(10)
     prompts = [{"prompt_token_ids": rng.integers(3, 200, size=12).tolist()} for _ in range(5)]
     params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=0) for _ in prompts]
-    expected = _run_decode(llm, False, prompts, params)
-    aborted = _abort_while_pending(engine, monkeypatch,
-                                   lambda e: e._pending_decode[0][1] if e._pending_decode is not None else None)
-    engine.overlap_decode = True
-    try:
-        handles = [llm.generate_async(p, sp) for p, sp in zip(prompts, params)]
-        outs = [h.result(timeout=120) for h in handles]
-    finally:
-        engine.overlap_decode = None  # the default
-    assert aborted, "no decode call was left pending"
-    _assert_cancelled_or_exact(handles, outs, expected, aborted)
-    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight
+    _abort_in_a_chained_run(llm, monkeypatch, prompts, params,
+                            lambda e: e._pending_decode[0][1] if e._pending_decode is not None else None,
+                            "no decode call was left pending")
 
 
 def test_decode_calls_chain_by_default_exactly_where_their_loop_is_fixed(llm, monkeypatch):

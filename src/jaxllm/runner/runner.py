@@ -28,8 +28,10 @@ import numpy as np
 from flax import nnx
 
 from ..models import ModelConfig
+from ..pallas.greedy import greedy_advance, greedy_fits
 from ..sampling import BadWordsState, PenaltyState, SamplingArrays, sample, token_info
 from ..sharding import tensor_parallel_for, tensor_parallel_size
+from ..switches import env_flag
 from .multihost import Mirror, local_tree, spans_processes
 from .paged import (
     ATTENTION_BACKENDS,
@@ -193,6 +195,10 @@ class ModelRunner:
         self._loop_mode = decode_loop_mode()
         self._on_gpu = mesh.devices.flat[0].platform == "gpu"
         self._fixed_max_rows = fixed_loop_max_rows()
+        # JAXLLM_GREEDY_KERNEL=1: all-greedy steps (no penalties, bad words or logprobs) sample and
+        # update the row state in pallas.greedy's two kernels, on one device (interpreted on CPUs);
+        # opt-in until measured on a GPU
+        self._greedy_kernel = env_flag("JAXLLM_GREEDY_KERNEL") and mesh.devices.size == 1
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -255,7 +261,16 @@ class ModelRunner:
         """Sample the next token of every row from logits [B, V] and update stop bookkeeping.
 
         Returns (state, tokens [B] (-1 for rows already done), token_info dict of [B, ...] arrays).
+        All-greedy rows with no penalties, bad words or logprobs asked take pallas.greedy's two
+        kernels where JAXLLM_GREEDY_KERNEL=1 (the same arithmetic; opt-in until measured).
         """
+        if (all_greedy and num_logprobs is None and state.penalty is None and state.bad_words is None
+                and self._greedy_kernel and greedy_fits(logits.shape[-1])):
+            out, lp, tokens, positions, num, done = greedy_advance(
+                logits, state.stop_ids, state.tokens, state.positions, state.num_generated, state.min_tokens,
+                state.max_tokens, state.done, interpret=not self._on_gpu)
+            new = dataclasses.replace(state, tokens=tokens, positions=positions, num_generated=num, done=done)
+            return new, out, {"logprob": lp}
         rows = jnp.arange(logits.shape[0])[:, None]
         if state.penalty is not None:
             logits = state.penalty.apply(logits.astype(jnp.float32))
