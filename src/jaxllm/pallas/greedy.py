@@ -20,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ..sampling import advance_rows
+
 BIG = 2**31 - 1  # an index past every vocabulary
 MIN_BLOCK = 64  # the vocabulary's blocks: a power of two dividing V, at least this
 
@@ -39,18 +41,8 @@ def reference_greedy_advance(logits, stop_ids, tokens, positions, num_generated,
     x = logits.astype(jnp.float32).at[rows, jnp.where(block, stop_ids, v)].set(-jnp.inf, mode="drop")
     tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
     lp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], axis=-1)[:, 0]
-    out, *state = _bookkeeping(tok, stop_ids, tokens, positions, num_generated, max_tokens, done)
+    out, *state = advance_rows(tok, stop_ids, tokens, positions, num_generated, max_tokens, done)
     return (out, lp, *state)
-
-
-def _bookkeeping(tok, stop_ids, tokens, positions, num_generated, max_tokens, done):
-    """(tokens out, tokens, positions, num_generated, done) after a row's token `tok` (ModelRunner._advance)."""
-    active = ~done
-    num = num_generated + active.astype(jnp.int32)
-    hit_stop = jnp.max((tok[:, None] == stop_ids).astype(jnp.int32), axis=-1) > 0  # any (Triton has no reduce_or)
-    new_done = done | (active & (hit_stop | (num >= max_tokens)))
-    return (jnp.where(active, tok, -1), jnp.where(active, tok, tokens), jnp.where(active, positions + 1, positions),
-            num, new_done)
 
 
 @functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "interpret"))
@@ -113,7 +105,7 @@ def greedy_advance(logits, stop_ids, tokens, positions, num_generated, min_token
         total = jnp.sum(jnp.where(cols & (mm > -jnp.inf), s_ref[row, :] * jnp.exp(mm - top), 0.0))
         lp_ref[row] = jnp.full((1,), -jnp.log(total), f32)
         tok1 = jnp.full((1,), tok, i32)
-        out, tokens, pos, num, dn = _bookkeeping(tok1, stop_ref[row, :], tok_ref[row], pos_ref[row], num_ref[row],
+        out, tokens, pos, num, dn = advance_rows(tok1, stop_ref[row, :], tok_ref[row], pos_ref[row], num_ref[row],
                                                  max_ref[row], done_ref[row] != 0)
         out_ref[row], tok_o[row], pos_o[row], num_o[row] = out, tokens, pos, num
         done_o[row] = dn.astype(i32)

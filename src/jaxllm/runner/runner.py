@@ -29,7 +29,7 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..pallas.greedy import greedy_advance, greedy_fits
-from ..sampling import BadWordsState, PenaltyState, SamplingArrays, sample, token_info
+from ..sampling import BadWordsState, PenaltyState, SamplingArrays, advance_rows, sample, token_info
 from ..sharding import tensor_parallel_for, tensor_parallel_size
 from ..switches import env_flag
 from .multihost import Mirror, local_tree, spans_processes
@@ -283,19 +283,18 @@ class ModelRunner:
         next_pos = state.positions + 1
         tok, logprobs = sample(logits, state.sampling, next_pos, all_greedy)
         active = ~state.done
-        num = state.num_generated + active.astype(jnp.int32)
-        hit_stop = jnp.any(tok[:, None] == state.stop_ids, axis=-1)
-        done = state.done | (active & (hit_stop | (num >= state.max_tokens)))
+        out, tokens, positions, num, done = advance_rows(tok, state.stop_ids, state.tokens, state.positions,
+                                                         state.num_generated, state.max_tokens, state.done)
         new = dataclasses.replace(
             state,
-            tokens=jnp.where(active, tok, state.tokens),
-            positions=jnp.where(active, next_pos, state.positions),
+            tokens=tokens,
+            positions=positions,
             num_generated=num,
             done=done,
             penalty=state.penalty.update(tok, active) if state.penalty is not None else None,
             bad_words=state.bad_words.update(tok, active) if state.bad_words is not None else None,
         )
-        return new, jnp.where(active, tok, -1), token_info(logprobs, tok, num_logprobs)
+        return new, out, token_info(logprobs, tok, num_logprobs)
 
     def _prefill_impl(
         self, params, pool, tokens, positions, valid, block_tables, last_idx, state: RowState, num_logprobs,

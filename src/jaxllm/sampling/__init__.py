@@ -115,6 +115,19 @@ def sample(logits, s: SamplingArrays, positions, all_greedy: bool = False):
     return tokens, jax.nn.log_softmax(logits, axis=-1)
 
 
+def advance_rows(tok, stop_ids, tokens, positions, num_generated, max_tokens, done):
+    """A decode step's row bookkeeping after each row's new token `tok` [B]: (tokens out (-1 for rows
+    already done), tokens, positions, num_generated, done). A row is done once it makes one of its
+    stop_ids [B, K] or its max_tokens-th token. (Written for Pallas Triton too, pallas.greedy's
+    kernel: "any" as a max, which Triton lowers.)"""
+    active = ~done
+    num = num_generated + active.astype(jnp.int32)
+    hit_stop = jnp.max((tok[:, None] == stop_ids).astype(jnp.int32), axis=-1) > 0
+    new_done = done | (active & (hit_stop | (num >= max_tokens)))
+    return (jnp.where(active, tok, -1), jnp.where(active, tok, tokens), jnp.where(active, positions + 1, positions),
+            num, new_done)
+
+
 def token_info(logprobs, tokens, num_logprobs: int | None) -> dict:
     """What the host gets about each chosen token: its logprob, and with num_logprobs (static) its
     rank (1 = most likely) and the num_logprobs most likely tokens with their logprobs."""
