@@ -204,12 +204,7 @@ class Scheduler:
         max_tokens. Those rows' blocks are grown, without preempting anyone, to cover both calls (KV
         counted as of the call before); False if the pool is short. `ahead`: the steps of the call in
         flight (default decode_steps)."""
-        if self.waiting or len(self.running) != len(rows) or any(
-                r.status is not Status.RUNNING or len(r.all_ids) - r.num_computed != 1 for r in rows):
-            return False
-        going_on = [r for r in rows if r.num_generated + (ahead or self.decode_steps) < r.params.max_tokens]
-        return bool(going_on) and all(self._grow(r, min(r.num_computed + 2 * self.decode_steps, r.max_kv_tokens))
-                                      for r in going_on)
+        return self._may_chain(rows, 1, ahead or self.decode_steps, 2 * self.decode_steps)
 
     def decode_after_prefill(self, reqs: list[Request]) -> bool:
         """Whether `reqs` -- whose prompts a prefill call still in flight completes, their next tokens
@@ -217,12 +212,18 @@ class Scheduler:
         waits, they are every running request, each has its whole prompt's KV counted, and one of
         them goes on past the token the prefill makes. Those rows' blocks are grown, without
         preempting anyone, to cover the call; False if the pool is short."""
-        if self.waiting or len(self.running) != len(reqs) or any(
-                r.status is not Status.RUNNING or r.num_computed != len(r.all_ids) for r in reqs):
+        return self._may_chain(reqs, 0, 1, self.decode_steps)
+
+    def _may_chain(self, rows: list[Request], lacking: int, ahead: int, cover: int) -> bool:
+        """continue_decode / decode_after_prefill: nothing waits, `rows` are every running request, each
+        running with `lacking` tokens of its own not yet in the KV, and the `ahead` tokens in flight
+        leave one of them short of its max_tokens; those rows' blocks grow to `cover` KV slots past
+        what is computed (capped by max_kv_tokens), without preempting anyone. False if any of it fails."""
+        if self.waiting or len(self.running) != len(rows) or any(
+                r.status is not Status.RUNNING or len(r.all_ids) - r.num_computed != lacking for r in rows):
             return False
-        going_on = [r for r in reqs if r.num_generated + 1 < r.params.max_tokens]
-        return bool(going_on) and all(self._grow(r, min(r.num_computed + self.decode_steps, r.max_kv_tokens))
-                                      for r in going_on)
+        going_on = [r for r in rows if r.num_generated + ahead < r.params.max_tokens]
+        return bool(going_on) and all(self._grow(r, min(r.num_computed + cover, r.max_kv_tokens)) for r in going_on)
 
     def join_decode(self, plan: Plan, reqs: list[Request]) -> None:
         """reqs got their next token after `plan` was made (from a prefill call then in flight, which

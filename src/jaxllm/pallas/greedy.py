@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..sampling import advance_rows
+from ..sampling import advance_rows, forbid_stops_before_min
 
 BIG = 2**31 - 1  # an index past every vocabulary
 MIN_BLOCK = 64  # the vocabulary's blocks: a power of two dividing V, at least this
@@ -35,11 +35,8 @@ def reference_greedy_advance(logits, stop_ids, tokens, positions, num_generated,
     """The same in plain jnp, as ModelRunner._advance computes it for greedy rows: (tokens out [B]
     (-1 for rows already done), the chosen tokens' logprobs [B], then the row state's tokens,
     positions, num_generated and done)."""
-    b, v = logits.shape
-    rows = jnp.arange(b)[:, None]
-    block = (num_generated < min_tokens)[:, None]
-    x = logits.astype(jnp.float32).at[rows, jnp.where(block, stop_ids, v)].set(-jnp.inf, mode="drop")
-    tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    x = forbid_stops_before_min(logits.astype(jnp.float32), stop_ids, num_generated, min_tokens)
+    tok =  jnp.argmax(x, axis=-1).astype(jnp.int32)
     lp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], axis=-1)[:, 0]
     out, *state = advance_rows(tok, stop_ids, tokens, positions, num_generated, max_tokens, done)
     return (out, lp, *state)

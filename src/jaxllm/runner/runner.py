@@ -29,7 +29,8 @@ from flax import nnx
 
 from ..models import ModelConfig
 from ..pallas.greedy import greedy_advance, greedy_fits
-from ..sampling import BadWordsState, PenaltyState, SamplingArrays, advance_rows, sample, token_info
+from ..sampling import (BadWordsState, PenaltyState, SamplingArrays, advance_rows, forbid_stops_before_min, sample,
+                        token_info)
 from ..sharding import tensor_parallel_for, tensor_parallel_size
 from ..switches import env_flag
 from .multihost import Mirror, local_tree, spans_processes
@@ -271,15 +272,11 @@ class ModelRunner:
                 state.max_tokens, state.done, interpret=not self._on_gpu)
             new = dataclasses.replace(state, tokens=tokens, positions=positions, num_generated=num, done=done)
             return new, out, {"logprob": lp}
-        rows = jnp.arange(logits.shape[0])[:, None]
         if state.penalty is not None:
             logits = state.penalty.apply(logits.astype(jnp.float32))
         if state.bad_words is not None:
             logits = state.bad_words.apply(logits.astype(jnp.float32))
-        # Before min_tokens, tokens that would end the row are not allowed.
-        block = (state.num_generated < state.min_tokens)[:, None]
-        stop_ids = jnp.where(block, state.stop_ids, self.cfg.vocab_size)
-        logits = logits.at[rows, stop_ids].set(-jnp.inf, mode="drop")
+        logits = forbid_stops_before_min(logits, state.stop_ids, state.num_generated, state.min_tokens)
         next_pos = state.positions + 1
         tok, logprobs = sample(logits, state.sampling, next_pos, all_greedy)
         active = ~state.done

@@ -115,6 +115,14 @@ def sample(logits, s: SamplingArrays, positions, all_greedy: bool = False):
     return tokens, jax.nn.log_softmax(logits, axis=-1)
 
 
+def forbid_stops_before_min(logits, stop_ids, num_generated, min_tokens):
+    """logits [B, V] with each row's stop_ids [B, K] (ids >= V: padding) at -inf while the row has
+    made fewer than its min_tokens: before min_tokens, tokens that would end the row are not allowed."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    block = (num_generated < min_tokens)[:, None]
+    return logits.at[rows, jnp.where(block, stop_ids, logits.shape[-1])].set(-jnp.inf, mode="drop")
+
+
 def advance_rows(tok, stop_ids, tokens, positions, num_generated, max_tokens, done):
     """A decode step's row bookkeeping after each row's new token `tok` [B]: (tokens out (-1 for rows
     already done), tokens, positions, num_generated, done). A row is done once it makes one of its
