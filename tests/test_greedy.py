@@ -47,12 +47,31 @@ def test_greedy_advance_matches_the_runners_arithmetic(b, v, block_v):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
         else:
             assert np.array_equal(np.asarray(g), np.asarray(w)), (name, g, w)
+    _check_in_place(args, block_v, interpret=True)
     out = np.asarray(got[0])
     assert out[0] == 5 and (b < 2 or out[1] != 9)
     if b > 3:
         assert out[3] == -1, "a done row makes no token"
     if b > 2:
         assert bool(got[5][2]), "a row that makes its stop token is done"
+
+
+def _check_in_place(args, block_v=4096, interpret=False, steps=5, step=3):
+    """The decode loop's form: the token and its logprob written into column `step` of [B, steps]
+    buffers (the other columns kept), the state as the plain form returns it."""
+    b = args[0].shape[0]
+    out = jnp.asarray(np.arange(b * steps, dtype=np.int32).reshape(b, steps))
+    out_lp = -jnp.asarray(np.arange(b * steps, dtype=np.float32).reshape(b, steps))
+    want = reference_greedy_advance(*args, out, out_lp, jnp.int32(step))
+    got = greedy_advance(*args, out, out_lp, jnp.int32(step), block_v=block_v, interpret=interpret)
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        assert g.shape == w.shape and g.dtype == w.dtype, i
+        if i == 1:
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+        else:
+            assert np.array_equal(np.asarray(g), np.asarray(w)), (i, g, w)
+    assert np.array_equal(np.delete(np.asarray(got[0]), step, axis=1), np.delete(np.asarray(out), step, axis=1))
+    assert not np.array_equal(np.asarray(got[1])[:, step], np.asarray(out_lp)[:, step])
 
 
 @pytest.mark.gpu
@@ -67,6 +86,7 @@ def test_greedy_advance_compiled_on_the_gpu(b):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
         else:
             assert np.array_equal(np.asarray(g), np.asarray(w)), i
+    _check_in_place(args)
 
 
 def test_greedy_fits_and_refuses():

@@ -97,6 +97,10 @@ def test_greedy_kernels_lower_for_cuda(cuda_lowering, rows, vocab):
     from jaxllm.pallas.greedy import greedy_advance
 
     i = S((rows,), jnp.int32)
-    text = cuda_lowering(lambda *a: greedy_advance(*a), S((rows, vocab), F32), S((rows, 4), jnp.int32), i, i, i, i, i,
-                         S((rows,), jnp.bool_))
+    state = (S((rows, vocab), F32), S((rows, 4), jnp.int32), i, i, i, i, i, S((rows,), jnp.bool_))
+    text = cuda_lowering(lambda *a: greedy_advance(*a), *state)
+    assert text.count("triton") >= 2
+    # the decode loop's form: the token and logprob written into column `step` of its outputs, in place
+    text = cuda_lowering(lambda *a: greedy_advance(*a), *state, S((rows, 16), jnp.int32), S((rows, 16), F32),
+                         S((), jnp.int32))
     assert text.count("triton") >= 2
