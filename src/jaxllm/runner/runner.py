@@ -28,11 +28,9 @@ import numpy as np
 from flax import nnx
 
 from ..models import ModelConfig
-from ..pallas.greedy import greedy_advance, greedy_fits
 from ..sampling import (BadWordsState, PenaltyState, SamplingArrays, advance_rows, forbid_stops_before_min, sample,
                         token_info)
 from ..sharding import tensor_parallel_for, tensor_parallel_size
-from ..switches import env_flag
 from .multihost import Mirror, local_tree, spans_processes
 from .paged import (
     ATTENTION_BACKENDS,
@@ -196,9 +194,6 @@ class ModelRunner:
         self._loop_mode = decode_loop_mode()
         self._on_gpu = mesh.devices.flat[0].platform == "gpu"
         self._fixed_max_rows = fixed_loop_max_rows()
-        # JAXLLM_GREEDY_KERNEL=1: all-greedy steps (no penalties, bad words or logprobs) sample and
-        # update the row state in pallas.greedy's two kernels, on one device (interpreted on CPUs)
-        self._greedy_kernel = env_flag("JAXLLM_GREEDY_KERNEL") and mesh.devices.size == 1
         # Placed on the mesh from the start, like every pool the step functions return: a first pool
         # with another sharding would make each step shape compile twice.
         self.pool = jax.jit(
@@ -257,29 +252,11 @@ class ModelRunner:
         hidden, pool = model(tokens, positions, pool, attend)
         return model, hidden, pool
 
-    def _greedy_kernel_serves(self, state: RowState, logits, num_logprobs, all_greedy) -> bool:
-        """Whether pallas.greedy's kernels take this step (JAXLLM_GREEDY_KERNEL=1): all-greedy rows
-        with no penalties, bad words or logprobs asked, a vocabulary they fit."""
-        return (self._greedy_kernel and all_greedy and num_logprobs is None and state.penalty is None
-                and state.bad_words is None and greedy_fits(logits.shape[-1]))
-
-    def _greedy(self, state: RowState, logits, out=None, out_lp=None, step=None):
-        """pallas.greedy's step: (state, tokens out, logprobs) -- with out / out_lp [B, S] and step,
-        those two written into column `step` of them in place and returned instead."""
-        out, lp, tokens, positions, num, done = greedy_advance(
-            logits, state.stop_ids, state.tokens, state.positions, state.num_generated, state.min_tokens,
-            state.max_tokens, state.done, out, out_lp, step, interpret=not self._on_gpu)
-        return dataclasses.replace(state, tokens=tokens, positions=positions, num_generated=num, done=done), out, lp
-
     def _advance(self, state: RowState, logits, num_logprobs, all_greedy=False):
         """Sample the next token of every row from logits [B, V] and update stop bookkeeping.
 
         Returns (state, tokens [B] (-1 for rows already done), token_info dict of [B, ...] arrays).
-        Steps `_greedy_kernel_serves` take pallas.greedy's two kernels (the same arithmetic).
         """
-        if self._greedy_kernel_serves(state, logits, num_logprobs, all_greedy):
-            new, out, lp = self._greedy(state, logits)
-            return new, out, {"logprob": lp}
         if state.penalty is not None:
             logits = state.penalty.apply(logits.astype(jnp.float32))
         if state.bad_words is not None:
@@ -334,11 +311,7 @@ class ModelRunner:
             i, pool, st, out, out_lp = carry
             pos = st.positions[:, None]
             model, hidden, pool = self._forward(params, pool, st.tokens[:, None], pos, ~st.done[:, None], block_tables)
-            logits = model.logits(hidden[:, 0])
-            if self._greedy_kernel_serves(st, logits, num_logprobs, all_greedy):  # its outputs written in place
-                st, out, lp = self._greedy(st, logits, out, out_lp["logprob"], i)
-                return i + 1, pool, st, out, {"logprob": lp}
-            st, tok, info = self._advance(st, logits, num_logprobs, all_greedy)
+            st, tok, info = self._advance(st, model.logits(hidden[:, 0]), num_logprobs, all_greedy)
             out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
             out_lp = jax.tree.map(
                 lambda o, x: jax.lax.dynamic_update_slice(o, x[:, None], (0, i) + (0,) * (x.ndim - 1)), out_lp, info

@@ -126,8 +126,7 @@ def forbid_stops_before_min(logits, stop_ids, num_generated, min_tokens):
 def advance_rows(tok, stop_ids, tokens, positions, num_generated, max_tokens, done):
     """A decode step's row bookkeeping after each row's new token `tok` [B]: (tokens out (-1 for rows
     already done), tokens, positions, num_generated, done). A row is done once it makes one of its
-    stop_ids [B, K] or its max_tokens-th token. (Written for Pallas Triton too, pallas.greedy's
-    kernel: "any" as a max, which Triton lowers.)"""
+    stop_ids [B, K] or its max_tokens-th token."""
     active = ~done
     num = num_generated + active.astype(jnp.int32)
     hit_stop = jnp.max((tok[:, None] == stop_ids).astype(jnp.int32), axis=-1) > 0
