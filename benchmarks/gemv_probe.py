@@ -62,6 +62,12 @@ def build(kind, k, n, bn, bk, splits, nw, ns, per=1, interpret=False):
 
 def gpu_kernels(f, args, reps=3, tdir="/tmp/probe-trace"):
     """(name, device µs) of every GPU kernel of `reps` calls of f (after two warm-up calls), by the profiler."""
+    return [(e["name"], e["dur"]) for e in gpu_events(f, args, reps, tdir)]
+
+
+def gpu_events(f, args, reps=3, tdir="/tmp/probe-trace"):
+    """The profiler's trace events (name, dur, args: the launch shape) of every GPU kernel of `reps`
+    calls of f, after two warm-up calls."""
     jax.block_until_ready(f(*args))
     jax.block_until_ready(f(*args))
     shutil.rmtree(tdir, ignore_errors=True)
@@ -72,7 +78,7 @@ def gpu_kernels(f, args, reps=3, tdir="/tmp/probe-trace"):
     tr = json.load(gzip.open(path))
     ev = tr["traceEvents"] if isinstance(tr, dict) else tr
     procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    return [(e["name"], e["dur"]) for e in ev if e.get("ph") == "X" and "/device:GPU" in procs.get(e["pid"], "")]
+    return [e for e in ev if e.get("ph") == "X" and "/device:GPU" in procs.get(e["pid"], "")]
 
 
 def device_us(f, args, reps=3, tdir="/tmp/probe-trace", names=("kernel",)):

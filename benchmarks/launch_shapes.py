@@ -9,26 +9,9 @@ A Triton kernel shaped like XLA's (its rows a block, bytes a thread, loads in fl
 thing to try where the ~400 pallas.gemv tilings swept so far stop (BENCHMARKS.md "Nineteenth
 session").
 """
-import argparse, glob, gzip, json, os, re, shutil, statistics, sys
+import argparse, glob, json, os, re, shutil, statistics, sys
 
 SHAPES = {"gate/up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144), "o": (4096, 4096)}
-
-
-def kernel_events(f, args, reps=5, tdir="/tmp/launch-trace"):
-    """The profiler's GPU kernel events (name, dur, args) of `reps` calls of f after warm-up."""
-    import jax
-
-    for _ in range(2):
-        jax.block_until_ready(f(*args))
-    shutil.rmtree(tdir, ignore_errors=True)
-    with jax.profiler.trace(tdir, create_perfetto_trace=True):
-        for _ in range(reps):
-            jax.block_until_ready(f(*args))
-    path = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-    tr = json.load(gzip.open(path))
-    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-    procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    return [e for e in ev if e.get("ph") == "X" and "/device:GPU" in procs.get(e["pid"], "")]
 
 
 def summarize(events):
@@ -67,7 +50,9 @@ def main():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={a.dump}").strip()
     import jax, jax.numpy as jnp
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [here, os.path.join(here, "..", "src")]
+    from gemv_probe import gpu_events  # (benchmarks/gemv_probe.py; imports JAX, so after XLA_FLAGS)
     from jaxllm.pallas.gemv import gemv, gemv_tiling
 
     out = {}
@@ -82,7 +67,7 @@ def main():
         runs = {"xla row sum (uint32 view)": (jax.jit(lambda w: jnp.sum(w, axis=1)), (wu,)),
                 f"pallas.gemv {t}": (jax.jit(lambda x, w: gemv(x, w, scale, k_minor=True, partials=True, **t)), (x, w))}
         for label, (f, args) in runs.items():
-            kern = summarize(kernel_events(f, args))
+            kern = summarize(gpu_events(f, args, reps=5, tdir="/tmp/launch-trace"))
             for kname, (us, cnt, kargs) in kern.items():
                 shape = ptx_shape(a.dump, kname) if label.startswith("xla") else {}
                 out[f"{name} | {label} | {kname}"] = dict(us=us, count=cnt, launch=kargs, ptx=shape)
