@@ -1,6 +1,7 @@
-"""The tokens and logprobs a model makes, written as JSON, so that two runs under different switches
-(an XLA flag, a kernel knob) can be compared for equality -- a cheap check that a speed switch
-changes no result (Llama-3.1-8B shapes, random weights: deterministic for a given seed):
+"""The tokens a model makes (and each request's cumulative logprob), written as JSON, so that two
+runs under different switches (an XLA flag, a kernel knob) can be compared for equality -- a cheap
+check that a speed switch changes no result (Llama-3.1-8B shapes, random weights: deterministic
+for a given seed):
 
     PYTHONPATH=src python benchmarks/tokens_check.py OUT.json [--model DIR] [--quantization fp8] [--batch 1 4]
     python benchmarks/tokens_check.py --compare A.json B.json   # exits 1 where they differ
@@ -31,6 +32,8 @@ def main():
     args = ap.parse_args()
     if args.compare:
         sys.exit(compare(*args.compare))
+    if args.out is None:
+        ap.error("OUT.json (where to write the tokens) is required unless --compare A.json B.json")
     from jaxllm import LLM, SamplingParams
 
     rows = []

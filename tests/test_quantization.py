@@ -497,9 +497,9 @@ def _teacher_forced_logits(llm, seqs) -> np.ndarray:
 # fp8-w8a8 (activations quantized per token too, in these calls of >= 64 tokens): 0.919 (147 of
 # 160) on the earlier sessions' machines, 0.900 (144) on an AVX2-only AMD EPYC with the same
 # packages (2026-11-28; the earlier tree gives the same there): XLA's CPU float32 sums differ by
-# machine and three more near-ties (margins < 0.52) flip. The bars
-# below leave at least two positions of such slack under the lower figures (fp8 151 of 160 on both
-# CPUs); the margin check is what catches bugs.
+# machine and three more near-ties (margins < 0.52) flip. The bars below leave at least two
+# positions of such slack under the lower figures (fp8 151 of 160 on both CPUs); the margin check
+# is what catches bugs.
 MIN_AGREEMENT = {"fp8": 0.93, "int8": 0.95, "fp8-w8a8": 0.88}
 
 

@@ -129,7 +129,7 @@ def advance_rows(tok, stop_ids, tokens, positions, num_generated, max_tokens, do
     stop_ids [B, K] or its max_tokens-th token."""
     active = ~done
     num = num_generated + active.astype(jnp.int32)
-    hit_stop = jnp.max((tok[:, None] == stop_ids).astype(jnp.int32), axis=-1) > 0
+    hit_stop = jnp.any(tok[:, None] == stop_ids, axis=-1)
     new_done = done | (active & (hit_stop | (num >= max_tokens)))
     return (jnp.where(active, tok, -1), jnp.where(active, tok, tokens), jnp.where(active, positions + 1, positions),
             num, new_done)
