@@ -68,7 +68,7 @@ def main():
         for label, (f, args) in runs.items():
             kern = summarize(gpu_events(f, args, reps=5, tdir="/tmp/launch-trace"))
             for kname, (us, cnt, kargs) in kern.items():
-                shape = ptx_shape(a.dump, kname) if label.startswith("xla") else {}
+                shape = ptx_shape(a.dump, kname)  # {} where the dump has no PTX of it
                 out[f"{name} | {label} | {kname}"] = dict(us=us, count=cnt, launch=kargs, ptx=shape)
                 print(f"{name:8} {label:48} {kname:36} {us:7.2f} us x{cnt}\n    launch {kargs}\n    ptx {shape}",
                       flush=True)

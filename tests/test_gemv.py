@@ -70,6 +70,31 @@ def test_gemv_computes_silu_mul_of_gate_and_up(m, k_minor, dtype, splits, fma):
         gemv(x, w, scale, k_minor=k_minor, block_n=128, block_k=64, splits=splits, fma=fma, act="gelu", interpret=True)
 
 
+@pytest.mark.parametrize("unroll", [2, 3, 8])
+def test_unrolled_k_loops_and_sums_at_the_end_change_nothing(unroll):
+    """unroll (several K steps a loop body; all of them, here 8; 3 leaves steps over) and sum_last
+    (per-thread sums reduced once at the end) compute the same one-row fp8 product as the plain loop;
+    out_act's gate/up form unrolls too; sum_last refuses what it does not serve."""
+    k, n = 512, 64
+    x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+    w = (0.05 * jax.random.normal(jax.random.key(1), (n, k), jnp.float32)).astype(jnp.float8_e4m3fn)
+    scale = jnp.linspace(0.5, 1.5, n)
+    kw = dict(k_minor=True, fma=True, block_n=2, block_k=64, interpret=True)
+    want = reference_gemv(x, w, scale, k_minor=True)
+    for splits in (1, 2):
+        plain = gemv(x, w, scale, splits=splits, **kw)
+        for sum_last in (False, True):
+            got = gemv(x, w, scale, splits=splits, unroll=unroll, sum_last=sum_last, **kw)
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(plain, np.float32), rtol=1e-2, atol=1e-2)
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    gated = gemv(x, w, scale, splits=1, out_act="silu_mul", **kw)
+    assert gated.shape == (1, n // 2)
+    np.testing.assert_array_equal(np.asarray(gemv(x, w, scale, splits=1, out_act="silu_mul", unroll=unroll, **kw)),
+                                  np.asarray(gated))
+    with pytest.raises(ValueError, match="sum_last"):
+        gemv(x, w, scale, splits=1, out_act="silu_mul", sum_last=True, **kw)
+
+
 @pytest.mark.parametrize("fma", [True, False])
 def test_gemv_hands_back_split_k_partials_on_request(fma):
     """partials=True at one row and several splits: the float32 partial sums [S, 1, N], each scaled,
@@ -149,7 +174,8 @@ def test_wide_fp8_products_read_four_whole_rows_a_program():
 
     assert gemv_tiling(1, 4096, 28672, 1, True) == dict(block_n=4, block_k=4096, splits=1, fma=True)
     assert gemv_tiling(1, 4096, 128256, 1, True)["block_n"] == 4
-    assert gemv_tiling(1, 4096, 28672, 1, True, out_act="silu_mul") == dict(block_n=2, block_k=4096, splits=1, fma=True)
+    assert gemv_tiling(1, 4096, 28672, 1, True, out_act="silu_mul") == dict(block_n=1, block_k=1024, splits=1,
+                                                                          num_warps=1, unroll=4, fma=True)
     assert gemv_tiling(1, 14336, 4096, 1, True, act="silu_mul")["block_n"] == 32  # silu * up once for 32 columns
     narrow = dict(block_n=2, block_k=1024, splits=2, num_warps=1, fma=True)  # plain, narrower than WIDE_N
     assert gemv_tiling(1, 14336, 4096, 1, True) == narrow and gemv_tiling(1, 4096, 6144, 1, True) == narrow

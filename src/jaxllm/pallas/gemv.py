@@ -51,7 +51,7 @@ TILING_ENV = "JAXLLM_GEMV_TILING"
 def forced_tiling(k: int, n: int) -> dict | None:
     """The tiling JAXLLM_GEMV_TILING names for a K x N weight, else None: for in-model A/Bs of the
     tilings benchmarks/gemv.py times alone (read when a model traces). Its value is
-    ``KxN=block_n,block_k,splits[,num_warps]`` entries separated by ``;``, e.g.
+    ``KxN=block_n,block_k,splits[,num_warps[,unroll]]`` entries separated by ``;``, e.g.
     ``4096x2048=8,2048,1;4096x4096=32,512,1,8`` (``/`` may stand for ``,``: the device scripts'
     variant lists split on commas)."""
     value = os.environ.get(TILING_ENV, "").strip()
@@ -60,13 +60,13 @@ def forced_tiling(k: int, n: int) -> dict | None:
             shape, _, numbers = entry.partition("=")
             kk, nn = (int(v) for v in shape.lower().split("x"))
             fields = [int(v) for v in numbers.replace("/", ",").split(",")]
-            if len(fields) not in (3, 4) or min(fields) < 1:
+            if len(fields) not in (3, 4, 5) or min(fields) < 1:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{TILING_ENV}={value!r}: expected entries 'KxN=block_n,block_k,splits[,num_warps]' "
+            raise ValueError(f"{TILING_ENV}={value!r}: expected entries 'KxN=block_n,block_k,splits[,num_warps[,unroll]]' "
                              "of positive integers separated by ';'") from None
         if (kk, nn) == (k, n):
-            return dict(zip(("block_n", "block_k", "splits", "num_warps"), fields))
+            return dict(zip(("block_n", "block_k", "splits", "num_warps", "unroll"), fields))
     return None
 
 
@@ -80,7 +80,10 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True,
     session"): a one-byte weight (fp8, int8) times one row: multiply-adds (`fma`) over blocks of 32
     columns x 512 bytes of K stored [N, K] (k_minor) -- but a wide weight with short rows (N >=
     WIDE_N, K <= 4096: the gate/up projection, an fp8 LM head) in blocks of 4 whole rows, one step
-    a program (XLA's row-reduction pattern: 40.9 vs 43.6 us for 8B's gate/up on an H100), -- of
+    a program (XLA's row-reduction pattern: 40.9 vs 43.6 us for 8B's gate/up on an H100; one
+    returning silu(gate) * up: one row of each half a program and one warp, K read 1024 bytes a
+    step with every step's loads issued at once -- 40.4 vs 42.4 us for 2 + 2 whole rows, twentieth
+    session), -- of
     256 columns x 64 of K stored [K, N] (512 / 256 contiguous bytes a row; the [K, N] tiling is not
     measured yet);
     else a tensor-core dot over 128 columns where that gives most SMs a block (no split: the
@@ -98,7 +101,10 @@ def gemv_tiling(m: int, k: int, n: int, itemsize: int = 2, k_minor: bool = True,
                              f"(n % block_n == 0, k % (splits * block_k) == 0, rows <= {ROWS})")
         return dict(forced, fma=fma)
     if fma and k_minor and n >= WIDE_N and n % 4 == 0 and k <= 4096 and k & (k - 1) == 0:
-        return dict(block_n=2 if out_act else 4, block_k=k, splits=1, fma=True)
+        if out_act:  # one row of gate and one of up a program, one warp, every K step's loads issued at once
+            block_k = min(k, 1024)
+            return dict(block_n=1, block_k=block_k, splits=1, num_warps=1, unroll=k // block_k, fma=True)
+        return dict(block_n=4, block_k=k, splits=1, fma=True)
     if out_act:
         t = gemv_tiling(m, k, n // 2, itemsize, k_minor)  # each half's columns
         return None if t is None or not t["fma"] else dict(t, splits=1)
@@ -192,12 +198,33 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False, act: str | None = No
     return y.astype(x.dtype)
 
 
+def _unrolled_loop(steps: int, body, init, unroll: int):
+    """fori_loop(0, steps, body, init) with `unroll` steps a loop body, written out here (Pallas
+    Triton's scan lowering takes no unroll); the steps left over after the loop, and all of them
+    when unroll >= steps, written out after it."""
+    unroll = max(1, min(unroll, steps))
+    if unroll == 1:
+        return jax.lax.fori_loop(0, steps, body, init)
+
+    def run(first, count, acc):
+        for u in range(count):
+            acc = body(first + u, acc)
+        return acc
+
+    loops = steps // unroll
+    acc = init if loops < 2 else jax.lax.fori_loop(0, loops, lambda c, a: run(c * unroll, unroll, a), init)
+    done = unroll * loops if loops >= 2 else 0
+    return run(done, steps - done, acc)
+
+
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "fma", "out_dtype", "act", "out_act", "partials", "eps", "interpret"))
+                                             "fma", "out_dtype", "act", "out_act", "partials", "eps", "unroll", "sum_last",
+                                             "interpret"))
 def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False, block_n: int = 128,
          block_k: int = 64, splits: int = 4, num_warps: int = 4, num_stages: int = 4, fma: bool = False,
          out_dtype=None, act: str | None = None, out_act: str | None = None, partials: bool = False,
-         eps: float = 1e-6, interpret: bool = False):
+         eps: float = 1e-6, unroll: int = 1, sum_last: bool = False,
+         interpret: bool = False):
     """x [M, K] @ w ([K, N], or [N, K] with k_minor) (* scale [N]) -> [M, N] in out_dtype (default x's).
 
     With `fma` (one row only) the products are plain multiply-adds in float32 and a reduction over
@@ -219,7 +246,13 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
     (pallas.add_norm.add_rmsnorm's arithmetic), returning (h, n) instead of the product -- the
     program that finishes last, counted by an atomic on a zeroed counter it sets back to 0, adds the
     partial sums every program stored, so the add + norm kernel after the projection (and its
-    launch) is not needed."""
+    launch) is not needed.
+
+    `unroll`: the K loop's steps a loop body (fori_loop's unroll; steps for all of them), so the
+    loads of several steps are issued before their sums (benchmarks/gemv_sweep.py --unroll).
+    `sum_last` (fma, k_minor, no out_act): each thread keeps float32 sums of its own elements of
+    the [block_n, block_k] block across the steps and the block is reduced across threads once, at
+    the end (XLA's row reduction), instead of a reduction every step."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -245,6 +278,8 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
                          f"norm epilogue takes one row of [1, {n}] and [{n}] (n a power of two), split K, fma or one "
                          "row through the dot")
     gated = out_act is not None
+    if sum_last and not (fma and k_minor and not gated):
+        raise ValueError("gemv: sum_last takes one row (fma) of a K-minor weight without out_act")
     if gated and not (fma and k_minor and splits == 1 and m == 1 and n % (2 * block_n) == 0 and not finish):
         raise ValueError(f"gemv: out_act={out_act!r} takes one row (fma), w [2F, K] stored K-minor with F % block_n "
                          f"== 0 and one split, got [{m}, {k}] x [{n}, {k}], block_n={block_n}, splits={splits}")
@@ -287,6 +322,8 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
                              for a, c in zip(acc, (cols, ups)))
             if fma:
                 xs = load_x(0, off).astype(jnp.float32)  # [block_k]
+                if sum_last:
+                    return acc + w_ref[cols, pl.ds(off, block_k)].astype(jnp.float32) * xs[None, :]
                 if k_minor:
                     ws = w_ref[cols, pl.ds(off, block_k)].astype(jnp.float32)  # [block_n, block_k]
                     return acc + jnp.sum(ws * xs[None, :], axis=1)[None]
@@ -304,14 +341,17 @@ def gemv(x, w, scale=None, residual=None, norm_w=None, *, k_minor: bool = False,
 
         zero = jnp.zeros((ROWS if one else rows, block_n), jnp.float32)
         if gated:
-            acc_g, acc_u = jax.lax.fori_loop(0, steps, body, (zero, zero))
+            acc_g, acc_u = _unrolled_loop(steps, body, (zero, zero), unroll)
             if scale is not None:
                 acc_g = acc_g * refs[0][cols].astype(jnp.float32)[None]
                 acc_u = acc_u * refs[0][ups].astype(jnp.float32)[None]
             # each half rounded as the projection would round it, then silu_mul's arithmetic
             o_ref[...] = _silu_times(acc_g.astype(o_ref.dtype), acc_u.astype(o_ref.dtype), o_ref.dtype)
             return
-        acc = jax.lax.fori_loop(0, steps, body, zero)
+        if sum_last:
+            acc = jnp.sum(_unrolled_loop(steps, body, jnp.zeros((block_n, block_k), jnp.float32), unroll), axis=1)[None]
+        else:
+            acc = _unrolled_loop(steps, body, zero, unroll)
         if one:
             acc = jnp.sum(acc, axis=0, keepdims=True)
         if with_scale:
