@@ -158,3 +158,20 @@ def test_compile_counter_sees_compiles_on_any_thread():
     assert c.count == 1 and c.seconds > 0
     jax.jit(lambda x: x - 1)(x)  # outside the block: not counted
     assert c.count == 1
+
+
+def test_gc_pauses_counts_collections_on_any_thread():
+    """bench's GcPauses counts each garbage collection inside it by generation, with its pause."""
+    import gc
+    import threading
+
+    from jaxllm.bench import GcPauses
+
+    with GcPauses() as g:
+        gc.collect()
+        t = threading.Thread(target=lambda: gc.collect(1))
+        t.start()
+        t.join()
+    gc.collect()  # outside the block: not counted
+    assert g.count == {2: 1, 1: 1} and g.seconds >= g.longest > 0
+    assert g.report()["collections"] == {"1": 1, "2": 1}

@@ -201,3 +201,40 @@ def test_device_out_of_memory_says_what_to_change(tiny_llm, monkeypatch):
     monkeypatch.setattr(runner, "_jit_call", failing)
     with pytest.raises(MemoryError, match="free_gpu_memory_fraction"):
         runner.call(*tiny_llm._engine._warmup_calls(32, [True])[0])
+
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_the_engine_keeps_the_collector_off_older_objects_only_while_it_works(tiny_checkpoints, monkeypatch, switch):
+    """While an engine works, the objects made before it got work (the model, traced programs: a
+    full collection of them paused an 8B run ~0.7 s, BENCHMARKS.md "Twentieth session") are frozen
+    out of the garbage collector's walks (gc.freeze); when it goes idle they are unfrozen, so nothing
+    is left uncollectable. JAXLLM_GC_FREEZE=0: never frozen."""
+    import gc
+    import time
+    import types
+
+    from jaxllm.engine import engine as engine_module
+
+    calls = []
+    recording = types.SimpleNamespace(
+        freeze=lambda: (gc.freeze(), calls.append(("freeze", gc.get_freeze_count()))),
+        unfreeze=lambda: (gc.unfreeze(), calls.append(("unfreeze", gc.get_freeze_count()))))
+    monkeypatch.setattr(engine_module, "gc", recording)
+    monkeypatch.setenv("JAXLLM_GC_FREEZE", switch)
+    with LLM(str(tiny_checkpoints["llama3"]), max_seq_len=64, max_batch_size=2, compilation_cache=False) as llm:
+        assert calls == []  # start-up is not work
+        for round_ in range(2):
+            out = llm.generate([{"prompt_token_ids": [3, 14, 15]}] * 3, SamplingParams(max_tokens=20, ignore_eos=True),
+                               use_tqdm=False)
+            assert [len(o.outputs[0].token_ids) for o in out] == [20] * 3  # more requests than rows: all done
+            for _ in range(500):  # the engine thread goes idle just after publishing the last token
+                if len(calls) == 2 * (round_ + 1) or switch == "0":
+                    break
+                time.sleep(0.01)
+            if switch == "1":  # frozen once from work arriving to idle, each time; nothing left frozen
+                assert [c[0] for c in calls] == ["freeze", "unfreeze"] * (round_ + 1)
+                assert calls[-2][1] > 10_000 and calls[-1][1] == 0  # the older objects, then none
+            else:
+                assert calls == []
+    assert gc.get_freeze_count() == 0

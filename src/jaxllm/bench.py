@@ -220,6 +220,43 @@ class CompileCounter:
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's event name
 
 
+class GcPauses:
+    """Python's garbage collections inside a `with` block, on any thread (gc.callbacks): how many of
+    each generation, their total and longest pause -- a collection stops whichever thread
+    allocated, the engine's included."""
+
+    def __init__(self):
+        self.count, self.seconds, self.longest = collections.Counter(), 0.0, 0.0
+        self._start: dict[int, float] = {}
+
+    def _callback(self, phase: str, info: dict) -> None:
+        import threading
+
+        now, me = time.perf_counter(), threading.get_ident()
+        if phase == "start":
+            self._start[me] = now
+        elif me in self._start:
+            d = now - self._start.pop(me)
+            self.count[info["generation"]] += 1
+            self.seconds += d
+            self.longest = max(self.longest, d)
+
+    def report(self) -> dict:
+        return dict(collections={str(g): n for g, n in sorted(self.count.items())}, seconds=round(self.seconds, 4),
+                    longest_s=round(self.longest, 4))
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+
 def _run(llm, requests) -> tuple[list, float]:
     """Submit every (prompt ids, output len) at once; wait for all; (outputs, wall seconds)."""
     from . import SamplingParams
@@ -304,7 +341,7 @@ def run(args) -> dict:
         _progress(f"warm-up done in {warm_s:.1f} s; timed run")
         llm.reset_phase_times()  # the engine's phases, counted over the timed run only
 
-        with CompileCounter() as compiles:  # a compile in the timed run makes its figures wrong
+        with CompileCounter() as compiles, GcPauses() as gc_pauses:  # a compile in the timed run makes its figures wrong
             if args.mode == "throughput":
                 outs, elapsed = _run(llm, requests)
                 stats = llm.get_stats()
@@ -380,6 +417,7 @@ def run(args) -> dict:
         startup_breakdown_s=dict(startup, first_generate=first_token_s - load_s),
         precompile=precompiled,
         timed_run_compiles=dict(programs=compiles.count, seconds=compiles.seconds),
+        timed_run_gc=gc_pauses.report(),
         engine_phases=phases,
         decode_loops=decode_loops,
         attention_backend=args.attention_backend,
@@ -417,6 +455,8 @@ def print_report(r: dict, file=None) -> None:
     ]
     if (c := r.get("timed_run_compiles")) is not None:
         rows.append(("compiles in timed run", f"{c['programs']} ({c['seconds']:.1f} s)"))
+    if (g := r.get("timed_run_gc")) is not None:
+        rows.append(("GC in timed run", f"{g['collections']} {g['seconds']:.3f} s, longest {g['longest_s']:.3f} s"))
     rows += [(f"engine {p} ms", f"{v['ms_per_call']:.3f} x {v['calls']}") for p, v in r.get("engine_phases", {}).items()]
     print(f"jaxllm bench {r['mode']}: {r['model']}", file=file)
     for name, value in rows:

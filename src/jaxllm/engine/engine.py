@@ -19,6 +19,7 @@ submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import threading
 import time
@@ -46,6 +47,33 @@ CACHED_PREFILL_MIN_TOKENS = 4096
 ALIGN_MAX_ROWS = 4
 
 _build_penalties = jax.jit(PenaltyState.build, static_argnums=0)
+
+
+class _GcFreeze:
+    """Python's garbage collector kept off the objects that existed before serving began, while any
+    engine works (gc.freeze when the first engine gets work, gc.unfreeze when the last goes idle).
+    A process that has loaded and precompiled a model holds a great many objects (traced programs,
+    modules, caches); a full collection walks all of them, and while serving such collections come
+    from the engine's own allocations (per-token lists, inputs) and stop its thread in the middle
+    of a step. Frozen objects are not walked; unfreezing when idle leaves nothing uncollectable.
+    Process-wide (gc.freeze is), so counted over every engine of the process."""
+
+    lock = threading.Lock()
+    busy = 0
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls.lock:
+            cls.busy += 1
+            if cls.busy == 1:
+                gc.freeze()
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls.lock:
+            cls.busy -= 1
+            if cls.busy == 0:
+                gc.unfreeze()
 
 
 class EngineDeadError(RuntimeError):
@@ -121,6 +149,9 @@ class Engine:
         # ... and a prefill-only step's requests' first decode call, dispatched right after their
         # prefill call (_decode_after_prefill) where decode calls chain; JAXLLM_DECODE_AFTER_PREFILL=0: off
         self.decode_after_prefill = env_flag("JAXLLM_DECODE_AFTER_PREFILL", default="1")
+        # the objects made before serving kept out of the garbage collector's walks while this
+        # engine works (_GcFreeze); JAXLLM_GC_FREEZE=0: off
+        self.gc_freeze = env_flag("JAXLLM_GC_FREEZE", default="1")
         # a fixed-loop call of rows one token past a multiple of decode_steps runs one step fewer
         # (_call_steps); JAXLLM_ALIGN_DECODE=0: off
         self.align_decode_calls = env_flag("JAXLLM_ALIGN_DECODE", default="1")
@@ -257,6 +288,7 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
+        frozen = False  # this engine holds _GcFreeze (gc_freeze): from work arriving until it goes idle
         try:
             while True:
                 with self._lock:
@@ -264,9 +296,15 @@ class Engine:
                         self._stop or self._incoming or self._aborts or self.scheduler.has_work or self._text_pending
                         or self._in_flight
                     ):
+                        if frozen:
+                            _GcFreeze.leave()
+                            frozen = False
                         self._wake.wait()
                     if self._stop:
                         break
+                    if self.gc_freeze and not frozen:
+                        _GcFreeze.enter()
+                        frozen = True
                     incoming, self._incoming = self._incoming, []
                     aborts, self._aborts = self._aborts, set()
                 for req in incoming:
@@ -280,6 +318,9 @@ class Engine:
                 if self.scheduler.has_work or self._text_pending or self._in_flight:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting callers
+            if frozen:
+                _GcFreeze.leave()
+                frozen = False
             with self._lock:
                 self._dead = e
                 stranded = list(self._live.values()) + self._incoming
@@ -288,6 +329,8 @@ class Engine:
                 req.handle._publish(error=e)
             self._live.clear()
             return
+        if frozen:
+            _GcFreeze.leave()
         # shutdown: whatever is still in flight ends with a reason, never silently
         for call in (self._pending, self._pending_decode):  # calls left running: done before the pool may go
             if call is not None:
