@@ -205,12 +205,14 @@ def test_abort_while_its_prefill_call_is_pending(llm, monkeypatch):
     assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and engine._pending is None
 
 
-@pytest.mark.parametrize("kind", ["prefill", "decode"])
+@pytest.mark.parametrize("kind", ["prefill", "decode", "decode from the dispatch thread"])
 def test_shutdown_with_a_call_pending_cancels_and_loses_nothing(tiny_checkpoints, monkeypatch, kind):
     """Shut down (from the engine thread) while a prefill call (overlap_prefill) or a decode call
-    (overlap_decode) is uncollected: every request ends, with its tokens or cancelled."""
-    decode = kind == "decode"
+    (overlap_decode; or dispatch_thread's, a Future) is uncollected: every request ends, with its
+    tokens or cancelled."""
+    decode = kind != "prefill"
     monkeypatch.setenv("JAXLLM_OVERLAP_DECODE", "1" if decode else "0")
+    monkeypatch.setenv("JAXLLM_DISPATCH_THREAD", "1" if kind.endswith("thread") else "0")
     llm = LLM(str(tiny_checkpoints["llama3"]), max_seq_len=256, max_batch_size=16, max_num_tokens=64, decode_steps=4)
     engine = llm._engine
     step = engine._step
@@ -229,6 +231,7 @@ def test_shutdown_with_a_call_pending_cancels_and_loses_nothing(tiny_checkpoints
     assert {(o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs} <= {("cancelled", "shutdown"),
                                                                                         ("length", None)}
     assert not engine._in_flight
+    assert (engine._dispatcher is not None) is kind.endswith("thread")
     llm.shutdown()
 
 
@@ -485,12 +488,14 @@ def test_chained_decode_streams_every_token_in_order(llm):
         llm._engine.overlap_decode = None  # the default
 
 
-def test_abort_while_a_decode_call_is_pending(llm, monkeypatch):
-    """A request aborted while its decode call is uncollected ends "cancelled"; the others give what
-    they give without the abort; no block leaks."""
+@pytest.mark.parametrize("thread", [False, True])
+def test_abort_while_a_decode_call_is_pending(llm, monkeypatch, thread):
+    """A request aborted while its decode call is uncollected (dispatched from the dispatch thread
+    too) ends "cancelled"; the others give what they give without the abort; no block leaks."""
     rng = np.random.default_rng(10)
     prompts = [{"prompt_token_ids": rng.integers(3, 200, size=12).tolist()} for _ in range(5)]
     params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=0) for _ in prompts]
+    monkeypatch.setattr(llm._engine, "dispatch_thread", thread)
     _abort_in_a_chained_run(llm, monkeypatch, prompts, params,
                             lambda e: e._pending_decode[0][1] if e._pending_decode is not None else None,
                             "no decode call was left pending")
@@ -621,3 +626,38 @@ def test_a_call_is_a_tail_once_it_would_waste_an_eighth_of_its_steps():
     assert [tail(n) for n in (1, 8, 14, 15, 16, 40)] == [True, True, True, False, False, False]
     assert tail(30, 16) and not tail(31, 16)
     assert not tail(3, 0, 15) and tail(3, 0, 14)
+
+
+def test_a_dispatch_thread_chains_while_loop_calls_and_changes_no_output(llm, monkeypatch):
+    """dispatch_thread (JAXLLM_DISPATCH_THREAD=1): decode calls to be collected later are dispatched
+    from a thread of their own, so every decode call chains, while loops included (here, on a CPU,
+    all of them): call k + 1 goes out from the state call k returns (the state the host would build:
+    check_reused_state) while the engine thread collects call k. The mixed workload (stop strings,
+    chunked prompts, prefix reuse, preemption, every kind of sampling) gives the same outputs as
+    unchained calls; nothing leaks; the phase decode_wait counts the engine's waits for a dispatch."""
+    import threading
+
+    engine = llm._engine
+    threads, decode = [], engine.runner.decode
+    monkeypatch.setattr(engine.runner, "decode",
+                        lambda *a, **k: threads.append(threading.current_thread().name) or decode(*a, **k))
+    prompts, params = _workload(llm.model_config.vocab_size, n=40, seed=31)
+    off = _run_decode(llm, None, prompts, params)  # the default on a CPU: while loops, none chained
+    assert not any(t.startswith("jaxllm-dispatch") for t in threads)
+    req = llm._make_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=40))
+    assert not engine._chains_decode([req])  # a while loop's call: not chained without the thread
+    threads.clear()
+    pre0 = engine.scheduler.num_preemptions
+    llm.reset_phase_times()
+    engine.dispatch_thread = engine.check_reused_state = True
+    try:
+        on = _run_decode(llm, None, prompts, params)
+        assert engine._chains_decode([req])  # ... and chained with it
+    finally:
+        engine.dispatch_thread = engine.check_reused_state = False
+    assert engine.scheduler.num_preemptions > pre0, "the pool was meant to be too small: no preemption happened"
+    assert engine.decode_loops["while"] >= 3 and engine.decode_loops["chained"] >= 3, engine.decode_loops
+    assert any(t.startswith("jaxllm-dispatch") for t in threads) and any(t == "jaxllm-engine" for t in threads)
+    assert llm.get_phase_times()["decode_wait"]["calls"] >= engine.decode_loops["chained"]
+    _same(on, off)
+    assert engine.blocks.num_used == 0 and not engine.scheduler.has_work and not engine._in_flight

@@ -19,6 +19,8 @@ submissions raise ``EngineDeadError``. ``shutdown`` stops and joins the thread.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import functools
 import gc
 import os
 import threading
@@ -152,6 +154,13 @@ class Engine:
         # the objects made before serving kept out of the garbage collector's walks while this
         # engine works (_GcFreeze); JAXLLM_GC_FREEZE=0: off
         self.gc_freeze = env_flag("JAXLLM_GC_FREEZE", default="1")
+        # decode calls to chain dispatched from a thread of their own (JAXLLM_DISPATCH_THREAD=1):
+        # then every decode call chains, its loop fixed or not (_chains_decode) -- a dispatch that
+        # waits for its loop (XLA:GPU reads a while loop's predicate on the host; a fixed loop's
+        # launches can fill CUDA's queue at 1024 rows) blocks that thread, not the engine's, which
+        # collects the last call meanwhile (jaxlib releases the GIL while a program runs)
+        self.dispatch_thread = env_flag("JAXLLM_DISPATCH_THREAD")
+        self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
         # a fixed-loop call of rows one token past a multiple of decode_steps runs one step fewer
         # (_call_steps); JAXLLM_ALIGN_DECODE=0: off
         self.align_decode_calls = env_flag("JAXLLM_ALIGN_DECODE", default="1")
@@ -334,7 +343,9 @@ class Engine:
         # shutdown: whatever is still in flight ends with a reason, never silently
         for call in (self._pending, self._pending_decode):  # calls left running: done before the pool may go
             if call is not None:
-                jax.block_until_ready(call[1])
+                jax.block_until_ready(self._outputs(call[1]))
+        if self._dispatcher is not None:
+            self._dispatcher.shutdown()
         self._pending = self._pending_decode = None
         with self._lock:
             stranded = list(self._live.values()) + self._incoming
@@ -389,6 +400,7 @@ class Engine:
                                                    for r in self._pending_decode[0]):
                     self._check_state(self._pending_decode[0], pending[1][3])
             (rows, result, tables, blocks), self._pending_decode = self._pending_decode, None
+            result = self._outputs(result)
             chained = self._chain_decode(rows, result, tables, blocks)  # the same rows' next call, dispatched
             step_plan = Plan(decode=rows)
             new_tokens += self._collect_decode(step_plan, result)
@@ -425,8 +437,9 @@ class Engine:
                 # first tokens go out now, not a whole decode call later
                 self._apply_text()
                 self._mark("text")
-        decode = self._dispatch_decode(plan, *decode_inputs) if decode_inputs is not None else None
-        if decode is not None and prefill is None and self._chains_decode(plan.decode):  # collected next step
+        chain = decode_inputs is not None and prefill is None and self._chains_decode(plan.decode)
+        decode = self._dispatch_decode(plan, *decode_inputs, later=chain) if decode_inputs is not None else None
+        if chain:  # collected next step
             self._pending_decode = (plan.decode, decode, decode_inputs[0], [list(r.blocks) for r in plan.decode])
         elif decode is not None:
             new_tokens += self._collect_decode(plan, decode)
@@ -691,24 +704,34 @@ class Engine:
         """Rows of a decode call for n requests: their bucket, at least min_decode_rows."""
         return max(self.min_decode_rows, bucket(n, 1, self.scheduler.max_batch_size))
 
-    def _dispatch_decode(self, plan: Plan, tables, state, ahead: int = 0):
+    def _dispatch_decode(self, plan: Plan, tables, state, ahead: int = 0, later: bool = False):
         """A decode call of plan.decode's rows; `ahead`: decode steps already dispatched for them
-        and not yet collected (a chained call)."""
+        and not yet collected (a chained call). `later`: the call is collected in a later step;
+        with dispatch_thread it is then dispatched from the dispatch thread and what comes back is
+        a Future of its outputs (_outputs)."""
         reqs = plan.decode
         steps, tail, every = self._decode_loop(reqs, ahead)
-        out = self.runner.decode(
-            tables,
-            state,
-            steps,
-            num_logprobs=self._num_logprobs(reqs),
-            all_greedy=all(r.params.is_greedy for r in reqs),
-            tail=tail,
-        )
+        call = functools.partial(self.runner.decode, tables, state, steps, num_logprobs=self._num_logprobs(reqs),
+                                 all_greedy=all(r.params.is_greedy for r in reqs), tail=tail)
+        if later and self.dispatch_thread:
+            if self._dispatcher is None:
+                self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-dispatch")
+            out = self._dispatcher.submit(call)
+        else:
+            out = call()
         self.decode_loops["fixed" if every is None else "while" if every == 1 else f"every {every}"] += 1
         if ahead:
             self.decode_loops["chained"] += 1
         self._mark("decode_call")
         return out
+
+    def _outputs(self, result):
+        """A decode call's outputs: `result`, or where it is a Future (dispatch_thread), what its
+        dispatch returns, once it has (time waited: phase decode_wait)."""
+        if isinstance(result, concurrent.futures.Future):
+            result = result.result()
+            self._mark("decode_wait")
+        return result
 
     def _tail_loop_differs(self, rows: int) -> bool:
         """Whether a tail call of `rows` rows runs another loop, hence another program (precompile)."""
@@ -762,7 +785,7 @@ class Engine:
         not wait for the device)."""
         if self.overlap_decode is not None:
             return self.overlap_decode
-        return self._decode_loop(reqs, ahead)[2] is None
+        return self.dispatch_thread or self._decode_loop(reqs, ahead)[2] is None
 
     def _chain_decode(self, rows: list[Request], result, tables, blocks):
         """overlap_decode: the next decode call of `rows`, dispatched from the state their last call
@@ -785,7 +808,7 @@ class Engine:
             tables = self._tables(rows, tables.shape[0])
         self.num_reused_decode_states += 1
         self._mark("decode_inputs")
-        out = self._dispatch_decode(Plan(decode=rows), tables, result[0], ahead=steps)
+        out = self._dispatch_decode(Plan(decode=rows), tables, result[0], ahead=steps, later=True)
         return rows, out, tables, [list(r.blocks) for r in rows]
 
     def _decode_after_prefill(self, plan: Plan, result):
@@ -808,7 +831,7 @@ class Engine:
             return None
         tables = self._tables(reqs, rows)
         self._mark("decode_inputs")
-        out = self._dispatch_decode(Plan(decode=reqs), tables, result[3], ahead=1)
+        out = self._dispatch_decode(Plan(decode=reqs), tables, result[3], ahead=1, later=True)
         return reqs, out, tables, [list(r.blocks) for r in reqs]
 
     def _collect_decode(self, plan: Plan, result) -> int:
