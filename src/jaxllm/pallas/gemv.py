@@ -200,8 +200,8 @@ def reference_gemv(x, w, scale=None, k_minor: bool = False, act: str | None = No
 
 def _unrolled_loop(steps: int, body, init, unroll: int):
     """fori_loop(0, steps, body, init) with `unroll` steps a loop body, written out here (Pallas
-    Triton's scan lowering takes no unroll); the steps left over after the loop, and all of them
-    when unroll >= steps, written out after it."""
+    Triton's scan lowering takes no unroll); the steps left over after the loop are written out
+    after it, and all of them where fewer than two loop bodies would run (no loop at all)."""
     unroll = max(1, min(unroll, steps))
     if unroll == 1:
         return jax.lax.fori_loop(0, steps, body, init)
