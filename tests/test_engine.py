@@ -118,9 +118,9 @@ def test_first_token_of_a_prompt_arriving_mid_decode_precedes_that_steps_decode(
         events.append(("prefill", time.perf_counter(), [r.request_id for r, _, _ in plan.prefill]))
         return orig_prefill(plan)
 
-    def decode(plan, *a):
+    def decode(plan, *a, **k):
         events.append(("decode", time.perf_counter(), [r.request_id for r in plan.decode]))
-        return orig_decode(plan, *a)
+        return orig_decode(plan, *a, **k)
 
     monkeypatch.setattr(engine, "_dispatch_prefill", prefill)
     monkeypatch.setattr(engine, "_dispatch_decode", decode)
