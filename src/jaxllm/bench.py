@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -230,8 +232,6 @@ class GcPauses:
         self._start: dict[int, float] = {}
 
     def _callback(self, phase: str, info: dict) -> None:
-        import threading
-
         now, me = time.perf_counter(), threading.get_ident()
         if phase == "start":
             self._start[me] = now
@@ -246,14 +246,10 @@ class GcPauses:
                     longest_s=round(self.longest, 4))
 
     def __enter__(self):
-        import gc
-
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc):
-        import gc
-
         gc.callbacks.remove(self._callback)
 
 

@@ -154,6 +154,7 @@ class Engine:
         # the objects made before serving kept out of the garbage collector's walks while this
         # engine works (_GcFreeze); JAXLLM_GC_FREEZE=0: off
         self.gc_freeze = env_flag("JAXLLM_GC_FREEZE", default="1")
+        self._gc_held = False
         # decode calls to chain dispatched from a thread of their own (JAXLLM_DISPATCH_THREAD=1):
         # then every decode call chains, its loop fixed or not (_chains_decode) -- a dispatch that
         # waits for its loop (XLA:GPU reads a while loop's predicate on the host; a fixed loop's
@@ -297,7 +298,25 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
-        frozen = False  # this engine holds _GcFreeze (gc_freeze): from work arriving until it goes idle
+        """The engine thread: _serve, then what it holds let go however it ends (a failure or
+        shutdown): its hold on _GcFreeze and the dispatch thread."""
+        try:
+            self._serve()
+        finally:
+            self._hold_gc(False)
+            if self._dispatcher is not None:
+                self._dispatcher.shutdown()
+
+    def _hold_gc(self, on: bool) -> None:
+        """Hold _GcFreeze (gc_freeze) from work arriving until the engine goes idle."""
+        if on and self.gc_freeze and not self._gc_held:
+            _GcFreeze.enter()
+            self._gc_held = True
+        elif not on and self._gc_held:
+            _GcFreeze.leave()
+            self._gc_held = False
+
+    def _serve(self) -> None:
         try:
             while True:
                 with self._lock:
@@ -305,15 +324,11 @@ class Engine:
                         self._stop or self._incoming or self._aborts or self.scheduler.has_work or self._text_pending
                         or self._in_flight
                     ):
-                        if frozen:
-                            _GcFreeze.leave()
-                            frozen = False
+                        self._hold_gc(False)
                         self._wake.wait()
                     if self._stop:
                         break
-                    if self.gc_freeze and not frozen:
-                        _GcFreeze.enter()
-                        frozen = True
+                    self._hold_gc(True)
                     incoming, self._incoming = self._incoming, []
                     aborts, self._aborts = self._aborts, set()
                 for req in incoming:
@@ -327,9 +342,6 @@ class Engine:
                 if self.scheduler.has_work or self._text_pending or self._in_flight:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting callers
-            if frozen:
-                _GcFreeze.leave()
-                frozen = False
             with self._lock:
                 self._dead = e
                 stranded = list(self._live.values()) + self._incoming
@@ -338,14 +350,10 @@ class Engine:
                 req.handle._publish(error=e)
             self._live.clear()
             return
-        if frozen:
-            _GcFreeze.leave()
         # shutdown: whatever is still in flight ends with a reason, never silently
         for call in (self._pending, self._pending_decode):  # calls left running: done before the pool may go
             if call is not None:
                 jax.block_until_ready(self._outputs(call[1]))
-        if self._dispatcher is not None:
-            self._dispatcher.shutdown()
         self._pending = self._pending_decode = None
         with self._lock:
             stranded = list(self._live.values()) + self._incoming
