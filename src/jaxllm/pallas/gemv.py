@@ -211,10 +211,9 @@ def _unrolled_loop(steps: int, body, init, unroll: int):
             acc = body(first + u, acc)
         return acc
 
-    loops = steps // unroll
-    acc = init if loops < 2 else jax.lax.fori_loop(0, loops, lambda c, a: run(c * unroll, unroll, a), init)
-    done = unroll * loops if loops >= 2 else 0
-    return run(done, steps - done, acc)
+    loops = steps // unroll if steps // unroll >= 2 else 0
+    acc = jax.lax.fori_loop(0, loops, lambda c, a: run(c * unroll, unroll, a), init) if loops else init
+    return run(unroll * loops, steps - unroll * loops, acc)
 
 
 @functools.partial(jax.jit, static_argnames=("k_minor", "block_n", "block_k", "splits", "num_warps", "num_stages",
