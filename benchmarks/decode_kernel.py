@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.pallas.decode_attention import paged_decode_attention, reference_decode_attention
+from jaxllm.pallas.decode_attention_triton import paged_decode_attention_triton
 from jaxllm.runner.paged import reference_paged_attention
 
 
@@ -69,8 +70,13 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--variants", default="all")
+    ap.add_argument("--variants", default="all",
+                    help="name filters, separated by commas (or by semicolons where names hold commas): a variant runs "
+                         "if its name contains one (=NAME: is NAME)")
     ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="also fp8 KV pools")
+    ap.add_argument("--triton", default=None,
+                    help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/u],... (u: "
+                         "loads of the rows past a sequence not masked)")
     ap.add_argument("--heads-per-program", default=None,
                     help="comma-separated heads_per_program values to sweep (e.g. 1,2,4,8; divisors of the 8 KV "
                          "heads)")
@@ -171,6 +177,14 @@ def main():
                     fp8_sets, ref8, kv_bytes // 2,
                 )
 
+        for tiling in args.triton.split(",") if args.triton else ():  # the Triton kernel's tilings
+            bkv, nw, ns, *flags = tiling.split("/")  # a 4th field u: loads not masked
+            tkw = dict(block_kv=int(bkv), num_warps=int(nw), num_stages=int(ns), masked_loads=flags != ["u"])
+            tfn = jax.jit(lambda q, k, v, t, l, tkw=tkw: paged_decode_attention_triton(q, k, v, t, l, bs, **tkw))
+            variants[f"triton bf16 {tiling}"] = tfn
+            if args.fp8:
+                variants[f"triton fp8 {tiling}"] = (tfn, fp8_sets, ref8, kv_bytes // 2)
+
         for name, fn in _hpp_variants(sweep, bs, sets, ref, kv_bytes, args.fp8).items():
             variants[name] = fn
 
@@ -182,7 +196,8 @@ def main():
 
         for name, fn in variants.items():
             fn, fsets, fref, fbytes = (fn + (ref, kv_bytes))[:4] if isinstance(fn, tuple) else (fn, sets, ref, kv_bytes)
-            if args.variants != "all" and not any(s in name for s in args.variants.split(",")):
+            if args.variants != "all" and not any(name == s[1:] if s.startswith("=") else s in name
+                                                  for s in args.variants.split(";" if ";" in args.variants else ",")):
                 continue
             try:
                 out = np.asarray(fn(*fsets[0]), np.float32)

@@ -188,6 +188,40 @@ def attention_k_in_registers() -> bool:
     return env_flag("JAXLLM_ATTN_K_REGS")
 
 
+TRITON_DECODE_ENV = "JAXLLM_ATTN_TRITON"
+TRITON_TILING_ENV = "JAXLLM_ATTN_TRITON_TILING"
+TRITON_MIN_PROGRAMS_PER_SM = 4
+
+
+def triton_decode_wanted(batch: int, kv_heads: int, num_sms: int = 132) -> bool:
+    """Whether a decode call of `batch` rows over `kv_heads` (one device's) runs
+    pallas.decode_attention_triton instead of the Mosaic GPU kernel: JAXLLM_ATTN_TRITON = 1 / 0
+    forces it; by default (auto) not: on an H100 at 1024 rows of 128/128 it was within the noise of
+    the Mosaic kernel (BENCHMARKS.md, twenty-first session). Where it serves, its (sequence, KV
+    head) programs must fill the GPU by themselves (it has no split-K): at least four an SM."""
+    from ..switches import env_auto_flag
+
+    forced = env_auto_flag(TRITON_DECODE_ENV)
+    if forced is None:
+        return False
+    return forced and batch * kv_heads >= TRITON_MIN_PROGRAMS_PER_SM * num_sms
+
+
+def triton_decode_tiling() -> dict:
+    """The Triton decode kernel's tiling: its defaults, or for A/Bs
+    JAXLLM_ATTN_TRITON_TILING=block_kv/num_warps/num_stages (read when a model traces)."""
+    value = os.environ.get(TRITON_TILING_ENV, "").strip()
+    if not value:
+        return {}
+    try:
+        bkv, nw, ns = (int(f) for f in value.split("/"))
+        if min(bkv, nw, ns) < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{TRITON_TILING_ENV}={value!r}: expected block_kv/num_warps/num_stages, positive integers") from None
+    return dict(block_kv=bkv, num_warps=nw, num_stages=ns)
+
+
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     """The Pallas decode kernel as attend's decode path, run per device over its KV heads.
 
@@ -201,6 +235,12 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     @functools.partial(jax.jit, static_argnames=("k_scale", "v_scale"))  # lowered once: see _per_device
     def run(q, k_pool, v_pool, tables, lengths, k_scale=1.0, v_scale=1.0):
         kv_heads = k_pool.shape[1]
+        if triton_decode_wanted(q.shape[0], kv_heads):
+            from ..pallas.decode_attention_triton import paged_decode_attention_triton
+
+            return paged_decode_attention_triton(
+                q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
+                v_scale=v_scale, interpret=bool(interpret), **triton_decode_tiling())
         swap = attention_swap_ab()
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
