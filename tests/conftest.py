@@ -213,3 +213,25 @@ def w8a8_logits_and_tokens(path, dtype: str, config_field: str, flag: str):
             return logits, [o.outputs[0].token_ids for o in outs]
     finally:
         jax.clear_caches()
+
+
+@pytest.fixture
+def cuda_lowering(monkeypatch):
+    """lower(f, *shapes): f's CUDA lowering (Triton IR for its pallas_calls) on this CPU, with a
+    stand-in compute capability (9.0, an H100) for the Pallas Triton backend's GPU-info hook."""
+    import types
+
+    import jax
+
+    try:
+        from jax._src.pallas.triton import pallas_call_registration as reg
+    except ImportError:
+        pytest.skip("this JAX has no Pallas Triton backend")
+    if not hasattr(getattr(reg, "gpu_info_lib", None), "get_gpu_info"):
+        pytest.skip("this JAX reads the GPU's compute capability elsewhere")
+    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: types.SimpleNamespace(compute_capability=90))
+
+    def lower(f, *shapes):
+        return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+    return lower

@@ -220,9 +220,7 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap)
     program, JAXLLM_ATTN_HEADS_PER_PROGRAM; swap: JAXLLM_ATTN_SWAP_AB, with JAXLLM_ATTN_LEAN_SMEM and
     JAXLLM_ATTN_K_REGS, which the runner passes on for fp8 pools only -- the interpreter runs that
     call with K staged, as it cannot feed a wgmma from registers)."""
-    from jaxllm import LLM, KvCacheConfig, SamplingParams
     from jaxllm.pallas import decode_attention
-    from jaxllm.runner.paged import decode_kernel_for
 
     monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", hpp)
     monkeypatch.setenv("JAXLLM_ATTN_SWAP_AB", swap)
@@ -234,6 +232,19 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap)
                         lambda *a, **kw: grids.append((kw["heads_per_program"], kw["swap_ab"], kw["lean_smem"],
                                                        kw["k_in_registers"]))
                         or real_kernel(*a, **{**kw, "k_in_registers": False}))
+    expected, got, traced = engine_tokens_through_the_kernel(tmp_path, kv, _interpret())
+    assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
+    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1", swap == "1" and kv == "fp8")}
+    assert got == expected
+
+
+def engine_tokens_through_the_kernel(tmp_path, kv: str, interpret):
+    """(the reference path's tokens, the tokens with decode through the runner's decode kernel, the
+    shapes of q it was traced with) for two greedy prompts of a kernel-sized random Llama (fp8 pools:
+    per-layer scales that are not 1); `interpret`: decode_kernel_for's."""
+    from jaxllm import LLM, KvCacheConfig, SamplingParams
+    from jaxllm.runner.paged import decode_kernel_for
+
     write_kernel_sized_config(tmp_path)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -251,12 +262,10 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap)
         if scales:
             runner.kv_scales = scales
         traced = []
-        runner._decode_kernel = counting(decode_kernel_for(runner.block_size, None, llm._mesh, interpret=_interpret()),
+        runner._decode_kernel = counting(decode_kernel_for(runner.block_size, None, llm._mesh, interpret=interpret),
                                          traced)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-    assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
-    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1", swap == "1" and kv == "fp8")}
-    assert got == expected
+    return expected, got, traced
 
 
 def test_heads_per_program_switch(monkeypatch):

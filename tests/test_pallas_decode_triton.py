@@ -4,18 +4,15 @@ through the device tool); the runner's switch to it and the engine's tokens thro
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-from conftest import counting, write_kernel_sized_config
 from jaxllm.pallas.decode_attention import reference_decode_attention
 from jaxllm.pallas.decode_attention_triton import paged_decode_attention_triton
-from test_pallas_decode import _fp8_inputs, _inputs
+from test_pallas_decode import _fp8_inputs, _inputs, engine_tokens_through_the_kernel
 
 TOL = 2e-2  # 16-bit kernel vs float32 reference, relative L2 error
 REF_ARGS = ("soft_cap", "sliding_window", "k_scale", "v_scale")
@@ -75,25 +72,14 @@ def test_bad_arguments_are_refused():
         paged_decode_attention_triton(q, k, v, tables, lens, 16, interpret=True)
 
 
-@pytest.fixture
-def cuda_lowering(monkeypatch):
-    try:
-        from jax._src.pallas.triton import pallas_call_registration as reg
-    except ImportError:
-        pytest.skip("this JAX has no Pallas Triton backend")
-    if not hasattr(getattr(reg, "gpu_info_lib", None), "get_gpu_info"):
-        pytest.skip("this JAX reads the GPU's compute capability elsewhere")
-    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: types.SimpleNamespace(compute_capability=90))
-
-
 @pytest.mark.parametrize("pool", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("block_kv", [32, 64, 128])
 def test_kernel_lowers_for_cuda_at_the_throughput_shape(cuda_lowering, pool, block_kv):
     S = jax.ShapeDtypeStruct
     args = (S((1024, 32, 128), jnp.bfloat16), S((16384 * 16, 8, 128), pool), S((16384 * 16, 8, 128), pool),
             S((1024, 32), jnp.int32), S((1024,), jnp.int32))
-    fn = jax.jit(lambda *a: paged_decode_attention_triton(*a, 16, block_kv=block_kv, k_scale=0.5, v_scale=2.0))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = cuda_lowering(lambda *a: paged_decode_attention_triton(*a, 16, block_kv=block_kv, k_scale=0.5, v_scale=2.0),
+                         *args)
     assert "triton" in text
 
 
@@ -126,7 +112,6 @@ def test_switch_and_tiling(monkeypatch):
 def test_engine_decodes_through_the_triton_kernel(tmp_path, monkeypatch, kv):
     """JAXLLM_ATTN_TRITON=1: the runner's decode path through the (interpreted) Triton kernel gives
     the reference path's tokens (fp8: per-layer scales that are not 1)."""
-    from jaxllm import LLM, KvCacheConfig, SamplingParams
     from jaxllm.pallas import decode_attention_triton
     from jaxllm.runner import paged
 
@@ -137,24 +122,7 @@ def test_engine_decodes_through_the_triton_kernel(tmp_path, monkeypatch, kv):
     real = decode_attention_triton.paged_decode_attention_triton
     monkeypatch.setattr(decode_attention_triton, "paged_decode_attention_triton",
                         lambda *a, **kw: calls.append(kw["block_kv"]) or real(*a, **kw))
-    write_kernel_sized_config(tmp_path)
-    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
-    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=2, decode_steps=3, compilation_cache=False,
-              kv_cache_config=KvCacheConfig(dtype=kv))
-    scales = ((0.7, 1.3), (1.5, 0.6)) if kv == "fp8" else None
-    with LLM(str(tmp_path), **kw) as ref_llm:
-        if scales:
-            ref_llm._engine.runner.kv_scales = scales
-        expected = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, sp, use_tqdm=False)]
-    with LLM(str(tmp_path), **kw) as llm:
-        runner = llm._engine.runner
-        if scales:
-            runner.kv_scales = scales
-        traced = []
-        runner._decode_kernel = counting(paged.decode_kernel_for(runner.block_size, None, llm._mesh, interpret=True),
-                                         traced)
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    expected, got, traced = engine_tokens_through_the_kernel(tmp_path, kv, True)
     assert traced and calls and set(calls) == {16}  # decode went through the Triton kernel, its tiling passed on
     assert got == expected
 

@@ -7,31 +7,12 @@ time is spent. Skipped where this JAX keeps its GPU-info hook elsewhere."""
 
 from __future__ import annotations
 
-import types
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 S = jax.ShapeDtypeStruct
 FP8, BF16, F32 = jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32
-
-
-@pytest.fixture
-def cuda_lowering(monkeypatch):
-    """lower(f, *shapes): f's CUDA lowering (Triton IR for its pallas_calls) on this CPU."""
-    try:
-        from jax._src.pallas.triton import pallas_call_registration as reg
-    except ImportError:
-        pytest.skip("this JAX has no Pallas Triton backend")
-    if not hasattr(getattr(reg, "gpu_info_lib", None), "get_gpu_info"):
-        pytest.skip("this JAX reads the GPU's compute capability elsewhere")
-    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: types.SimpleNamespace(compute_capability=90))
-
-    def lower(f, *shapes):
-        return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-
-    return lower
 
 
 # the models' one-row fp8 products: (K, N, act, out_act, partials)

@@ -22,3 +22,18 @@ def env_auto_flag(name: str) -> bool | None:
     if value not in ("auto", "0", "1"):
         raise ValueError(f"{name}={value!r}: expected auto, 0 or 1")
     return None if value == "auto" else value == "1"
+
+
+def env_tiling(name: str, fields: tuple[str, ...]) -> dict | None:
+    """A kernel tiling named by an environment switch, ``a/b/c`` positive integers in the order of
+    `fields`: {field: value}, or None when unset; anything else is refused naming the switch."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        values = [int(f) for f in value.split("/")]
+        if len(values) != len(fields) or min(values) < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected {'/'.join(fields)}, positive integers") from None
+    return dict(zip(fields, values))

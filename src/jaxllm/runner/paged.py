@@ -210,16 +210,9 @@ def triton_decode_wanted(batch: int, kv_heads: int, num_sms: int = 132) -> bool:
 def triton_decode_tiling() -> dict:
     """The Triton decode kernel's tiling: its defaults, or for A/Bs
     JAXLLM_ATTN_TRITON_TILING=block_kv/num_warps/num_stages (read when a model traces)."""
-    value = os.environ.get(TRITON_TILING_ENV, "").strip()
-    if not value:
-        return {}
-    try:
-        bkv, nw, ns = (int(f) for f in value.split("/"))
-        if min(bkv, nw, ns) < 1:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{TRITON_TILING_ENV}={value!r}: expected block_kv/num_warps/num_stages, positive integers") from None
-    return dict(block_kv=bkv, num_warps=nw, num_stages=ns)
+    from ..switches import env_tiling
+
+    return env_tiling(TRITON_TILING_ENV, ("block_kv", "num_warps", "num_stages")) or {}
 
 
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
@@ -275,16 +268,9 @@ def _rope_kv_tiling(k: int) -> dict:
     one warp: 12.3 -> 11.3 us at 8B's q/k/v on an H100, fp8 batch 1 3.43 -> 3.38 ms, BENCHMARKS.md
     "Eighteenth session"), block_k at most K's largest power-of-two factor; or, for A/Bs,
     JAXLLM_ROPE_KV_TILING=block_n/block_k/num_warps (read when a model traces)."""
-    value = os.environ.get(ROPE_KV_TILING_ENV, "").strip()
-    if not value:
-        return dict(block_k=min(k & -k, 2048))
-    try:
-        bn, bk, nw = (int(f) for f in value.split("/"))
-        if min(bn, bk, nw) < 1:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{ROPE_KV_TILING_ENV}={value!r}: expected block_n/block_k/num_warps, positive integers") from None
-    return dict(block_n=bn, block_k=bk, num_warps=nw)
+    from ..switches import env_tiling
+
+    return env_tiling(ROPE_KV_TILING_ENV, ("block_n", "block_k", "num_warps")) or dict(block_k=min(k & -k, 2048))
 
 
 def gemv_rope_kv_serves(pending, heads: tuple) -> bool:
