@@ -159,7 +159,8 @@ class Engine:
         # then every decode call chains, its loop fixed or not (_chains_decode) -- a dispatch that
         # waits for its loop (XLA:GPU reads a while loop's predicate on the host; a fixed loop's
         # launches can fill CUDA's queue at 1024 rows) blocks that thread, not the engine's, which
-        # collects the last call meanwhile (jaxlib releases the GIL while a program runs)
+        # collects the last call meanwhile (jaxlib releases the GIL while a program runs). Opt-in:
+        # 3% slower at 1000 x 128/128 on an H100 (BENCHMARKS.md, twenty-first session)
         self.dispatch_thread = env_flag("JAXLLM_DISPATCH_THREAD")
         self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
         # a fixed-loop call of rows one token past a multiple of decode_steps runs one step fewer
