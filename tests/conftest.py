@@ -88,12 +88,15 @@ VARIANTS = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"]
 
 def tiny_tokenizer():
     """A small real BPE tokenizer (SmolLM2's, read from the GGUF once and cached in tests/data)."""
+    from filelock import FileLock
     from transformers import AutoTokenizer
 
-    if not (TOKENIZER_DIR / "tokenizer.json").exists():
-        gguf = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok.save_pretrained(str(TOKENIZER_DIR))
+    TOKENIZER_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(TOKENIZER_DIR) + ".lock"):  # pytest-xdist's workers: one writes it, the others wait
+        if not (TOKENIZER_DIR / "tokenizer.json").exists():
+            gguf = smollm2_gguf()
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tok.save_pretrained(str(TOKENIZER_DIR))
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
