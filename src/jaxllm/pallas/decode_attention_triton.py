@@ -128,7 +128,8 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
                 jnp.zeros((rows,), jnp.float32))
         acc, _, l_i = lax.fori_loop(0, n_steps, body, init)
         out = acc / l_i[:, None]
-        # rows past G land in the next head's rows (or the padding) and are masked off
+        # rows past G land in the next head's rows (or the padding) and are masked off (the
+        # interpreter writes their old values back, before the next head's program runs: in order)
         pltriton.store(o_ref.at[pl.ds(first_row, rows), :], out.astype(o_ref.dtype), mask=(r < g)[:, None])
 
     out = pl.pallas_call(
