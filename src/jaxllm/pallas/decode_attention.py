@@ -242,8 +242,9 @@ def refill_previous(step, stages, n_steps, issue):
 
 
 def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
-    """The checks both kernels make on heads, pages, pools and KV tiles; returns G, the query heads
-    per KV head."""
+    """The checks the paged kernels make on heads, pages, pools and KV tiles (block_kv None: a kernel
+    that gathers its tiles row by row, whatever the page size); returns G, the query heads per KV
+    head."""
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
     if block_size % 8 or not 8 <= block_size <= 256:
@@ -252,7 +253,7 @@ def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
     if kv_dtype not in KV_DTYPES or v_pool.dtype != kv_dtype:
         raise ValueError(f"KV pool dtype must be bfloat16, float16 or float8_e4m3fn (both pools alike), got "
                          f"{kv_dtype} and {jnp.dtype(v_pool.dtype)}")
-    if block_kv % 64 or not (block_kv % block_size == 0 or block_size % block_kv == 0):
+    if block_kv is not None and (block_kv % 64 or not (block_kv % block_size == 0 or block_size % block_kv == 0)):
         raise ValueError(f"block_kv must be a multiple of 64 that divides or is divided by block_size, got {block_kv}")
     return h // kvh
 

@@ -75,7 +75,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
     b, h, d = q.shape
     kvh = k_pool.shape[1]
     w = block_tables.shape[1]
-    g = check_paged_args(h, kvh, block_size, 64 * block_size, k_pool, v_pool)  # (any block_size: rows are gathered)
+    g = check_paged_args(h, kvh, block_size, None, k_pool, v_pool)
     if block_kv < 16 or block_kv & (block_kv - 1):
         raise ValueError(f"block_kv must be a power of two >= 16, got {block_kv}")
     if d < 16 or d & (d - 1):

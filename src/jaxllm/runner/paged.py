@@ -201,10 +201,7 @@ def triton_decode_wanted(batch: int, kv_heads: int, num_sms: int = 132) -> bool:
     head) programs must fill the GPU by themselves (it has no split-K): at least four an SM."""
     from ..switches import env_auto_flag
 
-    forced = env_auto_flag(TRITON_DECODE_ENV)
-    if forced is None:
-        return False
-    return forced and batch * kv_heads >= TRITON_MIN_PROGRAMS_PER_SM * num_sms
+    return bool(env_auto_flag(TRITON_DECODE_ENV)) and batch * kv_heads >= TRITON_MIN_PROGRAMS_PER_SM * num_sms
 
 
 def triton_decode_tiling() -> dict:
