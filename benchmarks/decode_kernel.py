@@ -77,6 +77,10 @@ def main():
     ap.add_argument("--triton", default=None,
                     help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/u],... (u: "
                          "loads of the rows past a sequence not masked)")
+    ap.add_argument("--mosaic-fp8", default=None,
+                    help="more Mosaic kernel forms on the fp8 pools, ';'-separated keyword sets "
+                         "(e.g. 'swap_ab=True,k_in_registers=True,lean_smem=True,heads_per_program=4'); "
+                         "values are Python literals")
     ap.add_argument("--heads-per-program", default=None,
                     help="comma-separated heads_per_program values to sweep (e.g. 1,2,4,8; divisors of the 8 KV "
                          "heads)")
@@ -170,7 +174,7 @@ def main():
                        {**swap, "heads_per_program": 4}, {**swap, "num_splits": 1},
                        kreg, {**kreg, "lean_smem": True}, {**kreg, "max_concurrent_steps": 3},
                        {**kreg, "lean_smem": True, "max_concurrent_steps": 3}, {**kreg, "heads_per_program": 2},
-                       {**kreg, "lean_smem": True, "heads_per_program": 2}]:
+                       {**kreg, "lean_smem": True, "heads_per_program": 2}, *_keyword_sets(args.mosaic_fp8)]:
                 name = "mosaic fp8 " + (",".join(f"{a}={c}" for a, c in kw.items()) or "default")
                 variants[name] = (
                     jax.jit(lambda q, k, v, t, l, kw=kw: paged_decode_attention(q, k, v, t, l, bs, **kw)),
@@ -275,6 +279,14 @@ def _print_profile(summary, title):
 
 def _ints(text):
     return [int(x) for x in text.split(",")] if text else None
+
+
+def _keyword_sets(text):
+    """'a=1,b=True;c=2' -> [{'a': 1, 'b': True}, {'c': 2}] (values Python literals)."""
+    import ast
+
+    return [{k: ast.literal_eval(v) for k, v in (item.split("=") for item in one.split(","))}
+            for one in (text or "").split(";") if one]
 
 
 def _hpp_sweep(args):

@@ -16,7 +16,10 @@
 # the repository at $AUTOTUNE (committed from an earlier call on the same GPU) seeds a fresh cache.
 export JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-$PWD/build/jaxcache}
 mkdir -p "$JAXLLM_CACHE_DIR"
-AUTOTUNE=${AUTOTUNE:-benchmarks/autotune/h100_tput.tgz}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+# the autotune results are per GPU model: an H200 gets its own archive (a cold H200 call leaves one)
+[[ $gpu == *H200* ]] && card=h200 || card=h100
+AUTOTUNE=${AUTOTUNE:-benchmarks/autotune/${card}_tput.tgz}
 [ -f "$AUTOTUNE" ] && [ ! -d "$JAXLLM_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir" ] &&
   tar xzf "$AUTOTUNE" -C "$JAXLLM_CACHE_DIR" && echo "autotune cache seeded from $AUTOTUNE"
 source "$(dirname "$0")/common.sh" /tmp/jaxllm-tput

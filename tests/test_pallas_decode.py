@@ -218,8 +218,8 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap)
     """The runner's decode path with the (interpreted) kernel gives the reference path's tokens
     (fp8: over an fp8 pool with per-layer scales that are not 1; hpp: the kernel's KV heads per
     program, JAXLLM_ATTN_HEADS_PER_PROGRAM; swap: JAXLLM_ATTN_SWAP_AB, with JAXLLM_ATTN_LEAN_SMEM and
-    JAXLLM_ATTN_K_REGS, which the runner passes on for fp8 pools only -- the interpreter runs that
-    call with K staged, as it cannot feed a wgmma from registers)."""
+    JAXLLM_ATTN_K_REGS set to the same value -- K_REGS never reaches an interpreted call, which
+    cannot feed a wgmma from registers: test_runner_passes_k_in_registers_on_gpu has the GPU side)."""
     from jaxllm.pallas import decode_attention
 
     monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", hpp)
@@ -231,10 +231,10 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap)
     monkeypatch.setattr(decode_attention, "paged_decode_attention",
                         lambda *a, **kw: grids.append((kw["heads_per_program"], kw["swap_ab"], kw["lean_smem"],
                                                        kw["k_in_registers"]))
-                        or real_kernel(*a, **{**kw, "k_in_registers": False}))
+                        or real_kernel(*a, **kw))
     expected, got, traced = engine_tokens_through_the_kernel(tmp_path, kv, _interpret())
     assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
-    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1", swap == "1" and kv == "fp8")}
+    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1", False)}
     assert got == expected
 
 
@@ -607,6 +607,39 @@ def test_layers_share_one_lowering_of_the_kernel(which, tp):
     assert text.count("call @") >= 3 + 1  # three calls of the kernel's function, plus its custom call
 
 
+@pytest.mark.parametrize("switches,want", [({}, (True, True)), ({"JAXLLM_ATTN_K_REGS": "0"}, (False, True)),
+                                           ({"JAXLLM_ATTN_LEAN_SMEM": "0"}, (True, False)),
+                                           ({"JAXLLM_ATTN_SWAP_AB": "0"}, (False, True))], ids=str)
+def test_runner_passes_k_in_registers_on_gpu(monkeypatch, switches, want):
+    """Lowered for CUDA (not interpreted), the runner's decode kernel over an fp8 pool gets
+    k_in_registers and lean_smem by default (the pair measured fastest, BENCHMARKS.md twenty-second
+    session), each switched off by its variable; k_in_registers needs swap_ab. A bf16 pool gets
+    neither (lean_smem only when its variable says 1). Both lower for CUDA with those arguments."""
+    from jaxllm.pallas import decode_attention
+    from jaxllm.runner.paged import decode_kernel_for
+    from jaxllm.sharding import make_meshes
+
+    for name in ("JAXLLM_ATTN_K_REGS", "JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB", "JAXLLM_ATTN_TRITON"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in switches.items():
+        monkeypatch.setenv(name, value)
+    seen = []
+    real_kernel = decode_attention.paged_decode_attention
+    monkeypatch.setattr(decode_attention, "paged_decode_attention",
+                        lambda *a, **kw: seen.append((kw["k_in_registers"], kw["lean_smem"])) or real_kernel(*a, **kw))
+    mesh = make_meshes(tensor_parallel=1)[0]
+    rows = jax.ShapeDtypeStruct((2,), jnp.int32)
+    tables = jax.ShapeDtypeStruct((2, 4), jnp.int32)
+    texts = {}
+    for dtype in (jnp.float8_e4m3fn, jnp.bfloat16):
+        pool = jax.ShapeDtypeStruct((64 * 16, 2, 64), dtype)
+        kernel = decode_kernel_for(16, None, mesh)
+        args = (jax.ShapeDtypeStruct((2, 8, 64), jnp.bfloat16), pool, pool, tables, rows)
+        texts[dtype] = jax.jit(lambda *a: kernel(*a, 0.5, 2.0)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert seen == [want, (False, switches.get("JAXLLM_ATTN_LEAN_SMEM") == "1")]
+    assert all("custom_call @mosaic_gpu" in text for text in texts.values())
+
+
 # -- lean_smem: one fp8 staging tile, scoped loop / epilogue buffers (three programs an SM) -------
 LEAN_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, lengths, fp8, kernel kwargs)
     (2, 8, 2, 64, 16, (150, 40), True, {}),
@@ -672,14 +705,18 @@ def test_lean_smem_lowers_for_cuda(kw):
 
 @pytest.mark.parametrize("name", ["JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB", "JAXLLM_ATTN_K_REGS"])
 def test_decode_kernel_switches(monkeypatch, name):
-    """lean_smem and k_in_registers off by default, swap_ab on; 1 turns it on, 0 off, anything else
-    is refused naming the switch."""
+    """swap_ab, k_in_registers and (over fp8 pools) lean_smem on by default, lean_smem off over
+    16-bit pools; 1 turns it on, 0 off, anything else is refused naming the switch."""
     from jaxllm.runner import paged
 
     read = {"JAXLLM_ATTN_LEAN_SMEM": paged.attention_lean_smem, "JAXLLM_ATTN_SWAP_AB": paged.attention_swap_ab,
             "JAXLLM_ATTN_K_REGS": paged.attention_k_in_registers}[name]
     monkeypatch.delenv(name, raising=False)
-    assert read() is (name == "JAXLLM_ATTN_SWAP_AB")
+    assert read() is True
+    if name == "JAXLLM_ATTN_LEAN_SMEM":
+        assert paged.attention_lean_smem(False) is False
+        monkeypatch.setenv(name, "1")
+        assert paged.attention_lean_smem(False) is True
     monkeypatch.setenv(name, "1")
     assert read() is True
     monkeypatch.setenv(name, "0")

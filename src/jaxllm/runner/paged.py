@@ -165,11 +165,15 @@ def attention_heads_per_program(batch: int, kv_heads: int) -> int:
     return n
 
 
-def attention_lean_smem() -> bool:
-    """JAXLLM_ATTN_LEAN_SMEM=1: the decode kernel's ``lean_smem`` layout (one fp8 staging tile, scoped
-    loop and epilogue buffers: three programs an SM where two fit). Opt-in until measured on a GPU in
-    the model (BENCHMARKS.md, thirteenth session)."""
-    return env_flag("JAXLLM_ATTN_LEAN_SMEM")
+def attention_lean_smem(fp8_pool: bool = True) -> bool:
+    """JAXLLM_ATTN_LEAN_SMEM = 1 / 0: the decode kernel's ``lean_smem`` layout (one fp8 staging tile,
+    scoped loop and epilogue buffers: three programs an SM where two fit). By default on over fp8
+    pools, together with ``k_in_registers`` (attention_k_in_registers): measured on an H200
+    (BENCHMARKS.md, twenty-second session) the pair takes the fp8 kernel at 1024 x 160 tokens from 193
+    to 166 us (H100, twenty-first session: 196 -> 166), and 1000 x 128/128 ran 27,568 / 27,345 vs
+    26,947 / 26,537 output tok/s interleaved in one call. Off by default over bf16 pools (where it
+    only scopes buffers: 289.5 vs 288.9 us on an H100, thirteenth session)."""
+    return env_flag("JAXLLM_ATTN_LEAN_SMEM", default="1" if fp8_pool else "0")
 
 
 def attention_swap_ab() -> bool:
@@ -181,11 +185,12 @@ def attention_swap_ab() -> bool:
 
 
 def attention_k_in_registers() -> bool:
-    """JAXLLM_ATTN_K_REGS=1: with swap_ab over an fp8 pool, the decode kernel converts each K tile in
-    registers and hands it to the wgmma from there (``k_in_registers``: no staging store, 16 KiB
-    less shared memory a program). Opt-in until measured on a GPU (lowered for CUDA on CPU; the
-    CPU interpreter cannot run it)."""
-    return env_flag("JAXLLM_ATTN_K_REGS")
+    """JAXLLM_ATTN_K_REGS = 1 (the default) / 0: with swap_ab over an fp8 pool, the decode kernel
+    converts each K tile in registers and hands it to the wgmma from there (``k_in_registers``: no
+    staging store, 16 KiB less shared memory a program); with lean_smem, see attention_lean_smem for
+    the figures. GPU only: the CPU interpreter's wgmma takes shared-memory operands, so interpreted
+    calls stage K whatever this says."""
+    return env_flag("JAXLLM_ATTN_K_REGS", default="1")
 
 
 TRITON_DECODE_ENV = "JAXLLM_ATTN_TRITON"
@@ -231,12 +236,12 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
             return paged_decode_attention_triton(
                 q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
                 v_scale=v_scale, interpret=bool(interpret), **triton_decode_tiling())
-        swap = attention_swap_ab()
+        swap, fp8 = attention_swap_ab(), k_pool.dtype == FP8
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
             v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
-            lean_smem=attention_lean_smem(), swap_ab=swap, interpret=interpret,
-            k_in_registers=swap and k_pool.dtype == FP8 and attention_k_in_registers(),
+            lean_smem=attention_lean_smem(fp8), swap_ab=swap, interpret=interpret,
+            k_in_registers=swap and fp8 and not interpret and attention_k_in_registers(),
         )
 
     heads = P(None, "model", None)

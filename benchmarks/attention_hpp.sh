@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The default fp8 decode kernel (swap_ab + k_in_registers + lean_smem) against its forms with several
+# KV heads a program, more stages or larger tiles, at the throughput shape (1024 sequences x 160 /
+# 256 tokens, 16-token pages), on one GPU in one call; then, if a heads_per_program form is >= 3%
+# faster over both contexts, 1000 x 128/128 at 1024 rows (benchmarks/tput_h100.sh) with it against
+# the default, interleaved twice. Logs in $OUT (default /tmp/jaxllm-attn-hpp).
+#   OUT=$OUT bash benchmarks/attention_hpp.sh
+source "$(dirname "$0")/common.sh" /tmp/jaxllm-attn-hpp
+start=$SECONDS
+kl="swap_ab=True,k_in_registers=True,lean_smem=True"
+forms="$kl,heads_per_program=4;$kl,heads_per_program=8;$kl,max_concurrent_steps=3;$kl,block_kv=128"
+forms="$forms;$kl,heads_per_program=2,max_concurrent_steps=3;$kl,heads_per_program=4,max_concurrent_steps=3"
+timeout ${KERNEL_TIMEOUT:-200} python benchmarks/decode_kernel.py --batch 1024 --contexts 160,256 --block-size 16 \
+  --iters 20 --variants "=mosaic fp8 swap_ab=True;mosaic fp8 swap_ab=True,k_in_registers=True,lean_smem=True" \
+  --mosaic-fp8 "$forms" > "$OUT/kernel_b1024.txt" 2>&1 || echo "kernel_b1024 rc=$?"
+grep -v '^{' "$OUT/kernel_b1024.txt" | tail -24
+echo "kernel part done at $((SECONDS - start)) s"
+hpp=$(python - "$OUT/kernel_b1024.txt" "mosaic fp8 $kl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+total = {}
+for r in rows:
+    if "us" in r and r["rel_err"] < 2e-2:
+        total.setdefault(r["variant"], []).append(r["us"])
+total = {k: sum(v) for k, v in total.items() if len(v) == 2}
+base = total.get(sys.argv[2])
+# forms the runner can switch to: heads_per_program alone (JAXLLM_ATTN_HEADS_PER_PROGRAM)
+cands = {k: v for k, v in total.items() if k.startswith(sys.argv[2] + ",heads_per_program=") and k.count("=") == 4}
+best = min(cands, key=cands.get) if cands else None
+print(best.split("=")[-1] if base and best and cands[best] <= 0.97 * base else "")
+PY
+)
+echo "heads_per_program worth a throughput run: ${hpp:-none}"
+[ -n "$hpp" ] || exit 0
+sw="JAXLLM_ATTN_HEADS_PER_PROGRAM=$hpp"
+OUT=$OUT/tput LIMIT=$(( ${LIMIT:-560} - (SECONDS - start) )) VARIANTS="default hpp$hpp:$sw default hpp$hpp:$sw" \
+  bash "$(dirname "$0")/tput_h100.sh" 2>&1 | tail -6
