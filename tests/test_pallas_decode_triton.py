@@ -71,13 +71,13 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.parametrize("pool", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("block_kv", [32, 64, 128])
-def test_kernel_lowers_for_cuda_at_the_throughput_shape(cuda_lowering, pool, block_kv):
+@pytest.mark.parametrize("block_kv,masked", [(32, False), (64, False), (128, False), (64, True)])
+def test_kernel_lowers_for_cuda_at_the_throughput_shape(cuda_lowering, pool, block_kv, masked):
     S = jax.ShapeDtypeStruct
     args = (S((1024, 32, 128), jnp.bfloat16), S((16384 * 16, 8, 128), pool), S((16384 * 16, 8, 128), pool),
             S((1024, 32), jnp.int32), S((1024,), jnp.int32))
-    text = cuda_lowering(lambda *a: paged_decode_attention_triton(*a, 16, block_kv=block_kv, k_scale=0.5, v_scale=2.0),
-                         *args)
+    text = cuda_lowering(lambda *a: paged_decode_attention_triton(*a, 16, block_kv=block_kv, k_scale=0.5, v_scale=2.0,
+                                                                  masked_loads=masked), *args)
     assert "triton" in text
 
 
@@ -129,7 +129,7 @@ def test_engine_decodes_through_the_triton_kernel(tmp_path, monkeypatch, kv):
 GPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, context, fp8, kwargs)
     (1024, 32, 8, 128, 16, 160, True, {}),
     (1024, 32, 8, 128, 16, 160, False, {}),
-    (1024, 32, 8, 128, 16, 160, True, {"masked_loads": False}),
+    (1024, 32, 8, 128, 16, 160, True, {"masked_loads": True}),
     (256, 32, 8, 128, 16, 1000, True, {"block_kv": 128, "num_warps": 8}),
     (128, 32, 8, 128, 32, 600, True, {"block_kv": 32, "num_stages": 3, "sliding_window": 300}),
     (64, 28, 4, 128, 16, 300, False, {"soft_cap": 30.0}),

@@ -24,8 +24,10 @@ kernel's unswapped default 289), fp8 pools 190 us at block_kv 64 / 2 warps / 2 s
 kernel's swap_ab default 196, its swap_ab + k_in_registers + lean_smem 166); more warps or 128-token
 tiles are slower for fp8. In the 1000 x 128/128 run at 1024 rows: 26,365 output tok/s against
 26,208 / 25,902 for the Mosaic default around it (decode calls 2.83 vs 2.84-2.85 s) -- within the
-noise, so it stays opt-in (``JAXLLM_ATTN_TRITON=1``). Since then the rows past a sequence's length
-are not read (``masked_loads``: a 64-token tile over 160 tokens read 192; not yet timed).
+noise, so it stays opt-in (``JAXLLM_ATTN_TRITON=1``). ``masked_loads=True`` leaves the rows past a
+sequence's length unread (a 64-token tile over 160 tokens reads 192): measured slower on an H200
+(twenty-second session: fp8 at 64/2/2 184.5 vs 176.6 us at 160 tokens, 235.1 vs 225.0 at 256), so
+off by default -- the rows read past the end are finite pool contents whose scores are masked.
 
 Numerics as the Mosaic kernel's: fp8 pools computed in float16 (every e4m3 value is exact there),
 the K scale folded into the softmax scale (or into q when traced), the V scale applied to the
@@ -63,7 +65,7 @@ def _load_rows(view, valid, masked: bool):
 
 def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                                   soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0, block_kv: int = 64,
-                                  num_warps: int = 2, num_stages: int = 2, masked_loads: bool = True,
+                                  num_warps: int = 2, num_stages: int = 2, masked_loads: bool = False,
                                   interpret: bool = False):
     """Decode attention over paged KV (see the module docstring). q [B, H, D]; pools [slots, KVH, D]
     (bfloat16, float16 or float8_e4m3fn holding K / k_scale and V / v_scale); block_tables [B, W]
@@ -111,7 +113,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
             valid = pos < length
             if win_lo is not None:
                 valid = valid & (pos >= win_lo)
-            # tokens past the sequence (or before its window) are not read: no bytes for masked rows
+            # masked: tokens past the sequence (or before its window) are not read
             k = _load_rows(k_ref.at[slot, head, :], valid, masked).astype(dtype)  # [tile, d]
             s = lax.dot_general(qt, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             s = log2_scores(s, scale, soft_cap)
