@@ -5,6 +5,8 @@ among amax x {1, 0.95, ..., 0.7} by the weight's squared error (tenth session: 1
 so the weight error is not what flips the near-ties).
 
     python benchmarks/fp8_agreement.py [--quantization fp8]
+    python benchmarks/fp8_agreement.py --noise-floor   # the reference's top-2 margins, and the agreement
+        # of the unquantized model in bfloat16, of fp8 and of int8 (twenty-second session)
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def mse_scaled(w, quantization, axes, out_axes, ratios=(1.0, 0.95, 0.9, 0.85, 0.
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quantization", default="fp8")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="how close the reference's top two logits sit, and the agreement of other numerics "
+                         "(bfloat16 activations, no quantization) beside fp8 and int8")
     args = ap.parse_args()
     path = str(smollm2_gguf())
     kw = dict(max_seq_len=256, max_batch_size=8, compilation_cache=False)
@@ -56,15 +61,28 @@ def main():
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, ignore_eos=True), use_tqdm=False)
         seqs = [(o.prompt_token_ids, o.outputs[0].token_ids) for o in outs]
         ref = _teacher_forced_logits(llm, seqs)
+    if args.noise_floor:
+        top2 = np.sort(ref, -1)[..., -2:]
+        margin = top2[..., 1] - top2[..., 0]
+        print(f"reference top-2 margins: {int((margin < 0.25).sum())} under 0.25, {int((margin < 0.5).sum())} under "
+              f"0.5, of {margin.size} (median {np.median(margin):.2f})")
+        for name, extra in (("bf16 activations", dict(dtype="bfloat16")), ("fp8", dict(quantization="fp8")),
+                            ("int8", dict(quantization="int8"))):
+            with LLM(path, **kw, **extra) as llm:
+                _report(name, _teacher_forced_logits(llm, seqs), ref)
+        return
     for name, fn in (("amax", quantize_weight), ("mse", mse_scaled)):
         weights.quantize_weight = fn
         jax.clear_caches()  # the jitted quantization traced the other one
         with LLM(path, quantization=args.quantization, **kw) as llm:
-            got = _teacher_forced_logits(llm, seqs)
-        same = got.argmax(-1) == ref.argmax(-1)
-        print(f"{name:<5} agreement {same.mean():.4f} ({int(same.sum())}/{same.size})  "
-              f"mean |d logit| {np.abs(got - ref).mean():.4f}")
+            _report(name, _teacher_forced_logits(llm, seqs), ref)
     weights.quantize_weight = quantize_weight
+
+
+def _report(name, got, ref):
+    same = got.argmax(-1) == ref.argmax(-1)
+    print(f"{name:<16} agreement {same.mean():.4f} ({int(same.sum())}/{same.size})  "
+          f"mean |d logit| {np.abs(got - ref).mean():.4f}", flush=True)
 
 
 if __name__ == "__main__":
