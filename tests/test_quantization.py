@@ -231,10 +231,22 @@ def _fp8(w, scale):
     return (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
 
 
+def write_with_twin(src: Path, dst: Path, tensors: dict, twin: dict) -> dict:
+    """Copies of the checkpoint in src as dst (holding `tensors`) and dst-ref (its dequantized twin,
+    holding `twin`); returns src's config for the caller to complete and write into dst."""
+    from safetensors.torch import save_file
+
+    for folder, held in ((dst, tensors), (Path(str(dst) + "-ref"), twin)):
+        shutil.copytree(src, folder)
+        (folder / "model.safetensors").unlink()
+        save_file(held, str(folder / "model.safetensors"))
+    return json.loads((src / "config.json").read_text())
+
+
 def _write_prequantized(src: Path, dst: Path, kind: str) -> None:
     """A copy of the tiny f32 checkpoint as `kind` FP8 in dst, and its dequantized f32 twin in dst-ref."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     tensors = load_file(str(src / "model.safetensors"))
     out, ref = {}, {}
@@ -253,12 +265,7 @@ def _write_prequantized(src: Path, dst: Path, kind: str) -> None:
         out[name], out[proj + ".weight_scale"] = q, scale
         out[proj + ".input_scale"] = torch.tensor([0.02] if kind.startswith("ct") else 0.02, dtype=scale.dtype)
         ref[name] = q.float() * scale.float()
-    for folder in (dst, Path(str(dst) + "-ref")):
-        shutil.copytree(src, folder)
-        (folder / "model.safetensors").unlink()
-    save_file(out, str(dst / "model.safetensors"))
-    save_file(ref, str(Path(str(dst) + "-ref") / "model.safetensors"))
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = write_with_twin(src, dst, out, ref)
     if kind.startswith("ct"):
         args = dict(num_bits=8, type="float", symmetric=True, dynamic=False, group_size=None)
         cfg["quantization_config"] = {
@@ -359,15 +366,10 @@ def _checkpoint_with(tmp_path, tiny, config_update=None, files=None) -> Path:
     return path
 
 
-NVFP4_CT = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {"group_0": {
-    "targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}}}}
-
-
-@pytest.mark.parametrize("update,files,found", [
-    ({"quantization_config": NVFP4_CT}, None, "compressed-tensors format 'nvfp4-pack-quantized'"),
-    ({"quantization_config": {"quant_method": "modelopt", "quant_algo": "NVFP4"}}, None, "ModelOpt quant_algo 'NVFP4'"),
-    (None, {"hf_quant_config.json": {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4"}}},
-     "ModelOpt quant_algo 'NVFP4'"),
+@pytest.mark.parametrize("update,files,found", [  # (NVFP4 loads: test_nvfp4.py)
+    ({"quantization_config": {"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"}}, None, "ModelOpt quant_algo 'W4A8_AWQ'"),
+    (None, {"hf_quant_config.json": {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "MXFP4"}}},
+     "ModelOpt quant_algo 'MXFP4' (of the FP4 formats only NVFP4 loads)"),
     ({"quantization_config": {"quant_method": "mxfp4"}}, None, "MXFP4"),
     ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, None, "quant_method 'gptq'"),
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, None, "quant_method 'awq'"),

@@ -31,7 +31,8 @@ from .orbax_ckpt import (
     saved_fp8_lm_head,
     saved_quantization,
 )
-from .quant_config import checkpoint_quantization
+from .fp4 import dequantized_fp4
+from .quant_config import NVFP4, checkpoint_quantization
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
 
@@ -86,16 +87,20 @@ def resolve_dtype(dtype: str, cfg: ModelConfig):
     return DTYPES[dtype]
 
 
-def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool) -> str | None:
-    """The projections' weight quantization: what the checkpoint carries (a pre-quantized HF
-    checkpoint, or a jaxllm save of a quantized model), else what LLM(quantization=...) asks for.
+def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool) -> tuple[str | None, str | None]:
+    """(the projections' weight quantization: what the checkpoint carries (a pre-quantized HF
+    checkpoint, or a jaxllm save of a quantized model), else what LLM(quantization=...) asks for;
+    the NVFP4 layout to dequantize the checkpoint's weights from as they are read, or None -- such a
+    checkpoint loads as an unquantized one, quantized again if asked).
     Raises ValueError for an unsupported checkpoint quantization or a request that contradicts it."""
     if src.is_gguf:
-        return requested
+        return requested, None
     if orbax:
         found, what = saved_quantization(src.path), "a jaxllm checkpoint saved with quantization"
     else:
         found, what = checkpoint_quantization(src.path)
+        if found in NVFP4:
+            return requested, NVFP4[found]
     if orbax and requested != found and requested is not None:
         raise ValueError(
             f"quantization={requested!r} does not match this jaxllm checkpoint, saved with quantization="
@@ -106,7 +111,7 @@ def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool)
             f"quantization={requested!r} does not match this checkpoint, which is pre-quantized ({what}); "
             f"pass quantization=None or {found!r}"
         )
-    return found if found is not None else requested
+    return (found if found is not None else requested), None
 
 
 def fused_qkv_wanted(mesh=None, quantization: str | None = None) -> bool:
@@ -197,7 +202,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     arch = get_architecture(architecture_name(hf_config))  # before reading fields it may not have
     orbax = not src.is_gguf and is_jaxllm_checkpoint(src.path)
     w8a8 = quantization == "fp8-w8a8"  # fp8 weights; the activations too in large calls
-    stored = resolve_quantization("fp8" if w8a8 else quantization, src, orbax)
+    stored, fp4 = resolve_quantization("fp8" if w8a8 else quantization, src, orbax)
     if w8a8 and stored != "fp8":
         raise ValueError(f"quantization='fp8-w8a8' needs fp8 weights; this checkpoint holds {stored} weights")
     cfg = replace(ModelConfig.from_hf(hf_config), quantization=stored, fp8_activations=w8a8,
@@ -224,6 +229,8 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
             tensors = iter_gguf(src.path, cfg, arch.weight_map, arch.gguf_arch)
         else:
             tensors = iter_safetensors(src.path)
+            if fp4 is not None:
+                tensors = dequantized_fp4(tensors, fp4)
         found: dict[int, dict[str, float]] = {}
         state = place_weights(abstract_state, _take_kv_scales(tensors, found), cfg, arch.weight_map, mesh)
         kv_scales = _kv_scales(found, cfg.num_layers)

@@ -1,6 +1,7 @@
 """What a checkpoint says about its own quantization, read before any weight is.
 
-Two published FP8 layouts load (as weight-only FP8: ``models/quant.py``); everything else that
+Two published FP8 layouts load (as weight-only FP8: ``models/quant.py``), and the same two
+publishers' NVFP4 layouts (dequantized as they are read: ``loader/fp4.py``); everything else that
 declares a quantization is refused here with what was found and what is supported.
 
 compressed-tensors (llm-compressor, ``config.json``)::
@@ -40,10 +41,13 @@ from pathlib import Path
 
 SUPPORTED = (
     "compressed-tensors FP8 (float8_e4m3fn weights with per-tensor or per-channel weight_scale) "
-    "and ModelOpt FP8 (quant_algo 'FP8')"
+    "and ModelOpt FP8 (quant_algo 'FP8'); NVFP4 of both (format 'nvfp4-pack-quantized', quant_algo "
+    "'NVFP4'), dequantized at load"
 )
 FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
 MODELOPT_FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")  # per-tensor / per-channel weight scales
+# what checkpoint_quantization returns for NVFP4 checkpoints: the layout loader/fp4.py reads
+NVFP4 = {"nvfp4-compressed-tensors": "compressed-tensors", "nvfp4-modelopt": "modelopt"}
 
 
 def _refuse(found: str) -> ValueError:
@@ -62,9 +66,10 @@ def _read_json(path: Path) -> dict:
 
 
 def checkpoint_quantization(folder: Path) -> tuple[str | None, str | None]:
-    """(the weight quantization the checkpoint in folder carries: None or "fp8", a description of it).
+    """(the weight quantization the checkpoint in folder carries: None, "fp8" or an NVFP4 layout
+    (a key of NVFP4), a description of it).
 
-    Raises ValueError for any declared quantization that is not a supported FP8 layout."""
+    Raises ValueError for any declared quantization that is not a supported layout."""
     qc = _read_json(folder / "config.json").get("quantization_config")
     hf_quant = _read_json(folder / "hf_quant_config.json")
     if hf_quant.get("quantization") is not None or (hf_quant.get("producer") or {}).get("name") == "modelopt":
@@ -88,8 +93,13 @@ def _modelopt(q: dict) -> tuple[str | None, str | None]:
     if algo is None:  # only the KV cache is quantized: the weights are plain
         return None, None
     algo = str(algo).upper()
+    if algo == "NVFP4":
+        group = q.get("group_size", 16)
+        if group != 16:
+            raise _refuse(f"ModelOpt NVFP4 with group_size {group!r} (16 is the format's)")
+        return "nvfp4-modelopt", "ModelOpt NVFP4"
     if "FP4" in algo:
-        raise _refuse(f"ModelOpt quant_algo {algo!r} (FP4 weights are not supported yet)")
+        raise _refuse(f"ModelOpt quant_algo {algo!r} (of the FP4 formats only NVFP4 loads)")
     if algo not in MODELOPT_FP8_ALGOS:
         raise _refuse(f"ModelOpt quant_algo {algo!r}")
     return "fp8", f"ModelOpt {algo}"
@@ -105,7 +115,7 @@ def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
     groups = qc.get("config_groups") or {}
     if not groups:
         raise _refuse(f"compressed-tensors format {fmt!r} without config_groups")
-    strategies = set()
+    strategies, kinds = set(), set()
     for name, group in groups.items():
         w = group.get("weights") or {}
         gfmt = group.get("format") or fmt
@@ -113,8 +123,15 @@ def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
             f"compressed-tensors format {gfmt!r} (group {name!r}: {w.get('type')} {w.get('num_bits')}-bit weights, "
             f"strategy {w.get('strategy')!r})"
         )
+        if gfmt == "nvfp4-pack-quantized":
+            if not (w.get("type") == "float" and w.get("num_bits") == 4 and w.get("group_size") == 16
+                    and w.get("strategy") == "tensor_group"):
+                raise _refuse(found + " (NVFP4 is float 4-bit weights in groups of 16, strategy 'tensor_group')")
+            kinds.add("nvfp4-compressed-tensors")
+            continue
         if gfmt in FP4_FORMATS or (w.get("type") == "float" and w.get("num_bits") == 4):
-            raise _refuse(found + "; FP4 weights are not supported yet")
+            raise _refuse(found + "; of the FP4 formats only NVFP4 loads")
+        kinds.add("fp8")
         fp8 = (
             gfmt in ("float-quantized", "naive-quantized")
             and w.get("type") == "float"
@@ -126,4 +143,8 @@ def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
         if not fp8:
             raise _refuse(found)
         strategies.add(w["strategy"])
+    if len(kinds) > 1:
+        raise _refuse("compressed-tensors with both FP8 and NVFP4 groups")
+    if kinds == {"nvfp4-compressed-tensors"}:
+        return "nvfp4-compressed-tensors", "compressed-tensors NVFP4"
     return "fp8", f"compressed-tensors FP8 ({'/'.join(sorted(strategies))} weight scales)"
