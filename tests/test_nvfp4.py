@@ -1,5 +1,6 @@
-"""NVFP4 checkpoints (loader/fp4.py): the compressed-tensors and ModelOpt layouts, built here from
-their documented form, load dequantized and give the logits and tokens of their dequantized twin."""
+"""FP4 checkpoints (loader/fp4.py): NVFP4 in the compressed-tensors and ModelOpt layouts and
+compressed-tensors MXFP4, built here from their documented form, load dequantized and give the
+logits and tokens of their dequantized twin."""
 
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def _nvfp4(w: np.ndarray):
     return packed.astype(np.uint8), bs, s2, v.reshape(out, cols).astype(np.float32)
 
 
+def _mxfp4(w: np.ndarray):
+    """w [out, in] float32 -> (packed uint8 [out, in/2], E8M0 exponents uint8 [out, in/32], the
+    dequantized weight): each block's power of two the smallest that brings its largest value to <= 6."""
+    out, cols = w.shape
+    blocks = w.reshape(out, cols // 32, 32)
+    e = np.ceil(np.log2(np.maximum(np.abs(blocks).max(-1), 1e-30) / 6)).astype(np.int32)
+    pow2 = np.ldexp(np.float32(1), e)
+    codes = np.abs((blocks / pow2[..., None])[..., None] - E2M1).argmin(-1).astype(np.uint8).reshape(out, cols)
+    deq = (E2M1[codes].reshape(out, cols // 32, 32) * pow2[..., None]).reshape(out, cols)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8), (e + 127).astype(np.uint8), deq.astype(np.float32)
+
+
 def _write_nvfp4(src: Path, dst: Path, layout: str, keep_16bit: tuple[str, ...] = ()) -> None:
     """The tiny checkpoint as `layout` NVFP4 in dst (projections in keep_16bit left as they are, as
     an ignore list leaves them), and its dequantized float32 twin in dst-ref."""
@@ -55,6 +68,11 @@ def _write_nvfp4(src: Path, dst: Path, layout: str, keep_16bit: tuple[str, ...] 
         if (not name.endswith(".weight") or proj.split("layers.")[-1].split(".", 1)[-1] not in PROJ
                 or proj in keep_16bit):
             out[name] = ref[name] = w
+            continue
+        if layout == "mxfp4":  # weight = e2m1 * 2 ** (weight_scale - 127)
+            packed, exps, deq = _mxfp4(w.float().numpy())
+            out[proj + ".weight_packed"], out[proj + ".weight_scale"] = torch.from_numpy(packed), torch.from_numpy(exps)
+            ref[name] = torch.from_numpy(deq)
             continue
         packed, bs, s2, v = _nvfp4(w.float().numpy())
         scale = torch.from_numpy(bs.view(np.uint8).copy()).view(torch.float8_e4m3fn)
@@ -72,7 +90,12 @@ def _write_nvfp4(src: Path, dst: Path, layout: str, keep_16bit: tuple[str, ...] 
         out[proj + ".weight_scale"] = scale
         ref[name] = torch.from_numpy(deq)
     cfg = write_with_twin(src, dst, out, ref)
-    if layout == "compressed-tensors":
+    if layout == "mxfp4":
+        mx = dict(num_bits=4, type="float", strategy="group", group_size=32, symmetric=True, dynamic=False)
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": mx}}, "ignore": ["lm_head", *keep_16bit]}
+    elif layout == "compressed-tensors":
         fp4 = dict(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True, dynamic=False)
         cfg["quantization_config"] = {
             "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "quantization_status": "compressed",
@@ -90,15 +113,16 @@ def _write_nvfp4(src: Path, dst: Path, layout: str, keep_16bit: tuple[str, ...] 
 @pytest.fixture(scope="module")
 def nvfp4(tiny, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("nvfp4")
-    for layout in ("compressed-tensors", "modelopt"):
+    for layout in ("compressed-tensors", "modelopt", "mxfp4"):
         _write_nvfp4(tiny, root / layout, layout, keep_16bit=("model.layers.1.mlp.down_proj",))
     return root
 
 
-@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
+@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt", "mxfp4"])
 def test_nvfp4_checkpoint_matches_its_dequantized_twin(nvfp4, layout):
-    """Both layouts load as an unquantized model holding the dequantized weights (a layer on the
-    ignore list as it was): the twin's logits and greedy tokens."""
+    """Each layout (NVFP4 of both publishers, compressed-tensors MXFP4) loads as an unquantized
+    model holding the dequantized weights (a layer on the ignore list as it was): the twin's
+    logits and greedy tokens."""
     path = nvfp4 / layout
     with LLM(str(path), max_seq_len=128, compilation_cache=False) as llm:
         assert llm.model_config.quantization is None
@@ -159,7 +183,12 @@ def test_an_incomplete_nvfp4_weight_is_refused_naming_it():
     ({"quant_method": "mxfp4"}, "MXFP4"),
     ({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 32}, "NVFP4 with group_size 32"),
     ({"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "config_groups": {"g": {"weights": {
-        "num_bits": 4, "type": "float", "strategy": "group", "group_size": 32}}}}, "only NVFP4 loads"),
+        "num_bits": 4, "type": "float", "strategy": "group", "group_size": 16}}}}, "MXFP4 is float 4-bit weights in "
+     "groups of 32"),
+    ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {
+        "a": {"weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}},
+        "b": {"format": "float-quantized", "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}},
+     "groups of several formats (fp8, nvfp4-compressed-tensors)"),
 ])
 def test_other_fp4_checkpoints_are_refused(tmp_path, tiny, update, found):  # noqa: F811
     path = tmp_path / "ckpt"
@@ -168,4 +197,4 @@ def test_other_fp4_checkpoints_are_refused(tmp_path, tiny, update, found):  # no
     (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": update}))
     with pytest.raises(ValueError, match="supported pre-quantized checkpoints") as info:
         LLM(str(path), compilation_cache=False)
-    assert found in str(info.value) and "NVFP4 of both" in str(info.value)
+    assert found in str(info.value) and "NVFP4 of both" in str(info.value) and "MXFP4 (format" in str(info.value)

@@ -369,7 +369,7 @@ def _checkpoint_with(tmp_path, tiny, config_update=None, files=None) -> Path:
 @pytest.mark.parametrize("update,files,found", [  # (NVFP4 loads: test_nvfp4.py)
     ({"quantization_config": {"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"}}, None, "ModelOpt quant_algo 'W4A8_AWQ'"),
     (None, {"hf_quant_config.json": {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "MXFP4"}}},
-     "ModelOpt quant_algo 'MXFP4' (of the FP4 formats only NVFP4 loads)"),
+     "ModelOpt quant_algo 'MXFP4' (of ModelOpt's FP4 formats only NVFP4 loads)"),
     ({"quantization_config": {"quant_method": "mxfp4"}}, None, "MXFP4"),
     ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, None, "quant_method 'gptq'"),
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, None, "quant_method 'awq'"),

@@ -32,7 +32,7 @@ from .orbax_ckpt import (
     saved_quantization,
 )
 from .fp4 import dequantized_fp4
-from .quant_config import NVFP4, checkpoint_quantization
+from .quant_config import FP4_LAYOUTS, checkpoint_quantization
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
 
@@ -90,7 +90,7 @@ def resolve_dtype(dtype: str, cfg: ModelConfig):
 def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool) -> tuple[str | None, str | None]:
     """(the projections' weight quantization: what the checkpoint carries (a pre-quantized HF
     checkpoint, or a jaxllm save of a quantized model), else what LLM(quantization=...) asks for;
-    the NVFP4 layout to dequantize the checkpoint's weights from as they are read, or None -- such a
+    the FP4 layout (loader/fp4.py) to dequantize the checkpoint's weights from as they are read, or None -- such a
     checkpoint loads as an unquantized one, quantized again if asked).
     Raises ValueError for an unsupported checkpoint quantization or a request that contradicts it."""
     if src.is_gguf:
@@ -99,8 +99,8 @@ def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool)
         found, what = saved_quantization(src.path), "a jaxllm checkpoint saved with quantization"
     else:
         found, what = checkpoint_quantization(src.path)
-        if found in NVFP4:
-            return requested, NVFP4[found]
+        if found in FP4_LAYOUTS:
+            return requested, FP4_LAYOUTS[found]
     if orbax and requested != found and requested is not None:
         raise ValueError(
             f"quantization={requested!r} does not match this jaxllm checkpoint, saved with quantization="

@@ -1,8 +1,9 @@
 """What a checkpoint says about its own quantization, read before any weight is.
 
 Two published FP8 layouts load (as weight-only FP8: ``models/quant.py``), and the same two
-publishers' NVFP4 layouts (dequantized as they are read: ``loader/fp4.py``); everything else that
-declares a quantization is refused here with what was found and what is supported.
+publishers' NVFP4 layouts and compressed-tensors MXFP4 (dequantized as they are read:
+``loader/fp4.py``); everything else that declares a quantization is refused here with what was
+found and what is supported.
 
 compressed-tensors (llm-compressor, ``config.json``)::
 
@@ -42,12 +43,16 @@ from pathlib import Path
 SUPPORTED = (
     "compressed-tensors FP8 (float8_e4m3fn weights with per-tensor or per-channel weight_scale) "
     "and ModelOpt FP8 (quant_algo 'FP8'); NVFP4 of both (format 'nvfp4-pack-quantized', quant_algo "
-    "'NVFP4'), dequantized at load"
+    "'NVFP4') and compressed-tensors MXFP4 (format 'mxfp4-pack-quantized'), dequantized at load"
 )
 FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
 MODELOPT_FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")  # per-tensor / per-channel weight scales
-# what checkpoint_quantization returns for NVFP4 checkpoints: the layout loader/fp4.py reads
-NVFP4 = {"nvfp4-compressed-tensors": "compressed-tensors", "nvfp4-modelopt": "modelopt"}
+# what checkpoint_quantization returns for FP4 checkpoints -> the layout loader/fp4.py reads
+# compressed-tensors' FP4 formats: (the kind checkpoint_quantization returns, inputs per scale, strategy)
+CT_FP4 = {"nvfp4-pack-quantized": ("nvfp4-compressed-tensors", 16, "tensor_group"),
+          "mxfp4-pack-quantized": ("mxfp4-compressed-tensors", 32, "group")}
+FP4_LAYOUTS = {"nvfp4-compressed-tensors": "compressed-tensors", "nvfp4-modelopt": "modelopt",
+         "mxfp4-compressed-tensors": "compressed-tensors-mxfp4"}
 
 
 def _refuse(found: str) -> ValueError:
@@ -66,8 +71,8 @@ def _read_json(path: Path) -> dict:
 
 
 def checkpoint_quantization(folder: Path) -> tuple[str | None, str | None]:
-    """(the weight quantization the checkpoint in folder carries: None, "fp8" or an NVFP4 layout
-    (a key of NVFP4), a description of it).
+    """(the weight quantization the checkpoint in folder carries: None, "fp8" or an FP4 kind
+    (a key of FP4_LAYOUTS), a description of it).
 
     Raises ValueError for any declared quantization that is not a supported layout."""
     qc = _read_json(folder / "config.json").get("quantization_config")
@@ -84,7 +89,7 @@ def checkpoint_quantization(folder: Path) -> tuple[str | None, str | None]:
     if method.startswith("modelopt"):
         return _modelopt(qc.get("quantization") if isinstance(qc.get("quantization"), dict) else qc)
     if method == "mxfp4":
-        raise _refuse("MXFP4 (quant_method 'mxfp4'; FP4 weights are not supported yet)")
+        raise _refuse("MXFP4 (quant_method 'mxfp4': gpt-oss's MoE layout; compressed-tensors MXFP4 loads)")
     raise _refuse(f"quant_method {qc.get('quant_method')!r}")
 
 
@@ -99,7 +104,7 @@ def _modelopt(q: dict) -> tuple[str | None, str | None]:
             raise _refuse(f"ModelOpt NVFP4 with group_size {group!r} (16 is the format's)")
         return "nvfp4-modelopt", "ModelOpt NVFP4"
     if "FP4" in algo:
-        raise _refuse(f"ModelOpt quant_algo {algo!r} (of the FP4 formats only NVFP4 loads)")
+        raise _refuse(f"ModelOpt quant_algo {algo!r} (of ModelOpt's FP4 formats only NVFP4 loads)")
     if algo not in MODELOPT_FP8_ALGOS:
         raise _refuse(f"ModelOpt quant_algo {algo!r}")
     return "fp8", f"ModelOpt {algo}"
@@ -123,14 +128,16 @@ def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
             f"compressed-tensors format {gfmt!r} (group {name!r}: {w.get('type')} {w.get('num_bits')}-bit weights, "
             f"strategy {w.get('strategy')!r})"
         )
-        if gfmt == "nvfp4-pack-quantized":
-            if not (w.get("type") == "float" and w.get("num_bits") == 4 and w.get("group_size") == 16
-                    and w.get("strategy") == "tensor_group"):
-                raise _refuse(found + " (NVFP4 is float 4-bit weights in groups of 16, strategy 'tensor_group')")
-            kinds.add("nvfp4-compressed-tensors")
+        if gfmt in CT_FP4:
+            kind, group_size, strategy = CT_FP4[gfmt]
+            if (w.get("type"), w.get("num_bits"), w.get("group_size"), w.get("strategy")) != ("float", 4, group_size,
+                                                                                            strategy):
+                raise _refuse(found + f" ({kind.split('-')[0].upper()} is float 4-bit weights in groups of "
+                                      f"{group_size}, strategy {strategy!r})")
+            kinds.add(kind)
             continue
         if gfmt in FP4_FORMATS or (w.get("type") == "float" and w.get("num_bits") == 4):
-            raise _refuse(found + "; of the FP4 formats only NVFP4 loads")
+            raise _refuse(found + "; of the FP4 formats only NVFP4 and compressed-tensors MXFP4 load")
         kinds.add("fp8")
         fp8 = (
             gfmt in ("float-quantized", "naive-quantized")
@@ -144,7 +151,8 @@ def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
             raise _refuse(found)
         strategies.add(w["strategy"])
     if len(kinds) > 1:
-        raise _refuse("compressed-tensors with both FP8 and NVFP4 groups")
-    if kinds == {"nvfp4-compressed-tensors"}:
-        return "nvfp4-compressed-tensors", "compressed-tensors NVFP4"
+        raise _refuse(f"compressed-tensors with groups of several formats ({', '.join(sorted(kinds))})")
+    if kinds != {"fp8"}:
+        kind = kinds.pop()
+        return kind, f"compressed-tensors {kind.split('-')[0].upper()}"
     return "fp8", f"compressed-tensors FP8 ({'/'.join(sorted(strategies))} weight scales)"
