@@ -63,9 +63,10 @@ def unpack_e2m1(packed: np.ndarray) -> np.ndarray:
 
 
 def dequantized_fp4(tensors, layout: str):
-    """Pass (name, LazyTensor) pairs through, each NVFP4 projection's packed weight, block scales and
-    tensor scale (in any order, from any file of the checkpoint) replaced by one float32 ``X.weight``
-    that dequantizes the rows it is asked for; the activation scales dropped."""
+    """Pass (name, LazyTensor) pairs through, each FP4 projection's packed weight, block scales and
+    (NVFP4) tensor scale -- in any order, from any file of the checkpoint -- replaced by one float32
+    ``X.weight`` that dequantizes the rows it is asked for; the activation scales dropped. `layout`:
+    a key of LAYOUTS."""
     lay = LAYOUTS[layout]
     pieces = (lay.packed, "weight_scale") + ((lay.global_scale,) if lay.global_scale else ())
     pending: dict[str, dict[str, LazyTensor]] = {}
