@@ -164,7 +164,7 @@ def test_dequantized_rows_and_columns_are_the_whole_tensors_slices():
 
     (name, w), = dequantized_fp4([("x.weight_scale_2", lazy(np.array(s2))), ("x.weight", lazy(packed)),
                                   ("x.weight_scale", lazy(bs)), ("x.input_scale", lazy(np.array(0.5, np.float32)))],
-                                 "modelopt")
+                                 "nvfp4-modelopt")
     assert name == "x.weight" and w.shape == (8, 64) and w.dtype == np.float32
     np.testing.assert_array_equal(w.read(None), deq)
     np.testing.assert_array_equal(w.read((slice(2, 5), slice(16, 48))), deq[2:5, 16:48])
@@ -176,7 +176,7 @@ def test_an_incomplete_nvfp4_weight_is_refused_naming_it():
                ("m.q_proj.weight_scale", LazyTensor(bs.shape, lambda i: bs, bs.dtype))]
     with pytest.raises(ValueError, match=r"'m.q_proj' has \['weight_packed', 'weight_scale'\] but not "
                                          r"\['weight_global_scale'\]"):
-        list(dequantized_fp4(tensors, "compressed-tensors"))
+        list(dequantized_fp4(tensors, "nvfp4-compressed-tensors"))
 
 
 @pytest.mark.parametrize("update,found", [

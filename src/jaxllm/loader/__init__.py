@@ -31,8 +31,8 @@ from .orbax_ckpt import (
     saved_fp8_lm_head,
     saved_quantization,
 )
-from .fp4 import dequantized_fp4
-from .quant_config import FP4_LAYOUTS, checkpoint_quantization
+from .fp4 import LAYOUTS as FP4_LAYOUTS, dequantized_fp4
+from .quant_config import checkpoint_quantization
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
 
@@ -100,7 +100,7 @@ def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool)
     else:
         found, what = checkpoint_quantization(src.path)
         if found in FP4_LAYOUTS:
-            return requested, FP4_LAYOUTS[found]
+            return requested, found
     if orbax and requested != found and requested is not None:
         raise ValueError(
             f"quantization={requested!r} does not match this jaxllm checkpoint, saved with quantization="

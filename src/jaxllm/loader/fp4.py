@@ -48,10 +48,11 @@ class Fp4Layout:
     e8m0: bool = False  # block scales are uint8 exponents (MXFP4), not float8_e4m3fn
 
 
+# by the name loader/quant_config.checkpoint_quantization gives a checkpoint's FP4 layout
 LAYOUTS = {
-    "compressed-tensors": Fp4Layout("weight_packed", "weight_global_scale", True, ("input_global_scale",)),
-    "modelopt": Fp4Layout("weight", "weight_scale_2", False, ("input_scale",)),
-    "compressed-tensors-mxfp4": Fp4Layout("weight_packed", None, False, (), group=32, e8m0=True),
+    "nvfp4-compressed-tensors": Fp4Layout("weight_packed", "weight_global_scale", True, ("input_global_scale",)),
+    "nvfp4-modelopt": Fp4Layout("weight", "weight_scale_2", False, ("input_scale",)),
+    "mxfp4-compressed-tensors": Fp4Layout("weight_packed", None, False, (), group=32, e8m0=True),
 }
 
 
@@ -85,7 +86,7 @@ def dequantized_fp4(tensors, layout: str):
     for prefix, parts in pending.items():
         raise ValueError(
             f"FP4 checkpoint: {prefix!r} has {sorted(parts)} but not {sorted(set(pieces) - set(parts))} "
-            f"(a {layout} FP4 weight needs {', '.join(pieces)})"
+            f"(a {layout} weight needs {', '.join(pieces)})"
         )
 
 

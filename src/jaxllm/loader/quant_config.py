@@ -45,14 +45,11 @@ SUPPORTED = (
     "and ModelOpt FP8 (quant_algo 'FP8'); NVFP4 of both (format 'nvfp4-pack-quantized', quant_algo "
     "'NVFP4') and compressed-tensors MXFP4 (format 'mxfp4-pack-quantized'), dequantized at load"
 )
-FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
 MODELOPT_FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")  # per-tensor / per-channel weight scales
-# what checkpoint_quantization returns for FP4 checkpoints -> the layout loader/fp4.py reads
-# compressed-tensors' FP4 formats: (the kind checkpoint_quantization returns, inputs per scale, strategy)
+# compressed-tensors' FP4 formats: (the layout checkpoint_quantization returns -- a key of
+# loader/fp4.py's LAYOUTS --, inputs per scale, strategy)
 CT_FP4 = {"nvfp4-pack-quantized": ("nvfp4-compressed-tensors", 16, "tensor_group"),
           "mxfp4-pack-quantized": ("mxfp4-compressed-tensors", 32, "group")}
-FP4_LAYOUTS = {"nvfp4-compressed-tensors": "compressed-tensors", "nvfp4-modelopt": "modelopt",
-         "mxfp4-compressed-tensors": "compressed-tensors-mxfp4"}
 
 
 def _refuse(found: str) -> ValueError:
@@ -72,7 +69,7 @@ def _read_json(path: Path) -> dict:
 
 def checkpoint_quantization(folder: Path) -> tuple[str | None, str | None]:
     """(the weight quantization the checkpoint in folder carries: None, "fp8" or an FP4 kind
-    (a key of FP4_LAYOUTS), a description of it).
+    (a key of loader/fp4.py's LAYOUTS), a description of it).
 
     Raises ValueError for any declared quantization that is not a supported layout."""
     qc = _read_json(folder / "config.json").get("quantization_config")
@@ -136,7 +133,7 @@ def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
                                       f"{group_size}, strategy {strategy!r})")
             kinds.add(kind)
             continue
-        if gfmt in FP4_FORMATS or (w.get("type") == "float" and w.get("num_bits") == 4):
+        if w.get("type") == "float" and w.get("num_bits") == 4:
             raise _refuse(found + "; of the FP4 formats only NVFP4 and compressed-tensors MXFP4 load")
         kinds.add("fp8")
         fp8 = (
