@@ -75,8 +75,8 @@ def main():
                          "if its name contains one (=NAME: is NAME)")
     ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="also fp8 KV pools")
     ap.add_argument("--triton", default=None,
-                    help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/m],... (m: "
-                         "masked_loads, the rows past a sequence not read)")
+                    help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/mh],... (m: "
+                         "masked_loads, the rows past a sequence not read; h: heads_fastest)")
     ap.add_argument("--mosaic-fp8", default=None,
                     help="more Mosaic kernel forms on the fp8 pools, ';'-separated keyword sets "
                          "(e.g. 'swap_ab=True,k_in_registers=True,lean_smem=True,heads_per_program=4'); "
@@ -133,6 +133,7 @@ def main():
             {"num_splits": 1},
             {"num_splits": 4},
             {"num_splits": 8},
+            {"heads_fastest": True},
         ]:
             name = "mosaic " + (",".join(f"{a}={c}" for a, c in kw.items()) or "default")
             variants[name] = jax.jit(lambda q, k, v, t, l, kw=kw: paged_decode_attention(q, k, v, t, l, bs, **kw))
@@ -182,8 +183,10 @@ def main():
                 )
 
         for tiling in args.triton.split(",") if args.triton else ():  # the Triton kernel's tilings
-            bkv, nw, ns, *flags = tiling.split("/")  # a 4th field m: the rows past a sequence not read
-            tkw = dict(block_kv=int(bkv), num_warps=int(nw), num_stages=int(ns), masked_loads=flags == ["m"])
+            # a 4th field of letters: m, the rows past a sequence not read; h, the KV heads the grid's fastest axis
+            bkv, nw, ns, *flags = tiling.split("/")
+            tkw = dict(block_kv=int(bkv), num_warps=int(nw), num_stages=int(ns), masked_loads="m" in "".join(flags),
+                       heads_fastest="h" in "".join(flags))
             tfn = jax.jit(lambda q, k, v, t, l, tkw=tkw: paged_decode_attention_triton(q, k, v, t, l, bs, **tkw))
             variants[f"triton bf16 {tiling}"] = tfn
             if args.fp8:

@@ -71,6 +71,8 @@ CPU_GRID = [
     (4, 4, 2, 64, 32, 400, {"sliding_window": 100}),
     (3, 8, 2, 128, 32, 300, {"heads_major": True}),  # pools [kv_heads, slots, head_dim]
     (2, 4, 1, 128, 16, 150, {"soft_cap": 5.0, "block_kv": 128}),
+    (3, 8, 2, 64, 16, 200, {"heads_fastest": True}),  # the KV heads the grid's fastest axis
+    (2, 8, 8, 128, 32, 300, {"num_splits": 3, "heads_fastest": True}),
 ]
 
 
@@ -119,6 +121,8 @@ FP8_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, max_len, k_sc
     (2, 8, 8, 128, 32, 300, 1.0, 1.0, {"num_splits": 3}),  # MHA, split-K, default scales
     (2, 4, 1, 256, 128, 260, 0.5, 2.0, {"sliding_window": 150}),  # head dim 256, two copies a page
     (3, 8, 2, 128, 32, 300, 2.0, 0.125, {"heads_major": True, "soft_cap": 5.0}),
+    (3, 8, 2, 64, 16, 200, 0.25, 0.5, {"heads_fastest": True, "swap_ab": True, "lean_smem": True}),
+    (2, 16, 8, 64, 16, 100, 0.5, 2.0, {"heads_fastest": True, "heads_per_program": 2}),
 ]
 
 
@@ -501,6 +505,19 @@ def test_llm_with_fp8_kv_uses_the_kernel_on_gpu(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"swap_ab": True, "k_in_registers": True, "lean_smem": True}], ids=str)
+def test_heads_fastest_on_gpu(kw):
+    """The grid with the KV heads fastest, at the throughput shape (1024 sequences, ~160 tokens in
+    16-token pages) over bf16 and fp8 pools, and split-K at a long context."""
+    if kw:
+        _check(_fp8_inputs(4, 1024, 32, 8, 128, 16, 160, 0.5, 2.0), 16, k_scale=0.5, v_scale=2.0, heads_fastest=True,
+               **kw)
+    else:
+        _check(_inputs(4, 1024, 32, 8, 128, 16, 160), 16, heads_fastest=True)
+        _check(_inputs(5, 4, 32, 8, 128, 32, 8000), 32, heads_fastest=True, num_splits=8)
+
+
+@pytest.mark.gpu
 def test_heads_major_layout_on_gpu():
     q, k, v, tables, lens = _inputs(3, 16, 32, 8, 128, 32, 4000)
     out = paged_decode_attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), tables, lens, 32, heads_major=True)
@@ -607,26 +624,30 @@ def test_layers_share_one_lowering_of_the_kernel(which, tp):
     assert text.count("call @") >= 3 + 1  # three calls of the kernel's function, plus its custom call
 
 
-@pytest.mark.parametrize("switches,want", [({}, (True, True)), ({"JAXLLM_ATTN_K_REGS": "0"}, (False, True)),
-                                           ({"JAXLLM_ATTN_LEAN_SMEM": "0"}, (True, False)),
-                                           ({"JAXLLM_ATTN_SWAP_AB": "0"}, (False, True))], ids=str)
+@pytest.mark.parametrize("switches,want", [({}, (True, True, False)), ({"JAXLLM_ATTN_K_REGS": "0"}, (False, True, False)),
+                                           ({"JAXLLM_ATTN_LEAN_SMEM": "0"}, (True, False, False)),
+                                           ({"JAXLLM_ATTN_SWAP_AB": "0"}, (False, True, False)),
+                                           ({"JAXLLM_ATTN_HEADS_FASTEST": "1"}, (True, True, True))], ids=str)
 def test_runner_passes_k_in_registers_on_gpu(monkeypatch, switches, want):
     """Lowered for CUDA (not interpreted), the runner's decode kernel over an fp8 pool gets
     k_in_registers and lean_smem by default (the pair measured fastest, BENCHMARKS.md twenty-second
     session), each switched off by its variable; k_in_registers needs swap_ab. A bf16 pool gets
-    neither (lean_smem only when its variable says 1). Both lower for CUDA with those arguments."""
+    neither (lean_smem only when its variable says 1). JAXLLM_ATTN_HEADS_FASTEST=1 (an A/B, off by
+    default) reaches both. Both lower for CUDA with those arguments."""
     from jaxllm.pallas import decode_attention
     from jaxllm.runner.paged import decode_kernel_for
     from jaxllm.sharding import make_meshes
 
-    for name in ("JAXLLM_ATTN_K_REGS", "JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB", "JAXLLM_ATTN_TRITON"):
+    for name in ("JAXLLM_ATTN_K_REGS", "JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB", "JAXLLM_ATTN_TRITON",
+                 "JAXLLM_ATTN_HEADS_FASTEST"):
         monkeypatch.delenv(name, raising=False)
     for name, value in switches.items():
         monkeypatch.setenv(name, value)
     seen = []
     real_kernel = decode_attention.paged_decode_attention
     monkeypatch.setattr(decode_attention, "paged_decode_attention",
-                        lambda *a, **kw: seen.append((kw["k_in_registers"], kw["lean_smem"])) or real_kernel(*a, **kw))
+                        lambda *a, **kw: seen.append((kw["k_in_registers"], kw["lean_smem"], kw["heads_fastest"]))
+                        or real_kernel(*a, **kw))
     mesh = make_meshes(tensor_parallel=1)[0]
     rows = jax.ShapeDtypeStruct((2,), jnp.int32)
     tables = jax.ShapeDtypeStruct((2, 4), jnp.int32)
@@ -636,7 +657,7 @@ def test_runner_passes_k_in_registers_on_gpu(monkeypatch, switches, want):
         kernel = decode_kernel_for(16, None, mesh)
         args = (jax.ShapeDtypeStruct((2, 8, 64), jnp.bfloat16), pool, pool, tables, rows)
         texts[dtype] = jax.jit(lambda *a: kernel(*a, 0.5, 2.0)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert seen == [want, (False, switches.get("JAXLLM_ATTN_LEAN_SMEM") == "1")]
+    assert seen == [want, (False, switches.get("JAXLLM_ATTN_LEAN_SMEM") == "1", want[2])]
     assert all("custom_call @mosaic_gpu" in text for text in texts.values())
 
 

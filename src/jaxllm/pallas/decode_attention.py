@@ -393,7 +393,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
                            prefetch_pages: bool = True, early_v: bool = False, swap_ab: bool = False,
-                           k_in_registers: bool = False, profile_dir: str | None = None, interpret=False):
+                           k_in_registers: bool = False, heads_fastest: bool = False, profile_dir: str | None = None,
+                           interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -424,6 +425,12 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     the staging tile) and those only the epilogue needs (O, the log-sum-exps; one head per program)
     live in scopes one after the other, sharing their bytes. fp8, block_kv 64, two stages: 104 KiB
     -> 72 KiB (64 KiB with ``p_in_registers``), three programs per SM instead of two.
+    ``heads_fastest``: the order in which the GPU starts the programs. By default the sequences are
+    the fastest-varying grid axis (Mosaic GPU puts the last grid axis on CUDA's x), so the programs
+    that run together read one KV head's rows of many sequences -- over a ``[slots, KVH, D]`` pool
+    128-byte (fp8) or 256-byte rows a ``KVH * D``-element stride apart, the rest of each token's
+    bytes read a whole wave of programs later. With ``heads_fastest`` the KV heads vary fastest:
+    the programs that run together read every head of a few sequences, whole tokens' bytes.
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -678,8 +685,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             jax.ShapeDtypeStruct((num_splits, b, h, d), dtype),
             jax.ShapeDtypeStruct((num_splits, b, kvh, qrows), jnp.float32),
         ),
-        grid=(kvh // hpp, num_splits, b),
-        grid_names=("kvh", "split", "seq"),
+        # the last grid axis varies fastest (CUDA's x): see heads_fastest
+        grid=(b, num_splits, kvh // hpp) if heads_fastest else (kvh // hpp, num_splits, b),
+        grid_names=("seq", "split", "kvh") if heads_fastest else ("kvh", "split", "seq"),
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(approx_math=True, **(
             dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),

@@ -66,11 +66,13 @@ def _load_rows(view, valid, masked: bool):
 def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                                   soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0, block_kv: int = 64,
                                   num_warps: int = 2, num_stages: int = 2, masked_loads: bool = False,
-                                  interpret: bool = False):
+                                  heads_fastest: bool = False, interpret: bool = False):
     """Decode attention over paged KV (see the module docstring). q [B, H, D]; pools [slots, KVH, D]
     (bfloat16, float16 or float8_e4m3fn holding K / k_scale and V / v_scale); block_tables [B, W]
     int32; lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype. ``block_kv``: tokens a tile (a
-    power of two, >= 16); ``num_warps`` / ``num_stages``: Triton's."""
+    power of two, >= 16); ``num_warps`` / ``num_stages``: Triton's. ``heads_fastest``: the KV heads,
+    not the sequences, are the grid's fastest-varying axis (Triton's first, CUDA's x), so the
+    programs running together read whole tokens' rows (see ``paged_decode_attention``'s)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -92,7 +94,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
     masked = masked_loads and not interpret
 
     def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref):
-        seq, head = pl.program_id(0), pl.program_id(1)
+        seq, head = (pl.program_id(1), pl.program_id(0)) if heads_fastest else (pl.program_id(0), pl.program_id(1))
         length = lens_ref[seq]
         r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
         first_row = seq * h + head * g
@@ -137,7 +139,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b * h + rows, d), dtype),
-        grid=(b, kvh),
+        grid=(kvh, b) if heads_fastest else (b, kvh),  # the first axis varies fastest
         in_specs=[pl.BlockSpec()] * 5,  # whole arrays: loads index them
         out_specs=pl.BlockSpec(),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -193,6 +193,13 @@ def attention_k_in_registers() -> bool:
     return env_flag("JAXLLM_ATTN_K_REGS", default="1")
 
 
+def attention_heads_fastest() -> bool:
+    """JAXLLM_ATTN_HEADS_FASTEST = 1 / 0 (the default): the decode kernels' grid with the KV heads as
+    its fastest-varying axis (``heads_fastest``), so the programs running together read whole tokens'
+    rows of a few sequences instead of one head's rows of many. Not yet measured on a GPU: an A/B."""
+    return env_flag("JAXLLM_ATTN_HEADS_FASTEST", default="0")
+
+
 TRITON_DECODE_ENV = "JAXLLM_ATTN_TRITON"
 TRITON_TILING_ENV = "JAXLLM_ATTN_TRITON_TILING"
 TRITON_MIN_PROGRAMS_PER_SM = 4
@@ -235,13 +242,15 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
 
             return paged_decode_attention_triton(
                 q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
-                v_scale=v_scale, interpret=bool(interpret), **triton_decode_tiling())
+                v_scale=v_scale, interpret=bool(interpret), heads_fastest=attention_heads_fastest(),
+                **triton_decode_tiling())
         swap, fp8 = attention_swap_ab(), k_pool.dtype == FP8
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
             v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
             lean_smem=attention_lean_smem(fp8), swap_ab=swap, interpret=interpret,
             k_in_registers=swap and fp8 and not interpret and attention_k_in_registers(),
+            heads_fastest=attention_heads_fastest(),
         )
 
     heads = P(None, "model", None)
