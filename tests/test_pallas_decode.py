@@ -505,6 +505,19 @@ def test_llm_with_fp8_kv_uses_the_kernel_on_gpu(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{"swap_ab": True}, {"swap_ab": True, "k_in_registers": True},
+                                {"swap_ab": True, "lean_smem": True},
+                                {"swap_ab": True, "k_in_registers": True, "lean_smem": True}], ids=str)
+def test_fp8_forms_at_the_engine_tests_shape_on_gpu(kw):
+    """The fp8 forms the engine runs, at test_llm_with_fp8_kv_uses_the_kernel_on_gpu's shape: 4 rows
+    (3 ragged sequences of 21 / 316 / 56 tokens and a padding row of 1), 8 query / 2 KV heads of 128,
+    16-token pages, split-K chosen by the kernel."""
+    for seed in range(3):
+        _check(_fp8_inputs(seed, 4, 8, 2, 128, 16, 320, 0.5, 2.0, lengths=[21, 316, 56, 1]), 16, k_scale=0.5,
+               v_scale=2.0, **kw)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kw", [{}, {"swap_ab": True, "k_in_registers": True, "lean_smem": True}], ids=str)
 def test_heads_fastest_on_gpu(kw):
     """The grid with the KV heads fastest, at the throughput shape (1024 sequences, ~160 tokens in
