@@ -485,7 +485,8 @@ def test_llm_with_fp8_kv_uses_the_kernel_on_gpu(tmp_path):
     backend's over the same fp8 pool."""
     from jaxllm import LLM, KvCacheConfig, SamplingParams
 
-    write_kernel_sized_config(tmp_path, hidden_size=512, intermediate_size=512, num_attention_heads=8, head_dim=128, max_position_embeddings=1024)
+    write_kernel_sized_config(tmp_path, hidden_size=512, intermediate_size=512, num_attention_heads=8, head_dim=128,
+                              max_position_embeddings=1024, vocab_size=512)  # the 300-token prompt's ids < 512
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 300, 40)]
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
     kw = dict(load_format="dummy", dtype="bfloat16", max_batch_size=4, compilation_cache=False,
