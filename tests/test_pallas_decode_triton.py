@@ -62,29 +62,6 @@ def test_fp8_kernel_matches_reference_in_interpret_mode(k_scale, v_scale, kw):
         assert np.linalg.norm(out - ref) / np.linalg.norm(ref) > 10 * max(err, 1e-3)
 
 
-def test_fp8_bits_convert_every_value_exactly():
-    """_fp8_bits_to_f16: every finite e4m3 value (normal, subnormal, signed zero) is its value / 256
-    in float16, exactly."""
-    from jaxllm.pallas.decode_attention_triton import FP8_BITS_SCALE, _fp8_bits_to_f16
-
-    every = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), jnp.float8_e4m3fn)
-    finite = np.isfinite(np.asarray(every, np.float32))
-    assert finite.sum() == 254  # 0x7f and 0xff are e4m3fn's NaNs
-    got = np.asarray(_fp8_bits_to_f16(every), np.float32)[finite] * FP8_BITS_SCALE
-    want = np.asarray(every, np.float32)[finite]
-    np.testing.assert_array_equal(got, want)
-    assert np.array_equal(np.signbit(got), np.signbit(want))
-
-
-@pytest.mark.parametrize("bits,kw", [("k", {}), ("v", {"soft_cap": 5.0}), ("kv", {"sliding_window": 70}),
-                                     ("kv", {"heads_fastest": True})], ids=str)
-def test_fp8_bits_match_reference_in_interpret_mode(bits, kw):
-    """fp8_bits: K and / or V converted by integer operations, their 2**8 folded back, give the
-    reference's output (scales that are not 1)."""
-    _check(_fp8_inputs(1, 3, 8, 2, 64, 16, 200, 0.25, 0.5), 16, k_scale=0.25, v_scale=0.5, interpret=True,
-           fp8_bits=bits, **kw)
-
-
 def test_bad_arguments_are_refused():
     q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32)
     with pytest.raises(ValueError, match="block_kv must be a power of two >= 16, got 48"):
@@ -92,12 +69,6 @@ def test_bad_arguments_are_refused():
     q, k, v, tables, lens = _inputs(0, 1, 4, 2, 96, 16, 32)
     with pytest.raises(ValueError, match="head_dim must be a power of two >= 16 .* got 96"):
         paged_decode_attention_triton(q, k, v, tables, lens, 16, interpret=True)
-    q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32)
-    with pytest.raises(ValueError, match="fp8_bits takes 'k' and / or 'v', over float8_e4m3fn pools; got 'k' over bfloat16"):
-        paged_decode_attention_triton(q, k, v, tables, lens, 16, fp8_bits="k", interpret=True)
-    q, k, v, tables, lens = _fp8_inputs(0, 1, 4, 2, 64, 16, 32, 1.0, 1.0)
-    with pytest.raises(ValueError, match="got 'q' over float8_e4m3fn"):
-        paged_decode_attention_triton(q, k, v, tables, lens, 16, fp8_bits="q", interpret=True)
 
 
 @pytest.mark.parametrize("pool", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "fp8"])
@@ -108,16 +79,6 @@ def test_kernel_lowers_for_cuda_at_the_throughput_shape(cuda_lowering, pool, blo
             S((1024, 32), jnp.int32), S((1024,), jnp.int32))
     text = cuda_lowering(lambda *a: paged_decode_attention_triton(*a, 16, block_kv=block_kv, k_scale=0.5, v_scale=2.0,
                                                                   masked_loads=masked), *args)
-    assert "triton" in text
-
-
-@pytest.mark.parametrize("bits", ["k", "v", "kv"])
-def test_fp8_bits_lower_for_cuda(cuda_lowering, bits):
-    S = jax.ShapeDtypeStruct
-    pool = S((16384 * 16, 8, 128), jnp.float8_e4m3fn)
-    args = (S((1024, 32, 128), jnp.bfloat16), pool, pool, S((1024, 32), jnp.int32), S((1024,), jnp.int32))
-    text = cuda_lowering(lambda *a: paged_decode_attention_triton(*a, 16, k_scale=0.5, v_scale=2.0, fp8_bits=bits,
-                                                                  heads_fastest=True), *args)
     assert "triton" in text
 
 
@@ -144,13 +105,6 @@ def test_switch_and_tiling(monkeypatch):
     monkeypatch.setenv(paged.TRITON_TILING_ENV, "128/8")
     with pytest.raises(ValueError, match="JAXLLM_ATTN_TRITON_TILING='128/8': expected block_kv/num_warps/num_stages"):
         paged.triton_decode_tiling()
-    monkeypatch.delenv(paged.TRITON_FP8_BITS_ENV, raising=False)
-    assert paged.triton_fp8_bits() == ""
-    monkeypatch.setenv(paged.TRITON_FP8_BITS_ENV, "kv")
-    assert paged.triton_fp8_bits() == "kv"
-    monkeypatch.setenv(paged.TRITON_FP8_BITS_ENV, "q")
-    with pytest.raises(ValueError, match="JAXLLM_ATTN_TRITON_FP8_BITS='q': expected k, v, kv or nothing"):
-        paged.triton_fp8_bits()
 
 
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
@@ -162,15 +116,13 @@ def test_engine_decodes_through_the_triton_kernel(tmp_path, monkeypatch, kv):
 
     monkeypatch.setenv(paged.TRITON_DECODE_ENV, "1")
     monkeypatch.setenv(paged.TRITON_TILING_ENV, "16/4/1")
-    monkeypatch.setenv(paged.TRITON_FP8_BITS_ENV, "kv")  # fp8 pools only
     monkeypatch.setattr(paged, "TRITON_MIN_PROGRAMS_PER_SM", 0)  # the tiny batch takes it too
     calls = []
     real = decode_attention_triton.paged_decode_attention_triton
     monkeypatch.setattr(decode_attention_triton, "paged_decode_attention_triton",
-                        lambda *a, **kw: calls.append((kw["block_kv"], kw["fp8_bits"])) or real(*a, **kw))
+                        lambda *a, **kw: calls.append(kw["block_kv"]) or real(*a, **kw))
     expected, got, traced = engine_tokens_through_the_kernel(tmp_path, kv, True)
-    # decode went through the Triton kernel, its tiling and (fp8 pools) fp8_bits passed on
-    assert traced and calls and set(calls) == {(16, "kv" if kv == "fp8" else "")}
+    assert traced and calls and set(calls) == {16}  # decode went through the Triton kernel, its tiling passed on
     assert got == expected
 
 
@@ -180,8 +132,6 @@ GPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, context, fp8, kwa
     (1024, 32, 8, 128, 16, 160, False, {}),
     (1024, 32, 8, 128, 16, 160, True, {"masked_loads": True}),
     (1024, 32, 8, 128, 16, 160, True, {"heads_fastest": True}),
-    (1024, 32, 8, 128, 16, 160, True, {"fp8_bits": "kv", "heads_fastest": True}),
-    (128, 32, 8, 128, 32, 600, True, {"fp8_bits": "v", "sliding_window": 300}),
     (256, 32, 8, 128, 16, 1000, True, {"block_kv": 128, "num_warps": 8}),
     (128, 32, 8, 128, 32, 600, True, {"block_kv": 32, "num_stages": 3, "sliding_window": 300}),
     (64, 28, 4, 128, 16, 300, False, {"soft_cap": 30.0}),

@@ -44,17 +44,6 @@ from jax import lax
 from .decode_attention import FP8, check_paged_args, log2_scores, tensor_core_q
 
 MIN_DOT_ROWS = 16  # Triton's dot wants M >= 16
-FP8_BITS_SCALE = 256.0  # an e4m3 byte's fields placed in f16's read as its value / 2**8 (_fp8_bits_to_f16)
-
-
-def _fp8_bits_to_f16(x):
-    """float8_e4m3fn [..] -> float16 holding each value / 256, exactly, by integer operations on
-    its bits: the sign to bit 15, the 4 exponent and 3 mantissa bits to bits 13-7 (f16's exponent
-    bias is 8 more than e4m3's; e4m3's subnormals land on f16 values exactly too; the pools hold no
-    NaN). The same numbers as ``astype(float16)``, but a chain of integer element-wise operations
-    that Triton's compiler does not recognize as an fp8 upcast (see ``fp8_bits``)."""
-    u = lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint16)
-    return lax.bitcast_convert_type(((u & 0x80) << 8) | ((u & 0x7F) << 7), jnp.float16)
 
 
 def _rows(g: int) -> int:
@@ -77,18 +66,13 @@ def _load_rows(view, valid, masked: bool):
 def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                                   soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0, block_kv: int = 64,
                                   num_warps: int = 2, num_stages: int = 2, masked_loads: bool = False,
-                                  heads_fastest: bool = False, fp8_bits: str = "", interpret: bool = False):
+                                  heads_fastest: bool = False, interpret: bool = False):
     """Decode attention over paged KV (see the module docstring). q [B, H, D]; pools [slots, KVH, D]
     (bfloat16, float16 or float8_e4m3fn holding K / k_scale and V / v_scale); block_tables [B, W]
     int32; lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype. ``block_kv``: tokens a tile (a
     power of two, >= 16); ``num_warps`` / ``num_stages``: Triton's. ``heads_fastest``: the KV heads,
     not the sequences, are the grid's fastest-varying axis (Triton's first, CUDA's x), so the
-    programs running together read whole tokens' rows (see ``paged_decode_attention``'s).
-    ``fp8_bits`` (fp8 pools): the operands, "k" and / or "v", converted to f16 by integer operations
-    on their bits (_fp8_bits_to_f16; the 2**8 they are short folded into the softmax scale and the
-    output) instead of an fp8 upcast: an experiment on where Triton's compiler puts the conversion
-    (an upcast it may move after the tile's trip through shared memory, where the 8-bit V, the
-    second product's B read across its rows, has no hardware transpose)."""
+    programs running together read whole tokens' rows (see ``paged_decode_attention``'s)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -108,14 +92,6 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
     q_rows = q_in.astype(dtype).reshape(b * h, d)
     tile = block_kv
     masked = masked_loads and not interpret
-    if set(fp8_bits) - {"k", "v"} or (fp8_bits and kv_dtype != FP8):
-        raise ValueError(f"fp8_bits takes 'k' and / or 'v', over float8_e4m3fn pools; got {fp8_bits!r} over {kv_dtype.name}")
-    k_bits, v_bits = "k" in fp8_bits, "v" in fp8_bits
-    if k_bits:
-        scale = scale * FP8_BITS_SCALE
-
-    def to_tensor_core(x, bits):
-        return _fp8_bits_to_f16(x) if bits else x.astype(dtype)
 
     def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref):
         seq, head = (pl.program_id(1), pl.program_id(0)) if heads_fastest else (pl.program_id(0), pl.program_id(1))
@@ -140,7 +116,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
             if win_lo is not None:
                 valid = valid & (pos >= win_lo)
             # masked: tokens past the sequence (or before its window) are not read
-            k = to_tensor_core(_load_rows(k_ref.at[slot, head, :], valid, masked), k_bits)  # [tile, d]
+            k = _load_rows(k_ref.at[slot, head, :], valid, masked).astype(dtype)  # [tile, d]
             s = lax.dot_general(qt, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             s = log2_scores(s, scale, soft_cap)
             s = jnp.where(valid[None, :], s, -jnp.inf)
@@ -148,14 +124,14 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(s - m_new[:, None])
             l_i = l_i * alpha + p.sum(axis=1)
-            v = to_tensor_core(_load_rows(v_ref.at[slot, head, :], valid, masked), v_bits)
+            v = _load_rows(v_ref.at[slot, head, :], valid, masked).astype(dtype)
             pv = lax.dot_general(p.astype(dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
             return acc * alpha[:, None] + pv, m_new, l_i
 
         init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
                 jnp.zeros((rows,), jnp.float32))
         acc, _, l_i = lax.fori_loop(0, n_steps, body, init)
-        out = acc * ((FP8_BITS_SCALE if v_bits else 1.0) / l_i)[:, None]  # V read as its value / 256: see fp8_bits
+        out = acc / l_i[:, None]
         # rows past G land in the next head's rows (or the padding) and are masked off (the
         # interpreter writes their old values back, before the next head's program runs: in order)
         pltriton.store(o_ref.at[pl.ds(first_row, rows), :], out.astype(o_ref.dtype), mask=(r < g)[:, None])

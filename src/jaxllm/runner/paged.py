@@ -224,18 +224,6 @@ def triton_decode_tiling() -> dict:
     return env_tiling(TRITON_TILING_ENV, ("block_kv", "num_warps", "num_stages")) or {}
 
 
-TRITON_FP8_BITS_ENV = "JAXLLM_ATTN_TRITON_FP8_BITS"
-
-
-def triton_fp8_bits() -> str:
-    """The Triton decode kernel's ``fp8_bits`` over fp8 pools (A/Bs; default none):
-    JAXLLM_ATTN_TRITON_FP8_BITS = k, v or kv (read when a model traces)."""
-    value = os.environ.get(TRITON_FP8_BITS_ENV, "")
-    if value not in ("", "k", "v", "kv"):
-        raise ValueError(f"{TRITON_FP8_BITS_ENV}={value!r}: expected k, v, kv or nothing")
-    return value
-
-
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     """The Pallas decode kernel as attend's decode path, run per device over its KV heads.
 
@@ -255,7 +243,7 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
             return paged_decode_attention_triton(
                 q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
                 v_scale=v_scale, interpret=bool(interpret), heads_fastest=attention_heads_fastest(),
-                fp8_bits=triton_fp8_bits() if k_pool.dtype == FP8 else "", **triton_decode_tiling())
+                **triton_decode_tiling())
         swap, fp8 = attention_swap_ab(), k_pool.dtype == FP8
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
