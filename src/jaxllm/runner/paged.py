@@ -196,7 +196,10 @@ def attention_k_in_registers() -> bool:
 def attention_heads_fastest() -> bool:
     """JAXLLM_ATTN_HEADS_FASTEST = 1 / 0 (the default): the decode kernels' grid with the KV heads as
     its fastest-varying axis (``heads_fastest``), so the programs running together read whole tokens'
-    rows of a few sequences instead of one head's rows of many. Not yet measured on a GPU: an A/B."""
+    rows of a few sequences instead of one head's rows of many. Measured on an H200 at 1024 x 160 /
+    256 tokens (BENCHMARKS.md, twenty-third session): bf16 pools 239.5 -> 228.6 / 321.1 -> 303.8 us,
+    but the fp8 default form 155.3 -> 159.5 / 200.6 -> 192.8 (no gain over a run's contexts), so off
+    by default; not yet run in the model over bf16 pools (the A/B this switch is for)."""
     return env_flag("JAXLLM_ATTN_HEADS_FASTEST", default="0")
 
 
