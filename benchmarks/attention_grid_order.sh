@@ -15,17 +15,8 @@ timeout ${KERNEL_TIMEOUT:-200} python benchmarks/decode_kernel.py --batch 1024 -
   > "$OUT/kernel_b1024.txt" 2>&1 || echo "kernel_b1024 rc=$?"
 grep -v '^{' "$OUT/kernel_b1024.txt" | tail -24
 echo "kernel part done at $((SECONDS - start)) s"
-gain=$(python - "$OUT/kernel_b1024.txt" "mosaic fp8 $kl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-total = {}
-for r in rows:
-    if "us" in r and r["rel_err"] < 2e-2:
-        total.setdefault(r["variant"], []).append(r["us"])
-base, new = (sum(total.get(k, [])) for k in (sys.argv[2], sys.argv[2] + ",heads_fastest=True"))
-print("yes" if base and new and len(total[sys.argv[2]]) == 2 and new <= 0.98 * base else "")
-PY
-)
+gain=$(python "$(dirname "$0")/kernel_pick.py" "$OUT/kernel_b1024.txt" --base "mosaic fp8 $kl" \
+  --match "mosaic fp8 $kl,heads_fastest=True" --at-most 0.98)
 echo "heads_fastest worth a throughput run: ${gain:-no}"
 [ -n "$gain" ] || exit 0
 sw="JAXLLM_ATTN_HEADS_FASTEST=1"

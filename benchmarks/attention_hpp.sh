@@ -15,21 +15,10 @@ timeout ${KERNEL_TIMEOUT:-200} python benchmarks/decode_kernel.py --batch 1024 -
   --mosaic-fp8 "$forms" > "$OUT/kernel_b1024.txt" 2>&1 || echo "kernel_b1024 rc=$?"
 grep -v '^{' "$OUT/kernel_b1024.txt" | tail -24
 echo "kernel part done at $((SECONDS - start)) s"
-hpp=$(python - "$OUT/kernel_b1024.txt" "mosaic fp8 $kl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-total = {}
-for r in rows:
-    if "us" in r and r["rel_err"] < 2e-2:
-        total.setdefault(r["variant"], []).append(r["us"])
-total = {k: sum(v) for k, v in total.items() if len(v) == 2}
-base = total.get(sys.argv[2])
 # forms the runner can switch to: heads_per_program alone (JAXLLM_ATTN_HEADS_PER_PROGRAM)
-cands = {k: v for k, v in total.items() if k.startswith(sys.argv[2] + ",heads_per_program=") and k.count("=") == 4}
-best = min(cands, key=cands.get) if cands else None
-print(best.split("=")[-1] if base and best and cands[best] <= 0.97 * base else "")
-PY
-)
+best=$(python "$(dirname "$0")/kernel_pick.py" "$OUT/kernel_b1024.txt" --base "mosaic fp8 $kl" \
+  --match "mosaic fp8 $kl,heads_per_program=[0-9]+" --at-most 0.97)
+hpp=${best:+${best##*=}}
 echo "heads_per_program worth a throughput run: ${hpp:-none}"
 [ -n "$hpp" ] || exit 0
 sw="JAXLLM_ATTN_HEADS_PER_PROGRAM=$hpp"
