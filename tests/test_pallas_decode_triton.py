@@ -40,6 +40,8 @@ CPU_GRID = [
     (2, 4, 1, 128, 16, 150, {"soft_cap": 5.0, "block_kv": 128}),
     (3, 12, 4, 64, 24, 100, {}),  # G = 3 (not a power of two), pages of 24 tokens
     (3, 8, 2, 64, 16, 200, {"heads_fastest": True}),  # the grid's KV heads vary fastest
+    (3, 8, 2, 64, 16, 200, {"reread_past_end": True}),  # rows past the end: the tile's first row again
+    (4, 4, 2, 64, 32, 400, {"reread_past_end": True, "sliding_window": 100}),
 ]
 
 
@@ -132,6 +134,7 @@ GPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, context, fp8, kwa
     (1024, 32, 8, 128, 16, 160, False, {}),
     (1024, 32, 8, 128, 16, 160, True, {"masked_loads": True}),
     (1024, 32, 8, 128, 16, 160, True, {"heads_fastest": True}),
+    (1024, 32, 8, 128, 16, 160, True, {"reread_past_end": True}),
     (256, 32, 8, 128, 16, 1000, True, {"block_kv": 128, "num_warps": 8}),
     (128, 32, 8, 128, 32, 600, True, {"block_kv": 32, "num_stages": 3, "sliding_window": 300}),
     (64, 28, 4, 128, 16, 300, False, {"soft_cap": 30.0}),

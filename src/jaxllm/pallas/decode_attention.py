@@ -186,12 +186,18 @@ def softmax_finish(acc, l_i, swapped=False):
     return acc * lax.broadcast_in_dim(inv, acc.shape, [1 if swapped else 0]), empty
 
 
-def tile_pages(tables_ref, seq, first, copies, rows, block_size, width):
+def tile_pages(tables_ref, seq, first, copies, rows, block_size, width, end=None):
     """The page ids of the `copies` TMA copies of the K/V tile starting at token `first` of row
     `seq` (copy j moves `rows` tokens, <= block_size, that sit in one page; past the table: its last
     entry). All read before any copy is issued: each is a global load whose latency a copy issued in
-    between would wait out on its own."""
-    return tuple(tables_ref[seq, jnp.minimum(lax.div(first + j * rows, block_size), width - 1)] for j in range(copies))
+    between would wait out on its own. `end` (``reread_past_end``): a copy whose tokens all sit at or
+    past token `end` takes the tile's first page instead -- rows the softmax masks either way, read
+    again from L2 rather than from pages allocated ahead of the sequence (or whatever the table
+    holds there) in DRAM."""
+    pages = tuple(tables_ref[seq, jnp.minimum(lax.div(first + j * rows, block_size), width - 1)] for j in range(copies))
+    if end is None:
+        return pages
+    return pages[:1] + tuple(jnp.where(first + j * rows < end, p, pages[0]) for j, p in enumerate(pages) if j)
 
 
 def page_copy(pages, first, j, rows, block_size):
@@ -393,8 +399,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
                            prefetch_pages: bool = True, early_v: bool = False, swap_ab: bool = False,
-                           k_in_registers: bool = False, heads_fastest: bool = False, profile_dir: str | None = None,
-                           interpret=False):
+                           k_in_registers: bool = False, heads_fastest: bool = False, reread_past_end: bool = False,
+                           profile_dir: str | None = None, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -431,6 +437,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     128-byte (fp8) or 256-byte rows a ``KVH * D``-element stride apart, the rest of each token's
     bytes read a whole wave of programs later. With ``heads_fastest`` the KV heads vary fastest:
     the programs that run together read every head of a few sequences, whole tokens' bytes.
+    ``reread_past_end``: a tile's copies of pages wholly past the split's last token read the tile's
+    first page again (from L2) instead: a 64-token tile over a 160-token sequence otherwise reads a
+    page or two allocated ahead of it from DRAM, only for the softmax to mask them (``tile_pages``).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -529,7 +538,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             return q_start_of(head)[1]
 
         def pages_of(t):  # the page ids of ring step t's copies (the same for every head)
-            return tile_pages(tables_ref, seq, start + local(t)[1] * tile, copies, rows_per_copy, block_size, w)
+            return tile_pages(tables_ref, seq, start + local(t)[1] * tile, copies, rows_per_copy, block_size, w,
+                              hi if reread_past_end else None)
 
         def issue(t, slot, pages=None):
             head, step = local(t)

@@ -66,13 +66,16 @@ def _load_rows(view, valid, masked: bool):
 def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                                   soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0, block_kv: int = 64,
                                   num_warps: int = 2, num_stages: int = 2, masked_loads: bool = False,
-                                  heads_fastest: bool = False, interpret: bool = False):
+                                  heads_fastest: bool = False, reread_past_end: bool = False, interpret: bool = False):
     """Decode attention over paged KV (see the module docstring). q [B, H, D]; pools [slots, KVH, D]
     (bfloat16, float16 or float8_e4m3fn holding K / k_scale and V / v_scale); block_tables [B, W]
     int32; lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype. ``block_kv``: tokens a tile (a
     power of two, >= 16); ``num_warps`` / ``num_stages``: Triton's. ``heads_fastest``: the KV heads,
     not the sequences, are the grid's fastest-varying axis (Triton's first, CUDA's x), so the
-    programs running together read whole tokens' rows (see ``paged_decode_attention``'s)."""
+    programs running together read whole tokens' rows (see ``paged_decode_attention``'s).
+    ``reread_past_end``: the rows a tile holds past the sequence's end (or before its window) read the
+    tile's first row instead (one L2-resident row, not pages allocated ahead of the sequence in DRAM;
+    their scores are masked either way)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -115,6 +118,11 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
             valid = pos < length
             if win_lo is not None:
                 valid = valid & (pos >= win_lo)
+            if reread_past_end:  # masked rows: the tile's first row again (L2), not pages allocated ahead
+                first = start + i * tile
+                first_slot = tables_ref[seq, jnp.minimum(lax.div(first, block_size), w - 1)] * block_size + lax.rem(
+                    first, block_size)
+                slot = jnp.where(valid, slot, first_slot)
             # masked: tokens past the sequence (or before its window) are not read
             k = _load_rows(k_ref.at[slot, head, :], valid, masked).astype(dtype)  # [tile, d]
             s = lax.dot_general(qt, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -203,6 +203,15 @@ def attention_heads_fastest() -> bool:
     return env_flag("JAXLLM_ATTN_HEADS_FASTEST", default="0")
 
 
+def attention_reread_past_end() -> bool:
+    """JAXLLM_ATTN_REREAD_PAST_END = 1 / 0 (the default): the decode kernels' ``reread_past_end`` (a
+    tile's rows past a sequence's end read its first page again, from L2, instead of the pages
+    allocated ahead of it, from DRAM; the same output). Not yet measured on a GPU: an A/B (the
+    1000 x 128/128 run is power-bound, BENCHMARKS.md "Twenty-third session": DRAM bytes not read
+    are energy saved)."""
+    return env_flag("JAXLLM_ATTN_REREAD_PAST_END", default="0")
+
+
 TRITON_DECODE_ENV = "JAXLLM_ATTN_TRITON"
 TRITON_TILING_ENV = "JAXLLM_ATTN_TRITON_TILING"
 TRITON_MIN_PROGRAMS_PER_SM = 4
@@ -246,14 +255,14 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
             return paged_decode_attention_triton(
                 q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
                 v_scale=v_scale, interpret=bool(interpret), heads_fastest=attention_heads_fastest(),
-                **triton_decode_tiling())
+                reread_past_end=attention_reread_past_end(), **triton_decode_tiling())
         swap, fp8 = attention_swap_ab(), k_pool.dtype == FP8
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
             v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
             lean_smem=attention_lean_smem(fp8), swap_ab=swap, interpret=interpret,
             k_in_registers=swap and fp8 and not interpret and attention_k_in_registers(),
-            heads_fastest=attention_heads_fastest(),
+            heads_fastest=attention_heads_fastest(), reread_past_end=attention_reread_past_end(),
         )
 
     heads = P(None, "model", None)
