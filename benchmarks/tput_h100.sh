@@ -52,5 +52,5 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     top = " ".join(f"{k} {v['seconds']:.2f}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1]["seconds"])[:4])
     print(f"{p.stem:<22} {r['output_tok_s']:>9.0f} {1e3 * r['tpot_s']['p50']:>6.1f}ms {r['ttft_s']['p50']:>7.2f}s "
           f"{(r.get('precompile') or {}).get('seconds', 0):>6.0f}s  {top}  loops {r.get('decode_loops')}  "
-          f"gc {r.get('timed_run_gc')}  mem {r.get('device_memory')}")
+          f"gc {r.get('timed_run_gc')}  mem {r.get('device_memory')}  gpu {r.get('timed_run_gpu_clocks')}")
 PY

@@ -41,6 +41,7 @@ def test_throughput_report(tiny_checkpoints, tmp_path, capsys, monkeypatch):
     assert r["ttft_s"]["p99"] > r["e2e_latency_s"]["p50"] / 4
     assert 1 <= r["peak_kv_blocks"] <= r["kv_capacity_blocks"]
     assert r["device_memory"] == {"at_kv_planning": None, "after_run": None}  # allocator figures: GPUs only
+    assert r["timed_run_gpu_clocks"] is None  # nvidia-smi's clocks and power: GPUs only
     assert r["mfu"] is None and r["mbu"] is None  # no peak rates known for a CPU
     assert r["startup_to_first_token_s"] >= r["load_s"] > 0
     # where the engine thread's time went in the timed run, phase by phase
@@ -175,3 +176,46 @@ def test_gc_pauses_counts_collections_on_any_thread():
     gc.collect()  # outside the block: not counted
     assert g.count == {2: 1, 1: 1} and g.seconds >= g.longest > 0
     assert g.report()["collections"] == {"1": 1, "2": 1}
+
+
+def test_gpu_clocks_sample_nvidia_smi(tmp_path, monkeypatch):
+    """bench's GpuClocks runs nvidia-smi beside the block (the GPUs the process sees, every
+    interval_ms) and reports the SM clock and power over its samples, and the share of them at the
+    power cap; lines it cannot read are skipped. No tool (or on=False): no process, no report."""
+    import time
+
+    from jaxllm.bench import GpuClocks
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" > {tmp_path}/args.txt
+while true; do
+  echo "1500, 1980, 690.5, 700.00, 0x0000000000000004"
+  echo "1700, 1980, 610.5, 700.00, 0x0000000000000000"
+  echo "[N/A], [N/A], [N/A], [N/A], [N/A]"
+  sleep 0.02
+done
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with GpuClocks(tool=str(fake), interval_ms=50) as clocks:
+        deadline = time.time() + 10
+        while len(clocks.samples) < 4 and time.time() < deadline:
+            time.sleep(0.05)
+    assert clocks._proc.poll() is not None  # stopped with the block
+    r = clocks.report()
+    n = r["samples"]
+    assert n >= 4 and n == len(clocks.samples)
+    capped = sum(1 for x in clocks.samples if x[0] == 1500)
+    assert r["power_capped_share"] == round(capped / n, 3) and 0 < capped < n
+    assert r["sm_mhz_min"] == 1500 and r["sm_mhz_rated_max"] == 1980 and r["power_limit_w"] == 700
+    assert r["power_w_max"] == 690.5 and 610.5 <= r["power_w_mean"] <= 690.5
+    args = (tmp_path / "args.txt").read_text().split()
+    assert "--format=csv,noheader,nounits" in args and "--loop-ms=50" in args and "--id=0,1" in args
+    assert any(a.startswith("--query-gpu=clocks.sm,") for a in args)
+    with GpuClocks(on=False) as off:
+        pass
+    assert off.report() is None and off._proc is None
+    with GpuClocks(tool="no-such-nvidia-smi-here") as missing:
+        pass
+    assert missing.report() is None

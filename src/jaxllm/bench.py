@@ -12,7 +12,10 @@ with ignore_eos after exactly its output length. Times come from each request's 
 / (output tokens - 1). MFU counts the model's matmul FLOPs (2 per weight per token, plus
 attention's 4 * layers * heads * head_dim * context); MBU estimates the bytes a decode step reads
 (weights + the batch's KV) at the measured step rate. Peak rates come from the device kind (H100,
-H200) or --peak-tflops / --peak-tbps; elsewhere MFU and MBU are left out.
+H200) or --peak-tflops / --peak-tbps; elsewhere MFU and MBU are left out. On GPUs the report also
+gives the SM clock and power over the timed run (``timed_run_gpu_clocks``, from ``nvidia-smi``): a
+throughput run at the power limit runs at lower clocks, so a change that only hides work behind the
+device's cannot make it faster.
 """
 
 from __future__ import annotations
@@ -253,6 +256,69 @@ class GcPauses:
         gc.callbacks.remove(self._callback)
 
 
+class GpuClocks:
+    """The GPUs' SM clock, power draw and power-cap state inside a `with` block, sampled every
+    `interval_ms` by ``nvidia-smi`` (a process beside the run, none where the tool is missing or
+    `on` is false): whether a run was held back by the power limit, which a throughput run on an
+    H100 / H200 is (BENCHMARKS.md, twenty-third session) -- there work hidden behind the device's
+    cannot pay. Samples of every GPU the process sees (CUDA_VISIBLE_DEVICES) count alike."""
+
+    QUERY = "clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_event_reasons.active"
+    SW_POWER_CAP = 0x4  # nvidia-smi's clocks_event_reasons bit for the software power cap
+
+    def __init__(self, on: bool = True, interval_ms: int = 100, tool: str = "nvidia-smi"):
+        import shutil
+
+        self.tool = shutil.which(tool) if on else None
+        self.interval_ms = interval_ms
+        self.samples: list[tuple[float, ...]] = []
+        self._proc = self._reader = None
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            try:
+                sm, sm_max, watts, limit, reasons = (x.strip() for x in line.split(","))
+                self.samples.append((float(sm), float(sm_max), float(watts), float(limit), int(reasons, 16)))
+            except ValueError:  # a header, "[N/A]" or a partial line
+                continue
+
+    def __enter__(self):
+        if self.tool is not None:
+            import subprocess
+
+            ids = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            argv = [self.tool, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", f"--loop-ms={self.interval_ms}"]
+            if ids and all(i.strip().isdigit() for i in ids.split(",")):
+                argv.append(f"--id={ids}")
+            try:
+                self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            except OSError:
+                return self
+            self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True)
+            self._reader.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - a sampler that will not stop must not fail the run
+                self._proc.kill()
+            self._reader.join(timeout=5)
+
+    def report(self) -> dict | None:
+        """Mean / min SM clock against the rated maximum, mean / max power against the limit, and the
+        share of samples at the power cap; None without samples (no GPU, no nvidia-smi)."""
+        if not self.samples:
+            return None
+        sm, sm_max, watts, limit, reasons = zip(*self.samples)
+        return dict(samples=len(self.samples), sm_mhz_mean=round(float(np.mean(sm))), sm_mhz_min=min(sm),
+                    sm_mhz_rated_max=max(sm_max), power_w_mean=round(float(np.mean(watts)), 1),
+                    power_w_max=max(watts), power_limit_w=max(limit),
+                    power_capped_share=round(sum(bool(r & self.SW_POWER_CAP) for r in reasons) / len(reasons), 3))
+
+
 def _run(llm, requests) -> tuple[list, float]:
     """Submit every (prompt ids, output len) at once; wait for all; (outputs, wall seconds)."""
     from . import SamplingParams
@@ -337,7 +403,9 @@ def run(args) -> dict:
         _progress(f"warm-up done in {warm_s:.1f} s; timed run")
         llm.reset_phase_times()  # the engine's phases, counted over the timed run only
 
-        with CompileCounter() as compiles, GcPauses() as gc_pauses:  # a compile in the timed run makes its figures wrong
+        on_gpu = llm._mesh.devices.flat[0].platform == "gpu"
+        # a compile in the timed run makes its figures wrong; the clocks say whether power held it back
+        with CompileCounter() as compiles, GcPauses() as gc_pauses, GpuClocks(on=on_gpu) as clocks:
             if args.mode == "throughput":
                 outs, elapsed = _run(llm, requests)
                 stats = llm.get_stats()
@@ -414,6 +482,7 @@ def run(args) -> dict:
         precompile=precompiled,
         timed_run_compiles=dict(programs=compiles.count, seconds=compiles.seconds),
         timed_run_gc=gc_pauses.report(),
+        timed_run_gpu_clocks=clocks.report(),
         engine_phases=phases,
         decode_loops=decode_loops,
         attention_backend=args.attention_backend,
@@ -453,6 +522,10 @@ def print_report(r: dict, file=None) -> None:
         rows.append(("compiles in timed run", f"{c['programs']} ({c['seconds']:.1f} s)"))
     if (g := r.get("timed_run_gc")) is not None:
         rows.append(("GC in timed run", f"{g['collections']} {g['seconds']:.3f} s, longest {g['longest_s']:.3f} s"))
+    if (c := r.get("timed_run_gpu_clocks")) is not None:
+        rows.append(("GPU in timed run", f"SM {c['sm_mhz_mean']} MHz mean (min {c['sm_mhz_min']:.0f}, rated "
+                                         f"{c['sm_mhz_rated_max']:.0f}); {c['power_w_mean']:.0f} W mean of "
+                                         f"{c['power_limit_w']:.0f}; at the power cap {c['power_capped_share']:.0%}"))
     rows += [(f"engine {p} ms", f"{v['ms_per_call']:.3f} x {v['calls']}") for p, v in r.get("engine_phases", {}).items()]
     print(f"jaxllm bench {r['mode']}: {r['model']}", file=file)
     for name, value in rows:
