@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="also fp8 KV pools")
     ap.add_argument("--triton", default=None,
                     help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/mh],... (m: "
-                         "masked_loads, the rows past a sequence not read; h: heads_fastest; r: reread_past_end)")
+                         "masked_loads, the rows past a sequence not read; h: heads_fastest; r: reread_past_end; q: fp8_qk)")
     ap.add_argument("--mosaic-fp8", default=None,
                     help="more Mosaic kernel forms on the fp8 pools, ';'-separated keyword sets "
                          "(e.g. 'swap_ab=True,k_in_registers=True,lean_smem=True,heads_per_program=4'); "
@@ -184,13 +184,14 @@ def main():
 
         for tiling in args.triton.split(",") if args.triton else ():  # the Triton kernel's tilings
             # a 4th field of letters: m, the rows past a sequence not read; h, the KV heads the grid's fastest
-            # axis; r, reread_past_end
+            # axis; r, reread_past_end; q, fp8_qk (fp8 pools only)
             bkv, nw, ns, *flags = tiling.split("/")
             flags = "".join(flags)
             tkw = dict(block_kv=int(bkv), num_warps=int(nw), num_stages=int(ns), masked_loads="m" in flags,
-                       heads_fastest="h" in flags, reread_past_end="r" in flags)
+                       heads_fastest="h" in flags, reread_past_end="r" in flags, fp8_qk="q" in flags)
             tfn = jax.jit(lambda q, k, v, t, l, tkw=tkw: paged_decode_attention_triton(q, k, v, t, l, bs, **tkw))
-            variants[f"triton bf16 {tiling}"] = tfn
+            if not tkw["fp8_qk"]:
+                variants[f"triton bf16 {tiling}"] = tfn
             if args.fp8:
                 variants[f"triton fp8 {tiling}"] = (tfn, fp8_sets, ref8, kv_bytes // 2)
 

@@ -43,7 +43,21 @@ from jax import lax
 
 from .decode_attention import FP8, check_paged_args, log2_scores, tensor_core_q
 
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
 MIN_DOT_ROWS = 16  # Triton's dot wants M >= 16
+
+
+def _fp8_rows(x):
+    """Rows of float32 x as e4m3 with a scale each (the row's absolute maximum to FP8_MAX): (x / scale
+    in float8_e4m3fn, scale [rows])."""
+    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=1), 1e-30) / FP8_MAX
+    return (x / scale[:, None]).astype(FP8), scale
+
+
+def _dot_qk(q, k):
+    """Scores q [rows, d] . k [tile, d]^T in float32."""
+    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _rows(g: int) -> int:
@@ -66,7 +80,8 @@ def _load_rows(view, valid, masked: bool):
 def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                                   soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0, block_kv: int = 64,
                                   num_warps: int = 2, num_stages: int = 2, masked_loads: bool = False,
-                                  heads_fastest: bool = False, reread_past_end: bool = False, interpret: bool = False):
+                                  heads_fastest: bool = False, reread_past_end: bool = False, fp8_qk: bool = False,
+                                  interpret: bool = False):
     """Decode attention over paged KV (see the module docstring). q [B, H, D]; pools [slots, KVH, D]
     (bfloat16, float16 or float8_e4m3fn holding K / k_scale and V / v_scale); block_tables [B, W]
     int32; lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype. ``block_kv``: tokens a tile (a
@@ -75,7 +90,13 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
     programs running together read whole tokens' rows (see ``paged_decode_attention``'s).
     ``reread_past_end``: the rows a tile holds past the sequence's end (or before its window) read the
     tile's first row instead (one L2-resident row, not pages allocated ahead of the sequence in DRAM;
-    their scores are masked either way)."""
+    their scores are masked either way).
+    ``fp8_qk`` (fp8 pools): Q K^T as fp8 x fp8 products -- K's tile fed to the tensor cores as it is
+    loaded, without its fp8 -> f16 conversion (the work per KV element, not the bytes, bounds this
+    kernel over fp8 pools: BENCHMARKS.md, twenty-third session). Each query row is split into two
+    e4m3 parts with a scale each (q = hi * s_hi + lo * s_lo; its absolute maximum, then the
+    residual's, to 448), so the scores keep ~8 bits of q's mantissa: one e4m3 q alone gave 4-6%
+    relative error on the output (the bar is 2%). P V stays in 16 bits."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -95,6 +116,8 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
     q_rows = q_in.astype(dtype).reshape(b * h, d)
     tile = block_kv
     masked = masked_loads and not interpret
+    if fp8_qk and kv_dtype != FP8:
+        raise ValueError(f"fp8_qk needs float8_e4m3fn pools, got {kv_dtype.name}")
 
     def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref):
         seq, head = (pl.program_id(1), pl.program_id(0)) if heads_fastest else (pl.program_id(0), pl.program_id(1))
@@ -102,6 +125,10 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
         r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
         first_row = seq * h + head * g
         qt = q_ref[first_row + jnp.minimum(r, g - 1), :]  # [rows, d]: rows past G repeat the last one
+        if fp8_qk:  # q = hi * s_hi + lo * s_lo, each row's two e4m3 parts scaled by their own amax -> 448
+            qf = qt.astype(jnp.float32)
+            q_hi, s_hi = _fp8_rows(qf)
+            q_lo, s_lo = _fp8_rows(qf - q_hi.astype(jnp.float32) * s_hi[:, None])
         if sliding_window is not None:
             win_lo = length - sliding_window
             start = lax.div(jnp.maximum(win_lo, 0), tile) * tile
@@ -124,8 +151,11 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
                     first, block_size)
                 slot = jnp.where(valid, slot, first_slot)
             # masked: tokens past the sequence (or before its window) are not read
-            k = _load_rows(k_ref.at[slot, head, :], valid, masked).astype(dtype)  # [tile, d]
-            s = lax.dot_general(qt, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            k = _load_rows(k_ref.at[slot, head, :], valid, masked)  # [tile, d]
+            if fp8_qk:  # two fp8 x fp8 products of the same K tile: the tensor cores idle here anyway
+                s = _dot_qk(q_hi, k) * s_hi[:, None] + _dot_qk(q_lo, k) * s_lo[:, None]
+            else:
+                s = _dot_qk(qt, k.astype(dtype))
             s = log2_scores(s, scale, soft_cap)
             s = jnp.where(valid[None, :], s, -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every tile holds a valid token

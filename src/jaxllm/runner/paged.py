@@ -236,6 +236,13 @@ def triton_decode_tiling() -> dict:
     return env_tiling(TRITON_TILING_ENV, ("block_kv", "num_warps", "num_stages")) or {}
 
 
+def triton_fp8_qk() -> bool:
+    """JAXLLM_ATTN_TRITON_FP8_QK = 1 / 0 (the default): the Triton decode kernel over fp8 pools
+    computes Q K^T as fp8 x fp8 products (``fp8_qk``: K unconverted, q split into two e4m3 parts).
+    Not yet measured on a GPU: an A/B with JAXLLM_ATTN_TRITON=1."""
+    return env_flag("JAXLLM_ATTN_TRITON_FP8_QK", default="0")
+
+
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     """The Pallas decode kernel as attend's decode path, run per device over its KV heads.
 
@@ -255,7 +262,8 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
             return paged_decode_attention_triton(
                 q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
                 v_scale=v_scale, interpret=bool(interpret), heads_fastest=attention_heads_fastest(),
-                reread_past_end=attention_reread_past_end(), **triton_decode_tiling())
+                reread_past_end=attention_reread_past_end(), fp8_qk=k_pool.dtype == FP8 and triton_fp8_qk(),
+                **triton_decode_tiling())
         swap, fp8 = attention_swap_ab(), k_pool.dtype == FP8
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
