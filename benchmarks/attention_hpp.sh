@@ -10,10 +10,8 @@ start=$SECONDS
 kl="swap_ab=True,k_in_registers=True,lean_smem=True"
 forms="$kl,heads_per_program=4;$kl,heads_per_program=8;$kl,max_concurrent_steps=3;$kl,block_kv=128"
 forms="$forms;$kl,heads_per_program=2,max_concurrent_steps=3;$kl,heads_per_program=4,max_concurrent_steps=3"
-timeout ${KERNEL_TIMEOUT:-200} python benchmarks/decode_kernel.py --batch 1024 --contexts 160,256 --block-size 16 \
-  --iters 20 --variants "=mosaic fp8 swap_ab=True;mosaic fp8 swap_ab=True,k_in_registers=True,lean_smem=True" \
-  --mosaic-fp8 "$forms" > "$OUT/kernel_b1024.txt" 2>&1 || echo "kernel_b1024 rc=$?"
-grep -v '^{' "$OUT/kernel_b1024.txt" | tail -24
+kernel_b1024 --variants "=mosaic fp8 swap_ab=True;mosaic fp8 swap_ab=True,k_in_registers=True,lean_smem=True" \
+  --mosaic-fp8 "$forms"
 echo "kernel part done at $((SECONDS - start)) s"
 # forms the runner can switch to: heads_per_program alone (JAXLLM_ATTN_HEADS_PER_PROGRAM)
 best=$(python "$(dirname "$0")/kernel_pick.py" "$OUT/kernel_b1024.txt" --base "mosaic fp8 $kl" \

@@ -19,3 +19,10 @@ bench_latency() {
     --max-batch-size 1 --max-seq-len 4096 --input-len 128 --output-len 128 --iterations 5 "$@" \
     --report-json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 || { echo "$name failed"; tail -3 "$OUT/$name.txt"; }
 }
+# the decode kernels at the throughput shape (1024 sequences x 160 / 256 tokens, 16-token pages), more
+# benchmarks/decode_kernel.py arguments after: its log in $OUT/kernel_b1024.txt, its table printed
+kernel_b1024() {
+  timeout ${KERNEL_TIMEOUT:-240} python "$(dirname "${BASH_SOURCE[0]}")/decode_kernel.py" --batch 1024 --contexts 160,256 \
+    --block-size 16 --iters 20 "$@" > "$OUT/kernel_b1024.txt" 2>&1 || echo "kernel_b1024 rc=$?"
+  grep -v '^{' "$OUT/kernel_b1024.txt" | tail -24
+}
