@@ -157,7 +157,7 @@ def test_engine_decodes_through_the_triton_kernel(tmp_path, monkeypatch, kv):
 
     monkeypatch.setenv(paged.TRITON_DECODE_ENV, "1")
     monkeypatch.setenv(paged.TRITON_TILING_ENV, "16/4/1")
-    monkeypatch.setenv("JAXLLM_ATTN_TRITON_FP8_QK", "1")  # fp8 pools only
+    monkeypatch.setenv("JAXLLM_ATTN_FP8_QK", "1")  # fp8 pools only
     monkeypatch.setattr(paged, "TRITON_MIN_PROGRAMS_PER_SM", 0)  # the tiny batch takes it too
     calls = []
     real = decode_attention_triton.paged_decode_attention_triton

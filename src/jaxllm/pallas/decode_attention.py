@@ -119,25 +119,26 @@ def swizzled(d, itemsize):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def staged_operand(staging, fp8, dtype, k_in_registers=False):
+def staged_operand(staging, fp8, dtype, k_in_registers=False, k_raw=False):
     """operand(stage_ref, slot, which): the 16-bit tile wgmma reads -- the stage itself, or (fp8
     pools) its copy converted into staging[which] (0: K, 1: V). One staging tile for both (``lean_smem``):
     a warpgroup barrier before each conversion, so that no warp overwrites the tile while another
     one's wgmma that read it (its accumulator already waited for by this warp) is not yet past it.
     ``k_in_registers`` (fp8): K is loaded from its stage straight into registers in the layout an
     8-bit tile upcasts from, converted there and handed to the wgmma as its A operand (no staging
-    store, no fence); staging[0] is V's tile."""
+    store, no fence); staging[0] is V's tile. ``k_raw`` (``fp8_qk``): K's stage itself, in fp8, for
+    an fp8 wgmma; staging[0] is V's tile."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    shared = fp8 and len(staging) == 1 and not k_in_registers
+    shared = fp8 and len(staging) == 1 and not (k_in_registers or k_raw)
 
     def operand(stage_ref, slot, which):
-        if not fp8:
+        if not fp8 or (k_raw and which == 0):
             return stage_ref.at[slot]
         if k_in_registers and which == 0:
             k8 = plgpu.load(stage_ref.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X)
             return plgpu.layout_cast(k8.astype(dtype), plgpu.Layout.WGMMA)
-        staged = staging[0 if shared or k_in_registers else which]
+        staged = staging[0 if shared or k_in_registers or k_raw else which]
         if shared:
             plgpu.commit_smem()  # (a fence and the warpgroup barrier)
         staged[...] = stage_ref.at[slot][...].astype(dtype)
@@ -265,10 +266,11 @@ def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
 
 
 def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, rows, tile, scale, soft_cap,
-                meanwhile=None, swapped=False):
+                meanwhile=None, swapped=False, qk=None):
     """The start of one ring step, the same in both kernels: wait for this step's K stage, Q K^T on
     the tensor cores (``meanwhile(slot)`` while they work), refill the stage the previous step
     freed, then scale (base 2, soft cap). Returns (the step's ring slot, the scores [rows, tile]).
+    ``qk(k_op, meanwhile)``: the raw scores another way (``fp8_qk``) instead of ``qk_scores``.
     (The named scopes are the regions of a kernel profile, ``profile_dir``.)"""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -278,7 +280,8 @@ def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, ro
     with jax.named_scope("convert_k"):
         k_op = operand(k_smem, slot, 0)
     with jax.named_scope("qk"):
-        s = qk_scores(q_smem, k_op, rows, tile, None if meanwhile is None else (lambda: meanwhile(slot)), swapped)
+        during = None if meanwhile is None else (lambda: meanwhile(slot))
+        s = qk_scores(q_smem, k_op, rows, tile, during, swapped) if qk is None else qk(k_op, during)
     with jax.named_scope("refill"):
         refill_previous(step, stages, n_steps, issue)
     return slot, log2_scores(s, scale, soft_cap)
@@ -400,7 +403,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
                            prefetch_pages: bool = True, early_v: bool = False, swap_ab: bool = False,
                            k_in_registers: bool = False, heads_fastest: bool = False, reread_past_end: bool = False,
-                           profile_dir: str | None = None, interpret=False):
+                           fp8_qk: bool = False, profile_dir: str | None = None, interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -440,6 +443,11 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     ``reread_past_end``: a tile's copies of pages wholly past the split's last token read the tile's
     first page again (from L2) instead: a 64-token tile over a 160-token sequence otherwise reads a
     page or two allocated ahead of it from DRAM, only for the softmax to mask them (``tile_pages``).
+    ``fp8_qk`` (``swap_ab`` over fp8 pools, one head a program): S^T = K Q^T as two fp8 wgmmas that
+    read K's stage as it arrived -- no conversion of K (the fp8 kernel is bound by its work per KV
+    element, BENCHMARKS.md twenty-third session). Each KV head's query rows are split into two e4m3
+    parts with a scale each (q = hi * s_hi + lo * s_lo, the group's absolute maximum and then the
+    residual's to 448), so the scores keep ~8 bits of q; V is converted as before.
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -460,6 +468,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     if k_in_registers and not (swap_ab and fp8):
         raise ValueError(f"k_in_registers needs swap_ab=True and float8_e4m3fn pools (K is then the first wgmma's "
                          f"A operand, converted from 8 bits in registers), got swap_ab={swap_ab} and {kv_dtype.name}")
+    if fp8_qk and not (swap_ab and fp8 and not k_in_registers and hpp == 1):
+        raise ValueError(f"fp8_qk needs swap_ab=True over float8_e4m3fn pools, without k_in_registers, one KV head a "
+                         f"program; got swap_ab={swap_ab}, {kv_dtype.name}, k_in_registers={k_in_registers}, "
+                         f"heads_per_program={hpp}")
     dtype = jnp.dtype(jnp.float16) if fp8 else kv_dtype  # what the tensor cores read (see above)
     tile = block_kv
     rows_per_copy = min(block_size, tile)
@@ -475,7 +487,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     # the Q tile's rows: the wgmma's M (64), or swapped its N, the rows the program's heads need
     per_load = hpp * g if q_shared else g
     qrows = -(-(_max_r0(h, per_load) + per_load) // 8) * 8 if swap_ab else ROWS
-    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp, qrows, k_in_registers)
+    # (fp8_qk: one staging tile, V's, as with k_in_registers; its two fp8 Q tiles take a 16-bit one's bytes)
+    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp, qrows, k_in_registers or fp8_qk)
     if fit < 2:
         raise ValueError(f"block_kv={tile} with head_dim {d} ({kv_dtype.name} pools) leaves no room for two stages "
                          f"in shared memory; use block_kv=64")
@@ -488,14 +501,20 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     # last sequence's last KV head's, from its 8-aligned start). With swap_ab's 8-row boxes and H a
     # multiple of 8 that is none: no copy of q, whose scaling / conversion then fuses into its producer.
     q_end = (b * h - g) // 8 * 8 + qrows
-    q_rows = q_in.reshape(b * h, d).astype(dtype)
+    if fp8_qk:
+        q_rows, q_scales = _fp8_q_split(q_in, b, h, kvh, d)  # [2, B*H, D] fp8, [B, KVH, 2]
+    else:
+        q_rows = q_in.reshape(b * h, d).astype(dtype)
     if q_end > b * h:
-        q_rows = jnp.pad(q_rows, ((0, q_end - b * h), (0, 0)))
+        q_rows = jnp.pad(q_rows, ((0, 0),) * (q_rows.ndim - 2) + ((0, q_end - b * h), (0, 0)))
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
 
-    def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, q_bar, k_bar,
-               v_bar, *buffers):  # buffers: out_types + loop_types, unless lean_smem (then scoped below)
+    def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, *refs):
+        # refs: (fp8_qk: the Q scales,) O, LSE, the scratch; buffers: out_types + loop_types, unless
+        # lean_smem (then scoped below)
+        qs_ref, refs = (refs[0], refs[1:]) if fp8_qk else (None, refs)
+        o_ref, lse_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, *buffers = refs
         head0 = lax.axis_index("kvh") if hpp == 1 else lax.axis_index("kvh") * hpp  # the program's first KV head
         split = lax.axis_index("split")
         seq = lax.axis_index("seq")
@@ -525,10 +544,28 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             return q_start, q_first - q_start
 
         def load_q(q_start):
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, qrows)], q_smem, q_bar)
+            if fp8_qk:  # its two e4m3 parts
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(q_ref.at[part, pl.ds(q_start, qrows)], q_smem.at[part], q_bar)
+            else:
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, qrows)], q_smem, q_bar)
 
         q_start, r0 = q_start_of(head0)
         load_q(q_start)
+        qk_fp8 = None
+        if fp8_qk:  # the group's two scales; S^T = K hi^T * s_hi + K lo^T * s_lo, K read from its stage as it is
+            s_hi, s_lo = qs_ref[seq, head0, 0], qs_ref[seq, head0, 1]
+
+            def qk_fp8(k_op, during):
+                def scope(acc_hi, acc_lo):
+                    plgpu.wgmma(acc_hi, k_op, q_smem.at[0].transpose((1, 0)))
+                    plgpu.wgmma(acc_lo, k_op, q_smem.at[1].transpose((1, 0)))
+                    if during is not None:
+                        during()
+                    return acc_hi[...] * s_hi + acc_lo[...] * s_lo
+
+                acc = plgpu.ACC((tile, qrows), jnp.float32)
+                return pl.run_scoped(scope, acc, acc)
 
         def q_row(head):  # the first row of this KV head's G in the Q tile
             if hpp == 1:
@@ -576,7 +613,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             bufs = list(bufs)
             p_smem = None if p_in_registers else bufs.pop(0)
             staging = [bufs.pop(0) for _ in range(n_staging)]
-            operand = staged_operand(staging, fp8, dtype, k_in_registers)
+            operand = staged_operand(staging, fp8, dtype, k_in_registers, k_raw=fp8_qk)
             out_bufs = bufs  # several heads per program: O and the log-sum-exps
             v_early = early_v and n_staging == 2
 
@@ -598,7 +635,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                         pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
                 refill = (lambda u, slot: issue(u, slot, pages)) if prefetch_pages else issue  # u = t - 1 + stages
                 slot, s = step_scores(t, stages, n_total, refill, k_bar, k_smem, operand, q_smem, qrows, tile, scale,
-                                      soft_cap, convert_v if v_early else None, swap_ab)
+                                      soft_cap, convert_v if v_early else None, swap_ab, qk=qk_fp8)
                 if prefetch_pages:  # the next step's refill: the loads' latency hides behind this step
                     pages = pages_of(t + stages)
                 pos = plgpu.broadcasted_iota(jnp.int32, (tile, qrows) if swap_ab else (qrows, tile), 0 if swap_ab else 1,
@@ -678,14 +715,15 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     transforms = swizzled(d, 2)
     kv_transforms = swizzled(d, kv_dtype.itemsize)
     out_types = (plgpu.SMEM((qrows, d), dtype), plgpu.SMEM((qrows,), jnp.float32))  # O, log-sum-exps
-    n_staging = 0 if not fp8 else 1 if lean_smem or k_in_registers else 2  # the 16-bit staging tiles of K and V
+    n_staging = 0 if not fp8 else 1 if lean_smem or k_in_registers or fp8_qk else 2  # 16-bit staging: K's, V's
     loop_types = (() if p_in_registers else (plgpu.SMEM((qrows, tile), dtype, transforms=transforms),)) + (
         plgpu.SMEM((tile, d), dtype, transforms=transforms),) * n_staging
     scratch = (  # in the order of the kernel's scratch arguments
-        plgpu.SMEM((qrows, d), dtype, transforms=transforms),  # q_smem
+        # q_smem (fp8_qk: its two e4m3 parts)
+        plgpu.SMEM((2, qrows, d), FP8, transforms=kv_transforms) if fp8_qk else plgpu.SMEM((qrows, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # k_smem
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # v_smem
-        plgpu.Barrier(num_arrivals=1),  # q_bar
+        plgpu.Barrier(num_arrivals=2 if fp8_qk else 1),  # q_bar
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # k_bar
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # v_bar
     ) + (() if lean_smem else out_types + loop_types)
@@ -702,7 +740,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         compiler_params=plgpu.CompilerParams(approx_math=True, **(
             dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),
         interpret=interpret,
-    )(block_tables, lengths, q_rows, k_pool, v_pool)
+    )(block_tables, lengths, q_rows, k_pool, v_pool, *((q_scales,) if fp8_qk else ()))
     # each group's G rows start at row (its first flattened query row) % 8 of its 64 (q_shared: of
     # its program's 64, the heads' rows one after another)
     if hpp > 1 and q_shared:
@@ -716,6 +754,23 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     if not (isinstance(v_scale, (int, float)) and v_scale == 1.0):
         out = out.astype(jnp.float32) * v_scale
     return out.astype(q.dtype)
+
+
+def _fp8_q_split(q, b, h, kvh, d):
+    """fp8_qk's query: each KV head's G rows as two e4m3 parts with a scale each, q = hi * s_hi +
+    lo * s_lo (the group's absolute maximum, then the residual's, to 448): ([2, B*H, D] float8_e4m3fn,
+    [B, KVH, 2] float32). Two parts keep ~8 bits of q's mantissa; one alone gave 4-6% relative
+    error on the output (the Triton kernel's ``fp8_qk``, BENCHMARKS.md twenty-third session)."""
+    qg = q.astype(jnp.float32).reshape(b, kvh, h // kvh, d)
+
+    def part(x):
+        scale = jnp.maximum(jnp.max(jnp.abs(x), axis=(2, 3), keepdims=True), 1e-30) / float(jnp.finfo(FP8).max)
+        return (x / scale).astype(FP8), scale
+
+    hi, s_hi = part(qg)
+    lo, s_lo = part(qg - hi.astype(jnp.float32) * s_hi)
+    parts = jnp.stack([hi, lo]).reshape(2, b * h, d)
+    return parts, jnp.concatenate([s_hi, s_lo], axis=2).reshape(b, kvh, 2)
 
 
 def _merge(o_parts, lse):

@@ -203,6 +203,15 @@ def attention_heads_fastest() -> bool:
     return env_flag("JAXLLM_ATTN_HEADS_FASTEST", default="0")
 
 
+def attention_fp8_qk() -> bool:
+    """JAXLLM_ATTN_FP8_QK = 1 / 0 (the default): over fp8 pools either decode kernel computes Q K^T as
+    fp8 x fp8 products (``fp8_qk``: K read unconverted, q split into two e4m3 parts with a scale
+    each; the Mosaic kernel then runs swap_ab without k_in_registers). Not yet measured on a GPU:
+    an A/B (the fp8 kernels are bound by their work per KV element, BENCHMARKS.md twenty-third
+    session)."""
+    return env_flag("JAXLLM_ATTN_FP8_QK", default="0")
+
+
 def attention_reread_past_end() -> bool:
     """JAXLLM_ATTN_REREAD_PAST_END = 1 / 0 (the default): the decode kernels' ``reread_past_end`` (a
     tile's rows past a sequence's end read its first page again, from L2, instead of the pages
@@ -236,13 +245,6 @@ def triton_decode_tiling() -> dict:
     return env_tiling(TRITON_TILING_ENV, ("block_kv", "num_warps", "num_stages")) or {}
 
 
-def triton_fp8_qk() -> bool:
-    """JAXLLM_ATTN_TRITON_FP8_QK = 1 / 0 (the default): the Triton decode kernel over fp8 pools
-    computes Q K^T as fp8 x fp8 products (``fp8_qk``: K unconverted, q split into two e4m3 parts).
-    Not yet measured on a GPU: an A/B with JAXLLM_ATTN_TRITON=1."""
-    return env_flag("JAXLLM_ATTN_TRITON_FP8_QK", default="0")
-
-
 def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
     """The Pallas decode kernel as attend's decode path, run per device over its KV heads.
 
@@ -262,15 +264,16 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
             return paged_decode_attention_triton(
                 q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
                 v_scale=v_scale, interpret=bool(interpret), heads_fastest=attention_heads_fastest(),
-                reread_past_end=attention_reread_past_end(), fp8_qk=k_pool.dtype == FP8 and triton_fp8_qk(),
+                reread_past_end=attention_reread_past_end(), fp8_qk=k_pool.dtype == FP8 and attention_fp8_qk(),
                 **triton_decode_tiling())
         swap, fp8 = attention_swap_ab(), k_pool.dtype == FP8
+        hpp = attention_heads_per_program(q.shape[0], kv_heads)
+        fp8_qk = swap and fp8 and hpp == 1 and attention_fp8_qk()  # (its form: one head a program, K unconverted)
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
-            v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
-            lean_smem=attention_lean_smem(fp8), swap_ab=swap, interpret=interpret,
-            k_in_registers=swap and fp8 and not interpret and attention_k_in_registers(),
-            heads_fastest=attention_heads_fastest(), reread_past_end=attention_reread_past_end(),
+            v_scale=v_scale, heads_per_program=hpp, lean_smem=attention_lean_smem(fp8), swap_ab=swap,
+            interpret=interpret, k_in_registers=swap and fp8 and not fp8_qk and not interpret and attention_k_in_registers(),
+            heads_fastest=attention_heads_fastest(), reread_past_end=attention_reread_past_end(), fp8_qk=fp8_qk,
         )
 
     heads = P(None, "model", None)
