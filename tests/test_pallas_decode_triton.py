@@ -77,18 +77,17 @@ def test_fp8_qk_matches_reference_in_interpret_mode(kw):
 
 
 def test_fp8_qk_splits_q_in_two():
-    """_fp8_rows twice: a row's high and low e4m3 parts give it back to ~2**-8 of its largest
-    element, one part alone only to ~2**-4."""
-    from jaxllm.pallas.decode_attention_triton import _fp8_rows
+    """fp8_two_parts: a row's high and low e4m3 parts give it back to ~2**-8 of its largest element,
+    the high part alone only to ~2**-4."""
+    from jaxllm.pallas.decode_attention import fp8_two_parts
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 128)) * [[10.0 ** (i % 5 - 2)] for i in range(16)],
                     jnp.float32)
-    hi, s_hi = _fp8_rows(x)
-    one = hi.astype(jnp.float32) * s_hi[:, None]
-    lo, s_lo = _fp8_rows(x - one)
-    two = one + lo.astype(jnp.float32) * s_lo[:, None]
+    (hi, s_hi), (lo, s_lo) = fp8_two_parts(x, axis=1)
+    one = hi.astype(jnp.float32) * s_hi
+    two = one + lo.astype(jnp.float32) * s_lo
     amax = np.abs(np.asarray(x)).max(axis=1, keepdims=True)
-    assert hi.dtype == jnp.float8_e4m3fn and s_hi.shape == (16,)
+    assert hi.dtype == lo.dtype == jnp.float8_e4m3fn and s_hi.shape == s_lo.shape == (16, 1)
     assert (np.abs(np.asarray(two - x)) / amax).max() < 2.0**-8 < (np.abs(np.asarray(one - x)) / amax).max()
 
 

@@ -88,6 +88,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..kv_cache_config import FP8_MAX  # float8_e4m3fn's largest finite value
+
 LOG2E = math.log2(math.e)
 ROWS = 64  # wgmma M
 
@@ -185,6 +187,20 @@ def softmax_finish(acc, l_i, swapped=False):
     empty = l_i == 0.0
     inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l_i))
     return acc * lax.broadcast_in_dim(inv, acc.shape, [1 if swapped else 0]), empty
+
+
+def fp8_two_parts(x, axis):
+    """``fp8_qk``'s query: float32 x as two e4m3 parts with a scale each over `axis` (kept as size-1
+    dims), x ~ hi * s_hi + lo * s_lo -- its absolute maximum to FP8_MAX, then the residual's. Two
+    parts keep ~8 bits of x's mantissa; one alone gave 4-6% relative error on the attention output
+    (BENCHMARKS.md, twenty-third session). Returns ((hi, s_hi), (lo, s_lo))."""
+    parts = []
+    for _ in range(2):
+        scale = jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1e-30) / FP8_MAX
+        part = (x / scale).astype(FP8)
+        parts.append((part, scale))
+        x = x - part.astype(jnp.float32) * scale
+    return tuple(parts)
 
 
 def tile_pages(tables_ref, seq, first, copies, rows, block_size, width, end=None):
@@ -501,8 +517,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     # last sequence's last KV head's, from its 8-aligned start). With swap_ab's 8-row boxes and H a
     # multiple of 8 that is none: no copy of q, whose scaling / conversion then fuses into its producer.
     q_end = (b * h - g) // 8 * 8 + qrows
-    if fp8_qk:
-        q_rows, q_scales = _fp8_q_split(q_in, b, h, kvh, d)  # [2, B*H, D] fp8, [B, KVH, 2]
+    if fp8_qk:  # each KV head's G rows in two e4m3 parts: [2, B*H, D] fp8, their scales [B, KVH, 2]
+        (hi, s_hi), (lo, s_lo) = fp8_two_parts(q_in.astype(jnp.float32).reshape(b, kvh, g, d), axis=(2, 3))
+        q_rows = jnp.stack([hi, lo]).reshape(2, b * h, d)
+        q_scales = jnp.concatenate([s_hi, s_lo], axis=2).reshape(b, kvh, 2)
     else:
         q_rows = q_in.reshape(b * h, d).astype(dtype)
     if q_end > b * h:
@@ -754,23 +772,6 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     if not (isinstance(v_scale, (int, float)) and v_scale == 1.0):
         out = out.astype(jnp.float32) * v_scale
     return out.astype(q.dtype)
-
-
-def _fp8_q_split(q, b, h, kvh, d):
-    """fp8_qk's query: each KV head's G rows as two e4m3 parts with a scale each, q = hi * s_hi +
-    lo * s_lo (the group's absolute maximum, then the residual's, to 448): ([2, B*H, D] float8_e4m3fn,
-    [B, KVH, 2] float32). Two parts keep ~8 bits of q's mantissa; one alone gave 4-6% relative
-    error on the output (the Triton kernel's ``fp8_qk``, BENCHMARKS.md twenty-third session)."""
-    qg = q.astype(jnp.float32).reshape(b, kvh, h // kvh, d)
-
-    def part(x):
-        scale = jnp.maximum(jnp.max(jnp.abs(x), axis=(2, 3), keepdims=True), 1e-30) / float(jnp.finfo(FP8).max)
-        return (x / scale).astype(FP8), scale
-
-    hi, s_hi = part(qg)
-    lo, s_lo = part(qg - hi.astype(jnp.float32) * s_hi)
-    parts = jnp.stack([hi, lo]).reshape(2, b * h, d)
-    return parts, jnp.concatenate([s_hi, s_lo], axis=2).reshape(b, kvh, 2)
 
 
 def _merge(o_parts, lse):

@@ -41,18 +41,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .decode_attention import FP8, check_paged_args, log2_scores, tensor_core_q
-
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+from .decode_attention import FP8, check_paged_args, fp8_two_parts, log2_scores, tensor_core_q
 
 MIN_DOT_ROWS = 16  # Triton's dot wants M >= 16
-
-
-def _fp8_rows(x):
-    """Rows of float32 x as e4m3 with a scale each (the row's absolute maximum to FP8_MAX): (x / scale
-    in float8_e4m3fn, scale [rows])."""
-    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=1), 1e-30) / FP8_MAX
-    return (x / scale[:, None]).astype(FP8), scale
 
 
 def _dot_qk(q, k):
@@ -125,10 +116,8 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
         r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
         first_row = seq * h + head * g
         qt = q_ref[first_row + jnp.minimum(r, g - 1), :]  # [rows, d]: rows past G repeat the last one
-        if fp8_qk:  # q = hi * s_hi + lo * s_lo, each row's two e4m3 parts scaled by their own amax -> 448
-            qf = qt.astype(jnp.float32)
-            q_hi, s_hi = _fp8_rows(qf)
-            q_lo, s_lo = _fp8_rows(qf - q_hi.astype(jnp.float32) * s_hi[:, None])
+        if fp8_qk:  # q = hi * s_hi + lo * s_lo, each row's two e4m3 parts with scales [rows, 1]
+            (q_hi, s_hi), (q_lo, s_lo) = fp8_two_parts(qt.astype(jnp.float32), axis=1)
         if sliding_window is not None:
             win_lo = length - sliding_window
             start = lax.div(jnp.maximum(win_lo, 0), tile) * tile
@@ -137,23 +126,22 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
         n_steps = lax.div(length - start + tile - 1, tile)
         t_iota = lax.broadcasted_iota(jnp.int32, (tile,), 0)
 
+        def slot_of(pos):  # a token position's (or [tile] positions') pool row, through the block table
+            return tables_ref[seq, jnp.minimum(lax.div(pos, block_size), w - 1)] * block_size + lax.rem(pos, block_size)
+
         def body(i, carry):
             acc, m_i, l_i = carry
             pos = start + i * tile + t_iota  # [tile] token positions
-            page = tables_ref[seq, jnp.minimum(lax.div(pos, block_size), w - 1)]
-            slot = page * block_size + lax.rem(pos, block_size)
+            slot = slot_of(pos)
             valid = pos < length
             if win_lo is not None:
                 valid = valid & (pos >= win_lo)
             if reread_past_end:  # masked rows: the tile's first row again (L2), not pages allocated ahead
-                first = start + i * tile
-                first_slot = tables_ref[seq, jnp.minimum(lax.div(first, block_size), w - 1)] * block_size + lax.rem(
-                    first, block_size)
-                slot = jnp.where(valid, slot, first_slot)
+                slot = jnp.where(valid, slot, slot_of(start + i * tile))
             # masked: tokens past the sequence (or before its window) are not read
             k = _load_rows(k_ref.at[slot, head, :], valid, masked)  # [tile, d]
             if fp8_qk:  # two fp8 x fp8 products of the same K tile: the tensor cores idle here anyway
-                s = _dot_qk(q_hi, k) * s_hi[:, None] + _dot_qk(q_lo, k) * s_lo[:, None]
+                s = _dot_qk(q_hi, k) * s_hi + _dot_qk(q_lo, k) * s_lo
             else:
                 s = _dot_qk(qt, k.astype(dtype))
             s = log2_scores(s, scale, soft_cap)
