@@ -75,7 +75,7 @@ def main():
                          "if its name contains one (=NAME: is NAME)")
     ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="also fp8 KV pools")
     ap.add_argument("--triton", default=None,
-                    help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/mh],... (m: "
+                    help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/letters],... (m: "
                          "masked_loads, the rows past a sequence not read; h: heads_fastest; r: reread_past_end; q: fp8_qk)")
     ap.add_argument("--mosaic-fp8", default=None,
                     help="more Mosaic kernel forms on the fp8 pools, ';'-separated keyword sets "
