@@ -75,8 +75,8 @@ def main():
                          "if its name contains one (=NAME: is NAME)")
     ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="also fp8 KV pools")
     ap.add_argument("--triton", default=None,
-                    help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/letters],... (m: "
-                         "masked_loads, the rows past a sequence not read; h: heads_fastest; r: reread_past_end; q: fp8_qk)")
+                    help="pallas.decode_attention_triton tilings to time, block_kv/num_warps/num_stages[/mh],... (m: "
+                         "masked_loads, the rows past a sequence not read; h: heads_fastest)")
     ap.add_argument("--mosaic-fp8", default=None,
                     help="more Mosaic kernel forms on the fp8 pools, ';'-separated keyword sets "
                          "(e.g. 'swap_ab=True,k_in_registers=True,lean_smem=True,heads_per_program=4'); "
@@ -183,15 +183,12 @@ def main():
                 )
 
         for tiling in args.triton.split(",") if args.triton else ():  # the Triton kernel's tilings
-            # a 4th field of letters: m, the rows past a sequence not read; h, the KV heads the grid's fastest
-            # axis; r, reread_past_end; q, fp8_qk (fp8 pools only)
+            # a 4th field of letters: m, the rows past a sequence not read; h, the KV heads the grid's fastest axis
             bkv, nw, ns, *flags = tiling.split("/")
-            flags = "".join(flags)
-            tkw = dict(block_kv=int(bkv), num_warps=int(nw), num_stages=int(ns), masked_loads="m" in flags,
-                       heads_fastest="h" in flags, reread_past_end="r" in flags, fp8_qk="q" in flags)
+            tkw = dict(block_kv=int(bkv), num_warps=int(nw), num_stages=int(ns), masked_loads="m" in "".join(flags),
+                       heads_fastest="h" in "".join(flags))
             tfn = jax.jit(lambda q, k, v, t, l, tkw=tkw: paged_decode_attention_triton(q, k, v, t, l, bs, **tkw))
-            if not tkw["fp8_qk"]:
-                variants[f"triton bf16 {tiling}"] = tfn
+            variants[f"triton bf16 {tiling}"] = tfn
             if args.fp8:
                 variants[f"triton fp8 {tiling}"] = (tfn, fp8_sets, ref8, kv_bytes // 2)
 

@@ -73,9 +73,6 @@ CPU_GRID = [
     (2, 4, 1, 128, 16, 150, {"soft_cap": 5.0, "block_kv": 128}),
     (3, 8, 2, 64, 16, 200, {"heads_fastest": True}),  # the KV heads the grid's fastest axis
     (2, 8, 8, 128, 32, 300, {"num_splits": 3, "heads_fastest": True}),
-    (3, 8, 2, 64, 16, 200, {"reread_past_end": True}),  # tiles' pages past the end: the first one again
-    (2, 8, 2, 64, 16, 300, {"reread_past_end": True, "num_splits": 3, "heads_per_program": 2}),
-    (4, 4, 2, 64, 16, 400, {"reread_past_end": True, "sliding_window": 100}),
 ]
 
 
@@ -126,10 +123,6 @@ FP8_CPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, max_len, k_sc
     (3, 8, 2, 128, 32, 300, 2.0, 0.125, {"heads_major": True, "soft_cap": 5.0}),
     (3, 8, 2, 64, 16, 200, 0.25, 0.5, {"heads_fastest": True, "swap_ab": True, "lean_smem": True}),
     (2, 16, 8, 64, 16, 100, 0.5, 2.0, {"heads_fastest": True, "heads_per_program": 2}),
-    (3, 8, 2, 64, 16, 200, 0.25, 0.5, {"reread_past_end": True, "swap_ab": True, "lean_smem": True}),
-    (3, 8, 2, 64, 16, 200, 0.25, 0.5, {"fp8_qk": True, "swap_ab": True}),  # Q K^T as two fp8 wgmmas
-    (2, 8, 2, 128, 32, 300, 1.0, 1.0, {"fp8_qk": True, "swap_ab": True, "lean_smem": True, "num_splits": 3}),
-    (2, 16, 2, 64, 16, 150, 2.0, 0.5, {"fp8_qk": True, "swap_ab": True, "soft_cap": 5.0, "sliding_window": 70}),
 ]
 
 
@@ -142,33 +135,6 @@ def test_fp8_kernel_matches_reference_in_interpret_mode(case):
         args = _fp8_inputs(seed, b, h, kvh, d, bs, max_len, ks, vs)
         assert args[1].dtype == jnp.float8_e4m3fn
         _check(args, bs, interpret=_interpret(), k_scale=ks, v_scale=vs, **kw)
-
-
-def test_fp8_qk_lowers_for_cuda_and_refuses_other_forms():
-    """fp8_qk (two fp8 wgmmas reading K's stage) lowers for CUDA at the throughput shape, and is
-    refused where its form does not hold: bf16 pools, without swap_ab, with k_in_registers, several
-    heads a program."""
-    text = _lower(1024, 32, 8, 128, 16, jnp.float8_e4m3fn, k_scale=0.5, swap_ab=True, lean_smem=True, fp8_qk=True)
-    assert "mosaic_gpu" in text
-    f8 = _fp8_inputs(0, 2, 8, 2, 64, 16, 40, 1.0, 1.0)
-    for args, kw in [(_inputs(0, 2, 8, 2, 64, 16, 40), {"swap_ab": True}), (f8, {}),
-                     (f8, {"swap_ab": True, "k_in_registers": True}), (f8, {"swap_ab": True, "heads_per_program": 2})]:
-        with pytest.raises(ValueError, match="fp8_qk needs swap_ab=True over float8_e4m3fn pools"):
-            paged_decode_attention(*args, 16, fp8_qk=True, interpret=_interpret(), **kw)
-
-
-def test_tile_pages_reread_past_end():
-    """tile_pages with an end: the copies wholly past it take the tile's first page; without one, and
-    for the copies before it, the table's own pages."""
-    from jaxllm.pallas.decode_attention import tile_pages
-
-    tables = jnp.arange(100, 124, dtype=jnp.int32).reshape(2, 12)  # row 1: pages 112..123
-    assert [int(p) for p in tile_pages(tables, 1, 128, 4, 16, 16, 12)] == [120, 121, 122, 123]
-    assert [int(p) for p in tile_pages(tables, 1, 128, 4, 16, 16, 12, end=160)] == [120, 121, 120, 120]
-    assert [int(p) for p in tile_pages(tables, 1, 128, 4, 16, 16, 12, end=145)] == [120, 121, 120, 120]
-    assert [int(p) for p in tile_pages(tables, 1, 128, 4, 16, 16, 12, end=144)] == [120, 120, 120, 120]
-    assert [int(p) for p in tile_pages(tables, 1, 128, 4, 16, 16, 12, end=192)] == [120, 121, 122, 123]
-    assert [int(p) for p in tile_pages(tables, 0, 0, 2, 32, 64, 12, end=1)] == [100, 100]  # two copies a page
 
 
 def test_fp8_scales_are_applied():
@@ -250,31 +216,29 @@ def test_bad_arguments_are_refused():
         paged_decode_attention(q, k, v, tables, lens, 16, block_kv=96)
 
 
-@pytest.mark.parametrize("kv,hpp,swap,qk", [("auto", "1", "0", "0"), ("fp8", "1", "0", "0"), ("fp8", "2", "0", "0"),
-                                            ("fp8", "1", "1", "0"), ("auto", "2", "1", "0"), ("fp8", "1", "1", "1")])
-def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap, qk):
+@pytest.mark.parametrize("kv,hpp,swap", [("auto", "1", "0"), ("fp8", "1", "0"), ("fp8", "2", "0"), ("fp8", "1", "1"),
+                                         ("auto", "2", "1")])
+def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch, kv, hpp, swap):
     """The runner's decode path with the (interpreted) kernel gives the reference path's tokens
     (fp8: over an fp8 pool with per-layer scales that are not 1; hpp: the kernel's KV heads per
     program, JAXLLM_ATTN_HEADS_PER_PROGRAM; swap: JAXLLM_ATTN_SWAP_AB, with JAXLLM_ATTN_LEAN_SMEM and
     JAXLLM_ATTN_K_REGS set to the same value -- K_REGS never reaches an interpreted call, which
-    cannot feed a wgmma from registers: test_runner_passes_k_in_registers_on_gpu has the GPU side;
-    qk: JAXLLM_ATTN_FP8_QK, Q K^T as fp8 products)."""
+    cannot feed a wgmma from registers: test_runner_passes_k_in_registers_on_gpu has the GPU side)."""
     from jaxllm.pallas import decode_attention
 
     monkeypatch.setenv("JAXLLM_ATTN_HEADS_PER_PROGRAM", hpp)
     monkeypatch.setenv("JAXLLM_ATTN_SWAP_AB", swap)
     monkeypatch.setenv("JAXLLM_ATTN_LEAN_SMEM", swap)
     monkeypatch.setenv("JAXLLM_ATTN_K_REGS", swap)
-    monkeypatch.setenv("JAXLLM_ATTN_FP8_QK", qk)
     grids = []
     real_kernel = decode_attention.paged_decode_attention
     monkeypatch.setattr(decode_attention, "paged_decode_attention",
                         lambda *a, **kw: grids.append((kw["heads_per_program"], kw["swap_ab"], kw["lean_smem"],
-                                                       kw["k_in_registers"], kw["fp8_qk"]))
+                                                       kw["k_in_registers"]))
                         or real_kernel(*a, **kw))
     expected, got, traced = engine_tokens_through_the_kernel(tmp_path, kv, _interpret())
     assert traced and all(shape[1:] == (4, 64) for shape in traced)  # decode went through the kernel
-    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1", False, qk == "1")}
+    assert grids and set(grids) == {(int(hpp), swap == "1", swap == "1", False)}
     assert got == expected
 
 
@@ -544,10 +508,7 @@ def test_llm_with_fp8_kv_uses_the_kernel_on_gpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [{"swap_ab": True}, {"swap_ab": True, "k_in_registers": True},
                                 {"swap_ab": True, "lean_smem": True},
-                                {"swap_ab": True, "k_in_registers": True, "lean_smem": True},
-                                {"swap_ab": True, "k_in_registers": True, "lean_smem": True, "reread_past_end": True},
-                                {"swap_ab": True, "lean_smem": True, "fp8_qk": True}],
-                         ids=str)
+                                {"swap_ab": True, "k_in_registers": True, "lean_smem": True}], ids=str)
 def test_fp8_forms_at_the_engine_tests_shape_on_gpu(kw):
     """The fp8 forms the engine runs, at test_llm_with_fp8_kv_uses_the_kernel_on_gpu's shape: 4 rows
     (3 ragged sequences of 21 / 316 / 56 tokens and a padding row of 1), 8 query / 2 KV heads of 128,
@@ -558,10 +519,7 @@ def test_fp8_forms_at_the_engine_tests_shape_on_gpu(kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kw", [{}, {"swap_ab": True, "k_in_registers": True, "lean_smem": True},
-                                {"swap_ab": True, "k_in_registers": True, "lean_smem": True, "reread_past_end": True},
-                                {"swap_ab": True, "lean_smem": True, "fp8_qk": True}],
-                         ids=str)
+@pytest.mark.parametrize("kw", [{}, {"swap_ab": True, "k_in_registers": True, "lean_smem": True}], ids=str)
 def test_heads_fastest_on_gpu(kw):
     """The grid with the KV heads fastest, at the throughput shape (1024 sequences, ~160 tokens in
     16-token pages) over bf16 and fp8 pools, and split-K at a long context."""
@@ -680,34 +638,29 @@ def test_layers_share_one_lowering_of_the_kernel(which, tp):
     assert text.count("call @") >= 3 + 1  # three calls of the kernel's function, plus its custom call
 
 
-@pytest.mark.parametrize("switches,want", [({}, (True, True, False, False)),
-                                           ({"JAXLLM_ATTN_K_REGS": "0"}, (False, True, False, False)),
-                                           ({"JAXLLM_ATTN_LEAN_SMEM": "0"}, (True, False, False, False)),
-                                           ({"JAXLLM_ATTN_SWAP_AB": "0"}, (False, True, False, False)),
-                                           ({"JAXLLM_ATTN_HEADS_FASTEST": "1"}, (True, True, True, False)),
-                                           ({"JAXLLM_ATTN_REREAD_PAST_END": "1"}, (True, True, False, True)),
-                                           ({"JAXLLM_ATTN_FP8_QK": "1"}, (False, True, False, False, True))], ids=str)
+@pytest.mark.parametrize("switches,want", [({}, (True, True, False)), ({"JAXLLM_ATTN_K_REGS": "0"}, (False, True, False)),
+                                           ({"JAXLLM_ATTN_LEAN_SMEM": "0"}, (True, False, False)),
+                                           ({"JAXLLM_ATTN_SWAP_AB": "0"}, (False, True, False)),
+                                           ({"JAXLLM_ATTN_HEADS_FASTEST": "1"}, (True, True, True))], ids=str)
 def test_runner_passes_k_in_registers_on_gpu(monkeypatch, switches, want):
     """Lowered for CUDA (not interpreted), the runner's decode kernel over an fp8 pool gets
     k_in_registers and lean_smem by default (the pair measured fastest, BENCHMARKS.md twenty-second
     session), each switched off by its variable; k_in_registers needs swap_ab. A bf16 pool gets
-    neither (lean_smem only when its variable says 1). JAXLLM_ATTN_HEADS_FASTEST=1 and
-    JAXLLM_ATTN_REREAD_PAST_END=1 (A/Bs, off by default) reach both; JAXLLM_ATTN_FP8_QK=1 the fp8 one
-    (k_in_registers then off). Both lower for CUDA with those arguments."""
+    neither (lean_smem only when its variable says 1). JAXLLM_ATTN_HEADS_FASTEST=1 (an A/B, off by
+    default) reaches both. Both lower for CUDA with those arguments."""
     from jaxllm.pallas import decode_attention
     from jaxllm.runner.paged import decode_kernel_for
     from jaxllm.sharding import make_meshes
 
     for name in ("JAXLLM_ATTN_K_REGS", "JAXLLM_ATTN_LEAN_SMEM", "JAXLLM_ATTN_SWAP_AB", "JAXLLM_ATTN_TRITON",
-                 "JAXLLM_ATTN_HEADS_FASTEST", "JAXLLM_ATTN_REREAD_PAST_END", "JAXLLM_ATTN_FP8_QK"):
+                 "JAXLLM_ATTN_HEADS_FASTEST"):
         monkeypatch.delenv(name, raising=False)
     for name, value in switches.items():
         monkeypatch.setenv(name, value)
     seen = []
     real_kernel = decode_attention.paged_decode_attention
     monkeypatch.setattr(decode_attention, "paged_decode_attention",
-                        lambda *a, **kw: seen.append((kw["k_in_registers"], kw["lean_smem"], kw["heads_fastest"],
-                                                      kw["reread_past_end"], kw["fp8_qk"]))
+                        lambda *a, **kw: seen.append((kw["k_in_registers"], kw["lean_smem"], kw["heads_fastest"]))
                         or real_kernel(*a, **kw))
     mesh = make_meshes(tensor_parallel=1)[0]
     rows = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -718,8 +671,7 @@ def test_runner_passes_k_in_registers_on_gpu(monkeypatch, switches, want):
         kernel = decode_kernel_for(16, None, mesh)
         args = (jax.ShapeDtypeStruct((2, 8, 64), jnp.bfloat16), pool, pool, tables, rows)
         texts[dtype] = jax.jit(lambda *a: kernel(*a, 0.5, 2.0)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    want = (*want, False)[:5]  # fp8_qk: only where its switch says 1, over fp8 pools
-    assert seen == [want, (False, switches.get("JAXLLM_ATTN_LEAN_SMEM") == "1", want[2], want[3], False)]
+    assert seen == [want, (False, switches.get("JAXLLM_ATTN_LEAN_SMEM") == "1", want[2])]
     assert all("custom_call @mosaic_gpu" in text for text in texts.values())
 
 

@@ -40,8 +40,6 @@ CPU_GRID = [
     (2, 4, 1, 128, 16, 150, {"soft_cap": 5.0, "block_kv": 128}),
     (3, 12, 4, 64, 24, 100, {}),  # G = 3 (not a power of two), pages of 24 tokens
     (3, 8, 2, 64, 16, 200, {"heads_fastest": True}),  # the grid's KV heads vary fastest
-    (3, 8, 2, 64, 16, 200, {"reread_past_end": True}),  # rows past the end: the tile's first row again
-    (4, 4, 2, 64, 32, 400, {"reread_past_end": True, "sliding_window": 100}),
 ]
 
 
@@ -64,33 +62,6 @@ def test_fp8_kernel_matches_reference_in_interpret_mode(k_scale, v_scale, kw):
         assert np.linalg.norm(out - ref) / np.linalg.norm(ref) > 10 * max(err, 1e-3)
 
 
-@pytest.mark.parametrize("kw", [{}, {"block_kv": 32, "sliding_window": 70}, {"soft_cap": 5.0}, {"reread_past_end": True}],
-                         ids=str)
-def test_fp8_qk_matches_reference_in_interpret_mode(kw):
-    """fp8_qk: Q K^T as two fp8 x fp8 products (q split into e4m3 high and low parts) stays as close to
-    the float32 reference as the 16-bit form: within 1.5x its error, well inside the bar."""
-    for seed in range(2):
-        args = _fp8_inputs(seed, 3, 8, 2, 64, 16, 200, 0.25, 0.5)
-        err16, _ = _check(args, 16, k_scale=0.25, v_scale=0.5, interpret=True, **kw)
-        err8, _ = _check(args, 16, k_scale=0.25, v_scale=0.5, interpret=True, fp8_qk=True, **kw)
-        assert err8 <= 1.5 * err16 + 1e-4, (err8, err16)
-
-
-def test_fp8_qk_splits_q_in_two():
-    """fp8_two_parts: a row's high and low e4m3 parts give it back to ~2**-8 of its largest element,
-    the high part alone only to ~2**-4."""
-    from jaxllm.pallas.decode_attention import fp8_two_parts
-
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 128)) * [[10.0 ** (i % 5 - 2)] for i in range(16)],
-                    jnp.float32)
-    (hi, s_hi), (lo, s_lo) = fp8_two_parts(x, axis=1)
-    one = hi.astype(jnp.float32) * s_hi
-    two = one + lo.astype(jnp.float32) * s_lo
-    amax = np.abs(np.asarray(x)).max(axis=1, keepdims=True)
-    assert hi.dtype == lo.dtype == jnp.float8_e4m3fn and s_hi.shape == s_lo.shape == (16, 1)
-    assert (np.abs(np.asarray(two - x)) / amax).max() < 2.0**-8 < (np.abs(np.asarray(one - x)) / amax).max()
-
-
 def test_bad_arguments_are_refused():
     q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32)
     with pytest.raises(ValueError, match="block_kv must be a power of two >= 16, got 48"):
@@ -98,9 +69,6 @@ def test_bad_arguments_are_refused():
     q, k, v, tables, lens = _inputs(0, 1, 4, 2, 96, 16, 32)
     with pytest.raises(ValueError, match="head_dim must be a power of two >= 16 .* got 96"):
         paged_decode_attention_triton(q, k, v, tables, lens, 16, interpret=True)
-    q, k, v, tables, lens = _inputs(0, 1, 4, 2, 64, 16, 32)
-    with pytest.raises(ValueError, match="fp8_qk needs float8_e4m3fn pools, got bfloat16"):
-        paged_decode_attention_triton(q, k, v, tables, lens, 16, fp8_qk=True, interpret=True)
 
 
 @pytest.mark.parametrize("pool", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "fp8"])
@@ -111,14 +79,6 @@ def test_kernel_lowers_for_cuda_at_the_throughput_shape(cuda_lowering, pool, blo
             S((1024, 32), jnp.int32), S((1024,), jnp.int32))
     text = cuda_lowering(lambda *a: paged_decode_attention_triton(*a, 16, block_kv=block_kv, k_scale=0.5, v_scale=2.0,
                                                                   masked_loads=masked), *args)
-    assert "triton" in text
-
-
-def test_fp8_qk_lowers_for_cuda(cuda_lowering):
-    S = jax.ShapeDtypeStruct
-    pool = S((16384 * 16, 8, 128), jnp.float8_e4m3fn)
-    args = (S((1024, 32, 128), jnp.bfloat16), pool, pool, S((1024, 32), jnp.int32), S((1024,), jnp.int32))
-    text = cuda_lowering(lambda *a: paged_decode_attention_triton(*a, 16, k_scale=0.5, v_scale=2.0, fp8_qk=True), *args)
     assert "triton" in text
 
 
@@ -156,15 +116,13 @@ def test_engine_decodes_through_the_triton_kernel(tmp_path, monkeypatch, kv):
 
     monkeypatch.setenv(paged.TRITON_DECODE_ENV, "1")
     monkeypatch.setenv(paged.TRITON_TILING_ENV, "16/4/1")
-    monkeypatch.setenv("JAXLLM_ATTN_FP8_QK", "1")  # fp8 pools only
     monkeypatch.setattr(paged, "TRITON_MIN_PROGRAMS_PER_SM", 0)  # the tiny batch takes it too
     calls = []
     real = decode_attention_triton.paged_decode_attention_triton
     monkeypatch.setattr(decode_attention_triton, "paged_decode_attention_triton",
-                        lambda *a, **kw: calls.append((kw["block_kv"], kw["fp8_qk"])) or real(*a, **kw))
+                        lambda *a, **kw: calls.append(kw["block_kv"]) or real(*a, **kw))
     expected, got, traced = engine_tokens_through_the_kernel(tmp_path, kv, True)
-    # decode went through the Triton kernel, its tiling and (fp8 pools) fp8_qk passed on
-    assert traced and calls and set(calls) == {(16, kv == "fp8")}
+    assert traced and calls and set(calls) == {16}  # decode went through the Triton kernel, its tiling passed on
     assert got == expected
 
 
@@ -174,9 +132,6 @@ GPU_GRID = [  # (batch, heads, kv_heads, head_dim, block_size, context, fp8, kwa
     (1024, 32, 8, 128, 16, 160, False, {}),
     (1024, 32, 8, 128, 16, 160, True, {"masked_loads": True}),
     (1024, 32, 8, 128, 16, 160, True, {"heads_fastest": True}),
-    (1024, 32, 8, 128, 16, 160, True, {"reread_past_end": True}),
-    (1024, 32, 8, 128, 16, 160, True, {"fp8_qk": True}),
-    (128, 32, 8, 128, 32, 600, True, {"fp8_qk": True, "block_kv": 32, "sliding_window": 300, "num_warps": 4}),
     (256, 32, 8, 128, 16, 1000, True, {"block_kv": 128, "num_warps": 8}),
     (128, 32, 8, 128, 32, 600, True, {"block_kv": 32, "num_stages": 3, "sliding_window": 300}),
     (64, 28, 4, 128, 16, 300, False, {"soft_cap": 30.0}),

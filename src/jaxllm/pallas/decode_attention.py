@@ -88,8 +88,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..kv_cache_config import FP8_MAX  # float8_e4m3fn's largest finite value
-
 LOG2E = math.log2(math.e)
 ROWS = 64  # wgmma M
 
@@ -121,26 +119,25 @@ def swizzled(d, itemsize):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def staged_operand(staging, fp8, dtype, k_in_registers=False, k_raw=False):
+def staged_operand(staging, fp8, dtype, k_in_registers=False):
     """operand(stage_ref, slot, which): the 16-bit tile wgmma reads -- the stage itself, or (fp8
     pools) its copy converted into staging[which] (0: K, 1: V). One staging tile for both (``lean_smem``):
     a warpgroup barrier before each conversion, so that no warp overwrites the tile while another
     one's wgmma that read it (its accumulator already waited for by this warp) is not yet past it.
     ``k_in_registers`` (fp8): K is loaded from its stage straight into registers in the layout an
     8-bit tile upcasts from, converted there and handed to the wgmma as its A operand (no staging
-    store, no fence); staging[0] is V's tile. ``k_raw`` (``fp8_qk``): K's stage itself, in fp8, for
-    an fp8 wgmma; staging[0] is V's tile."""
+    store, no fence); staging[0] is V's tile."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    shared = fp8 and len(staging) == 1 and not (k_in_registers or k_raw)
+    shared = fp8 and len(staging) == 1 and not k_in_registers
 
     def operand(stage_ref, slot, which):
-        if not fp8 or (k_raw and which == 0):
+        if not fp8:
             return stage_ref.at[slot]
         if k_in_registers and which == 0:
             k8 = plgpu.load(stage_ref.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X)
             return plgpu.layout_cast(k8.astype(dtype), plgpu.Layout.WGMMA)
-        staged = staging[0 if shared or k_in_registers or k_raw else which]
+        staged = staging[0 if shared or k_in_registers else which]
         if shared:
             plgpu.commit_smem()  # (a fence and the warpgroup barrier)
         staged[...] = stage_ref.at[slot][...].astype(dtype)
@@ -189,32 +186,12 @@ def softmax_finish(acc, l_i, swapped=False):
     return acc * lax.broadcast_in_dim(inv, acc.shape, [1 if swapped else 0]), empty
 
 
-def fp8_two_parts(x, axis):
-    """``fp8_qk``'s query: float32 x as two e4m3 parts with a scale each over `axis` (kept as size-1
-    dims), x ~ hi * s_hi + lo * s_lo -- its absolute maximum to FP8_MAX, then the residual's. Two
-    parts keep ~8 bits of x's mantissa; one alone gave 4-6% relative error on the attention output
-    (BENCHMARKS.md, twenty-third session). Returns ((hi, s_hi), (lo, s_lo))."""
-    parts = []
-    for _ in range(2):
-        scale = jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True), 1e-30) / FP8_MAX
-        part = (x / scale).astype(FP8)
-        parts.append((part, scale))
-        x = x - part.astype(jnp.float32) * scale
-    return tuple(parts)
-
-
-def tile_pages(tables_ref, seq, first, copies, rows, block_size, width, end=None):
+def tile_pages(tables_ref, seq, first, copies, rows, block_size, width):
     """The page ids of the `copies` TMA copies of the K/V tile starting at token `first` of row
     `seq` (copy j moves `rows` tokens, <= block_size, that sit in one page; past the table: its last
     entry). All read before any copy is issued: each is a global load whose latency a copy issued in
-    between would wait out on its own. `end` (``reread_past_end``): a copy whose tokens all sit at or
-    past token `end` takes the tile's first page instead -- rows the softmax masks either way, read
-    again from L2 rather than from pages allocated ahead of the sequence (or whatever the table
-    holds there) in DRAM."""
-    pages = tuple(tables_ref[seq, jnp.minimum(lax.div(first + j * rows, block_size), width - 1)] for j in range(copies))
-    if end is None:
-        return pages
-    return pages[:1] + tuple(jnp.where(first + j * rows < end, p, pages[0]) for j, p in enumerate(pages) if j)
+    between would wait out on its own."""
+    return tuple(tables_ref[seq, jnp.minimum(lax.div(first + j * rows, block_size), width - 1)] for j in range(copies))
 
 
 def page_copy(pages, first, j, rows, block_size):
@@ -282,11 +259,10 @@ def check_paged_args(h, kvh, block_size, block_kv, k_pool, v_pool) -> int:
 
 
 def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, rows, tile, scale, soft_cap,
-                meanwhile=None, swapped=False, qk=None):
+                meanwhile=None, swapped=False):
     """The start of one ring step, the same in both kernels: wait for this step's K stage, Q K^T on
     the tensor cores (``meanwhile(slot)`` while they work), refill the stage the previous step
     freed, then scale (base 2, soft cap). Returns (the step's ring slot, the scores [rows, tile]).
-    ``qk(k_op, meanwhile)``: the raw scores another way (``fp8_qk``) instead of ``qk_scores``.
     (The named scopes are the regions of a kernel profile, ``profile_dir``.)"""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -296,8 +272,7 @@ def step_scores(step, stages, n_steps, issue, k_bar, k_smem, operand, q_smem, ro
     with jax.named_scope("convert_k"):
         k_op = operand(k_smem, slot, 0)
     with jax.named_scope("qk"):
-        during = None if meanwhile is None else (lambda: meanwhile(slot))
-        s = qk_scores(q_smem, k_op, rows, tile, during, swapped) if qk is None else qk(k_op, during)
+        s = qk_scores(q_smem, k_op, rows, tile, None if meanwhile is None else (lambda: meanwhile(slot)), swapped)
     with jax.named_scope("refill"):
         refill_previous(step, stages, n_steps, issue)
     return slot, log2_scores(s, scale, soft_cap)
@@ -418,8 +393,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                            max_concurrent_steps: int = 2, p_in_registers: bool = False, heads_major: bool = False,
                            k_scale=1.0, v_scale=1.0, heads_per_program: int | None = None, lean_smem: bool = False,
                            prefetch_pages: bool = True, early_v: bool = False, swap_ab: bool = False,
-                           k_in_registers: bool = False, heads_fastest: bool = False, reread_past_end: bool = False,
-                           fp8_qk: bool = False, profile_dir: str | None = None, interpret=False):
+                           k_in_registers: bool = False, heads_fastest: bool = False, profile_dir: str | None = None,
+                           interpret=False):
     """Decode attention over paged KV. q [B, H, D]; pools [slots, KVH, D]; block_tables [B, W] int32;
     lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype.
 
@@ -456,14 +431,6 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     128-byte (fp8) or 256-byte rows a ``KVH * D``-element stride apart, the rest of each token's
     bytes read a whole wave of programs later. With ``heads_fastest`` the KV heads vary fastest:
     the programs that run together read every head of a few sequences, whole tokens' bytes.
-    ``reread_past_end``: a tile's copies of pages wholly past the split's last token read the tile's
-    first page again (from L2) instead: a 64-token tile over a 160-token sequence otherwise reads a
-    page or two allocated ahead of it from DRAM, only for the softmax to mask them (``tile_pages``).
-    ``fp8_qk`` (``swap_ab`` over fp8 pools, one head a program): S^T = K Q^T as two fp8 wgmmas that
-    read K's stage as it arrived -- no conversion of K (the fp8 kernel is bound by its work per KV
-    element, BENCHMARKS.md twenty-third session). Each KV head's query rows are split into two e4m3
-    parts with a scale each (q = hi * s_hi + lo * s_lo, the group's absolute maximum and then the
-    residual's to 448), so the scores keep ~8 bits of q; V is converted as before.
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -484,10 +451,6 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     if k_in_registers and not (swap_ab and fp8):
         raise ValueError(f"k_in_registers needs swap_ab=True and float8_e4m3fn pools (K is then the first wgmma's "
                          f"A operand, converted from 8 bits in registers), got swap_ab={swap_ab} and {kv_dtype.name}")
-    if fp8_qk and not (swap_ab and fp8 and not k_in_registers and hpp == 1):
-        raise ValueError(f"fp8_qk needs swap_ab=True over float8_e4m3fn pools, without k_in_registers, one KV head a "
-                         f"program; got swap_ab={swap_ab}, {kv_dtype.name}, k_in_registers={k_in_registers}, "
-                         f"heads_per_program={hpp}")
     dtype = jnp.dtype(jnp.float16) if fp8 else kv_dtype  # what the tensor cores read (see above)
     tile = block_kv
     rows_per_copy = min(block_size, tile)
@@ -503,8 +466,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     # the Q tile's rows: the wgmma's M (64), or swapped its N, the rows the program's heads need
     per_load = hpp * g if q_shared else g
     qrows = -(-(_max_r0(h, per_load) + per_load) // 8) * 8 if swap_ab else ROWS
-    # (fp8_qk: one staging tile, V's, as with k_in_registers; its two fp8 Q tiles take a 16-bit one's bytes)
-    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp, qrows, k_in_registers or fp8_qk)
+    fit = _max_stages(d, tile, p_in_registers, kv_dtype.itemsize, lean_smem, hpp, qrows, k_in_registers)
     if fit < 2:
         raise ValueError(f"block_kv={tile} with head_dim {d} ({kv_dtype.name} pools) leaves no room for two stages "
                          f"in shared memory; use block_kv=64")
@@ -517,22 +479,14 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     # last sequence's last KV head's, from its 8-aligned start). With swap_ab's 8-row boxes and H a
     # multiple of 8 that is none: no copy of q, whose scaling / conversion then fuses into its producer.
     q_end = (b * h - g) // 8 * 8 + qrows
-    if fp8_qk:  # each KV head's G rows in two e4m3 parts: [2, B*H, D] fp8, their scales [B, KVH, 2]
-        (hi, s_hi), (lo, s_lo) = fp8_two_parts(q_in.astype(jnp.float32).reshape(b, kvh, g, d), axis=(2, 3))
-        q_rows = jnp.stack([hi, lo]).reshape(2, b * h, d)
-        q_scales = jnp.concatenate([s_hi, s_lo], axis=2).reshape(b, kvh, 2)
-    else:
-        q_rows = q_in.reshape(b * h, d).astype(dtype)
+    q_rows = q_in.reshape(b * h, d).astype(dtype)
     if q_end > b * h:
-        q_rows = jnp.pad(q_rows, ((0, 0),) * (q_rows.ndim - 2) + ((0, q_end - b * h), (0, 0)))
+        q_rows = jnp.pad(q_rows, ((0, q_end - b * h), (0, 0)))
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
 
-    def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, *refs):
-        # refs: (fp8_qk: the Q scales,) O, LSE, the scratch; buffers: out_types + loop_types, unless
-        # lean_smem (then scoped below)
-        qs_ref, refs = (refs[0], refs[1:]) if fp8_qk else (None, refs)
-        o_ref, lse_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, *buffers = refs
+    def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, q_bar, k_bar,
+               v_bar, *buffers):  # buffers: out_types + loop_types, unless lean_smem (then scoped below)
         head0 = lax.axis_index("kvh") if hpp == 1 else lax.axis_index("kvh") * hpp  # the program's first KV head
         split = lax.axis_index("split")
         seq = lax.axis_index("seq")
@@ -562,28 +516,10 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             return q_start, q_first - q_start
 
         def load_q(q_start):
-            if fp8_qk:  # its two e4m3 parts
-                for part in range(2):
-                    plgpu.copy_gmem_to_smem(q_ref.at[part, pl.ds(q_start, qrows)], q_smem.at[part], q_bar)
-            else:
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, qrows)], q_smem, q_bar)
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, qrows)], q_smem, q_bar)
 
         q_start, r0 = q_start_of(head0)
         load_q(q_start)
-        qk_fp8 = None
-        if fp8_qk:  # the group's two scales; S^T = K hi^T * s_hi + K lo^T * s_lo, K read from its stage as it is
-            s_hi, s_lo = qs_ref[seq, head0, 0], qs_ref[seq, head0, 1]
-
-            def qk_fp8(k_op, during):
-                def scope(acc_hi, acc_lo):
-                    plgpu.wgmma(acc_hi, k_op, q_smem.at[0].transpose((1, 0)))
-                    plgpu.wgmma(acc_lo, k_op, q_smem.at[1].transpose((1, 0)))
-                    if during is not None:
-                        during()
-                    return acc_hi[...] * s_hi + acc_lo[...] * s_lo
-
-                acc = plgpu.ACC((tile, qrows), jnp.float32)
-                return pl.run_scoped(scope, acc, acc)
 
         def q_row(head):  # the first row of this KV head's G in the Q tile
             if hpp == 1:
@@ -593,8 +529,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             return q_start_of(head)[1]
 
         def pages_of(t):  # the page ids of ring step t's copies (the same for every head)
-            return tile_pages(tables_ref, seq, start + local(t)[1] * tile, copies, rows_per_copy, block_size, w,
-                              hi if reread_past_end else None)
+            return tile_pages(tables_ref, seq, start + local(t)[1] * tile, copies, rows_per_copy, block_size, w)
 
         def issue(t, slot, pages=None):
             head, step = local(t)
@@ -631,7 +566,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
             bufs = list(bufs)
             p_smem = None if p_in_registers else bufs.pop(0)
             staging = [bufs.pop(0) for _ in range(n_staging)]
-            operand = staged_operand(staging, fp8, dtype, k_in_registers, k_raw=fp8_qk)
+            operand = staged_operand(staging, fp8, dtype, k_in_registers)
             out_bufs = bufs  # several heads per program: O and the log-sum-exps
             v_early = early_v and n_staging == 2
 
@@ -653,7 +588,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
                         pl.when(first & (t > 0))(lambda: plgpu.barrier_wait(q_bar))
                 refill = (lambda u, slot: issue(u, slot, pages)) if prefetch_pages else issue  # u = t - 1 + stages
                 slot, s = step_scores(t, stages, n_total, refill, k_bar, k_smem, operand, q_smem, qrows, tile, scale,
-                                      soft_cap, convert_v if v_early else None, swap_ab, qk=qk_fp8)
+                                      soft_cap, convert_v if v_early else None, swap_ab)
                 if prefetch_pages:  # the next step's refill: the loads' latency hides behind this step
                     pages = pages_of(t + stages)
                 pos = plgpu.broadcasted_iota(jnp.int32, (tile, qrows) if swap_ab else (qrows, tile), 0 if swap_ab else 1,
@@ -733,15 +668,14 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
     transforms = swizzled(d, 2)
     kv_transforms = swizzled(d, kv_dtype.itemsize)
     out_types = (plgpu.SMEM((qrows, d), dtype), plgpu.SMEM((qrows,), jnp.float32))  # O, log-sum-exps
-    n_staging = 0 if not fp8 else 1 if lean_smem or k_in_registers or fp8_qk else 2  # 16-bit staging: K's, V's
+    n_staging = 0 if not fp8 else 1 if lean_smem or k_in_registers else 2  # the 16-bit staging tiles of K and V
     loop_types = (() if p_in_registers else (plgpu.SMEM((qrows, tile), dtype, transforms=transforms),)) + (
         plgpu.SMEM((tile, d), dtype, transforms=transforms),) * n_staging
     scratch = (  # in the order of the kernel's scratch arguments
-        # q_smem (fp8_qk: its two e4m3 parts)
-        plgpu.SMEM((2, qrows, d), FP8, transforms=kv_transforms) if fp8_qk else plgpu.SMEM((qrows, d), dtype, transforms=transforms),
+        plgpu.SMEM((qrows, d), dtype, transforms=transforms),  # q_smem
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # k_smem
         plgpu.SMEM((stages, tile, d), kv_dtype, transforms=kv_transforms),  # v_smem
-        plgpu.Barrier(num_arrivals=2 if fp8_qk else 1),  # q_bar
+        plgpu.Barrier(num_arrivals=1),  # q_bar
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # k_bar
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # v_bar
     ) + (() if lean_smem else out_types + loop_types)
@@ -758,7 +692,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, block_size:
         compiler_params=plgpu.CompilerParams(approx_math=True, **(
             dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir, profile_bounds_check=True) if profile_dir else {})),
         interpret=interpret,
-    )(block_tables, lengths, q_rows, k_pool, v_pool, *((q_scales,) if fp8_qk else ()))
+    )(block_tables, lengths, q_rows, k_pool, v_pool)
     # each group's G rows start at row (its first flattened query row) % 8 of its 64 (q_shared: of
     # its program's 64, the heads' rows one after another)
     if hpp > 1 and q_shared:

@@ -41,14 +41,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .decode_attention import FP8, check_paged_args, fp8_two_parts, log2_scores, tensor_core_q
+from .decode_attention import FP8, check_paged_args, log2_scores, tensor_core_q
 
 MIN_DOT_ROWS = 16  # Triton's dot wants M >= 16
-
-
-def _dot_qk(q, k):
-    """Scores q [rows, d] . k [tile, d]^T in float32."""
-    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _rows(g: int) -> int:
@@ -71,23 +66,13 @@ def _load_rows(view, valid, masked: bool):
 def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, block_size: int, *, sm_scale=None,
                                   soft_cap=None, sliding_window=None, k_scale=1.0, v_scale=1.0, block_kv: int = 64,
                                   num_warps: int = 2, num_stages: int = 2, masked_loads: bool = False,
-                                  heads_fastest: bool = False, reread_past_end: bool = False, fp8_qk: bool = False,
-                                  interpret: bool = False):
+                                  heads_fastest: bool = False, interpret: bool = False):
     """Decode attention over paged KV (see the module docstring). q [B, H, D]; pools [slots, KVH, D]
     (bfloat16, float16 or float8_e4m3fn holding K / k_scale and V / v_scale); block_tables [B, W]
     int32; lengths [B] int32 (>= 1). Returns [B, H, D] in q's dtype. ``block_kv``: tokens a tile (a
     power of two, >= 16); ``num_warps`` / ``num_stages``: Triton's. ``heads_fastest``: the KV heads,
     not the sequences, are the grid's fastest-varying axis (Triton's first, CUDA's x), so the
-    programs running together read whole tokens' rows (see ``paged_decode_attention``'s).
-    ``reread_past_end``: the rows a tile holds past the sequence's end (or before its window) read the
-    tile's first row instead (one L2-resident row, not pages allocated ahead of the sequence in DRAM;
-    their scores are masked either way).
-    ``fp8_qk`` (fp8 pools): Q K^T as fp8 x fp8 products -- K's tile fed to the tensor cores as it is
-    loaded, without its fp8 -> f16 conversion (the work per KV element, not the bytes, bounds this
-    kernel over fp8 pools: BENCHMARKS.md, twenty-third session). Each query row is split into two
-    e4m3 parts with a scale each (q = hi * s_hi + lo * s_lo; its absolute maximum, then the
-    residual's, to 448), so the scores keep ~8 bits of q's mantissa: one e4m3 q alone gave 4-6%
-    relative error on the output (the bar is 2%). P V stays in 16 bits."""
+    programs running together read whole tokens' rows (see ``paged_decode_attention``'s)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -107,8 +92,6 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
     q_rows = q_in.astype(dtype).reshape(b * h, d)
     tile = block_kv
     masked = masked_loads and not interpret
-    if fp8_qk and kv_dtype != FP8:
-        raise ValueError(f"fp8_qk needs float8_e4m3fn pools, got {kv_dtype.name}")
 
     def kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref):
         seq, head = (pl.program_id(1), pl.program_id(0)) if heads_fastest else (pl.program_id(0), pl.program_id(1))
@@ -116,8 +99,6 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
         r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
         first_row = seq * h + head * g
         qt = q_ref[first_row + jnp.minimum(r, g - 1), :]  # [rows, d]: rows past G repeat the last one
-        if fp8_qk:  # q = hi * s_hi + lo * s_lo, each row's two e4m3 parts with scales [rows, 1]
-            (q_hi, s_hi), (q_lo, s_lo) = fp8_two_parts(qt.astype(jnp.float32), axis=1)
         if sliding_window is not None:
             win_lo = length - sliding_window
             start = lax.div(jnp.maximum(win_lo, 0), tile) * tile
@@ -126,24 +107,17 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, lengths, bloc
         n_steps = lax.div(length - start + tile - 1, tile)
         t_iota = lax.broadcasted_iota(jnp.int32, (tile,), 0)
 
-        def slot_of(pos):  # a token position's (or [tile] positions') pool row, through the block table
-            return tables_ref[seq, jnp.minimum(lax.div(pos, block_size), w - 1)] * block_size + lax.rem(pos, block_size)
-
         def body(i, carry):
             acc, m_i, l_i = carry
             pos = start + i * tile + t_iota  # [tile] token positions
-            slot = slot_of(pos)
+            page = tables_ref[seq, jnp.minimum(lax.div(pos, block_size), w - 1)]
+            slot = page * block_size + lax.rem(pos, block_size)
             valid = pos < length
             if win_lo is not None:
                 valid = valid & (pos >= win_lo)
-            if reread_past_end:  # masked rows: the tile's first row again (L2), not pages allocated ahead
-                slot = jnp.where(valid, slot, slot_of(start + i * tile))
             # masked: tokens past the sequence (or before its window) are not read
-            k = _load_rows(k_ref.at[slot, head, :], valid, masked)  # [tile, d]
-            if fp8_qk:  # two fp8 x fp8 products of the same K tile: the tensor cores idle here anyway
-                s = _dot_qk(q_hi, k) * s_hi + _dot_qk(q_lo, k) * s_lo
-            else:
-                s = _dot_qk(qt, k.astype(dtype))
+            k = _load_rows(k_ref.at[slot, head, :], valid, masked).astype(dtype)  # [tile, d]
+            s = lax.dot_general(qt, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             s = log2_scores(s, scale, soft_cap)
             s = jnp.where(valid[None, :], s, -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every tile holds a valid token

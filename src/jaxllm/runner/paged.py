@@ -203,24 +203,6 @@ def attention_heads_fastest() -> bool:
     return env_flag("JAXLLM_ATTN_HEADS_FASTEST", default="0")
 
 
-def attention_fp8_qk() -> bool:
-    """JAXLLM_ATTN_FP8_QK = 1 / 0 (the default): over fp8 pools either decode kernel computes Q K^T as
-    fp8 x fp8 products (``fp8_qk``: K read unconverted, q split into two e4m3 parts with a scale
-    each; the Mosaic kernel then runs swap_ab without k_in_registers). Not yet measured on a GPU:
-    an A/B (the fp8 kernels are bound by their work per KV element, BENCHMARKS.md twenty-third
-    session)."""
-    return env_flag("JAXLLM_ATTN_FP8_QK", default="0")
-
-
-def attention_reread_past_end() -> bool:
-    """JAXLLM_ATTN_REREAD_PAST_END = 1 / 0 (the default): the decode kernels' ``reread_past_end`` (a
-    tile's rows past a sequence's end read its first page again, from L2, instead of the pages
-    allocated ahead of it, from DRAM; the same output). Not yet measured on a GPU: an A/B (the
-    1000 x 128/128 run is power-bound, BENCHMARKS.md "Twenty-third session": DRAM bytes not read
-    are energy saved)."""
-    return env_flag("JAXLLM_ATTN_REREAD_PAST_END", default="0")
-
-
 TRITON_DECODE_ENV = "JAXLLM_ATTN_TRITON"
 TRITON_TILING_ENV = "JAXLLM_ATTN_TRITON_TILING"
 TRITON_MIN_PROGRAMS_PER_SM = 4
@@ -264,16 +246,14 @@ def decode_kernel_for(block_size: int, sliding_window, mesh, interpret=False):
             return paged_decode_attention_triton(
                 q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
                 v_scale=v_scale, interpret=bool(interpret), heads_fastest=attention_heads_fastest(),
-                reread_past_end=attention_reread_past_end(), fp8_qk=k_pool.dtype == FP8 and attention_fp8_qk(),
                 **triton_decode_tiling())
         swap, fp8 = attention_swap_ab(), k_pool.dtype == FP8
-        hpp = attention_heads_per_program(q.shape[0], kv_heads)
-        fp8_qk = swap and fp8 and hpp == 1 and attention_fp8_qk()  # (its form: one head a program, K unconverted)
         return paged_decode_attention(
             q, k_pool, v_pool, tables, lengths, block_size, sliding_window=sliding_window, k_scale=k_scale,
-            v_scale=v_scale, heads_per_program=hpp, lean_smem=attention_lean_smem(fp8), swap_ab=swap,
-            interpret=interpret, k_in_registers=swap and fp8 and not fp8_qk and not interpret and attention_k_in_registers(),
-            heads_fastest=attention_heads_fastest(), reread_past_end=attention_reread_past_end(), fp8_qk=fp8_qk,
+            v_scale=v_scale, heads_per_program=attention_heads_per_program(q.shape[0], kv_heads),
+            lean_smem=attention_lean_smem(fp8), swap_ab=swap, interpret=interpret,
+            k_in_registers=swap and fp8 and not interpret and attention_k_in_registers(),
+            heads_fastest=attention_heads_fastest(),
         )
 
     heads = P(None, "model", None)
