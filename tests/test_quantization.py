@@ -376,7 +376,7 @@ def _checkpoint_with(tmp_path, tiny, config_update=None, files=None) -> Path:
     ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, None, "quant_method 'bitsandbytes'"),
     ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, None, "quant_method 'fp8'"),
     ({"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {
-        "g": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}}}, None, "format 'int-quantized'"),
+        "g": {"weights": {"num_bits": 8, "type": "int", "strategy": "block"}}}}}, None, "format 'int-quantized'"),
 ])
 def test_unsupported_checkpoint_quantization_is_refused_before_loading(tmp_path, tiny, monkeypatch, update, files, found):
     import jaxllm.loader as loader

@@ -32,6 +32,7 @@ from .orbax_ckpt import (
     saved_quantization,
 )
 from .fp4 import LAYOUTS as FP4_LAYOUTS, dequantized_fp4
+from .int_packed import dequantized_int, is_int_layout
 from .quant_config import checkpoint_quantization
 from .weights import iter_gguf, iter_safetensors, place_weights, random_weights
 
@@ -90,8 +91,8 @@ def resolve_dtype(dtype: str, cfg: ModelConfig):
 def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool) -> tuple[str | None, str | None]:
     """(the projections' weight quantization: what the checkpoint carries (a pre-quantized HF
     checkpoint, or a jaxllm save of a quantized model), else what LLM(quantization=...) asks for;
-    the FP4 layout (loader/fp4.py) to dequantize the checkpoint's weights from as they are read, or None -- such a
-    checkpoint loads as an unquantized one, quantized again if asked).
+    the layout to dequantize the checkpoint's weights from as they are read (FP4: loader/fp4.py; integer:
+    loader/int_packed.py), or None -- such a checkpoint loads as an unquantized one, quantized again if asked).
     Raises ValueError for an unsupported checkpoint quantization or a request that contradicts it."""
     if src.is_gguf:
         return requested, None
@@ -99,7 +100,7 @@ def resolve_quantization(requested: str | None, src: ResolvedModel, orbax: bool)
         found, what = saved_quantization(src.path), "a jaxllm checkpoint saved with quantization"
     else:
         found, what = checkpoint_quantization(src.path)
-        if found in FP4_LAYOUTS:
+        if found in FP4_LAYOUTS or is_int_layout(found):
             return requested, found
     if orbax and requested != found and requested is not None:
         raise ValueError(
@@ -202,7 +203,7 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
     arch = get_architecture(architecture_name(hf_config))  # before reading fields it may not have
     orbax = not src.is_gguf and is_jaxllm_checkpoint(src.path)
     w8a8 = quantization == "fp8-w8a8"  # fp8 weights; the activations too in large calls
-    stored, fp4 = resolve_quantization("fp8" if w8a8 else quantization, src, orbax)
+    stored, dequant = resolve_quantization("fp8" if w8a8 else quantization, src, orbax)
     if w8a8 and stored != "fp8":
         raise ValueError(f"quantization='fp8-w8a8' needs fp8 weights; this checkpoint holds {stored} weights")
     cfg = replace(ModelConfig.from_hf(hf_config), quantization=stored, fp8_activations=w8a8,
@@ -229,8 +230,8 @@ def load_model(model, *, dtype="auto", load_format="auto", tokenizer=None, revis
             tensors = iter_gguf(src.path, cfg, arch.weight_map, arch.gguf_arch)
         else:
             tensors = iter_safetensors(src.path)
-            if fp4 is not None:
-                tensors = dequantized_fp4(tensors, fp4)
+            if dequant is not None:
+                tensors = (dequantized_fp4 if dequant in FP4_LAYOUTS else dequantized_int)(tensors, dequant)
         found: dict[int, dict[str, float]] = {}
         state = place_weights(abstract_state, _take_kv_scales(tensors, found), cfg, arch.weight_map, mesh)
         kv_scales = _kv_scales(found, cfg.num_layers)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .weights import LazyTensor
+from .weights import LazyTensor, dequantizing
 
 # e2m1 by its 4-bit code: bit 3 the sign, bits 2-1 the exponent, bit 0 the mantissa
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
@@ -70,24 +70,18 @@ def dequantized_fp4(tensors, layout: str):
     a key of LAYOUTS."""
     lay = LAYOUTS[layout]
     pieces = (lay.packed, "weight_scale") + ((lay.global_scale,) if lay.global_scale else ())
-    pending: dict[str, dict[str, LazyTensor]] = {}
-    for name, tensor in tensors:
-        prefix, _, suffix = name.rpartition(".")
-        if suffix in lay.unused:
-            continue
-        if suffix not in pieces or (suffix == "weight" and np.dtype(tensor.dtype) != np.uint8):
-            yield name, tensor  # anything else, a 16-bit weight of a layer left unquantized included
-            continue
-        parts = pending.setdefault(prefix, {})
-        parts[suffix] = tensor
-        if len(parts) == len(pieces):
-            del pending[prefix]
-            yield prefix + ".weight", _dequantizing(prefix, [parts[p] for p in pieces], lay)
-    for prefix, parts in pending.items():
-        raise ValueError(
-            f"FP4 checkpoint: {prefix!r} has {sorted(parts)} but not {sorted(set(pieces) - set(parts))} "
-            f"(a {layout} weight needs {', '.join(pieces)})"
-        )
+
+    def is_piece(suffix, tensor):  # a 16-bit weight of a layer left unquantized is not one
+        return suffix in pieces and (suffix != "weight" or np.dtype(tensor.dtype) == np.uint8)
+
+    def build(prefix, parts):
+        missing = sorted(set(pieces) - set(parts))
+        if missing:
+            raise ValueError(f"FP4 checkpoint: {prefix!r} has {sorted(parts)} but not {missing} "
+                             f"(a {layout} weight needs {', '.join(pieces)})")
+        return _dequantizing(prefix, [parts[p] for p in pieces], lay)
+
+    return dequantizing(tensors, is_piece, build, drop=lay.unused)
 
 
 def _dequantizing(prefix: str, parts: list[LazyTensor], lay: Fp4Layout) -> LazyTensor:

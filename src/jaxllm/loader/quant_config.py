@@ -25,6 +25,15 @@ ModelOpt (NVIDIA TensorRT Model Optimizer): ``hf_quant_config.json`` =
 "ignore": [...], ...}``; tensors ``X.weight`` float8_e4m3fn, ``X.weight_scale`` and ``X.input_scale``
 float32 scalars (``[]``), with FP8 KV cache also ``k_scale`` / ``v_scale``.
 
+compressed-tensors integer weights (``"type": "int"``): ``"format": "int-quantized"`` /
+``"naive-quantized"`` store ``X.weight`` int8 ``[out, in]``; ``"pack-quantized"`` stores ``X.weight_packed``
+int32 (``num_bits``-bit values, see ``loader/int_packed.py``) and ``X.weight_shape``; either has
+``X.weight_scale`` (``[1]``, ``[out, 1]`` or ``[out, in / group_size]``), for asymmetric schemes
+``X.weight_zero_point``, and with GPTQ's activation ordering ``X.weight_g_idx``. Dequantized weight
+= (q - zero_point) * scale. 8-bit symmetric per-channel / per-tensor weights (W8A8 / W8A16 int8)
+load as they are, as ``LLM(quantization="int8")``'s int8 weight-only projections; every other
+integer scheme (W4A16, groups, zero points) is dequantized as it is read, like FP4.
+
 The static ``input_scale`` is read past: the weight-only path computes activations in the model's
 dtype. The KV-cache scales (``self_attn.k_scale`` / ``self_attn.k_proj.k_scale`` ...) are taken by
 the loader (``loader._take_kv_scales``) and become an fp8 KV pool's per-layer scales
@@ -43,7 +52,9 @@ from pathlib import Path
 SUPPORTED = (
     "compressed-tensors FP8 (float8_e4m3fn weights with per-tensor or per-channel weight_scale) "
     "and ModelOpt FP8 (quant_algo 'FP8'); NVFP4 of both (format 'nvfp4-pack-quantized', quant_algo "
-    "'NVFP4') and compressed-tensors MXFP4 (format 'mxfp4-pack-quantized'), dequantized at load"
+    "'NVFP4') and compressed-tensors MXFP4 (format 'mxfp4-pack-quantized'), dequantized at load; "
+    "compressed-tensors integer weights (formats 'int-quantized', 'naive-quantized', 'pack-quantized': "
+    "int8 per channel or per tensor as int8 weight-only, other widths, groups and zero points dequantized at load)"
 )
 MODELOPT_FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")  # per-tensor / per-channel weight scales
 # compressed-tensors' FP4 formats: (the layout checkpoint_quantization returns -- a key of
@@ -133,6 +144,9 @@ def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
                                       f"{group_size}, strategy {strategy!r})")
             kinds.add(kind)
             continue
+        if w.get("type") == "int":
+            kinds.add(_ct_int(gfmt, w, found))
+            continue
         if w.get("type") == "float" and w.get("num_bits") == 4:
             raise _refuse(found + "; of the FP4 formats only NVFP4 and compressed-tensors MXFP4 load")
         kinds.add("fp8")
@@ -149,7 +163,37 @@ def _compressed_tensors(qc: dict) -> tuple[str | None, str | None]:
         strategies.add(w["strategy"])
     if len(kinds) > 1:
         raise _refuse(f"compressed-tensors with groups of several formats ({', '.join(sorted(kinds))})")
+    if kinds == {"int8"}:
+        return "int8", "compressed-tensors int8 (symmetric, per channel / per tensor)"
     if kinds != {"fp8"}:
         kind = kinds.pop()
         return kind, f"compressed-tensors {kind.split('-')[0].upper()}"
     return "fp8", f"compressed-tensors FP8 ({'/'.join(sorted(strategies))} weight scales)"
+
+
+CT_INT_FORMATS = ("int-quantized", "naive-quantized", "pack-quantized")
+
+
+def _ct_int(fmt: str, w: dict, found: str) -> str:
+    """The kind of a compressed-tensors integer weight scheme: "int8" (8-bit, symmetric, per channel or
+    per tensor, stored as int8: loaded as it is) or an integer layout of loader/int_packed.py
+    (dequantized as read)."""
+    from .int_packed import int_layout_name
+
+    bits, strategy = w.get("num_bits"), w.get("strategy")
+    why = None
+    if fmt not in CT_INT_FORMATS:
+        why = f"integer weights load from the formats {', '.join(CT_INT_FORMATS)}"
+    elif not isinstance(bits, int) or not 1 <= bits <= 8 or (fmt != "pack-quantized" and bits != 8):
+        why = "num_bits 1-8 packed ('pack-quantized'), 8 otherwise"
+    elif strategy not in ("tensor", "channel", "group"):
+        why = "strategy 'tensor', 'channel' or 'group'"
+    elif strategy == "group" and not (isinstance(w.get("group_size"), int) and w["group_size"] > 0):
+        why = "a group strategy needs a positive group_size"
+    elif w.get("dynamic", False):
+        why = "weights with static scales"
+    if why:
+        raise _refuse(found + f" ({why})")
+    if bits == 8 and fmt != "pack-quantized" and strategy != "group" and w.get("symmetric", True):
+        return "int8"
+    return int_layout_name(bits, fmt == "pack-quantized")

@@ -9,8 +9,8 @@ host reads only what its devices hold and no full copy of a split tensor is made
 parameter (k | v, gate | up: ``Rule.part``) is placed once all its HF tensors have been seen, each
 shard stacked from the parts' slices.
 
-Quantized projections (``models/quant.py``): a checkpoint tensor already in float8_e4m3fn (a
-pre-quantized checkpoint) is placed as it is, its scale by its own weight-map rule; a
+Quantized projections (``models/quant.py``): a checkpoint tensor already in float8_e4m3fn or int8
+(a pre-quantized checkpoint) is placed as it is, its scale by its own weight-map rule; a
 full-precision tensor bound for a quantized parameter is placed in float32 and quantized on the
 devices right away (one jitted call per parameter, keeping its sharding), then dropped.
 """
@@ -61,6 +61,26 @@ class LazyTensor:
     read: Callable[[tuple[slice, ...] | None], np.ndarray]
     dtype: object = None  # the stored dtype (numpy / ml_dtypes), where the source says
     parts: tuple = ()  # a fused parameter's tensors (see _StackLayout); read is None then
+
+
+def dequantizing(tensors, is_piece, build, drop=()):
+    """Pass (name, LazyTensor) pairs through, except those whose name's last part is in `drop` and a
+    quantized projection's pieces -- those whose
+    name's last part `suffix` has is_piece(suffix, tensor) -- gathered by the projection's name (from
+    any file, in any order); then yield one ``<prefix>.weight`` per projection, build(prefix, {suffix:
+    tensor}) (a float LazyTensor that dequantizes what it is asked to read). For the checkpoints
+    dequantized as they are read (loader/fp4.py, loader/int_packed.py)."""
+    pending: dict[str, dict[str, LazyTensor]] = {}
+    for name, tensor in tensors:
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in drop:
+            continue
+        if is_piece(suffix, tensor):
+            pending.setdefault(prefix, {})[suffix] = tensor
+        else:
+            yield name, tensor
+    for prefix, parts in pending.items():
+        yield prefix + ".weight", build(prefix, parts)
 
 
 # safetensors' own numpy and flax readers cannot return float8 tensors (they look the dtype up on
@@ -143,6 +163,8 @@ def iter_gguf(path: Path, cfg: ModelConfig, weight_map: WeightMap, gguf_arch: st
 
 
 _QUANTIZED = {jnp.dtype(d): name for name, d in WEIGHT_DTYPES.items()}
+# what a pre-quantized checkpoint's projection weight may be stored in, placed as it is
+_STORED_8BIT = tuple(jnp.dtype(d) for d in (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.int8))
 
 
 def _quantization_of(flat_by_dotted: dict, dotted: str) -> str | None:
@@ -225,13 +247,13 @@ def place_weights(abstract_state: nnx.State, tensors, cfg: ModelConfig, weight_m
                 f"after layout conversion (config mismatch?)"
             )
         sharding = named_sharding(var.get_metadata()["axes"], mesh, shape)
-        stored_8bit = tensor.dtype is not None and jnp.dtype(tensor.dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+        stored_8bit = tensor.dtype is not None and jnp.dtype(tensor.dtype) in _STORED_8BIT
         if stored_8bit and (quantization is None or jnp.dtype(tensor.dtype) != jnp.dtype(target.dtype)):
             raise ValueError(
                 f"checkpoint tensor {hf_name!r} is stored in {jnp.dtype(tensor.dtype).name}, but {dotted!r} is "
                 f"{'not a quantized projection' if quantization is None else 'a ' + quantization + ' weight'}: jaxllm "
-                "loads float8_e4m3fn weights of the attention and MLP projections only (embeddings, lm_head and "
-                "norms stay unquantized)"
+                "loads float8_e4m3fn (FP8 checkpoints) and int8 (int8 checkpoints) weights of the attention and MLP "
+                "projections only (embeddings, lm_head and norms stay unquantized)"
             )
         if quantization is not None and not stored_8bit:  # full precision -> quantize on the devices
             shard = partial(_read_shard, tensor=tensor, layout=layout, cfg=cfg, shape=shape, dtype=np.float32)

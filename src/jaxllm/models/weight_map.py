@@ -197,7 +197,7 @@ LLAMA_WEIGHT_MAP = WeightMap(
         Rule("model.layers.{i}.mlp.gate_proj.bias", "layers.{i}.mlp.gate_up_bias", optional=True, part=0),
         Rule("model.layers.{i}.mlp.up_proj.bias", "layers.{i}.mlp.gate_up_bias", optional=True, part=1),
         Rule("model.layers.{i}.mlp.down_proj.bias", "layers.{i}.mlp.down_bias", optional=True),
-        # pre-quantized FP8 checkpoints (compressed-tensors, ModelOpt): the projections' weight scales
+        # pre-quantized FP8 (compressed-tensors, ModelOpt) and int8 (compressed-tensors) checkpoints: the projections' weight scales
         Rule("model.layers.{i}.self_attn.q_proj.weight_scale", "layers.{i}.attn.q_scale", weight_scale("num_heads"), True),
         Rule("model.layers.{i}.self_attn.k_proj.weight_scale", "layers.{i}.attn.kv_scale", weight_scale("num_kv_heads"), True, 0),
         Rule("model.layers.{i}.self_attn.v_proj.weight_scale", "layers.{i}.attn.kv_scale", weight_scale("num_kv_heads"), True, 1),
@@ -209,5 +209,5 @@ LLAMA_WEIGHT_MAP = WeightMap(
     # static activation scales (input_scale) of pre-quantized checkpoints: the weight-only path
     # computes activations in the model's dtype; KV-cache scales (k_scale, v_scale) are taken by the
     # loader before the map sees them (they configure an fp8 KV pool, not a parameter)
-    ignore=(r"rotary_emb\.inv_freq$", r"\.(input_scale|k_scale|v_scale)$"),
+    ignore=(r"rotary_emb\.inv_freq$", r"\.(input_scale|input_zero_point|k_scale|v_scale)$"),
 )

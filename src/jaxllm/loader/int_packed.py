@@ -1,0 +1,114 @@
+"""compressed-tensors integer checkpoints (W4A16, W8A16 with groups or zero points, ...),
+dequantized as they are read.
+
+The layouts (llm-compressor / compressed-tensors; ``loader/quant_config.py`` reads the config), per
+quantized Linear ``X`` with a weight ``[out, in]``:
+
+- ``"format": "pack-quantized"``: ``X.weight_packed`` int32 ``[out, ceil(in * bits / 32)]``, each
+  row a little-endian bit stream of ``bits``-bit values (value ``j`` at bits ``j * bits`` ...
+  ``j * bits + bits - 1``, a value crossing a word boundary continues in the next word), each value
+  stored plus ``2 ** (bits - 1)`` (unsigned); ``X.weight_shape`` int ``[2]`` (= ``[out, in]``);
+  asymmetric schemes' ``X.weight_zero_point`` packed the same way down the columns (int32
+  ``[ceil(out * bits / 32), groups]``).
+- ``"int-quantized"`` / ``"naive-quantized"``: ``X.weight`` int8 ``[out, in]``; a zero point, where
+  there is one, int8 ``[out, groups]``.
+
+Both: ``X.weight_scale`` ``[1]`` (tensor), ``[out, 1]`` (channel) or ``[out, in / group_size]``
+(group); ``X.weight_g_idx`` int ``[in]`` (the group of each input, GPTQ's activation ordering), where
+there is one, else input ``i`` is in group ``i // (in / groups)``. Weight = (q - zero_point[g]) *
+scale[g]. The activations' scheme (``input_activations``) is not used: jaxllm's model then holds the
+dequantized weights, in its dtype, or quantized again at load (``LLM(quantization="int8" / "fp8")``).
+8-bit symmetric per-channel / per-tensor weights do not come here: they load as int8 weight-only
+projections as they are.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .weights import LazyTensor, dequantizing
+
+_NAME = re.compile(r"^int([1-8])-(packed|unpacked)-compressed-tensors$")
+_PIECES = {"weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx"}
+
+
+def int_layout_name(bits: int, packed: bool) -> str:
+    """The name checkpoint_quantization gives a compressed-tensors integer layout to dequantize."""
+    return f"int{bits}-{'packed' if packed else 'unpacked'}-compressed-tensors"
+
+
+def is_int_layout(name) -> bool:
+    return isinstance(name, str) and _NAME.match(name) is not None
+
+
+def unpack_int32(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """int32 [rows, words] of packed `bits`-bit values -> their first n signed values, int32 [rows, n]."""
+    raw = np.ascontiguousarray(np.asarray(packed).astype("<i4")).view(np.uint8)  # [rows, 4 * words], LSB first
+    rows = raw.shape[0]
+    if bits == 8:
+        u = raw
+    elif bits == 4:  # a byte's low nibble, then its high one
+        u = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(rows, -1)
+    else:
+        stream = np.unpackbits(raw, axis=-1, bitorder="little")[:, : n * bits].reshape(rows, n, bits)
+        u = (stream.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(-1)
+    return u[:, :n].astype(np.int32) - (1 << (bits - 1))
+
+
+def dequantized_int(tensors, layout: str):
+    """Pass (name, LazyTensor) pairs through, each quantized projection's pieces (its int8 or packed
+    weight, scale, zero point, g_idx -- in any order, from any file) replaced by one float32
+    ``X.weight`` that dequantizes the rows it is asked for. `layout`: int_layout_name's."""
+    m = _NAME.match(layout)
+    bits, packed = int(m.group(1)), m.group(2) == "packed"
+
+    def is_piece(suffix, tensor):  # an unpacked int8 weight is one; a 16-bit weight (ignore list) is not
+        return suffix in _PIECES or (suffix == "weight" and not packed and np.dtype(tensor.dtype) == np.int8)
+
+    return dequantizing(tensors, is_piece, lambda prefix, parts: _dequantizing(prefix, parts, bits, packed))
+
+
+def _dequantizing(prefix: str, parts: dict, bits: int, packed: bool) -> LazyTensor:
+    need = ("weight_packed", "weight_shape", "weight_scale") if packed else ("weight", "weight_scale")
+    missing = [p for p in need if p not in parts]
+    if missing:
+        raise ValueError(f"integer checkpoint: {prefix!r} has {sorted(parts)} but not {missing}")
+    if packed:
+        out, cols = (int(v) for v in np.asarray(parts["weight_shape"].read(None)).reshape(-1))
+        words = -(-cols * bits // 32)
+        weight = parts["weight_packed"]
+        if tuple(weight.shape) != (out, words):
+            raise ValueError(f"integer checkpoint: {prefix}.weight_packed has shape {tuple(weight.shape)}; expected "
+                             f"{(out, words)} ({out} x {cols} {bits}-bit values)")
+    else:
+        weight = parts["weight"]
+        out, cols = weight.shape
+    scale = np.asarray(parts["weight_scale"].read(None), np.float32)
+    scale = np.broadcast_to(scale.reshape(1, 1), (out, 1)) if scale.size == 1 else scale.reshape(out, -1)
+    groups = scale.shape[1]
+    if cols % groups:
+        raise ValueError(f"integer checkpoint: {prefix}.weight_scale has {groups} groups a row for {cols} inputs")
+    zero = np.zeros((out, groups), np.float32)
+    if "weight_zero_point" in parts:
+        z = np.asarray(parts["weight_zero_point"].read(None))
+        if packed and z.dtype == np.int32 and z.shape[0] != out:  # packed down the columns
+            z = unpack_int32(z.T, bits, out).T
+        zero = np.broadcast_to(z.astype(np.float32).reshape(-1, 1) if z.size == 1 else z.reshape(out, groups),
+                               (out, groups)).astype(np.float32)
+    g = np.arange(cols) // (cols // groups)
+    if "weight_g_idx" in parts:
+        g = np.asarray(parts["weight_g_idx"].read(None)).astype(np.int64).reshape(-1)
+        if g.shape != (cols,) or g.min() < 0 or g.max() >= groups:
+            raise ValueError(f"integer checkpoint: {prefix}.weight_g_idx must give each of the {cols} inputs a "
+                             f"group in [0, {groups})")
+
+    def read(index):
+        rows = index[0] if index is not None else slice(None)
+        q = weight.read((rows, slice(None)))
+        q = (unpack_int32(q, bits, cols) if packed else np.asarray(q)).astype(np.float32)
+        w = (q - zero[rows][:, g]) * scale[rows][:, g]  # float32: exact up to the product's one rounding
+        return w if index is None else w[(slice(None), *index[1:])]
+
+    return LazyTensor((out, cols), read, np.float32)
