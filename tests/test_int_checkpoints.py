@@ -1,8 +1,9 @@
-"""compressed-tensors integer checkpoints (loader/int_packed.py, loader/quant_config.py): W4A16 /
+"""Integer checkpoints (loader/int_packed.py, loader/quant_config.py). compressed-tensors: W4A16 /
 W8A16 packed, grouped and asymmetric schemes dequantized as they are read, int8 W8A8 per channel /
-per tensor loaded as int8 weight-only projections. The checkpoints are written by the
-compressed-tensors library itself (its compressors, from scales and zero points chosen here), and
-the twin each must match holds the library's own quantize-dequantize of the same weights."""
+per tensor loaded as int8 weight-only projections -- written by the compressed-tensors library itself
+(its compressors, from scales and zero points chosen here), each matched against a twin holding the
+library's own quantize-dequantize of the same weights. GPTQ and AWQ: written here by their packers'
+documented loops (AutoGPTQ's, AutoAWQ's), matched against (q - zero) * scale."""
 
 from __future__ import annotations
 
@@ -196,12 +197,12 @@ def test_g_idx_and_shard_reads():
     want = (q.astype(np.float32) - zero[:, g_idx]) * scale[:, g_idx]
     (name, w), = dequantized_int([("m.weight_g_idx", _lazy(g_idx)), ("m.weight", _lazy(q)),
                                   ("m.weight_zero_point", _lazy(zero)), ("m.weight_scale", _lazy(scale))],
-                                 int_layout_name(8, packed=False))
+                                 int_layout_name(8, "ct-unpacked"))
     assert name == "m.weight" and w.shape == (6, 32)
     np.testing.assert_array_equal(w.read(None), want)
     np.testing.assert_array_equal(w.read((slice(1, 4), slice(8, 24))), want[1:4, 8:24])
     with pytest.raises(ValueError, match=r"'m' has \['weight'\] but not \['weight_scale'\]"):
-        list(dequantized_int([("m.weight", _lazy(q))], int_layout_name(8, packed=False)))
+        list(dequantized_int([("m.weight", _lazy(q))], int_layout_name(8, "ct-unpacked")))
 
 
 @pytest.mark.parametrize("weights,fmt,found", [
@@ -219,3 +220,96 @@ def test_other_integer_schemes_are_refused(tmp_path, tiny, weights, fmt, found):
     with pytest.raises(ValueError, match="supported pre-quantized checkpoints") as info:
         LLM(str(path), compilation_cache=False)
     assert found in str(info.value) and "compressed-tensors integer weights" in str(info.value)
+
+
+def _pack_words(v: np.ndarray, bits: int, order=None) -> np.ndarray:
+    """Unsigned values [rows, n] -> int32 [rows, n * bits / 32]: value k of each word at bits k * bits,
+    taken from the word's values in `order` (AutoAWQ's 0, 2, 4, 6, 1, 3, 5, 7), else in turn (AutoGPTQ's
+    loop for 2, 4 and 8 bits)."""
+    per = 32 // bits
+    words = np.zeros((v.shape[0], v.shape[1] // per), np.uint32)
+    for c in range(words.shape[1]):
+        for k in range(per):
+            words[:, c] |= v[:, c * per + (order[k] if order is not None else k)].astype(np.uint32) << np.uint32(k * bits)
+    return words.view(np.int32)
+
+
+def _write_gptq_awq(src: Path, dst: Path, kind: str, keep_16bit=()) -> None:
+    """The tiny checkpoint as `kind` ("gptq", "gptq-v2": 4-bit, groups of 16 in a shuffled activation
+    order; "gptq8": 8-bit, one group; "awq": 4-bit, groups of 16) in dst, its dequantized twin in dst-ref."""
+    from safetensors.torch import load_file
+
+    bits = 8 if kind == "gptq8" else 4
+    top = (1 << bits) - 1
+    rng = np.random.default_rng(0)
+    out, ref = {}, {}
+    for tname, w in load_file(str(src / "model.safetensors")).items():
+        proj = tname.removesuffix(".weight")
+        if not tname.endswith(".weight") or proj.split("layers.")[-1].split(".", 1)[-1] not in PROJ or proj in keep_16bit:
+            out[tname] = ref[tname] = w
+            continue
+        wt = w.float().numpy().T  # [in, out]
+        cols, n_out = wt.shape
+        size = cols if kind == "gptq8" else 16
+        g = np.arange(cols) // size
+        if kind in ("gptq", "gptq-v2"):
+            g = rng.permutation(g)  # desc_act: the inputs' groups in activation order
+        lo = np.stack([wt[g == i].min(0) for i in range(cols // size)]).clip(max=0)
+        hi = np.stack([wt[g == i].max(0) for i in range(cols // size)]).clip(min=0)
+        scale = ((hi - lo) / top).astype(np.float16)  # [groups, out], fp16 as the packers write them
+        s32 = scale.astype(np.float32)
+        zero = np.round(-lo / s32).clip(0, top).astype(np.int64)
+        q = np.clip(np.round(wt / s32[g]) + zero[g], 0, top).astype(np.int64)
+        ref[tname] = torch.from_numpy(((q - zero[g]) * s32[g]).astype(np.float32).T.copy())
+        if kind == "awq":
+            out[proj + ".qweight"] = torch.from_numpy(_pack_words(q, 4, order=[0, 2, 4, 6, 1, 3, 5, 7]))
+            out[proj + ".qzeros"] = torch.from_numpy(_pack_words(zero, 4, order=[0, 2, 4, 6, 1, 3, 5, 7]))
+        else:
+            out[proj + ".qweight"] = torch.from_numpy(np.ascontiguousarray(_pack_words(q.T, bits).T))  # down the inputs
+            stored = zero if kind == "gptq-v2" else (zero - 1) & top  # v1: zero - 1
+            out[proj + ".qzeros"] = torch.from_numpy(_pack_words(stored, bits))
+            out[proj + ".g_idx"] = torch.from_numpy(g.astype(np.int32))
+        out[proj + ".scales"] = torch.from_numpy(scale)
+    cfg = write_with_twin(src, dst, out, ref)
+    if kind == "awq":
+        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True,
+                                      "version": "gemm", "modules_to_not_convert": list(keep_16bit)}
+    else:
+        cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": -1 if kind == "gptq8" else 16,
+                                      "desc_act": kind != "gptq8", "sym": False, "true_sequential": True,
+                                      "checkpoint_format": "gptq_v2" if kind == "gptq-v2" else "gptq"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("kind", ["gptq", "gptq-v2", "gptq8", "awq"])
+def test_gptq_and_awq_checkpoints_match_their_dequantized_twins(tiny, tmp_path, kind):  # noqa: F811
+    """GPTQ (v1 and v2 zero points, shuffled activation order, 4 and 8 bits) and AWQ (its interleaved
+    nibbles) load as unquantized models holding (q - zero) * scale: the twin's parameters, logits and
+    greedy tokens; a layer the checkpoint left in 16 bits as it was."""
+    path = tmp_path / kind
+    _write_gptq_awq(tiny, path, kind, keep_16bit=("model.layers.1.mlp.down_proj",))
+    with LLM(str(path), max_seq_len=128, compilation_cache=False) as llm:
+        assert llm.model_config.quantization is None
+        params, logits = _params(llm), _logits(llm)
+        toks = llm.generate([PROMPT], SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    with LLM(str(path) + "-ref", max_seq_len=128, compilation_cache=False) as ref:
+        ref_params, ref_logits = _params(ref), _logits(ref)
+        ref_toks = ref.generate([PROMPT], SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    for k in params:
+        np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
+    assert _rel(logits, ref_logits) < 1e-6
+    assert toks == ref_toks
+
+
+@pytest.mark.parametrize("update,found", [
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+    ({"quant_method": "gptq", "bits": 6}, "GPTQ loads at 2, 3, 4 or 8 bits"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ loads at 4 bits, version 'gemm'"),
+    ({"quant_method": "awq", "bits": 3, "version": "gemm"}, "AWQ (3-bit"),
+    ({"quant_method": "awq", "bits": 4, "zero_point": False}, "zero_point False"),
+])
+def test_other_gptq_and_awq_forms_are_refused(tmp_path, tiny, update, found):  # noqa: F811
+    path = _checkpoint_with(tmp_path, tiny, {"quantization_config": update})
+    with pytest.raises(ValueError, match="supported pre-quantized checkpoints") as info:
+        LLM(str(path), compilation_cache=False)
+    assert found in str(info.value) and "GPTQ (2, 3, 4 or 8 bits" in str(info.value)

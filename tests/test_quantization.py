@@ -371,8 +371,8 @@ def _checkpoint_with(tmp_path, tiny, config_update=None, files=None) -> Path:
     (None, {"hf_quant_config.json": {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "MXFP4"}}},
      "ModelOpt quant_algo 'MXFP4' (of ModelOpt's FP4 formats only NVFP4 loads)"),
     ({"quantization_config": {"quant_method": "mxfp4"}}, None, "MXFP4"),
-    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, None, "quant_method 'gptq'"),
-    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, None, "quant_method 'awq'"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 5}}, None, "GPTQ (5-bit"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4, "version": "gemv"}}, None, "version 'gemv'"),
     ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, None, "quant_method 'bitsandbytes'"),
     ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, None, "quant_method 'fp8'"),
     ({"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {

@@ -20,6 +20,16 @@ scale[g]. The activations' scheme (``input_activations``) is not used: jaxllm's 
 dequantized weights, in its dtype, or quantized again at load (``LLM(quantization="int8" / "fp8")``).
 8-bit symmetric per-channel / per-tensor weights do not come here: they load as int8 weight-only
 projections as they are.
+
+GPTQ (AutoGPTQ / GPTQModel, ``quant_method "gptq"``) and AWQ (AutoAWQ, ``quant_method "awq"``,
+``version "gemm"``) store the weight transposed, ``[in, out]``, as unsigned values packed ``32 / bits``
+to an int32 word (value ``k`` of a word at bits ``k * bits``): GPTQ's ``X.qweight`` int32
+``[in * bits / 32, out]`` packed down the inputs, ``X.qzeros`` int32 ``[groups, out * bits / 32]``,
+``X.scales`` ``[groups, out]`` and ``X.g_idx`` ``[in]``; its ``checkpoint_format "gptq"`` (v1, the
+default) stores each zero point minus one, ``"gptq_v2"`` as it is. AWQ's ``X.qweight`` int32
+``[in, out / 8]`` packs 4-bit values along the outputs in the order 0, 2, 4, 6, 1, 3, 5, 7 (nibble ``k``
+of a word holds output ``8 c + order[k]``), ``X.qzeros`` int32 ``[groups, out / 8]`` the same way,
+``X.scales`` ``[groups, out]``; input ``i`` is in group ``i // group_size``. Weight = (q - zero) * scale.
 """
 
 from __future__ import annotations
@@ -30,21 +40,28 @@ import numpy as np
 
 from .weights import LazyTensor, dequantizing
 
-_NAME = re.compile(r"^int([1-8])-(packed|unpacked)-compressed-tensors$")
+_NAME = re.compile(r"^int([1-8])-(ct-packed|ct-unpacked|gptq|gptq-v2|awq)$")
 _PIECES = {"weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx"}
+_GPTQ_PIECES = {"qweight", "qzeros", "scales", "g_idx"}
+AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble k of an AWQ word holds output 8 c + AWQ_ORDER[k]
+LAYOUT_KINDS = ("ct-packed", "ct-unpacked", "gptq", "gptq-v2", "awq")
 
 
-def int_layout_name(bits: int, packed: bool) -> str:
-    """The name checkpoint_quantization gives a compressed-tensors integer layout to dequantize."""
-    return f"int{bits}-{'packed' if packed else 'unpacked'}-compressed-tensors"
+def int_layout_name(bits: int, kind: str) -> str:
+    """The name checkpoint_quantization gives an integer layout to dequantize as read; kind: one of
+    LAYOUT_KINDS (compressed-tensors packed / unpacked, GPTQ v1 / v2, AWQ)."""
+    assert kind in LAYOUT_KINDS, kind
+    return f"int{bits}-{kind}"
 
 
 def is_int_layout(name) -> bool:
     return isinstance(name, str) and _NAME.match(name) is not None
 
 
-def unpack_int32(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """int32 [rows, words] of packed `bits`-bit values -> their first n signed values, int32 [rows, n]."""
+def unpack_int32(packed: np.ndarray, bits: int, n: int, signed: bool = True) -> np.ndarray:
+    """int32 [rows, words] of packed `bits`-bit values (a little-endian bit stream per row) -> their
+    first n values, int32 [rows, n]: signed (compressed-tensors stores each plus 2 ** (bits - 1)) or
+    as stored (GPTQ, AWQ)."""
     raw = np.ascontiguousarray(np.asarray(packed).astype("<i4")).view(np.uint8)  # [rows, 4 * words], LSB first
     rows = raw.shape[0]
     if bits == 8:
@@ -54,7 +71,7 @@ def unpack_int32(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     else:
         stream = np.unpackbits(raw, axis=-1, bitorder="little")[:, : n * bits].reshape(rows, n, bits)
         u = (stream.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(-1)
-    return u[:, :n].astype(np.int32) - (1 << (bits - 1))
+    return u[:, :n].astype(np.int32) - ((1 << (bits - 1)) if signed else 0)
 
 
 def dequantized_int(tensors, layout: str):
@@ -62,12 +79,57 @@ def dequantized_int(tensors, layout: str):
     weight, scale, zero point, g_idx -- in any order, from any file) replaced by one float32
     ``X.weight`` that dequantizes the rows it is asked for. `layout`: int_layout_name's."""
     m = _NAME.match(layout)
-    bits, packed = int(m.group(1)), m.group(2) == "packed"
+    bits, kind = int(m.group(1)), m.group(2)
+    if kind in ("gptq", "gptq-v2", "awq"):
+        return dequantizing(tensors, lambda suffix, tensor: suffix in _GPTQ_PIECES,
+                            lambda prefix, parts: _transposed(prefix, parts, bits, kind))
+    packed = kind == "ct-packed"
 
     def is_piece(suffix, tensor):  # an unpacked int8 weight is one; a 16-bit weight (ignore list) is not
         return suffix in _PIECES or (suffix == "weight" and not packed and np.dtype(tensor.dtype) == np.int8)
 
     return dequantizing(tensors, is_piece, lambda prefix, parts: _dequantizing(prefix, parts, bits, packed))
+
+
+def _transposed(prefix: str, parts: dict, bits: int, kind: str) -> LazyTensor:
+    """A GPTQ / AWQ projection's HF-layout ``[out, in]`` float32 weight."""
+    what = "GPTQ" if kind.startswith("gptq") else "AWQ"
+    need = ("qweight", "qzeros", "scales")
+    missing = [p for p in need if p not in parts]
+    if missing:
+        raise ValueError(f"{what} checkpoint: {prefix!r} has {sorted(parts)} but not {missing}")
+    qweight, per_word = parts["qweight"], 32 // bits
+    scale = np.asarray(parts["scales"].read(None), np.float32)
+    groups, out = scale.shape
+    cols = qweight.shape[0] * 32 // bits if what == "GPTQ" else qweight.shape[0]
+    if what == "AWQ" and tuple(qweight.shape) != (cols, out // per_word):
+        raise ValueError(f"AWQ checkpoint: {prefix}.qweight has shape {tuple(qweight.shape)}; expected "
+                         f"{(cols, out // per_word)} for scales of {out} outputs")
+    if what == "GPTQ" and qweight.shape[1] != out:
+        raise ValueError(f"GPTQ checkpoint: {prefix}.qweight has {qweight.shape[1]} outputs, its scales {out}")
+    zero = unpack_int32(np.asarray(parts["qzeros"].read(None)), bits, out, signed=False).astype(np.float32)
+    if kind == "gptq":
+        zero = (zero + 1) % (1 << bits)  # v1 stores zero - 1 (a zero of 0 wraps, as GPTQ's own kernels read it)
+    g = np.arange(cols) // -(-cols // groups)
+    if "g_idx" in parts:
+        g = np.asarray(parts["g_idx"].read(None)).astype(np.int64).reshape(-1)
+        if g.shape != (cols,) or g.min() < 0 or g.max() >= groups:
+            raise ValueError(f"GPTQ checkpoint: {prefix}.g_idx must give each of the {cols} inputs a group in "
+                             f"[0, {groups})")
+    if what == "AWQ":
+        order = (np.arange(out).reshape(-1, per_word)[:, np.argsort(AWQ_ORDER)]).reshape(-1)
+        zero = zero[:, order]
+
+    def read(index):
+        rows = index[0] if index is not None else slice(None)  # HF rows: outputs
+        if what == "GPTQ":  # outputs unpacked: read just theirs
+            q = unpack_int32(np.asarray(qweight.read((slice(None), rows))).T, bits, cols, signed=False)
+        else:
+            q = unpack_int32(np.asarray(qweight.read(None)), bits, out, signed=False)[:, order].T[rows]
+        w = (q.astype(np.float32) - zero[:, rows][g].T) * scale[:, rows][g].T
+        return w if index is None else w[(slice(None), *index[1:])]
+
+    return LazyTensor((out, cols), read, np.float32)
 
 
 def _dequantizing(prefix: str, parts: dict, bits: int, packed: bool) -> LazyTensor:

@@ -32,7 +32,10 @@ int32 (``num_bits``-bit values, see ``loader/int_packed.py``) and ``X.weight_sha
 ``X.weight_zero_point``, and with GPTQ's activation ordering ``X.weight_g_idx``. Dequantized weight
 = (q - zero_point) * scale. 8-bit symmetric per-channel / per-tensor weights (W8A8 / W8A16 int8)
 load as they are, as ``LLM(quantization="int8")``'s int8 weight-only projections; every other
-integer scheme (W4A16, groups, zero points) is dequantized as it is read, like FP4.
+integer scheme (W4A16, groups, zero points) is dequantized as it is read, like FP4. So are GPTQ
+(``"quant_method": "gptq", "bits", "group_size", "desc_act", "checkpoint_format"``) and AWQ
+(``"quant_method": "awq", "bits": 4, "group_size", "zero_point": true, "version": "gemm"``)
+checkpoints: their layouts are in ``loader/int_packed.py``.
 
 The static ``input_scale`` is read past: the weight-only path computes activations in the model's
 dtype. The KV-cache scales (``self_attn.k_scale`` / ``self_attn.k_proj.k_scale`` ...) are taken by
@@ -54,7 +57,9 @@ SUPPORTED = (
     "and ModelOpt FP8 (quant_algo 'FP8'); NVFP4 of both (format 'nvfp4-pack-quantized', quant_algo "
     "'NVFP4') and compressed-tensors MXFP4 (format 'mxfp4-pack-quantized'), dequantized at load; "
     "compressed-tensors integer weights (formats 'int-quantized', 'naive-quantized', 'pack-quantized': "
-    "int8 per channel or per tensor as int8 weight-only, other widths, groups and zero points dequantized at load)"
+    "int8 per channel or per tensor as int8 weight-only, other widths, groups and zero points dequantized at load); "
+    "GPTQ (2, 3, 4 or 8 bits, checkpoint_format 'gptq' or 'gptq_v2') and AWQ (4 bits, version 'gemm'), "
+    "dequantized at load"
 )
 MODELOPT_FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")  # per-tensor / per-channel weight scales
 # compressed-tensors' FP4 formats: (the layout checkpoint_quantization returns -- a key of
@@ -96,6 +101,10 @@ def checkpoint_quantization(folder: Path) -> tuple[str | None, str | None]:
         return _compressed_tensors(qc)
     if method.startswith("modelopt"):
         return _modelopt(qc.get("quantization") if isinstance(qc.get("quantization"), dict) else qc)
+    if method == "gptq":
+        return _gptq(qc)
+    if method == "awq":
+        return _awq(qc)
     if method == "mxfp4":
         raise _refuse("MXFP4 (quant_method 'mxfp4': gpt-oss's MoE layout; compressed-tensors MXFP4 loads)")
     raise _refuse(f"quant_method {qc.get('quant_method')!r}")
@@ -196,4 +205,28 @@ def _ct_int(fmt: str, w: dict, found: str) -> str:
         raise _refuse(found + f" ({why})")
     if bits == 8 and fmt != "pack-quantized" and strategy != "group" and w.get("symmetric", True):
         return "int8"
-    return int_layout_name(bits, fmt == "pack-quantized")
+    return int_layout_name(bits, "ct-packed" if fmt == "pack-quantized" else "ct-unpacked")
+
+
+def _gptq(qc: dict) -> tuple[str, str]:
+    """GPTQ (AutoGPTQ / GPTQModel): dequantized as read (loader/int_packed.py)."""
+    from .int_packed import int_layout_name
+
+    bits, fmt = qc.get("bits"), str(qc.get("checkpoint_format") or "gptq").lower()
+    found = f"GPTQ ({bits}-bit, checkpoint_format {fmt!r})"
+    if bits not in (2, 3, 4, 8):
+        raise _refuse(found + " (GPTQ loads at 2, 3, 4 or 8 bits)")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise _refuse(found + " (GPTQ loads in checkpoint_format 'gptq' or 'gptq_v2')")
+    return int_layout_name(bits, "gptq" if fmt == "gptq" else "gptq-v2"), found
+
+
+def _awq(qc: dict) -> tuple[str, str]:
+    """AWQ (AutoAWQ, its GEMM layout): dequantized as read (loader/int_packed.py)."""
+    from .int_packed import int_layout_name
+
+    bits, version = qc.get("bits", qc.get("w_bit")), str(qc.get("version", "gemm")).lower()
+    found = f"AWQ ({bits}-bit, version {version!r}, zero_point {qc.get('zero_point', True)})"
+    if bits != 4 or version != "gemm" or not qc.get("zero_point", True):
+        raise _refuse(found + " (AWQ loads at 4 bits, version 'gemm', with zero points)")
+    return int_layout_name(4, "awq"), found
