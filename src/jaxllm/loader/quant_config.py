@@ -2,8 +2,9 @@
 
 Two published FP8 layouts load (as weight-only FP8: ``models/quant.py``), and the same two
 publishers' NVFP4 layouts and compressed-tensors MXFP4 (dequantized as they are read:
-``loader/fp4.py``); everything else that declares a quantization is refused here with what was
-found and what is supported.
+``loader/fp4.py``); compressed-tensors int8 loads as int8 weight-only, its other integer schemes,
+GPTQ and AWQ dequantized as they are read (``loader/int_packed.py``); everything else that declares a
+quantization is refused here with what was found and what is supported.
 
 compressed-tensors (llm-compressor, ``config.json``)::
 
@@ -84,8 +85,9 @@ def _read_json(path: Path) -> dict:
 
 
 def checkpoint_quantization(folder: Path) -> tuple[str | None, str | None]:
-    """(the weight quantization the checkpoint in folder carries: None, "fp8" or an FP4 kind
-    (a key of loader/fp4.py's LAYOUTS), a description of it).
+    """(the weight quantization the checkpoint in folder carries: None, "fp8", "int8", an FP4 kind
+    (a key of loader/fp4.py's LAYOUTS) or an integer layout (loader/int_packed.py's int_layout_name),
+    a description of it).
 
     Raises ValueError for any declared quantization that is not a supported layout."""
     qc = _read_json(folder / "config.json").get("quantization_config")
