@@ -74,14 +74,8 @@ def dequantized_fp4(tensors, layout: str):
     def is_piece(suffix, tensor):  # a 16-bit weight of a layer left unquantized is not one
         return suffix in pieces and (suffix != "weight" or np.dtype(tensor.dtype) == np.uint8)
 
-    def build(prefix, parts):
-        missing = sorted(set(pieces) - set(parts))
-        if missing:
-            raise ValueError(f"FP4 checkpoint: {prefix!r} has {sorted(parts)} but not {missing} "
-                             f"(a {layout} weight needs {', '.join(pieces)})")
-        return _dequantizing(prefix, [parts[p] for p in pieces], lay)
-
-    return dequantizing(tensors, is_piece, build, drop=lay.unused)
+    return dequantizing(tensors, is_piece, lambda prefix, parts: _dequantizing(prefix, [parts[p] for p in pieces], lay),
+                        need=pieces, label="FP4", drop=lay.unused, hint=f" (a {layout} weight needs {', '.join(pieces)})")
 
 
 def _dequantizing(prefix: str, parts: list[LazyTensor], lay: Fp4Layout) -> LazyTensor:

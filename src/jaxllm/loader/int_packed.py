@@ -1,5 +1,5 @@
-"""compressed-tensors integer checkpoints (W4A16, W8A16 with groups or zero points, ...),
-dequantized as they are read.
+"""Integer checkpoints -- compressed-tensors' (W4A16, W8A16 with groups or zero points, ...), GPTQ
+and AWQ -- dequantized as they are read.
 
 The layouts (llm-compressor / compressed-tensors; ``loader/quant_config.py`` reads the config), per
 quantized Linear ``X`` with a weight ``[out, in]``:
@@ -40,11 +40,11 @@ import numpy as np
 
 from .weights import LazyTensor, dequantizing
 
-_NAME = re.compile(r"^int([1-8])-(ct-packed|ct-unpacked|gptq|gptq-v2|awq)$")
+LAYOUT_KINDS = ("ct-packed", "ct-unpacked", "gptq", "gptq-v2", "awq")
+_NAME = re.compile(rf"^int([1-8])-({'|'.join(LAYOUT_KINDS)})$")
 _PIECES = {"weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx"}
 _GPTQ_PIECES = {"qweight", "qzeros", "scales", "g_idx"}
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble k of an AWQ word holds output 8 c + AWQ_ORDER[k]
-LAYOUT_KINDS = ("ct-packed", "ct-unpacked", "gptq", "gptq-v2", "awq")
 
 
 def int_layout_name(bits: int, kind: str) -> str:
@@ -82,22 +82,45 @@ def dequantized_int(tensors, layout: str):
     bits, kind = int(m.group(1)), m.group(2)
     if kind in ("gptq", "gptq-v2", "awq"):
         return dequantizing(tensors, lambda suffix, tensor: suffix in _GPTQ_PIECES,
-                            lambda prefix, parts: _transposed(prefix, parts, bits, kind))
+                            lambda prefix, parts: _transposed(prefix, parts, bits, kind),
+                            need=("qweight", "qzeros", "scales"), label="GPTQ" if kind != "awq" else "AWQ")
     packed = kind == "ct-packed"
 
     def is_piece(suffix, tensor):  # an unpacked int8 weight is one; a 16-bit weight (ignore list) is not
         return suffix in _PIECES or (suffix == "weight" and not packed and np.dtype(tensor.dtype) == np.int8)
 
-    return dequantizing(tensors, is_piece, lambda prefix, parts: _dequantizing(prefix, parts, bits, packed))
+    need = ("weight_packed", "weight_shape", "weight_scale") if packed else ("weight", "weight_scale")
+    return dequantizing(tensors, is_piece, lambda prefix, parts: _dequantizing(prefix, parts, bits, packed),
+                        need=need, label="integer")
+
+
+def _input_groups(label: str, name: str, g_idx, cols: int, groups: int) -> np.ndarray:
+    """Each of the cols inputs' group: the checkpoint's g_idx (activation order) where it has one,
+    else consecutive groups of ceil(cols / groups)."""
+    if g_idx is None:
+        return np.arange(cols) // -(-cols // groups)
+    g = np.asarray(g_idx.read(None)).astype(np.int64).reshape(-1)
+    if g.shape != (cols,) or g.min() < 0 or g.max() >= groups:
+        raise ValueError(f"{label} checkpoint: {name} must give each of the {cols} inputs a group in [0, {groups})")
+    return g
+
+
+def _lazy_dequantized(out: int, cols: int, read_rows, zero: np.ndarray, scale: np.ndarray, g) -> LazyTensor:
+    """The float32 [out, cols] weight (q - zero[:, g]) * scale[:, g] (zero, scale: [out, groups]),
+    read_rows(rows) giving q's rows (any numeric dtype, [rows, cols])."""
+
+    def read(index):
+        rows = index[0] if index is not None else slice(None)
+        q = np.asarray(read_rows(rows)).astype(np.float32)
+        w = (q - zero[rows][:, g]) * scale[rows][:, g]  # float32: exact up to the product's one rounding
+        return w if index is None else w[(slice(None), *index[1:])]
+
+    return LazyTensor((out, cols), read, np.float32)
 
 
 def _transposed(prefix: str, parts: dict, bits: int, kind: str) -> LazyTensor:
     """A GPTQ / AWQ projection's HF-layout ``[out, in]`` float32 weight."""
     what = "GPTQ" if kind.startswith("gptq") else "AWQ"
-    need = ("qweight", "qzeros", "scales")
-    missing = [p for p in need if p not in parts]
-    if missing:
-        raise ValueError(f"{what} checkpoint: {prefix!r} has {sorted(parts)} but not {missing}")
     qweight, per_word = parts["qweight"], 32 // bits
     scale = np.asarray(parts["scales"].read(None), np.float32)
     groups, out = scale.shape
@@ -110,33 +133,21 @@ def _transposed(prefix: str, parts: dict, bits: int, kind: str) -> LazyTensor:
     zero = unpack_int32(np.asarray(parts["qzeros"].read(None)), bits, out, signed=False).astype(np.float32)
     if kind == "gptq":
         zero = (zero + 1) % (1 << bits)  # v1 stores zero - 1 (a zero of 0 wraps, as GPTQ's own kernels read it)
-    g = np.arange(cols) // -(-cols // groups)
-    if "g_idx" in parts:
-        g = np.asarray(parts["g_idx"].read(None)).astype(np.int64).reshape(-1)
-        if g.shape != (cols,) or g.min() < 0 or g.max() >= groups:
-            raise ValueError(f"GPTQ checkpoint: {prefix}.g_idx must give each of the {cols} inputs a group in "
-                             f"[0, {groups})")
+    g = _input_groups(what, f"{prefix}.g_idx", parts.get("g_idx"), cols, groups)
     if what == "AWQ":
         order = (np.arange(out).reshape(-1, per_word)[:, np.argsort(AWQ_ORDER)]).reshape(-1)
         zero = zero[:, order]
 
-    def read(index):
-        rows = index[0] if index is not None else slice(None)  # HF rows: outputs
+    def read_rows(rows):  # HF rows: outputs
         if what == "GPTQ":  # outputs unpacked: read just theirs
-            q = unpack_int32(np.asarray(qweight.read((slice(None), rows))).T, bits, cols, signed=False)
-        else:
-            q = unpack_int32(np.asarray(qweight.read(None)), bits, out, signed=False)[:, order].T[rows]
-        w = (q.astype(np.float32) - zero[:, rows][g].T) * scale[:, rows][g].T
-        return w if index is None else w[(slice(None), *index[1:])]
+            return unpack_int32(np.asarray(qweight.read((slice(None), rows))).T, bits, cols, signed=False)
+        return unpack_int32(np.asarray(qweight.read(None)), bits, out, signed=False)[:, order].T[rows]
 
-    return LazyTensor((out, cols), read, np.float32)
+    return _lazy_dequantized(out, cols, read_rows, zero.T, scale.T, g)
 
 
 def _dequantizing(prefix: str, parts: dict, bits: int, packed: bool) -> LazyTensor:
-    need = ("weight_packed", "weight_shape", "weight_scale") if packed else ("weight", "weight_scale")
-    missing = [p for p in need if p not in parts]
-    if missing:
-        raise ValueError(f"integer checkpoint: {prefix!r} has {sorted(parts)} but not {missing}")
+    """A compressed-tensors projection's ``[out, in]`` float32 weight."""
     if packed:
         out, cols = (int(v) for v in np.asarray(parts["weight_shape"].read(None)).reshape(-1))
         words = -(-cols * bits // 32)
@@ -159,18 +170,10 @@ def _dequantizing(prefix: str, parts: dict, bits: int, packed: bool) -> LazyTens
             z = unpack_int32(z.T, bits, out).T
         zero = np.broadcast_to(z.astype(np.float32).reshape(-1, 1) if z.size == 1 else z.reshape(out, groups),
                                (out, groups)).astype(np.float32)
-    g = np.arange(cols) // (cols // groups)
-    if "weight_g_idx" in parts:
-        g = np.asarray(parts["weight_g_idx"].read(None)).astype(np.int64).reshape(-1)
-        if g.shape != (cols,) or g.min() < 0 or g.max() >= groups:
-            raise ValueError(f"integer checkpoint: {prefix}.weight_g_idx must give each of the {cols} inputs a "
-                             f"group in [0, {groups})")
+    g = _input_groups("integer", f"{prefix}.weight_g_idx", parts.get("weight_g_idx"), cols, groups)
 
-    def read(index):
-        rows = index[0] if index is not None else slice(None)
+    def read_rows(rows):
         q = weight.read((rows, slice(None)))
-        q = (unpack_int32(q, bits, cols) if packed else np.asarray(q)).astype(np.float32)
-        w = (q - zero[rows][:, g]) * scale[rows][:, g]  # float32: exact up to the product's one rounding
-        return w if index is None else w[(slice(None), *index[1:])]
+        return unpack_int32(q, bits, cols) if packed else q
 
-    return LazyTensor((out, cols), read, np.float32)
+    return _lazy_dequantized(out, cols, read_rows, zero, scale, g)

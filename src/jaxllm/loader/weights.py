@@ -63,13 +63,15 @@ class LazyTensor:
     parts: tuple = ()  # a fused parameter's tensors (see _StackLayout); read is None then
 
 
-def dequantizing(tensors, is_piece, build, drop=()):
+def dequantizing(tensors, is_piece, build, need, label, drop=(), hint=""):
     """Pass (name, LazyTensor) pairs through, except those whose name's last part is in `drop` and a
-    quantized projection's pieces -- those whose
-    name's last part `suffix` has is_piece(suffix, tensor) -- gathered by the projection's name (from
-    any file, in any order); then yield one ``<prefix>.weight`` per projection, build(prefix, {suffix:
-    tensor}) (a float LazyTensor that dequantizes what it is asked to read). For the checkpoints
-    dequantized as they are read (loader/fp4.py, loader/int_packed.py)."""
+    quantized projection's pieces -- those whose name's last part `suffix` has is_piece(suffix,
+    tensor) -- gathered by the projection's name (from any file, in any order); then yield one
+    ``<prefix>.weight`` per projection, build(prefix, {suffix: tensor}) (a float LazyTensor that
+    dequantizes what it is asked to read), once the pieces in `need` are all there (else a
+    ValueError naming the projection, what it has and what it lacks: "`label` checkpoint: ...",
+    `hint` after). For the checkpoints dequantized as they are read (loader/fp4.py,
+    loader/int_packed.py)."""
     pending: dict[str, dict[str, LazyTensor]] = {}
     for name, tensor in tensors:
         prefix, _, suffix = name.rpartition(".")
@@ -80,6 +82,9 @@ def dequantizing(tensors, is_piece, build, drop=()):
         else:
             yield name, tensor
     for prefix, parts in pending.items():
+        missing = [p for p in need if p not in parts]
+        if missing:
+            raise ValueError(f"{label} checkpoint: {prefix!r} has {sorted(parts)} but not {missing}{hint}")
         yield prefix + ".weight", build(prefix, parts)
 
 
